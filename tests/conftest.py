@@ -1,0 +1,96 @@
+"""Shared fixtures: free loopback ports, policy files, and the real stack
+(mock provider + sidecar + Envoy, each its own process) that `make run` starts."""
+
+from __future__ import annotations
+
+import re
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from extproc.devstack import Stack
+
+REPO = Path(__file__).resolve().parent.parent
+DEV_CONFIG = REPO / "config" / "dev.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_config(directory: Path, **sections: dict) -> Path:
+    """The dev policy with fresh loopback ports, plus overrides per section."""
+    config = yaml.safe_load(DEV_CONFIG.read_text())
+    config.setdefault("server", {}).update(
+        grpc_listen=f"127.0.0.1:{free_port()}", metrics_listen=f"127.0.0.1:{free_port()}"
+    )
+    config.setdefault("envoy", {}).update(
+        listen=f"127.0.0.1:{free_port()}",
+        admin=f"127.0.0.1:{free_port()}",
+        access_log=str(directory / "access.log"),
+    )
+    config["providers"]["mock"]["url"] = f"http://127.0.0.1:{free_port()}"
+    for name, values in sections.items():
+        if isinstance(values, dict) and isinstance(config.get(name), dict):
+            config[name].update(values)
+        else:
+            config[name] = values
+    path = directory / "policy.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def start_stack(directory: Path, **sections: dict) -> Stack:
+    directory.mkdir(parents=True, exist_ok=True)
+    stack = Stack(write_config(directory, **sections), directory)
+    stack.start()
+    return stack
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """One dev stack for the whole session (tests must not change its policy)."""
+    s = start_stack(tmp_path_factory.mktemp("stack"))
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture
+def client(stack: Stack) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=stack.base_url, timeout=30) as c:
+        yield c
+
+
+def metric(stack: Stack, name: str, **labels: str) -> float:
+    """Read one sample from the sidecar's /metrics (0 when absent)."""
+    text = httpx.get(stack.metrics_url, timeout=5).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        m = re.match(r"^([a-zA-Z_:][\w:]*)(\{(.*)\})?\s+(\S+)$", line)
+        if not m or m.group(1) != name:
+            continue
+        got = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(3) or ""))
+        if all(got.get(k) == v for k, v in labels.items()):
+            total += float(m.group(4))
+    return total
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):
+    """Poll until predicate() is truthy (the sidecar settles after Envoy's last byte)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
