@@ -314,7 +314,7 @@ def _ext_proc_filter(config: Config) -> dict[str, Any]:
                 "response_trailer_mode": "SKIP",
             },
             # Sent with the request headers: which config route matched.
-            "request_attributes": ["xds.route_name"],
+            "request_attributes": ["xds.route_name", "source.address"],
             "metadata_options": {"receiving_namespaces": {"untyped": [METADATA_NAMESPACE]}},
         },
     }

@@ -3,7 +3,8 @@
 Sans-I/O: no gRPC, sockets or clocks in here (the server passes `now`), so every hard
 case is a plain unit test. The phases arrive in order: request headers, request body
 (BUFFERED, whole JSON), response headers, response body (STREAMED, one message per
-chunk, exactly one answer each).
+chunk, exactly one answer each). Decisions belong to the policy stages (auth, models,
+guards, limits); this module applies them to the protocol.
 
 The response body rule: a chunk whose bytes are all complete, untouched frames is
 answered with no mutation (the cheap, byte-exact default); otherwise the chunk is
@@ -16,8 +17,9 @@ from __future__ import annotations
 
 import logging
 import zlib
-from dataclasses import dataclass, field
+from collections.abc import Awaitable
 
+import orjson
 from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
 from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 from envoy.service.ext_proc.v3.external_processor_pb2 import (
@@ -37,8 +39,9 @@ from google.protobuf.struct_pb2 import Struct
 from extproc.config import Config, RouteConfig
 from extproc.errors import error_body
 from extproc.metrics import Metrics
+from extproc.policy import Policy, Refusal, RequestContext, StreamBlocked, StreamFilter
 from extproc.providers import RequestError, format_for
-from extproc.providers.openai_chat import OpenAIChat, OpenAIChatStream
+from extproc.providers.base import ResponseDecoder
 from extproc.sse import FrameTooLarge
 from extproc.usage import Usage, estimate_tokens
 
@@ -53,20 +56,9 @@ _CLEAR_BODY = ProcessingResponse(
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Policy:
-    """What every exchange reads: the config and the secrets resolved from it.
-
-    Swapped whole on reload; an exchange keeps the one it started with.
-    """
-
-    config: Config
-    provider_keys: dict[str, str] = field(default_factory=dict, repr=False)
-
-
 class Mode:
     PASS = 0  # not an API we inspect: answer every phase with "continue"
-    STREAM = 1  # SSE response: frame, meter, maybe rewrite
+    STREAM = 1  # SSE (or other event stream) response: frame, meter, maybe rewrite
     JSON = 2  # whole JSON response: keep (bounded) and meter at the end
     DONE = 3  # stream ended by the gateway: clear whatever still comes
 
@@ -78,22 +70,19 @@ class Exchange:
         self.policy = policy
         self.metrics = metrics
         self.started = now
-        self.route: RouteConfig | None = None
+        self.ctx: RequestContext | None = None
         self.route_name = "unknown"
         self.model = ""
-        self.consumer = ""
-        self.path = ""
         self.status = 0
         self.mode = Mode.PASS
         self.usage = Usage()
         self.finish_reason: str | None = None
         self.error_kind = ""
-        self._format = OpenAIChat
-        self._chat = False
-        self._stream_requested = False
+        self.after: list[Awaitable[None]] = []  # I/O the server runs after answering
+        self._inspect = False  # an API we parse (chat, messages...), not a pass-through
         self._hide_usage = False
-        self._prompt_texts: list[str] = []
-        self._decoder: OpenAIChatStream | None = None
+        self._decoder: ResponseDecoder | None = None
+        self._filters: list[StreamFilter] = []
         self._inflate: zlib._Decompress | None = None
         self._json: bytearray | None = None
         self._first_frame_at = 0.0
@@ -101,17 +90,20 @@ class Exchange:
         self._closed = False
         metrics.active.inc()
 
+    @property
+    def consumer(self) -> str:
+        return self.ctx.consumer if self.ctx else ""
+
     # -- dispatch -------------------------------------------------------------------
 
     def handle(self, request: ProcessingRequest, now: float) -> ProcessingResponse:
+        """Every phase but the request body, which may wait on I/O (`on_request_body`)."""
         kind = request.WhichOneof("request")
         if kind == "response_body":
             body = request.response_body
             return self._on_response_body(body.body, body.end_of_stream, now)
         if kind == "request_headers":
             return self._on_request_headers(request)
-        if kind == "request_body":
-            return self._on_request_body(request.request_body.body)
         if kind == "response_headers":
             return self._on_response_headers(request)
         # Trailers are not requested in our processing mode; answer anyway.
@@ -124,78 +116,120 @@ class Exchange:
     def _on_request_headers(self, request: ProcessingRequest) -> ProcessingResponse:
         msg = request.request_headers
         headers = _header_map(msg.headers.headers)
-        self.path = headers.get(":path", "")
+        path = headers.get(":path", "")
         config = self.policy.config
         name = _route_name(request)
-        self.route = config.route(name) if name else None
-        if self.route is None:
-            self.route = _route_by_prefix(config, self.path)
-        if self.route is None:
+        route = (config.route(name) if name else None) or _route_by_prefix(config, path)
+        if route is None:
             return _continue_headers(None, pass_through=True)
-        self.route_name = self.route.name
-        provider = config.providers[self.route.provider]
-        self._format = format_for(provider.format)
-        upstream_path = self.path
-        if self.route.rewrite is not None:
-            upstream_path = self.route.rewrite + self.path[len(self.route.prefix) :]
-        self._chat = headers.get(":method") == "POST" and self._format.handles(upstream_path)
-        mutation = HeaderMutation()
+        self.route_name = route.name
+        provider = config.providers[route.provider]
+        fmt = format_for(provider.format)
+        upstream_path = path
+        if route.rewrite is not None:
+            upstream_path = route.rewrite + path[len(route.prefix) :]
+        method = headers.get(":method", "")
+        ctx = self.ctx = RequestContext(
+            route=route,
+            provider=provider,
+            format=fmt,
+            method=method,
+            path=path,
+            upstream_path=upstream_path,
+            headers=headers,
+            client_address=_client_address(request, headers),
+        )
         key = self.policy.provider_keys.get(provider.name)
         if key:
-            mutation.set_headers.append(_header("authorization", f"Bearer {key}"))
-        if not self._chat:
-            return _continue_headers(mutation, pass_through=True)
-        if msg.end_of_stream:  # POST without a body: Envoy will send no body message
-            return self._refuse_request(RequestError(
-                "The request body is empty; expected a JSON object with 'model' and 'messages'.",
-                "missing_body",
-            ))
-        # Compressed answers would blind the inspection; ask for identity.
-        mutation.set_headers.append(_header("accept-encoding", "identity"))
-        return _continue_headers(mutation, pass_through=False)
-
-    def _on_request_body(self, body: bytes) -> ProcessingResponse:
-        if not self._chat:
-            return ProcessingResponse(request_body=BodyResponse())
+            ctx.upstream_headers["authorization"] = f"Bearer {key}"
         try:
-            info = self._format.parse_request(body)
-        except RequestError as exc:
-            return self._refuse_request(exc)
-        self.model = info.model
-        self._stream_requested = info.stream
-        self._prompt_texts = info.prompt_texts
-        common = CommonResponse()
-        if info.stream and self.policy.config.streaming.ensure_usage:
-            new_body = self._format.ensure_usage(info)
-            if new_body is not None:
-                self._hide_usage = True
-                common.body_mutation.body = new_body
-                common.header_mutation.set_headers.append(
-                    _header("content-length", str(len(new_body)))
+            for stage in self.policy.stages:
+                stage.on_request_headers(ctx)
+            self._inspect = method == "POST" and fmt.handles(upstream_path)
+            if self._inspect and msg.end_of_stream:  # no body: Envoy sends no body message
+                raise _bad_request(
+                    RequestError(
+                        "The request body is empty; expected a JSON object.", "missing_body"
+                    )
                 )
-        response = ProcessingResponse(request_body=BodyResponse(response=common))
-        _set_metadata(response, route=self.route_name, model=self.model)
+        except Refusal as refusal:
+            return self._refuse(refusal)
+        if self._inspect:
+            # Compressed answers would blind the inspection; ask for identity.
+            ctx.upstream_headers["accept-encoding"] = "identity"
+        response = _continue_headers(_request_mutation(ctx), pass_through=not self._inspect)
+        response.request_headers.response.clear_route_cache = ctx.clear_route_cache
         return response
 
-    def _refuse_request(self, exc: RequestError) -> ProcessingResponse:
-        log.warning(
-            "refused request route=%s path=%s status=%d code=%s: %s",
-            self.route_name, self.path, exc.status, exc.code, exc.message,
-        )
-        return self._refuse(exc.status, exc.message, exc.code, exc.param, "bad_request")
+    async def on_request_body(self, body: bytes, now: float) -> ProcessingResponse:
+        ctx = self.ctx
+        if ctx is None or not self._inspect:
+            return ProcessingResponse(request_body=BodyResponse())
+        ctx.clear_route_cache = False
+        ctx.upstream_headers.clear()
+        ctx.remove_headers.clear()
+        try:
+            try:
+                info = ctx.info = ctx.format.parse_request(body)
+            except RequestError as exc:
+                raise _bad_request(exc) from None
+            self.model = info.model
+            for stage in self.policy.stages:
+                await stage.on_request(ctx)
+        except Refusal as refusal:
+            return self._refuse(refusal)
+        self.model = info.model  # a stage may have resolved an alias
+        new_body = None
+        if info.stream and self.policy.config.streaming.ensure_usage:
+            new_body = ctx.format.ensure_usage(info)
+            self._hide_usage = new_body is not None
+        if new_body is None and ctx.body_dirty:
+            new_body = orjson.dumps(info.body)
+        common = CommonResponse(clear_route_cache=ctx.clear_route_cache)
+        if new_body is not None:
+            common.body_mutation.body = new_body
+            ctx.upstream_headers["content-length"] = str(len(new_body))
+        if ctx.upstream_headers or ctx.remove_headers:
+            common.header_mutation.CopyFrom(_request_mutation(ctx))
+        response = ProcessingResponse(request_body=BodyResponse(response=common))
+        _set_metadata(response, {"route": self.route_name, "model": self.model, **self._identity()})
+        return response
 
-    def _refuse(
-        self, status: int, message: str, code: str, param: str | None, kind: str
-    ) -> ProcessingResponse:
-        self.status = status
-        self.error_kind = kind
-        self.metrics.errors.labels(kind).inc()
+    def _identity(self) -> dict[str, object]:
+        ctx = self.ctx
+        if ctx is None:
+            return {}
+        return {"consumer": ctx.consumer, **ctx.metadata}
+
+    def _refuse(self, refusal: Refusal) -> ProcessingResponse:
+        self.status = refusal.status
+        if refusal.status >= 400:
+            self.error_kind = refusal.kind
+            self.metrics.errors.labels(refusal.kind).inc()
+            log.warning(
+                "refused route=%s path=%s consumer=%s status=%d code=%s: %s",
+                self.route_name,
+                self.ctx.path if self.ctx else "",
+                self.consumer or "-",
+                refusal.status,
+                refusal.code,
+                refusal.message,
+            )
+        headers = HeaderMutation(set_headers=[_header("content-type", "application/json")])
+        extra = dict(refusal.headers)
+        if self.ctx is not None:
+            extra = {**self.ctx.response_headers, **extra}
+        for name, value in extra.items():
+            headers.set_headers.append(_header(name, value))
+        body = refusal.body
+        if body is None:
+            body = error_body(refusal.status, refusal.message, refusal.code, refusal.param)
         return ProcessingResponse(
             immediate_response=ImmediateResponse(
-                status=HttpStatus(code=status),
-                headers=HeaderMutation(set_headers=[_header("content-type", "application/json")]),
-                body=error_body(status, message, code, param),
-                details=f"ai_gateway_{code}",
+                status=HttpStatus(code=refusal.status),
+                headers=headers,
+                body=body,
+                details=f"ai_gateway_{refusal.code or refusal.status}",
             )
         )
 
@@ -207,16 +241,24 @@ class Exchange:
             self.status = int(headers.get(":status", "0"))
         except ValueError:
             self.status = 0
-        if not self._chat or self.status == 0:
+        ctx = self.ctx
+        if ctx is None:  # e.g. Envoy's own 413 before any request phase reached us
             return _continue_response_headers(None, skip_body=True)
+        ctx.status = self.status
+        for stage in self.policy.stages:
+            stage.on_response_headers(ctx)
+        mutation = HeaderMutation()
+        for name, value in ctx.response_headers.items():
+            mutation.set_headers.append(_header(name, value))
+        if not self._inspect or self.status == 0:
+            return _continue_response_headers(mutation, skip_body=True)
         if self.status >= 400:
             self.error_kind = "upstream_error"
             self.metrics.errors.labels("upstream_error").inc()
             log.warning(
                 "provider answered %d route=%s model=%s", self.status, self.route_name, self.model
             )
-            return _continue_response_headers(None, skip_body=True)
-        mutation = HeaderMutation()
+            return _continue_response_headers(mutation, skip_body=True)
         encoding = headers.get("content-encoding", "identity").strip().lower()
         if encoding in ("gzip", "x-gzip", "deflate"):
             # The provider ignored accept-encoding: decode incrementally (linear) and
@@ -227,19 +269,27 @@ class Exchange:
             log.warning("cannot inspect content-encoding %r; passing through", encoding)
             self.error_kind = "decode_error"
             self.metrics.errors.labels("decode_error").inc()
-            return _continue_response_headers(None, skip_body=True)
+            return _continue_response_headers(mutation, skip_body=True)
         content_type = headers.get("content-type", "")
         if content_type.startswith("text/event-stream"):
             self.mode = Mode.STREAM
-            self._decoder = self._format.stream_decoder(
+            self._decoder = ctx.format.stream_decoder(
                 hide_usage=self._hide_usage,
                 max_frame_bytes=self.policy.config.streaming.max_frame_bytes,
             )
-            if self._hide_usage and "content-length" in headers:
+            self._filters = [
+                f for stage in self.policy.stages if (f := stage.stream_filter(ctx)) is not None
+            ]
+            if "content-length" in headers and (self._hide_usage or self._filters):
                 mutation.remove_headers.append("content-length")
         elif "json" in content_type:
             self.mode = Mode.JSON
             self._json = bytearray()
+            if ctx.buffer_response:
+                # A stage must see the whole answer before the client gets any of it.
+                response = _continue_response_headers(mutation, skip_body=False)
+                response.mode_override.response_body_mode = ProcessingMode.BUFFERED
+                return response
         return _continue_response_headers(mutation, skip_body=False)
 
     def _on_response_body(self, chunk: bytes, end: bool, now: float) -> ProcessingResponse:
@@ -256,16 +306,32 @@ class Exchange:
         if self.mode == Mode.STREAM:
             return self._stream_chunk(chunk, end, inflated, now)
         if self.mode == Mode.JSON:
-            if self._json is not None:
-                if (
-                    len(self._json) + len(chunk)
-                    <= self.policy.config.streaming.max_json_response_bytes
-                ):
-                    self._json += chunk
-                else:
-                    self._json = None  # too big to keep; usage will be estimated
-            if not self._first_frame_at and chunk:
-                self._first_frame_at = now
+            return self._json_chunk(chunk, end, inflated, now)
+        response = _replace_body(chunk) if inflated else _CONTINUE_BODY
+        return self._finish(response, now) if end else response
+
+    def _json_chunk(
+        self, chunk: bytes, end: bool, inflated: bool, now: float
+    ) -> ProcessingResponse:
+        limit = self.policy.config.streaming.max_json_response_bytes
+        if self._json is not None:
+            if len(self._json) + len(chunk) <= limit:
+                self._json += chunk
+            else:
+                self._json = None  # too big to keep; usage will be estimated
+        if not self._first_frame_at and chunk:
+            self._first_frame_at = now
+        if end and self.ctx is not None and self.ctx.buffer_response and self._json is not None:
+            body = bytes(self._json)
+            try:
+                for stage in self.policy.stages:
+                    body = stage.on_completion(self.ctx, body) or body
+            except Refusal as refusal:
+                self._settle(now, complete=True)
+                return self._refuse(refusal)
+            if body != self._json:
+                self._json = bytearray(body)
+                return self._finish(_replace_body(body), now)
         response = _replace_body(chunk) if inflated else _CONTINUE_BODY
         return self._finish(response, now) if end else response
 
@@ -285,6 +351,16 @@ class Exchange:
         held = decoder.buffered > 0
         changed = inflated or held or self._held
         self._held = held
+        if self._filters:
+            passed = events
+            try:
+                for stream_filter in self._filters:
+                    passed = stream_filter.process(passed, end)
+            except StreamBlocked as blocked:
+                return self._end_stream(blocked.message, blocked.code, now, end, blocked.kind)
+            if passed is not events:
+                changed = True
+                events = passed
         out = []
         for event in events:
             if event.out is not event.raw:
@@ -293,13 +369,18 @@ class Exchange:
         response = _replace_body(b"".join(out)) if changed else _CONTINUE_BODY
         return self._finish(response, now) if end else response
 
-    def _end_stream(self, message: str, kind: str, now: float, end: bool) -> ProcessingResponse:
+    def _end_stream(
+        self, message: str, code: str, now: float, end: bool, kind: str | None = None
+    ) -> ProcessingResponse:
         """Too late for a status: end the stream with the format's error event."""
+        kind = kind or code
         log.warning("ending stream route=%s model=%s: %s", self.route_name, self.model, message)
         self.error_kind = kind
         self.metrics.errors.labels(kind).inc()
         self.mode = Mode.DONE
-        response = _replace_body(OpenAIChatStream.error_event(message, kind))
+        # A JSON answer that already started can get nothing well-formed after it.
+        tail = self._decoder.error_event(message, code) if self._decoder else b""
+        response = _replace_body(tail)
         return self._finish(response, now) if end else response
 
     # -- end of exchange --------------------------------------------------------------
@@ -309,22 +390,23 @@ class Exchange:
         self._settle(now, complete=True)
         final = ProcessingResponse()
         final.CopyFrom(response)  # the shared no-op answers must stay untouched
-        response = final
         usage = self.usage
         _set_metadata(
-            response,
-            route=self.route_name,
-            model=self.model,
-            consumer=self.consumer,
-            prompt_tokens=usage.prompt_tokens,
-            completion_tokens=usage.completion_tokens,
-            total_tokens=usage.total_tokens,
-            cached_tokens=usage.cached_tokens,
-            reasoning_tokens=usage.reasoning_tokens,
-            usage_estimated=usage.estimated,
-            finish_reason=self.finish_reason or "",
+            final,
+            {
+                "route": self.route_name,
+                "model": self.model,
+                **self._identity(),
+                "prompt_tokens": usage.prompt_tokens,
+                "completion_tokens": usage.completion_tokens,
+                "total_tokens": usage.total_tokens,
+                "cached_tokens": usage.cached_tokens,
+                "reasoning_tokens": usage.reasoning_tokens,
+                "usage_estimated": usage.estimated,
+                "finish_reason": self.finish_reason or "",
+            },
         )
-        return response
+        return final
 
     def close(self, now: float) -> None:
         """The ext_proc stream is over (normally, or the client/provider went away)."""
@@ -338,7 +420,7 @@ class Exchange:
         m = self.metrics
         m.active.dec()
         model = self.model or "unknown"
-        metered = self._chat and self.model and self.status and self.status < 400
+        metered = self._inspect and self.model and 0 < self.status < 400
         if metered:
             if not complete and not self.error_kind:
                 self.error_kind = "stream_aborted"
@@ -349,12 +431,18 @@ class Exchange:
                     model,
                 )
             self._meter(now, model)
+        if self.ctx is not None:
+            for stage in self.policy.stages:
+                pending = stage.on_complete(self.ctx, self.usage, complete)
+                if pending is not None:
+                    self.after.append(pending)
         status = str(self.status) if self.status else "none"
         m.requests.labels(self.route_name, model, status).inc()
         log.info(
-            "exchange route=%s model=%s status=%s prompt=%d completion=%d estimated=%s "
-            "duration_ms=%.1f%s",
+            "exchange route=%s consumer=%s model=%s status=%s prompt=%d completion=%d "
+            "estimated=%s duration_ms=%.1f%s",
             self.route_name,
+            self.consumer or "-",
             model,
             status,
             self.usage.prompt_tokens,
@@ -366,6 +454,7 @@ class Exchange:
 
     def _meter(self, now: float, model: str) -> None:
         m = self.metrics
+        assert self.ctx is not None
         if self._decoder is not None:
             self.usage = self._decoder.usage
             self.finish_reason = self._decoder.finish_reason
@@ -373,12 +462,11 @@ class Exchange:
         else:
             content_events = 0
             if self._json:
-                self.usage = self._format.completion_usage(bytes(self._json)) or self.usage
+                self.usage = self.ctx.format.completion_usage(bytes(self._json)) or self.usage
         usage = self.usage
         if not usage.reported:
-            prompt = sum(estimate_tokens(t) for t in self._prompt_texts) + 3 * len(
-                self._prompt_texts
-            )
+            texts = self.ctx.info.prompt_texts if self.ctx.info else []
+            prompt = sum(estimate_tokens(t) for t in texts) + 3 * len(texts)
             usage.set_estimated(prompt, content_events)
             m.usage_estimated.labels(model).inc()
         consumer = self.consumer or "anonymous"
@@ -397,7 +485,11 @@ class Exchange:
                 )
 
 
-# -- protobuf helpers ---------------------------------------------------------------------
+# -- helpers ----------------------------------------------------------------------------
+
+
+def _bad_request(exc: RequestError) -> Refusal:
+    return Refusal(exc.status, exc.message, exc.code, kind="bad_request", param=exc.param)
 
 
 def _header(key: str, value: str) -> HeaderValueOption:
@@ -411,14 +503,34 @@ def _header_map(headers) -> dict[str, str]:
     }
 
 
-def _route_name(request: ProcessingRequest) -> str:
+def _request_mutation(ctx: RequestContext) -> HeaderMutation:
+    mutation = HeaderMutation(remove_headers=ctx.remove_headers)
+    for name, value in ctx.upstream_headers.items():
+        mutation.set_headers.append(_header(name, value))
+    return mutation
+
+
+def _attribute(request: ProcessingRequest, name: str) -> str:
     attrs = request.attributes.get(_EXT_PROC_ATTRS)
     if attrs is None:
         attrs = request.request_headers.attributes.get(_EXT_PROC_ATTRS)
     if attrs is None:
         return ""
-    value = attrs.fields.get("xds.route_name")
+    value = attrs.fields.get(name)
     return value.string_value if value is not None else ""
+
+
+def _route_name(request: ProcessingRequest) -> str:
+    return _attribute(request, "xds.route_name")
+
+
+def _client_address(request: ProcessingRequest, headers: dict[str, str]) -> str:
+    """Envoy's view of the peer (`source.address`), else the first X-Forwarded-For hop."""
+    address = _attribute(request, "source.address")
+    if address:
+        host, sep, port = address.rpartition(":")
+        return host.strip("[]") if sep and port.isdigit() else address
+    return headers.get("x-forwarded-for", "").split(",")[0].strip()
 
 
 def _route_by_prefix(config: Config, path: str) -> RouteConfig | None:
@@ -459,7 +571,7 @@ def _replace_body(body: bytes) -> ProcessingResponse:
     )
 
 
-def _set_metadata(response: ProcessingResponse, **values: object) -> None:
+def _set_metadata(response: ProcessingResponse, values: dict[str, object]) -> None:
     fields = Struct()
     fields.update(values)
     response.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value.CopyFrom(fields)

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import time
-from pathlib import Path
 
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
@@ -19,35 +17,19 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 
 from extproc.config import Config
-from extproc.exchange import Exchange, Policy
+from extproc.exchange import Exchange
 from extproc.metrics import Metrics
+from extproc.policy import Policy, Shared, build_policy
 
 log = logging.getLogger("extproc.server")
 SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
 
 
-def resolve_policy(config: Config, environ: dict[str, str] | None = None) -> Policy:
-    """Read provider keys once, at load time (never on the request path)."""
-    env = os.environ if environ is None else environ
-    keys: dict[str, str] = {}
-    for name, provider in config.providers.items():
-        key = None
-        if provider.api_key_env:
-            key = env.get(provider.api_key_env)
-        if not key and provider.api_key_file:
-            try:
-                key = Path(provider.api_key_file).read_text().strip()
-            except OSError as exc:
-                log.warning("provider %s: cannot read api_key_file: %s", name, exc.strerror)
-        if key:
-            keys[name] = key
-    return Policy(config=config, provider_keys=keys)
-
-
 class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):
     def __init__(self, policy: Policy, metrics: Metrics) -> None:
-        self.policy = policy
+        self.policy = policy  # swapped whole on reload; each exchange keeps its own
         self.metrics = metrics
+        self._background: set[asyncio.Future] = set()
 
     async def Process(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
         clock = time.perf_counter
@@ -59,10 +41,15 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):
                 if request is grpc.aio.EOF:
                     break
                 start = clock()
-                response = exchange.handle(request, start)
-                done = clock()
-                phase_time[request.WhichOneof("request")].observe(done - start)
+                kind = request.WhichOneof("request")
+                if kind == "request_body":  # the one phase that may wait on I/O
+                    response = await exchange.on_request_body(request.request_body.body, start)
+                else:
+                    response = exchange.handle(request, start)
+                phase_time[kind].observe(clock() - start)
                 await context.write(response)
+                if exchange.after:
+                    self._run_after(exchange)
         except asyncio.CancelledError:
             raise  # Envoy or the client went away; `finally` settles the exchange
         except Exception:
@@ -71,6 +58,23 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):
             raise
         finally:
             exchange.close(clock())
+            if exchange.after:
+                self._run_after(exchange)
+
+    def _run_after(self, exchange: Exchange) -> None:
+        """Settlement I/O (e.g. Redis) runs beside the stream, never in its way, and
+        survives the stream's cancellation."""
+        for work in exchange.after:
+            task = asyncio.ensure_future(work)
+            self._background.add(task)
+            task.add_done_callback(self._background_done)
+        exchange.after.clear()
+
+    def _background_done(self, task: asyncio.Future) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.metrics.errors.labels("internal").inc()
+            log.error("settlement failed", exc_info=task.exception())
 
 
 def _bind(server: grpc.aio.Server, listen: str) -> None:
@@ -80,7 +84,7 @@ def _bind(server: grpc.aio.Server, listen: str) -> None:
 
 
 async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
-    policy = resolve_policy(config)
+    policy = build_policy(config, Shared())
     metrics = Metrics()
     server = grpc.aio.server(
         options=[

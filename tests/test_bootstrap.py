@@ -156,7 +156,7 @@ def test_dev_bootstrap_shape() -> None:
     ext_proc = hcm["http_filters"][1]["typed_config"]
     assert ext_proc["failure_mode_allow"] is False
     assert ext_proc["message_timeout"] == "2s"
-    assert ext_proc["request_attributes"] == ["xds.route_name"]
+    assert ext_proc["request_attributes"] == ["xds.route_name", "source.address"]
     assert ext_proc["processing_mode"]["request_body_mode"] == "BUFFERED"
     assert ext_proc["processing_mode"]["response_body_mode"] == "STREAMED"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import itertools
 import zlib
@@ -19,8 +20,9 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
 from google.protobuf.struct_pb2 import Struct
 
 from extproc.config import Config, ProviderConfig, RouteConfig, StreamingConfig
-from extproc.exchange import Exchange, Policy
+from extproc.exchange import Exchange
 from extproc.metrics import Metrics
+from extproc.policy import Policy
 
 CONFIG = Config(
     path="test.yaml",
@@ -126,6 +128,8 @@ class Run:
 
     def send(self, req: ProcessingRequest) -> ProcessingResponse:
         self.t += 0.01
+        if req.WhichOneof("request") == "request_body":
+            return asyncio.run(self.ex.on_request_body(req.request_body.body, self.t))
         return self.ex.handle(req, self.t)
 
     def request(self, body: dict | bytes, path: str = "/v1/chat/completions", route: str = "v1"):

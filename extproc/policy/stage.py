@@ -1,0 +1,123 @@
+"""What a policy stage (auth, model policy, guards, limits) sees and may decide.
+
+The exchange owns the protocol; stages own decisions. A stage reads and edits one
+`RequestContext` per exchange and refuses with `Refusal`, so adding a policy never
+means touching the ext_proc state machine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from extproc.config import ProviderConfig, RouteConfig
+from extproc.providers.base import RequestInfo, StreamEvent, WireFormat
+from extproc.usage import Usage
+
+
+class Refusal(Exception):
+    """Answer the client now, before anything reaches the provider.
+
+    Rendered as an OpenAI-style error body (`{"error": {message, type, param, code}}`)
+    unless `body` is given (e.g. a 200 list answered by the gateway itself).
+    """
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str | None,
+        *,
+        kind: str = "policy",
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+        body: bytes | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.kind = kind  # errors_total{kind} label and log keyword
+        self.param = param
+        self.headers = headers or {}
+        self.body = body
+
+
+class StreamBlocked(Exception):
+    """Raised by a stream filter: end the response with the format's error event."""
+
+    def __init__(self, message: str, code: str, kind: str = "guard_blocked") -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.kind = kind
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """One exchange as the stages see it; the exchange applies what they set."""
+
+    route: RouteConfig
+    provider: ProviderConfig
+    format: type[WireFormat]
+    method: str
+    path: str  # as the client sent it
+    upstream_path: str  # after the route's rewrite
+    headers: dict[str, str]  # request headers, lower-case names
+    client_address: str = ""
+    consumer: str = ""  # set by auth; "" = anonymous
+    claims: dict[str, Any] = field(default_factory=dict)  # what auth learnt (JWT claims...)
+    info: RequestInfo | None = None  # the parsed body, from the request-body phase on
+    body_dirty: bool = False  # a stage changed info.body: re-serialise it upstream
+    upstream_headers: dict[str, str] = field(default_factory=dict)  # set on the request
+    remove_headers: list[str] = field(default_factory=list)  # removed from the request
+    clear_route_cache: bool = False  # set when a stage changed a header routes match on
+    response_headers: dict[str, str] = field(default_factory=dict)  # added for the client
+    metadata: dict[str, Any] = field(default_factory=dict)  # extra dynamic metadata
+    status: int = 0  # provider's status, from the response-headers phase on
+    buffer_response: bool = False  # a stage needs whole non-streaming bodies
+    scratch: dict[str, Any] = field(default_factory=dict)  # per-stage state, keyed by stage
+
+
+class StreamFilter(Protocol):
+    """Sees every decoded event of a streamed response, in order.
+
+    Return the very list it was given when nothing changed (the cheap path); otherwise
+    a new list: events may get a new `out`, be held back and released later, or be
+    dropped. `end` is true with the last chunk: release everything then. Raise
+    `StreamBlocked` to end the stream cleanly.
+    """
+
+    def process(self, events: list[StreamEvent], end: bool) -> list[StreamEvent]: ...
+
+
+class Stage:
+    """A policy step. Every hook is optional; the defaults do nothing."""
+
+    name = "stage"
+
+    def on_request_headers(self, ctx: RequestContext) -> None:
+        """Headers only (auth). Sync: nothing here may wait on I/O."""
+
+    async def on_request(self, ctx: RequestContext) -> None:
+        """The body is parsed (`ctx.info`): model policy, guards, limits. May await."""
+
+    def on_response_headers(self, ctx: RequestContext) -> None:
+        """The provider answered (`ctx.status`); add `ctx.response_headers` here."""
+
+    def stream_filter(self, ctx: RequestContext) -> StreamFilter | None:
+        """A filter for this exchange's streamed events, or None."""
+        return None
+
+    def on_completion(self, ctx: RequestContext, body: bytes) -> bytes | None:
+        """A whole non-streaming answer (only when `ctx.buffer_response` was set):
+        return a replacement body or None; raise Refusal to answer with an error."""
+        return None
+
+    def on_complete(
+        self, ctx: RequestContext, usage: Usage, complete: bool
+    ) -> Awaitable[None] | None:
+        """The exchange is over (`complete` false: cut short). Settle accounting; return
+        an awaitable for I/O, which runs after the last response went to Envoy."""
+        return None
