@@ -19,7 +19,6 @@ from extproc.config import Config
 from extproc.policy.stage import Refusal, RequestContext, Stage, StreamBlocked, StreamFilter
 
 __all__ = [
-    "STAGE_BUILDERS",
     "Policy",
     "Refusal",
     "RequestContext",
@@ -28,6 +27,7 @@ __all__ = [
     "StreamBlocked",
     "StreamFilter",
     "build_policy",
+    "stage_builders",
 ]
 
 log = logging.getLogger("extproc.policy")
@@ -57,9 +57,13 @@ class Policy:
 
 
 # Each builder turns the config into a stage (or None when its section is absent).
-# Order is the order stages run: auth, model policy, guards, limits.
 StageBuilder = Callable[[Config, Shared, Mapping[str, str]], Stage | None]
-STAGE_BUILDERS: list[StageBuilder] = []
+
+
+def stage_builders() -> list[StageBuilder]:
+    """In the order stages run: who is calling (auth), what they may use (models), what
+    they send and get (guards), how much (limits). One line per stage module."""
+    return []
 
 
 def provider_keys(config: Config, environ: Mapping[str, str]) -> dict[str, str]:
@@ -83,6 +87,6 @@ def build_policy(
     env = os.environ if environ is None else environ
     shared = shared or Shared()
     stages = tuple(
-        stage for build in STAGE_BUILDERS if (stage := build(config, shared, env)) is not None
+        stage for build in stage_builders() if (stage := build(config, shared, env)) is not None
     )
     return Policy(config=config, provider_keys=provider_keys(config, env), stages=stages)
