@@ -277,6 +277,7 @@ class Exchange:
                 hide_usage=self._hide_usage,
                 max_frame_bytes=self.policy.config.streaming.max_frame_bytes,
             )
+            ctx.scratch["decoder"] = self._decoder  # filters read and rewrite its events
             self._filters = [
                 f for stage in self.policy.stages if (f := stage.stream_filter(ctx)) is not None
             ]
