@@ -110,9 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--mock-delay-ms",
         type=float,
-        default=0.0,
+        default=30.0,
         metavar="MS",
-        help="delay between the mock provider's stream chunks",
+        help="delay between the mock provider's stream chunks (default 30, like a real model)",
     )
     run.set_defaults(handler=cmd_run)
 
