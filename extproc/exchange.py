@@ -40,10 +40,17 @@ from extproc.config import Config, RouteConfig
 from extproc.errors import error_body
 from extproc.metrics import Metrics
 from extproc.policy import Policy, Refusal, RequestContext, StreamBlocked, StreamFilter
-from extproc.providers import RequestError, format_for
-from extproc.providers.base import ResponseDecoder
+from extproc.providers import (
+    RequestError,
+    StreamError,
+    decoder_label,
+    detect_format,
+    format_for,
+    response_decoder,
+)
+from extproc.providers.base import ResponseDecoder, StreamEvent
 from extproc.sse import FrameTooLarge
-from extproc.usage import Usage, estimate_tokens
+from extproc.usage import Usage, estimate_prompt_tokens
 
 log = logging.getLogger("extproc.exchange")
 
@@ -124,10 +131,11 @@ class Exchange:
             return _continue_headers(None, pass_through=True)
         self.route_name = route.name
         provider = config.providers[route.provider]
-        fmt = format_for(provider.format)
         upstream_path = path
         if route.rewrite is not None:
             upstream_path = route.rewrite + path[len(route.prefix) :]
+        detected = detect_format(provider.format, upstream_path)
+        fmt = detected or format_for(provider.format)
         method = headers.get(":method", "")
         ctx = self.ctx = RequestContext(
             route=route,
@@ -139,13 +147,10 @@ class Exchange:
             headers=headers,
             client_address=_client_address(request, headers),
         )
-        key = self.policy.provider_keys.get(provider.name)
-        if key:
-            ctx.upstream_headers["authorization"] = f"Bearer {key}"
         try:
             for stage in self.policy.stages:
                 stage.on_request_headers(ctx)
-            self._inspect = method == "POST" and fmt.handles(upstream_path)
+            self._inspect = method == "POST" and detected is not None
             if self._inspect and msg.end_of_stream:  # no body: Envoy sends no body message
                 raise _bad_request(
                     RequestError(
@@ -170,12 +175,18 @@ class Exchange:
         ctx.remove_headers.clear()
         try:
             try:
-                info = ctx.info = ctx.format.parse_request(body)
+                info = ctx.info = ctx.format.parse_request(body, ctx.upstream_path)
             except RequestError as exc:
                 raise _bad_request(exc) from None
             self.model = info.model
             for stage in self.policy.stages:
                 await stage.on_request(ctx)
+            if not info.model:  # neither the client nor a policy default named one
+                raise _bad_request(
+                    RequestError(
+                        "You must provide a model parameter.", "missing_required_parameter", "model"
+                    )
+                )
         except Refusal as refusal:
             return self._refuse(refusal)
         self.model = info.model  # a stage may have resolved an alias
@@ -222,8 +233,9 @@ class Exchange:
         for name, value in extra.items():
             headers.set_headers.append(_header(name, value))
         body = refusal.body
-        if body is None:
-            body = error_body(refusal.status, refusal.message, refusal.code, refusal.param)
+        if body is None:  # in the caller's own API shape, so its SDK raises its usual error
+            render = self.ctx.format.error_body if self.ctx is not None else error_body
+            body = render(refusal.status, refusal.message, refusal.code, refusal.param)
         return ProcessingResponse(
             immediate_response=ImmediateResponse(
                 status=HttpStatus(code=refusal.status),
@@ -271,12 +283,17 @@ class Exchange:
             self.metrics.errors.labels("decode_error").inc()
             return _continue_response_headers(mutation, skip_body=True)
         content_type = headers.get("content-type", "")
-        if content_type.startswith("text/event-stream"):
+        self._decoder = response_decoder(
+            ctx.format,
+            content_type,
+            stream=ctx.info.stream if ctx.info else False,
+            hide_usage=self._hide_usage,
+            max_frame_bytes=self.policy.config.streaming.max_frame_bytes,
+        )
+        if self._decoder is not None or "json" in content_type:
+            self.metrics.decoders.labels(decoder_label(ctx.format, self._decoder)).inc()
+        if self._decoder is not None:
             self.mode = Mode.STREAM
-            self._decoder = ctx.format.stream_decoder(
-                hide_usage=self._hide_usage,
-                max_frame_bytes=self.policy.config.streaming.max_frame_bytes,
-            )
             ctx.scratch["decoder"] = self._decoder  # filters read and rewrite its events
             self._filters = [
                 f for stage in self.policy.stages if (f := stage.stream_filter(ctx)) is not None
@@ -345,8 +362,9 @@ class Exchange:
             events = decoder.feed(chunk)
             if end:
                 events += decoder.finish()
-        except FrameTooLarge as exc:
-            return self._end_stream(str(exc), "frame_too_large", now, end)
+        except (FrameTooLarge, StreamError) as exc:
+            kind = getattr(exc, "kind", "frame_too_large")
+            return self._end_stream(str(exc), kind, now, end)
         if events and not self._first_frame_at:
             self._first_frame_at = now
         held = decoder.buffered > 0
@@ -358,7 +376,10 @@ class Exchange:
                 for stream_filter in self._filters:
                     passed = stream_filter.process(passed, end)
             except StreamBlocked as blocked:
-                return self._end_stream(blocked.message, blocked.code, now, end, blocked.kind)
+                first = events[0] if events else None
+                return self._end_stream(
+                    blocked.message, blocked.code, now, end, blocked.kind, before=first
+                )
             if passed is not events:
                 changed = True
                 events = passed
@@ -371,16 +392,23 @@ class Exchange:
         return self._finish(response, now) if end else response
 
     def _end_stream(
-        self, message: str, code: str, now: float, end: bool, kind: str | None = None
+        self,
+        message: str,
+        code: str,
+        now: float,
+        end: bool,
+        kind: str | None = None,
+        before: StreamEvent | None = None,
     ) -> ProcessingResponse:
-        """Too late for a status: end the stream with the format's error event."""
+        """Too late for a status: end the stream with the format's error event
+        (`before`: the first event it replaces, which some framings need to know)."""
         kind = kind or code
         log.warning("ending stream route=%s model=%s: %s", self.route_name, self.model, message)
         self.error_kind = kind
         self.metrics.errors.labels(kind).inc()
         self.mode = Mode.DONE
         # A JSON answer that already started can get nothing well-formed after it.
-        tail = self._decoder.error_event(message, code) if self._decoder else b""
+        tail = self._decoder.error_event(message, code, before=before) if self._decoder else b""
         response = _replace_body(tail)
         return self._finish(response, now) if end else response
 
@@ -463,12 +491,13 @@ class Exchange:
         else:
             content_events = 0
             if self._json:
-                self.usage = self.ctx.format.completion_usage(bytes(self._json)) or self.usage
+                body = bytes(self._json)
+                self.usage = self.ctx.format.completion_usage(body) or self.usage
+                self.finish_reason = self.ctx.format.completion_finish_reason(body)
         usage = self.usage
         if not usage.reported:
             texts = self.ctx.info.prompt_texts if self.ctx.info else []
-            prompt = sum(estimate_tokens(t) for t in texts) + 3 * len(texts)
-            usage.set_estimated(prompt, content_events)
+            usage.set_estimated(estimate_prompt_tokens(texts), content_events)
             m.usage_estimated.labels(model).inc()
         consumer = self.consumer or "anonymous"
         m.tokens.labels(model, consumer, "prompt").inc(usage.prompt_tokens)

@@ -8,7 +8,9 @@ so it lands within ~20% of tiktoken on prose. Figures from it are marked estimat
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 _PIECES = re.compile(r"[A-Za-z]+|\d{1,3}|[^\sA-Za-z\d]|\s+(?=\S)?")
@@ -57,3 +59,27 @@ def estimate_tokens(text: str) -> int:
         elif not piece.isspace():
             count += 1
     return count
+
+
+# Counting costs ~130 ms per MiB on the event loop: count this many characters exactly
+# and scale the rest by the ratio seen (an estimate, not a bill).
+SAMPLE_CHARS = 16384
+
+
+def estimate_prompt_tokens(texts: Sequence[str]) -> int:
+    """Prompt tokens of a request's texts: 3 per message and 3 for the reply's priming,
+    as OpenAI counts; texts past SAMPLE_CHARS are sampled, not walked whole."""
+    tokens = sampled = rest = 0
+    budget = SAMPLE_CHARS
+    for text in texts:
+        if budget <= 0:
+            rest += len(text)
+            continue
+        part = text if len(text) <= budget else text[:budget]
+        tokens += estimate_tokens(part)
+        sampled += len(part)
+        rest += len(text) - len(part)
+        budget -= len(part)
+    if rest:
+        tokens += math.ceil(rest * tokens / max(sampled, 1))
+    return tokens + 3 * len(texts) + 3

@@ -17,6 +17,8 @@ from extproc.devstack import Stack
 
 REPO = Path(__file__).resolve().parent.parent
 DEV_CONFIG = REPO / "config" / "dev.yaml"
+# The consumer key config/dev.yaml ships: its /v1 routes require a key.
+DEV_API_KEY = "my-secret-key"
 
 
 def free_port() -> int:
@@ -36,7 +38,12 @@ def write_config(directory: Path, **sections: dict) -> Path:
         admin=f"127.0.0.1:{free_port()}",
         access_log=str(directory / "access.log"),
     )
-    config["providers"]["mock"]["url"] = f"http://127.0.0.1:{free_port()}"
+    # Every provider served by the built-in mock (one process, all formats) moves with it.
+    mock_url = config["providers"]["mock"]["url"]
+    new_url = f"http://127.0.0.1:{free_port()}"
+    for provider in config["providers"].values():
+        if provider.get("url") == mock_url:
+            provider["url"] = new_url
     for name, values in sections.items():
         if isinstance(values, dict) and isinstance(config.get(name), dict):
             config[name].update(values)
@@ -66,7 +73,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 @pytest.fixture
 def client(stack: Stack) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=stack.base_url, timeout=30) as c:
+    """An HTTP client of the dev stack, authenticated as its consumer (`my-secret-key`)."""
+    headers = {"authorization": f"Bearer {DEV_API_KEY}"}
+    with httpx.Client(base_url=stack.base_url, timeout=30, headers=headers) as c:
         yield c
 
 

@@ -14,10 +14,21 @@ frame shape (`rewrite`).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 from extproc.usage import Usage
+
+
+class StreamError(Exception):
+    """The response stream cannot be decoded any further (bad CRC, broken framing).
+
+    Raised by `ResponseDecoder.feed`/`finish` like `sse.FrameTooLarge`: the caller ends
+    the stream with `error_event` and clears the rest. `kind` is a metrics label.
+    """
+
+    kind = "malformed_stream"
 
 
 class RequestError(Exception):
@@ -54,6 +65,10 @@ class TextDelta:
     channel: int
     text: str
     kind: str = "content"  # content | tool_arguments | reasoning
+    # The whole text of the channel again (OpenAI Responses' `*.done` events, a Gemini
+    # function call's arguments): scan it on its own, do not append it to the running
+    # text, or a guard would see everything twice.
+    final: bool = False
 
 
 @dataclass(slots=True)
@@ -70,8 +85,14 @@ class StreamEvent:
 
 
 class ResponseDecoder(Protocol):
-    """Per-response, sans-I/O. Usage is cumulative: set, never added."""
+    """Per-response, sans-I/O. Usage is cumulative: set, never added.
 
+    `finish_reason` uses OpenAI's words whatever the provider (stop, length,
+    tool_calls, content_filter, error; anything else lower-cased as sent), so metrics
+    and limits need no per-provider table.
+    """
+
+    name: ClassVar[str]  # which decoder ran (a metrics label), e.g. "anthropic_sse"
     usage: Usage
     finish_reason: str | None
     content_events: int
@@ -96,9 +117,14 @@ class ResponseDecoder(Protocol):
         count as `texts(event)`) in place of the originals."""
         ...
 
-    def error_event(self, message: str, code: str) -> bytes:
+    def error_event(self, message: str, code: str, *, before: StreamEvent | None = None) -> bytes:
         """Bytes that end this stream cleanly with an error the client's SDK understands
-        (with the format's end marker, e.g. `data: [DONE]` for OpenAI)."""
+        (with the format's end marker, e.g. `data: [DONE]` for OpenAI).
+
+        The client is taken to have every event returned so far, or, with `before`,
+        every event returned before that one (the stream is cut in front of it). Only
+        framings with state between events (a Gemini JSON array) need it.
+        """
         ...
 
 
@@ -113,11 +139,44 @@ class WireFormat(Protocol):
         ...
 
     @staticmethod
-    def parse_request(body: bytes) -> RequestInfo: ...
+    def parse_request(body: bytes, path: str = "") -> RequestInfo:
+        """Validate the buffered body. `path` is the upstream path with its query: some
+        formats carry the model (Gemini, Bedrock, Azure deployments) or the stream flag
+        (Gemini's `:streamGenerateContent`) there, not in the body."""
+        ...
 
     @staticmethod
     def replace_request_texts(info: RequestInfo, texts: list[str]) -> bytes:
-        """The request body with `prompt_texts` replaced (guards' masking)."""
+        """The request body with `prompt_texts` replaced (guards' masking). Updates
+        `info.body` and `info.prompt_texts` too, so `ensure_usage` keeps the masks."""
+        ...
+
+    @staticmethod
+    def error_body(status: int, message: str, code: str | None, param: str | None = None) -> bytes:
+        """A refusal (4xx/5xx JSON body) in this format's own error shape."""
+        ...
+
+    @staticmethod
+    def client_credential(headers: Mapping[str, str], path: str = "") -> str | None:
+        """The key the client presented where this format's SDKs put it
+        (`Authorization: Bearer`, Anthropic's `x-api-key`, Azure's `api-key`...)."""
+        ...
+
+    @staticmethod
+    def upstream_auth(key: str) -> list[tuple[str, str]]:
+        """Request headers that carry the provider's own key upstream."""
+        ...
+
+    # Request headers that carry a client credential in this format (to strip them
+    # before the request goes upstream with the provider's key).
+    credential_headers: ClassVar[tuple[str, ...]]
+
+    @staticmethod
+    def response_decoder(
+        content_type: str, *, stream: bool, hide_usage: bool, max_frame_bytes: int
+    ) -> ResponseDecoder | None:
+        """The incremental decoder for a response of this content type, or None when the
+        body is one JSON document (use `completion_*`) or nothing this format reads."""
         ...
 
     @staticmethod
@@ -126,7 +185,9 @@ class WireFormat(Protocol):
         ...
 
     @staticmethod
-    def stream_decoder(*, hide_usage: bool, max_frame_bytes: int) -> ResponseDecoder: ...
+    def stream_decoder(*, hide_usage: bool, max_frame_bytes: int) -> ResponseDecoder:
+        """The format's usual streaming decoder (`response_decoder` picks by content type)."""
+        ...
 
     @staticmethod
     def completion_usage(body: bytes) -> Usage | None:
@@ -134,7 +195,16 @@ class WireFormat(Protocol):
         ...
 
     @staticmethod
-    def completion_texts(body: bytes) -> list[TextDelta]: ...
+    def completion_finish_reason(body: bytes) -> str | None:
+        """Finish reason of a whole JSON answer, in OpenAI's words."""
+        ...
 
     @staticmethod
-    def rewrite_completion(body: bytes, texts: list[str]) -> bytes: ...
+    def completion_texts(body: bytes) -> list[TextDelta]:
+        """Generated text in a whole JSON answer (every TextDelta is `final`)."""
+        ...
+
+    @staticmethod
+    def rewrite_completion(body: bytes, texts: list[str]) -> bytes:
+        """The answer re-encoded with `texts` in place of `completion_texts(body)`."""
+        ...

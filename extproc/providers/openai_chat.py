@@ -1,20 +1,46 @@
-"""OpenAI Chat Completions (and OpenAI-compatible servers): request checks, the
-`include_usage` switch, and a stream decoder that parses only the frames it must.
+"""OpenAI Chat Completions, OpenAI-compatible servers (vLLM, Ollama's `/v1`) and Azure
+OpenAI: request checks, the `include_usage` switch, and a stream decoder that parses
+only the frames it must.
 
 Per frame the decoder does a few `bytes.find` calls; JSON is parsed only for a frame
-that carries a non-null `usage`. When the gateway added `include_usage` itself, the
-usage-only chunk is dropped and the `"usage":null` the provider then adds to every
-chunk is cut out byte-wise, so the client gets the stream it asked for.
+that carries a non-null `usage`, or when a policy asks for its texts. When the gateway
+added `include_usage` itself, the usage-only chunk is dropped and the `"usage":null`
+the provider then adds to every chunk is cut out byte-wise, so the client gets the
+stream it asked for.
+
+Azure differs only around the body: the `api-key` header, and deployment paths
+(`/openai/deployments/{deployment}/chat/completions?api-version=...`) whose body may
+carry no model (the deployment then names it).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
+from urllib.parse import unquote
 
 import orjson
 
-from extproc.providers.base import RequestError, RequestInfo, StreamEvent
-from extproc.sse import SSEFramer
+from extproc.errors import error_body as openai_error_body
+from extproc.providers._common import (
+    Slot,
+    SSEDecoder,
+    bearer,
+    channel,
+    dicts,
+    header,
+    index_of,
+    loads,
+    parse_json_object,
+    path_only,
+    read_slots,
+    request_model,
+    string_slot,
+    uint,
+    write_slots,
+)
+from extproc.providers.base import RequestError, RequestInfo, StreamEvent, TextDelta
+from extproc.sse import Frame
 from extproc.usage import Usage
 
 _USAGE_KEY = b'"usage"'
@@ -22,87 +48,32 @@ _USAGE_NULL = b',"usage":null'
 _FINISH = b'"finish_reason":"'
 _CONTENT = b'"content":"'
 _ARGUMENTS = b'"arguments":"'
+_REASONING = b'"reasoning_content":"'
+_REASONING_OLLAMA = b'"reasoning":"'
 _DONE = b"[DONE]"
+_SSE = "text/event-stream"
 
 
 class OpenAIChat:
     """The OpenAI Chat Completions wire format."""
 
-    name = "openai"
+    name = "openai_chat"
+    credential_headers: tuple[str, ...] = ("authorization",)
 
     @staticmethod
     def handles(upstream_path: str) -> bool:
-        path = upstream_path.split("?", 1)[0].rstrip("/")
+        path = path_only(upstream_path).rstrip("/")
         return path.endswith("/chat/completions")
 
     @staticmethod
-    def parse_request(body: bytes) -> RequestInfo:
-        if not body.strip():
-            raise RequestError(
-                "The request body is empty; expected a JSON object with 'model' and 'messages'.",
-                "missing_body",
-            )
-        try:
-            obj = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            try:
-                body.decode("utf-8")
-            except UnicodeDecodeError:
-                raise RequestError(
-                    "The request body is not valid UTF-8.", "invalid_encoding"
-                ) from None
-            raise RequestError(
-                f"We could not parse the JSON body of your request ({exc}).", "invalid_json"
-            ) from None
-        if not isinstance(obj, dict):
-            raise RequestError("The request body must be a JSON object.", "invalid_type")
-        model = obj.get("model")
-        if model is None:
-            raise RequestError(
-                "You must provide a model parameter.", "missing_required_parameter", "model"
-            )
-        if not isinstance(model, str) or not model:
-            raise RequestError(
-                "Invalid 'model': expected a non-empty string.", "invalid_type", "model"
-            )
-        messages = obj.get("messages")
-        if messages is None:
-            raise RequestError(
-                "Missing required parameter: 'messages'.", "missing_required_parameter", "messages"
-            )
-        if not isinstance(messages, list):
-            raise RequestError(
-                "Invalid type for 'messages': expected an array.", "invalid_type", "messages"
-            )
-        if not messages:
-            raise RequestError(
-                "Invalid 'messages': empty array. Expected at least one message.",
-                "empty_array",
-                "messages",
-            )
-        stream = obj.get("stream", False)
-        if stream is None:
-            stream = False
-        if not isinstance(stream, bool):
-            raise RequestError(
-                "Invalid type for 'stream': expected a boolean.", "invalid_type", "stream"
-            )
-        options = obj.get("stream_options")
-        if options is not None and not isinstance(options, dict):
-            raise RequestError(
-                "Invalid type for 'stream_options': expected an object.",
-                "invalid_type",
-                "stream_options",
-            )
-        max_out = obj.get("max_completion_tokens", obj.get("max_tokens"))
-        return RequestInfo(
-            model=model,
-            stream=stream,
-            body=obj,
-            prompt_texts=list(_message_texts(messages)),
-            client_wants_usage=bool(options and options.get("include_usage") is True),
-            max_output_tokens=max_out if isinstance(max_out, int) else None,
-        )
+    def parse_request(body: bytes, path: str = "") -> RequestInfo:
+        return _parse_chat(body, default_model=None)
+
+    @staticmethod
+    def replace_request_texts(info: RequestInfo, texts: list[str]) -> bytes:
+        write_slots(list(_request_slots(info.body.get("messages"))), texts)
+        info.prompt_texts = list(texts)
+        return orjson.dumps(info.body)
 
     @staticmethod
     def ensure_usage(info: RequestInfo) -> bytes | None:
@@ -115,44 +86,145 @@ class OpenAIChat:
         return orjson.dumps(info.body)
 
     @staticmethod
+    def error_body(status: int, message: str, code: str | None, param: str | None = None) -> bytes:
+        return openai_error_body(status, message, code, param)
+
+    @staticmethod
+    def client_credential(headers: Mapping[str, str], path: str = "") -> str | None:
+        return bearer(headers)
+
+    @staticmethod
+    def upstream_auth(key: str) -> list[tuple[str, str]]:
+        return [("authorization", f"Bearer {key}")]
+
+    @staticmethod
     def stream_decoder(*, hide_usage: bool, max_frame_bytes: int) -> OpenAIChatStream:
         return OpenAIChatStream(hide_usage=hide_usage, max_frame_bytes=max_frame_bytes)
 
     @staticmethod
+    def response_decoder(
+        content_type: str, *, stream: bool, hide_usage: bool, max_frame_bytes: int
+    ) -> OpenAIChatStream | None:
+        if content_type.lower().startswith(_SSE):
+            return OpenAIChatStream(hide_usage=hide_usage, max_frame_bytes=max_frame_bytes)
+        return None
+
+    @staticmethod
     def completion_usage(body: bytes) -> Usage | None:
         """Usage from a non-streaming JSON answer, if it has one."""
-        try:
-            obj = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            return None
+        obj = loads(body)
         usage = obj.get("usage") if isinstance(obj, dict) else None
         return _usage_from(usage) if isinstance(usage, dict) else None
 
+    @staticmethod
+    def completion_finish_reason(body: bytes) -> str | None:
+        obj = loads(body)
+        for choice in dicts(obj.get("choices") if isinstance(obj, dict) else None):
+            if isinstance(choice.get("finish_reason"), str):
+                return choice["finish_reason"]
+        return None
 
-class OpenAIChatStream:
+    @staticmethod
+    def completion_texts(body: bytes) -> list[TextDelta]:
+        return read_slots(_completion_slots(loads(body)))
+
+    @staticmethod
+    def rewrite_completion(body: bytes, texts: list[str]) -> bytes:
+        obj = loads(body)
+        slots = list(_completion_slots(obj))
+        if not slots and not texts:
+            return body
+        write_slots(slots, texts)
+        return orjson.dumps(obj)
+
+
+class AzureOpenAIChat(OpenAIChat):
+    """Azure OpenAI chat: `api-key` auth; the deployment in the path names the model."""
+
+    name = "azure_chat"
+    credential_headers = ("api-key", "authorization")
+
+    @staticmethod
+    def parse_request(body: bytes, path: str = "") -> RequestInfo:
+        return _parse_chat(body, default_model=azure_deployment(path))
+
+    @staticmethod
+    def client_credential(headers: Mapping[str, str], path: str = "") -> str | None:
+        return header(headers, "api-key") or bearer(headers)
+
+    @staticmethod
+    def upstream_auth(key: str) -> list[tuple[str, str]]:
+        return [("api-key", key)]
+
+
+def azure_deployment(path: str) -> str | None:
+    """`/openai/deployments/{deployment}/...` -> deployment (None for other paths)."""
+    parts = path_only(path).split("/")
+    for i, part in enumerate(parts[:-1]):
+        if part == "deployments" and i > 0 and parts[i - 1] == "openai" and parts[i + 1]:
+            return unquote(parts[i + 1])
+    return None
+
+
+def _parse_chat(body: bytes, default_model: str | None) -> RequestInfo:
+    obj = parse_json_object(body, "a JSON object with 'model' and 'messages'")
+    model = request_model(obj, default_model)
+    messages = obj.get("messages")
+    if messages is None:
+        raise RequestError(
+            "Missing required parameter: 'messages'.", "missing_required_parameter", "messages"
+        )
+    if not isinstance(messages, list):
+        raise RequestError(
+            "Invalid type for 'messages': expected an array.", "invalid_type", "messages"
+        )
+    if not messages:
+        raise RequestError(
+            "Invalid 'messages': empty array. Expected at least one message.",
+            "empty_array",
+            "messages",
+        )
+    stream = obj.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise RequestError(
+            "Invalid type for 'stream': expected a boolean.", "invalid_type", "stream"
+        )
+    options = obj.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise RequestError(
+            "Invalid type for 'stream_options': expected an object.",
+            "invalid_type",
+            "stream_options",
+        )
+    max_out = obj.get("max_completion_tokens", obj.get("max_tokens"))
+    return RequestInfo(
+        model=model,
+        stream=stream,
+        body=obj,
+        prompt_texts=[slot.get() for slot in _request_slots(messages)],
+        client_wants_usage=bool(options and options.get("include_usage") is True),
+        max_output_tokens=max_out if isinstance(max_out, int) else None,
+    )
+
+
+class OpenAIChatStream(SSEDecoder):
     """Decoder for one `chat.completion.chunk` SSE stream."""
 
-    __slots__ = ("_framer", "_hide_usage", "content_events", "finish_reason", "usage")
+    name = "openai_chat_sse"
+    __slots__ = ("_hide_usage",)
 
     def __init__(self, *, hide_usage: bool, max_frame_bytes: int) -> None:
-        self._framer = SSEFramer(max_frame_bytes)
+        super().__init__(max_frame_bytes)
         self._hide_usage = hide_usage
-        self.usage = Usage()
-        self.finish_reason: str | None = None
-        self.content_events = 0
-
-    @property
-    def buffered(self) -> int:
-        return self._framer.buffered
 
     def feed(self, chunk: bytes) -> list[StreamEvent]:
-        return [self._event(f.raw, f.data) for f in self._framer.feed(chunk)]
+        return [self._event(f) for f in self._framer.feed(chunk)]
 
-    def finish(self) -> list[StreamEvent]:
-        tail = self._framer.finish()
-        return [self._event(tail.raw, tail.data)] if tail is not None else []
-
-    def _event(self, raw: bytes, data: bytes | None) -> StreamEvent:
+    def _event(self, frame: Frame) -> StreamEvent:
+        raw = frame.raw
+        data = frame.data
         if data is None:
             return StreamEvent(raw, raw)
         if data == _DONE:
@@ -160,7 +232,7 @@ class OpenAIChatStream:
         out = raw
         at = data.find(_USAGE_KEY)
         if at >= 0 and not _is_null_after(data, at + len(_USAGE_KEY)):
-            obj = _loads(data)
+            obj = loads(data)
             if isinstance(obj, dict) and isinstance(obj.get("usage"), dict):
                 self.usage = _usage_from(obj["usage"])
                 if self._hide_usage and not obj.get("choices"):
@@ -171,13 +243,26 @@ class OpenAIChatStream:
         if at >= 0:
             start = at + len(_FINISH)
             self.finish_reason = data[start : data.find(b'"', start)].decode("utf-8", "replace")
-        content = _has_text(data, _CONTENT) or _has_text(data, _ARGUMENTS)
+        content = (
+            _has_text(data, _CONTENT)
+            or _has_text(data, _ARGUMENTS)
+            or _has_text(data, _REASONING)
+            or _has_text(data, _REASONING_OLLAMA)
+        )
         if content:
             self.content_events += 1
         return StreamEvent(raw, out, data, is_content=content)
 
+    def _slots(self, event: StreamEvent, obj: Any) -> list[Slot]:
+        return list(_choice_slots(obj, "delta", final=False))
+
+    def _encode(self, event: StreamEvent, obj: Any) -> bytes:
+        if self._hide_usage and isinstance(obj, dict) and obj.get("usage", 0) is None:
+            del obj["usage"]
+        return super()._encode(event, obj)
+
     @staticmethod
-    def error_event(message: str, code: str) -> bytes:
+    def error_event(message: str, code: str, *, before: StreamEvent | None = None) -> bytes:
         """An OpenAI-style error frame then `[DONE]`: the SDKs raise on the former."""
         body = orjson.dumps({"error": {"message": message, "type": "server_error", "code": code}})
         return b"data: " + body + b"\n\ndata: [DONE]\n\n"
@@ -194,49 +279,70 @@ def _has_text(data: bytes, key: bytes) -> bool:
     return at >= 0 and data[at + len(key) : at + len(key) + 1] != b'"'
 
 
-def _loads(data: bytes) -> Any:
-    try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return None
-
-
-def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
-
-
 def _usage_from(usage: dict[str, Any]) -> Usage:
-    prompt = _int(usage.get("prompt_tokens"))
-    completion = _int(usage.get("completion_tokens"))
+    prompt = uint(usage.get("prompt_tokens"))
+    completion = uint(usage.get("completion_tokens"))
     prompt_details = usage.get("prompt_tokens_details") or {}
     completion_details = usage.get("completion_tokens_details") or {}
     result = Usage()
     result.set_reported(
         prompt,
         completion,
-        _int(usage.get("total_tokens")) or prompt + completion,
-        cached=_int(prompt_details.get("cached_tokens")) if isinstance(prompt_details, dict) else 0,
-        reasoning=_int(completion_details.get("reasoning_tokens"))
+        uint(usage.get("total_tokens")) or prompt + completion,
+        cached=uint(prompt_details.get("cached_tokens")) if isinstance(prompt_details, dict) else 0,
+        reasoning=uint(completion_details.get("reasoning_tokens"))
         if isinstance(completion_details, dict)
         else 0,
     )
     return result
 
 
-def _message_texts(messages: list[Any]):
-    """Every text a request carries, for guards and token estimates."""
-    for message in messages:
-        if not isinstance(message, dict):
-            continue
+def _request_slots(messages: Any):
+    """Every text a request carries, in order: each message's content (string or text
+    parts), then its tool-call arguments."""
+    for message in dicts(messages):
         content = message.get("content")
         if isinstance(content, str):
-            yield content
-        elif isinstance(content, list):
-            for part in content:
-                if isinstance(part, dict) and isinstance(part.get("text"), str):
-                    yield part["text"]
-        for call in message.get("tool_calls") or ():
-            if isinstance(call, dict) and isinstance(call.get("function"), dict):
-                args = call["function"].get("arguments")
-                if isinstance(args, str):
-                    yield args
+            yield Slot(message, "content")
+        else:
+            for part in dicts(content):
+                if isinstance(part.get("text"), str):
+                    yield Slot(part, "text")
+        for call in dicts(message.get("tool_calls")):
+            function = call.get("function")
+            if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+                yield Slot(function, "arguments", kind="tool_arguments")
+
+
+def _choice_slots(obj: Any, field: str, *, final: bool):
+    """Texts of each choice's `delta` (stream) or `message` (completion): reasoning
+    (vLLM's `reasoning_content`, Ollama's `reasoning`), content, tool-call arguments."""
+    if not isinstance(obj, dict):
+        return
+    for position, choice in enumerate(dicts(obj.get("choices"))):
+        index = index_of(choice, "index", position)
+        body = choice.get(field)
+        if not isinstance(body, dict):
+            continue
+        for key in ("reasoning_content", "reasoning"):
+            slot = string_slot(body, key, channel=index, kind="reasoning", final=final)
+            if slot is not None:
+                yield slot
+        slot = string_slot(body, "content", channel=index, final=final)
+        if slot is not None:
+            yield slot
+        for tpos, call in enumerate(dicts(body.get("tool_calls"))):
+            function = call.get("function")
+            slot = string_slot(
+                function,
+                "arguments",
+                channel=channel(index, index_of(call, "index", tpos)),
+                kind="tool_arguments",
+                final=final,
+            )
+            if slot is not None:
+                yield slot
+
+
+def _completion_slots(obj: Any):
+    return _choice_slots(obj, "message", final=True)

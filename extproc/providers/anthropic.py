@@ -1,0 +1,354 @@
+"""Anthropic Messages API (`POST /v1/messages`).
+
+The stream is typed SSE (`event:` + `data:`): `message_start` carries the input and
+cache token counts, `content_block_start` / `content_block_delta` /
+`content_block_stop` carry the output (`text_delta`, `input_json_delta` for tool
+input, `thinking_delta`), `message_delta` the stop reason and the *cumulative* output
+token count (set, never added), then `message_stop`; `ping` may come at any time and
+`error` ends a stream. Only `message_start` and `message_delta` are parsed on the hot
+path. Usage is always reported: there is no switch to turn on.
+
+Token counts map onto the neutral `Usage` as: prompt = input + cache writes + cache
+reads (Anthropic's `input_tokens` excludes both), cached = cache reads.
+Clients authenticate with `x-api-key` (or `Authorization: Bearer`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import orjson
+
+from extproc.providers._common import (
+    Slot,
+    SSEDecoder,
+    bearer,
+    dicts,
+    header,
+    index_of,
+    loads,
+    normalize_finish,
+    object_slot,
+    optional_bool,
+    optional_int,
+    parse_json_object,
+    path_only,
+    read_slots,
+    request_model,
+    string_slot,
+    uint,
+    write_slots,
+)
+from extproc.providers.base import RequestError, RequestInfo, StreamEvent, TextDelta
+from extproc.sse import Frame
+from extproc.usage import Usage
+
+_SSE = "text/event-stream"
+_TYPE = b'"type":"'
+_FINISH = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "max_tokens": "length",
+    "model_context_window_exceeded": "length",
+    "tool_use": "tool_calls",
+    "refusal": "content_filter",
+}
+# Anthropic's error types by HTTP status (its SDKs map status -> exception class).
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+_KNOWN_TYPES = frozenset(ERROR_TYPES.values())
+# Delta types -> (field, kind).
+_DELTA_FIELDS = {
+    "text_delta": ("text", "content"),
+    "input_json_delta": ("partial_json", "tool_arguments"),
+    "thinking_delta": ("thinking", "reasoning"),
+}
+
+
+class AnthropicMessages:
+    """The Anthropic Messages wire format."""
+
+    name = "anthropic_messages"
+    credential_headers: tuple[str, ...] = ("x-api-key", "authorization")
+
+    @staticmethod
+    def handles(upstream_path: str) -> bool:
+        return path_only(upstream_path).rstrip("/").endswith("/v1/messages")
+
+    @staticmethod
+    def parse_request(body: bytes, path: str = "") -> RequestInfo:
+        obj = parse_json_object(body, "a JSON object with 'model', 'max_tokens' and 'messages'")
+        model = request_model(obj)
+        messages = obj.get("messages")
+        if messages is None:
+            raise RequestError(
+                "messages: Field required", "missing_required_parameter", "messages"
+            )
+        if not isinstance(messages, list):
+            raise RequestError("messages: Input should be a valid list", "invalid_type", "messages")
+        system = obj.get("system")
+        if system is not None and not isinstance(system, str | list):
+            raise RequestError(
+                "system: Input should be a valid string or a list of text blocks",
+                "invalid_type",
+                "system",
+            )
+        return RequestInfo(
+            model=model,
+            stream=optional_bool(obj, "stream"),
+            body=obj,
+            prompt_texts=[slot.get() for slot in _request_slots(obj)],
+            client_wants_usage=True,
+            max_output_tokens=optional_int(obj.get("max_tokens")),
+        )
+
+    @staticmethod
+    def replace_request_texts(info: RequestInfo, texts: list[str]) -> bytes:
+        write_slots(list(_request_slots(info.body)), texts)
+        info.prompt_texts = list(texts)
+        return orjson.dumps(info.body)
+
+    @staticmethod
+    def ensure_usage(info: RequestInfo) -> bytes | None:
+        return None  # message_start and message_delta always carry usage
+
+    @staticmethod
+    def error_body(status: int, message: str, code: str | None, param: str | None = None) -> bytes:
+        """`{"type":"error","error":{"type","message"}}`, Anthropic's error shape."""
+        kind = ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+        return orjson.dumps({"type": "error", "error": {"type": kind, "message": message}})
+
+    @staticmethod
+    def client_credential(headers: Mapping[str, str], path: str = "") -> str | None:
+        return header(headers, "x-api-key") or bearer(headers)
+
+    @staticmethod
+    def upstream_auth(key: str) -> list[tuple[str, str]]:
+        return [("x-api-key", key)]
+
+    @staticmethod
+    def stream_decoder(*, hide_usage: bool, max_frame_bytes: int) -> AnthropicStream:
+        return AnthropicStream(max_frame_bytes)
+
+    @staticmethod
+    def response_decoder(
+        content_type: str, *, stream: bool, hide_usage: bool, max_frame_bytes: int
+    ) -> AnthropicStream | None:
+        if content_type.lower().startswith(_SSE):
+            return AnthropicStream(max_frame_bytes)
+        return None
+
+    @staticmethod
+    def completion_usage(body: bytes) -> Usage | None:
+        obj = loads(body)
+        usage = obj.get("usage") if isinstance(obj, dict) else None
+        if not isinstance(usage, dict):
+            return None
+        counts = _Counts()
+        counts.update(usage)
+        return counts.usage()
+
+    @staticmethod
+    def completion_finish_reason(body: bytes) -> str | None:
+        obj = loads(body)
+        return normalize_finish(obj.get("stop_reason"), _FINISH) if isinstance(obj, dict) else None
+
+    @staticmethod
+    def completion_texts(body: bytes) -> list[TextDelta]:
+        obj = loads(body)
+        return read_slots(_blocks_slots(obj.get("content"))) if isinstance(obj, dict) else []
+
+    @staticmethod
+    def rewrite_completion(body: bytes, texts: list[str]) -> bytes:
+        obj = loads(body)
+        slots = list(_blocks_slots(obj.get("content"))) if isinstance(obj, dict) else []
+        if not slots and not texts:
+            return body
+        write_slots(slots, texts)
+        return orjson.dumps(obj)
+
+
+class _Counts:
+    """Anthropic's token fields as last reported (each one set, never added)."""
+
+    __slots__ = ("cache_read", "cache_write", "input", "output")
+
+    def __init__(self) -> None:
+        self.input = self.cache_write = self.cache_read = self.output = 0
+
+    def update(self, usage: dict[str, Any]) -> None:
+        # message_delta repeats input/cache fields on newer API versions, sometimes as
+        # null: only numbers overwrite.
+        if isinstance(usage.get("input_tokens"), int):
+            self.input = uint(usage["input_tokens"])
+        if isinstance(usage.get("cache_creation_input_tokens"), int):
+            self.cache_write = uint(usage["cache_creation_input_tokens"])
+        if isinstance(usage.get("cache_read_input_tokens"), int):
+            self.cache_read = uint(usage["cache_read_input_tokens"])
+        if isinstance(usage.get("output_tokens"), int):
+            self.output = uint(usage["output_tokens"])
+
+    def usage(self) -> Usage:
+        result = Usage()
+        prompt = self.input + self.cache_write + self.cache_read
+        result.set_reported(prompt, self.output, prompt + self.output, cached=self.cache_read)
+        return result
+
+
+class AnthropicStream(SSEDecoder):
+    """Decoder for one Messages event stream."""
+
+    name = "anthropic_sse"
+    __slots__ = ("_counts",)
+
+    def __init__(self, max_frame_bytes: int) -> None:
+        super().__init__(max_frame_bytes)
+        self._counts = _Counts()
+
+    def _event(self, frame: Frame) -> StreamEvent:
+        raw = frame.raw
+        data = frame.data
+        if data is None:
+            return StreamEvent(raw, raw)
+        kind = frame.event if frame.event is not None else _type_of(data)
+        name = kind.decode("utf-8", "replace") if kind is not None else None
+        if kind == b"content_block_delta":
+            content = b"signature_delta" not in data and not data.rstrip().endswith(b':""}}')
+            if content:
+                self.content_events += 1
+            return StreamEvent(raw, raw, data, is_content=content, name=name)
+        if kind == b"message_start" or kind == b"message_delta":
+            obj = loads(data)
+            if isinstance(obj, dict):
+                self._read(obj)
+        elif kind == b"message_stop":
+            return StreamEvent(raw, raw, data, is_done=True, name=name)
+        elif kind == b"error":
+            self.finish_reason = "error"
+        return StreamEvent(raw, raw, data, name=name)
+
+    def _read(self, obj: dict[str, Any]) -> None:
+        message = obj.get("message")
+        holder = message if isinstance(message, dict) else obj
+        usage = holder.get("usage")
+        if isinstance(usage, dict):
+            self._counts.update(usage)
+            self.usage = self._counts.usage()
+        delta = obj.get("delta")
+        if isinstance(delta, dict) and delta.get("stop_reason") is not None:
+            self.finish_reason = normalize_finish(delta["stop_reason"], _FINISH)
+
+    def _slots(self, event: StreamEvent, obj: Any) -> list[Slot]:
+        if not isinstance(obj, dict):
+            return []
+        kind = obj.get("type")
+        index = index_of(obj, "index", 0)
+        if kind == "content_block_delta":
+            delta = obj.get("delta")
+            fields = _DELTA_FIELDS.get(delta.get("type")) if isinstance(delta, dict) else None
+            if fields is None:
+                return []
+            slot = string_slot(delta, fields[0], channel=index, kind=fields[1])
+            return [slot] if slot is not None else []
+        if kind == "content_block_start":
+            block = obj.get("content_block")
+            if not isinstance(block, dict):
+                return []
+            if block.get("type") == "text":
+                slot = string_slot(block, "text", channel=index)
+            elif block.get("type") == "thinking":
+                slot = string_slot(block, "thinking", channel=index, kind="reasoning")
+            else:
+                slot = None
+            return [slot] if slot is not None else []
+        if kind == "message_start":
+            message = obj.get("message")
+            if isinstance(message, dict):
+                return list(_blocks_slots(message.get("content")))
+        return []
+
+    def error_event(self, message: str, code: str, *, before: StreamEvent | None = None) -> bytes:
+        """An `error` event: the Anthropic SDKs raise APIStatusError on it."""
+        kind = code if code in _KNOWN_TYPES else "api_error"
+        body = orjson.dumps({"type": "error", "error": {"type": kind, "message": message}})
+        eol = self.eol
+        return b"event: error" + eol + b"data: " + body + eol + eol
+
+
+def _type_of(data: bytes) -> bytes | None:
+    at = data.find(_TYPE)
+    if at < 0:
+        return None
+    start = at + len(_TYPE)
+    end = data.find(b'"', start)
+    return data[start:end] if end > start else None
+
+
+def _blocks_slots(blocks: Any, *, final: bool = True) -> Iterator[Slot]:
+    """Texts of response content blocks: text, tool_use input, thinking."""
+    for position, block in enumerate(dicts(blocks)):
+        kind = block.get("type")
+        slot: Slot | None = None
+        if kind == "text":
+            slot = string_slot(block, "text", channel=position, final=final)
+        elif kind in ("tool_use", "server_tool_use"):
+            slot = object_slot(block, "input", channel=position, kind="tool_arguments", final=final)
+        elif kind == "thinking":
+            slot = string_slot(block, "thinking", channel=position, kind="reasoning", final=final)
+        if slot is not None:
+            yield slot
+
+
+def _request_slots(obj: dict[str, Any]) -> Iterator[Slot]:
+    """Prompt texts in order: `system` (string or text blocks), then each message's
+    content (string, or text / tool_use input / tool_result / plain-text document
+    blocks). Thinking blocks are left out: they are signed, a change would be refused."""
+    system = obj.get("system")
+    if isinstance(system, str):
+        yield Slot(obj, "system")
+    else:
+        for block in dicts(system):
+            if isinstance(block.get("text"), str):
+                yield Slot(block, "text")
+    for message in dicts(obj.get("messages")):
+        content = message.get("content")
+        if isinstance(content, str):
+            yield Slot(message, "content")
+            continue
+        yield from _request_blocks(content)
+
+
+def _request_blocks(blocks: Any) -> Iterator[Slot]:
+    for block in dicts(blocks):
+        kind = block.get("type")
+        if kind == "text" and isinstance(block.get("text"), str):
+            yield Slot(block, "text")
+        elif kind == "tool_use":
+            slot = object_slot(block, "input", kind="tool_arguments")
+            if slot is not None:
+                yield slot
+        elif kind == "tool_result":
+            inner = block.get("content")
+            if isinstance(inner, str):
+                yield Slot(block, "content")
+            else:
+                yield from _request_blocks(inner)
+        elif kind == "document":
+            source = block.get("source")
+            if (
+                isinstance(source, dict)
+                and source.get("type") == "text"
+                and isinstance(source.get("data"), str)
+            ):
+                yield Slot(source, "data")

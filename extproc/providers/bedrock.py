@@ -1,0 +1,315 @@
+"""AWS Bedrock Converse API: `POST /model/{modelId}/converse-stream` and `/converse`.
+
+The stream is binary `application/vnd.amazon.eventstream` (see `eventstream`); each
+message's `:event-type` header names the event and its payload is JSON:
+`messageStart`, `contentBlockStart` (tool use), `contentBlockDelta` (`text`,
+`toolUse.input`, `reasoningContent.text`), `contentBlockStop`, `messageStop`
+(`stopReason`) and last `metadata` (`usage`, `metrics`). Payloads carry a `p` field of
+random padding, kept as is. Errors mid-stream are messages with `:message-type`
+`exception` (boto3 raises EventStreamError). Only `messageStop` and `metadata` are
+parsed on the hot path. Usage is always reported.
+
+Usage: prompt = inputTokens + cacheReadInputTokens + cacheWriteInputTokens (Bedrock
+reports the cache counts apart from inputTokens), cached = cacheReadInputTokens.
+Requests are not signed here (no SigV4): a client that signs its own request must not
+have its body rewritten, and Bedrock API keys (`Authorization: Bearer`) need no signing.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from typing import Any
+from urllib.parse import unquote
+
+import orjson
+
+from extproc.providers._common import (
+    EventDecoder,
+    Slot,
+    bearer,
+    dicts,
+    index_of,
+    loads,
+    normalize_finish,
+    object_slot,
+    parse_json_object,
+    path_only,
+    read_slots,
+    string_slot,
+    uint,
+    write_slots,
+)
+from extproc.providers.base import RequestError, RequestInfo, StreamEvent, TextDelta
+from extproc.providers.eventstream import (
+    EventStreamSplitter,
+    Message,
+    encode_message,
+)
+from extproc.providers.eventstream import message as eventstream_message
+from extproc.usage import Usage
+
+CONTENT_TYPE = "application/vnd.amazon.eventstream"
+_PATH = re.compile(r"/model/([^/]+)/(converse|converse-stream)/?$")
+_EMPTY_TEXT = b'"text":""'
+_FINISH = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "max_tokens": "length",
+    "model_context_window_exceeded": "length",
+    "tool_use": "tool_calls",
+    "guardrail_intervened": "content_filter",
+    "content_filtered": "content_filter",
+}
+# Bedrock's exception names by HTTP status (boto3 maps them onto its error classes).
+ERROR_TYPES = {
+    400: "ValidationException",
+    401: "UnrecognizedClientException",
+    403: "AccessDeniedException",
+    404: "ResourceNotFoundException",
+    408: "ModelTimeoutException",
+    413: "ValidationException",
+    424: "ModelErrorException",
+    429: "ThrottlingException",
+    500: "InternalServerException",
+    503: "ServiceUnavailableException",
+}
+# In-stream exception event names, by the gateway's error code.
+_STREAM_EXCEPTIONS = {
+    "rate_limited": "throttlingException",
+    "throttled": "throttlingException",
+    "validation": "validationException",
+}
+
+
+class BedrockConverse:
+    """The Bedrock Converse / ConverseStream wire format."""
+
+    name = "bedrock_converse"
+    credential_headers: tuple[str, ...] = ("authorization",)
+
+    @staticmethod
+    def handles(upstream_path: str) -> bool:
+        return _PATH.search(path_only(upstream_path)) is not None
+
+    @staticmethod
+    def parse_request(body: bytes, path: str = "") -> RequestInfo:
+        obj = parse_json_object(body, "a JSON object with 'messages'")
+        match = _PATH.search(path_only(path))
+        if match is None:
+            raise RequestError(
+                "The model is missing: expected a path like /model/{modelId}/converse-stream.",
+                "missing_required_parameter",
+                "modelId",
+            )
+        messages = obj.get("messages")
+        if messages is not None and not isinstance(messages, list):
+            raise RequestError(
+                "1 validation error detected: Value at 'messages' failed to satisfy "
+                "constraint: Member must be a list",
+                "invalid_type",
+                "messages",
+            )
+        config = obj.get("inferenceConfig")
+        max_out = config.get("maxTokens") if isinstance(config, dict) else None
+        return RequestInfo(
+            model=unquote(match.group(1)),
+            stream=match.group(2) == "converse-stream",
+            body=obj,
+            prompt_texts=[slot.get() for slot in _request_slots(obj)],
+            client_wants_usage=True,
+            max_output_tokens=max_out if isinstance(max_out, int) else None,
+        )
+
+    @staticmethod
+    def replace_request_texts(info: RequestInfo, texts: list[str]) -> bytes:
+        write_slots(list(_request_slots(info.body)), texts)
+        info.prompt_texts = list(texts)
+        return orjson.dumps(info.body)
+
+    @staticmethod
+    def ensure_usage(info: RequestInfo) -> bytes | None:
+        return None  # the metadata event always carries usage
+
+    @staticmethod
+    def error_body(status: int, message: str, code: str | None, param: str | None = None) -> bytes:
+        """`{"message": ...}` as Bedrock sends it, plus `__type` (the exception name
+        botocore reads when the `x-amzn-ErrorType` header is absent)."""
+        kind = ERROR_TYPES.get(
+            status, "InternalServerException" if status >= 500 else "ValidationException"
+        )
+        return orjson.dumps({"message": message, "__type": kind})
+
+    @staticmethod
+    def client_credential(headers: Mapping[str, str], path: str = "") -> str | None:
+        return bearer(headers)  # Bedrock API keys; a SigV4 Authorization is not a key
+
+    @staticmethod
+    def upstream_auth(key: str) -> list[tuple[str, str]]:
+        return [("authorization", f"Bearer {key}")]
+
+    @staticmethod
+    def stream_decoder(*, hide_usage: bool, max_frame_bytes: int) -> BedrockStream:
+        return BedrockStream(max_frame_bytes)
+
+    @staticmethod
+    def response_decoder(
+        content_type: str, *, stream: bool, hide_usage: bool, max_frame_bytes: int
+    ) -> BedrockStream | None:
+        if content_type.lower().startswith(CONTENT_TYPE):
+            return BedrockStream(max_frame_bytes)
+        return None
+
+    @staticmethod
+    def completion_usage(body: bytes) -> Usage | None:
+        obj = loads(body)
+        usage = obj.get("usage") if isinstance(obj, dict) else None
+        return _usage_from(usage) if isinstance(usage, dict) else None
+
+    @staticmethod
+    def completion_finish_reason(body: bytes) -> str | None:
+        obj = loads(body)
+        return normalize_finish(obj.get("stopReason"), _FINISH) if isinstance(obj, dict) else None
+
+    @staticmethod
+    def completion_texts(body: bytes) -> list[TextDelta]:
+        return read_slots(_completion_slots(loads(body)))
+
+    @staticmethod
+    def rewrite_completion(body: bytes, texts: list[str]) -> bytes:
+        obj = loads(body)
+        slots = list(_completion_slots(obj))
+        if not slots and not texts:
+            return body
+        write_slots(slots, texts)
+        return orjson.dumps(obj)
+
+
+class BedrockStream(EventDecoder):
+    """Decoder for one ConverseStream event stream."""
+
+    name = "bedrock_eventstream"
+    __slots__ = ("_splitter",)
+
+    def __init__(self, max_frame_bytes: int) -> None:
+        super().__init__()
+        self._splitter = EventStreamSplitter(max_frame_bytes)
+
+    @property
+    def buffered(self) -> int:
+        return self._splitter.buffered
+
+    def feed(self, chunk: bytes) -> list[StreamEvent]:
+        return [self._event(m) for m in self._splitter.feed(chunk)]
+
+    def finish(self) -> list[StreamEvent]:
+        self._splitter.finish()
+        return []
+
+    def _event(self, msg: Message) -> StreamEvent:
+        raw = msg.raw
+        headers = msg.headers
+        kind = headers.get(":message-type", "event")
+        if kind != "event":
+            self.finish_reason = "error"
+            name = headers.get(":exception-type") or headers.get(":error-code") or kind
+            return StreamEvent(raw, raw, msg.payload, name=str(name))
+        name = headers.get(":event-type")
+        name = name if isinstance(name, str) else None
+        payload = msg.payload
+        if name == "contentBlockDelta":
+            content = _EMPTY_TEXT not in payload
+            if content:
+                self.content_events += 1
+            return StreamEvent(raw, raw, payload, is_content=content, name=name)
+        if name == "metadata":
+            obj = loads(payload)
+            if isinstance(obj, dict) and isinstance(obj.get("usage"), dict):
+                self.usage = _usage_from(obj["usage"])
+        elif name == "messageStop":
+            obj = loads(payload)
+            if isinstance(obj, dict):
+                self.finish_reason = normalize_finish(obj.get("stopReason"), _FINISH)
+        return StreamEvent(raw, raw, payload, name=name)
+
+    def _slots(self, event: StreamEvent, obj: Any) -> list[Slot]:
+        if event.name != "contentBlockDelta" or not isinstance(obj, dict):
+            return []
+        delta = obj.get("delta")
+        if not isinstance(delta, dict):
+            return []
+        index = index_of(obj, "contentBlockIndex", 0)
+        slot = string_slot(delta, "text", channel=index)
+        if slot is None and isinstance(delta.get("toolUse"), dict):
+            slot = string_slot(delta["toolUse"], "input", channel=index, kind="tool_arguments")
+        if slot is None and isinstance(delta.get("reasoningContent"), dict):
+            slot = string_slot(delta["reasoningContent"], "text", channel=index, kind="reasoning")
+        return [slot] if slot is not None else []
+
+    def _encode(self, event: StreamEvent, obj: Any) -> bytes:
+        raw = event.raw
+        headers_end = 12 + int.from_bytes(raw[4:8], "big")
+        return encode_message(raw[12:headers_end], orjson.dumps(obj))
+
+    def error_event(self, message: str, code: str, *, before: StreamEvent | None = None) -> bytes:
+        """An exception message (`:message-type` exception): boto3 raises EventStreamError."""
+        kind = _STREAM_EXCEPTIONS.get(code, "internalServerException")
+        return eventstream_message(
+            [
+                (":exception-type", kind),
+                (":content-type", "application/json"),
+                (":message-type", "exception"),
+            ],
+            orjson.dumps({"message": message}),
+        )
+
+
+def _usage_from(usage: dict[str, Any]) -> Usage:
+    cache_read = uint(usage.get("cacheReadInputTokens"))
+    prompt = uint(usage.get("inputTokens")) + cache_read + uint(usage.get("cacheWriteInputTokens"))
+    completion = uint(usage.get("outputTokens"))
+    result = Usage()
+    result.set_reported(prompt, completion, prompt + completion, cached=cache_read)
+    return result
+
+
+def _completion_slots(obj: Any) -> Iterator[Slot]:
+    output = obj.get("output") if isinstance(obj, dict) else None
+    msg = output.get("message") if isinstance(output, dict) else None
+    if not isinstance(msg, dict):
+        return
+    for position, block in enumerate(dicts(msg.get("content"))):
+        slot = string_slot(block, "text", channel=position, final=True)
+        if slot is None and isinstance(block.get("toolUse"), dict):
+            slot = object_slot(
+                block["toolUse"], "input", channel=position, kind="tool_arguments", final=True
+            )
+        if slot is None and isinstance(block.get("reasoningContent"), dict):
+            reasoning = block["reasoningContent"].get("reasoningText")
+            slot = string_slot(reasoning, "text", channel=position, kind="reasoning", final=True)
+        if slot is not None:
+            yield slot
+
+
+def _request_slots(obj: dict[str, Any]) -> Iterator[Slot]:
+    """Prompt texts in order: `system` text blocks, then each message's content blocks
+    (text, toolUse input, toolResult text/json). Reasoning blocks are signed: left out."""
+    for block in dicts(obj.get("system")):
+        if isinstance(block.get("text"), str):
+            yield Slot(block, "text")
+    for msg in dicts(obj.get("messages")):
+        for block in dicts(msg.get("content")):
+            if isinstance(block.get("text"), str):
+                yield Slot(block, "text")
+            elif isinstance(block.get("toolUse"), dict):
+                slot = object_slot(block["toolUse"], "input", kind="tool_arguments")
+                if slot is not None:
+                    yield slot
+            elif isinstance(block.get("toolResult"), dict):
+                for part in dicts(block["toolResult"].get("content")):
+                    if isinstance(part.get("text"), str):
+                        yield Slot(part, "text")
+                    else:
+                        slot = object_slot(part, "json")
+                        if slot is not None:
+                            yield slot

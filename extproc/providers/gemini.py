@@ -1,0 +1,498 @@
+"""Google Gemini API and Vertex AI (`:generateContent`, `:streamGenerateContent`).
+
+The model and the stream flag live in the path
+(`/v1beta/models/{model}:streamGenerateContent`, on Vertex
+`/v1/projects/{p}/locations/{l}/publishers/google/models/{model}:...`), not the body.
+A streamed answer comes in one of two framings, told apart by the response content
+type:
+
+- `?alt=sse`: SSE frames, each `data: {GenerateContentResponse}` (CRLF line ends);
+- without it: one JSON array whose elements arrive over time (`application/json`),
+  split incrementally by `jsonarray.JSONArraySplitter`.
+
+Every element carries `usageMetadata` with the running figures (set, never added):
+prompt = promptTokenCount + toolUsePromptTokenCount, completion = candidatesTokenCount
++ thoughtsTokenCount (Gemini counts thoughts apart; OpenAI counts reasoning inside
+completion), cached = cachedContentTokenCount, reasoning = thoughtsTokenCount. To keep
+the hot path free of JSON parsing, the decoder only remembers the last element that
+had usage and parses it when `usage` is read.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from typing import Any
+from urllib.parse import unquote
+
+import orjson
+
+from extproc.providers._common import (
+    EventDecoder,
+    Slot,
+    SSEDecoder,
+    bearer,
+    dicts,
+    header,
+    index_of,
+    loads,
+    normalize_finish,
+    object_slot,
+    parse_json_object,
+    path_only,
+    query_param,
+    read_slots,
+    string_slot,
+    uint,
+    write_slots,
+)
+from extproc.providers.base import RequestError, RequestInfo, StreamEvent, TextDelta
+from extproc.providers.jsonarray import JSONArraySplitter, Piece, State
+from extproc.sse import Frame
+from extproc.usage import Usage
+
+_SSE = "text/event-stream"
+_USAGE = b'"usageMetadata"'
+_FINISH_RE = re.compile(rb'"finishReason"\s*:\s*"([A-Z_]+)"')
+_TEXT = b'"text"'
+_CALL = b'"functionCall"'
+_BLOCKED = b'"blockReason"'
+_FINISH = {
+    "STOP": "stop",
+    "MAX_TOKENS": "length",
+    "SAFETY": "content_filter",
+    "RECITATION": "content_filter",
+    "BLOCKLIST": "content_filter",
+    "PROHIBITED_CONTENT": "content_filter",
+    "SPII": "content_filter",
+    "IMAGE_SAFETY": "content_filter",
+    "MALFORMED_FUNCTION_CALL": "error",
+}
+# google.rpc status names by HTTP status, as Google APIs send them.
+STATUS_NAMES = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    409: "ABORTED",
+    413: "INVALID_ARGUMENT",
+    429: "RESOURCE_EXHAUSTED",
+    499: "CANCELLED",
+    500: "INTERNAL",
+    501: "NOT_IMPLEMENTED",
+    503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}
+_ACTIONS = ("generateContent", "streamGenerateContent")
+
+
+def model_and_action(path: str) -> tuple[str, str] | None:
+    """`.../models/{model}:{action}` -> (model, action), None for other paths."""
+    last = path_only(path).rstrip("/").rsplit("/", 1)[-1]
+    model, colon, action = unquote(last).rpartition(":")
+    if not colon or not model or action not in _ACTIONS:
+        return None
+    return model, action
+
+
+def error_json(status: int, message: str, code: str | None = None) -> dict[str, Any]:
+    """A google.rpc.Status error object; the gateway's code rides in ErrorInfo."""
+    error: dict[str, Any] = {
+        "code": status,
+        "message": message,
+        "status": STATUS_NAMES.get(status, "INTERNAL" if status >= 500 else "INVALID_ARGUMENT"),
+    }
+    if code:
+        error["details"] = [
+            {
+                "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                "reason": code,
+                "domain": "ai-gateway",
+            }
+        ]
+    return {"error": error}
+
+
+class Gemini:
+    """The Gemini API wire format (generativelanguage.googleapis.com)."""
+
+    name = "gemini"
+    credential_headers: tuple[str, ...] = ("x-goog-api-key", "authorization")
+
+    @staticmethod
+    def handles(upstream_path: str) -> bool:
+        return model_and_action(upstream_path) is not None
+
+    @staticmethod
+    def parse_request(body: bytes, path: str = "") -> RequestInfo:
+        obj = parse_json_object(body, "a JSON object with 'contents'")
+        found = model_and_action(path)
+        model = found[0] if found else obj.get("model")
+        if not isinstance(model, str) or not model:
+            raise RequestError(
+                "The model is missing: expected a path like "
+                "/v1beta/models/{model}:generateContent.",
+                "missing_required_parameter",
+                "model",
+            )
+        model = model.removeprefix("models/")
+        contents = obj.get("contents")
+        if contents is None:
+            raise RequestError(
+                "* GenerateContentRequest.contents: contents is not specified",
+                "missing_required_parameter",
+                "contents",
+            )
+        if not isinstance(contents, list):
+            raise RequestError(
+                "Invalid value at 'contents': expected a list of Content objects.",
+                "invalid_type",
+                "contents",
+            )
+        config = obj.get("generationConfig", obj.get("generation_config"))
+        max_out = None
+        if isinstance(config, dict):
+            value = config.get("maxOutputTokens", config.get("max_output_tokens"))
+            max_out = value if isinstance(value, int) and not isinstance(value, bool) else None
+        return RequestInfo(
+            model=model,
+            stream=found is not None and found[1] == "streamGenerateContent",
+            body=obj,
+            prompt_texts=[slot.get() for slot in _request_slots(obj)],
+            client_wants_usage=True,
+            max_output_tokens=max_out,
+        )
+
+    @staticmethod
+    def replace_request_texts(info: RequestInfo, texts: list[str]) -> bytes:
+        write_slots(list(_request_slots(info.body)), texts)
+        info.prompt_texts = list(texts)
+        return orjson.dumps(info.body)
+
+    @staticmethod
+    def ensure_usage(info: RequestInfo) -> bytes | None:
+        return None  # usageMetadata is always sent
+
+    @staticmethod
+    def error_body(status: int, message: str, code: str | None, param: str | None = None) -> bytes:
+        return orjson.dumps(error_json(status, message, code), option=orjson.OPT_INDENT_2)
+
+    @staticmethod
+    def client_credential(headers: Mapping[str, str], path: str = "") -> str | None:
+        return header(headers, "x-goog-api-key") or query_param(path, "key") or bearer(headers)
+
+    @staticmethod
+    def upstream_auth(key: str) -> list[tuple[str, str]]:
+        return [("x-goog-api-key", key)]
+
+    @staticmethod
+    def stream_decoder(*, hide_usage: bool, max_frame_bytes: int) -> GeminiSSEStream:
+        return GeminiSSEStream(max_frame_bytes)
+
+    @staticmethod
+    def response_decoder(
+        content_type: str, *, stream: bool, hide_usage: bool, max_frame_bytes: int
+    ) -> GeminiSSEStream | GeminiArrayStream | None:
+        kind = content_type.lower()
+        if kind.startswith(_SSE):
+            return GeminiSSEStream(max_frame_bytes)
+        if stream and "json" in kind:
+            return GeminiArrayStream(max_frame_bytes)
+        return None
+
+    @staticmethod
+    def completion_usage(body: bytes) -> Usage | None:
+        obj = loads(body)
+        for element in reversed(_elements(obj)):
+            usage = _usage_from(element)
+            if usage is not None:
+                return usage
+        return None
+
+    @staticmethod
+    def completion_finish_reason(body: bytes) -> str | None:
+        obj = loads(body)
+        reason = None
+        for element in _elements(obj):
+            reason = _finish_of(element) or reason
+        return reason
+
+    @staticmethod
+    def completion_texts(body: bytes) -> list[TextDelta]:
+        obj = loads(body)
+        final = isinstance(obj, dict)
+        return read_slots(s for e in _elements(obj) for s in _response_slots(e, final=final))
+
+    @staticmethod
+    def rewrite_completion(body: bytes, texts: list[str]) -> bytes:
+        obj = loads(body)
+        final = isinstance(obj, dict)
+        slots = [s for e in _elements(obj) for s in _response_slots(e, final=final)]
+        if not slots and not texts:
+            return body
+        write_slots(slots, texts)
+        return _dumps_like(body, obj)
+
+
+class Vertex(Gemini):
+    """Vertex AI's Gemini endpoints: same bodies, OAuth bearer tokens."""
+
+    name = "vertex"
+    credential_headers = ("authorization",)
+
+    @staticmethod
+    def client_credential(headers: Mapping[str, str], path: str = "") -> str | None:
+        return bearer(headers)
+
+    @staticmethod
+    def upstream_auth(key: str) -> list[tuple[str, str]]:
+        return [("authorization", f"Bearer {key}")]
+
+
+class _GeminiEvents:
+    """Per-element bookkeeping shared by both framings (mixed into the decoders)."""
+
+    __slots__ = ()
+
+    def _element(self, data: bytes) -> bool:
+        """Note what one GenerateContentResponse carries; True if it has output."""
+        if _USAGE in data:
+            self._usage_src = data  # type: ignore[attr-defined]
+        call = _CALL in data
+        if call:
+            self._tool_call = True  # type: ignore[attr-defined]
+        match = _FINISH_RE.search(data)
+        if match is not None:
+            reason = match.group(1).decode()
+            if reason == "STOP" and self._tool_call:  # type: ignore[attr-defined]
+                self.finish_reason = "tool_calls"
+            else:
+                self.finish_reason = normalize_finish(reason, _FINISH)
+        elif _BLOCKED in data:
+            self.finish_reason = "content_filter"
+        content = call or _TEXT in data
+        if content:
+            self.content_events += 1  # type: ignore[attr-defined]
+        return content
+
+    def _current_usage(self) -> Usage:
+        src = self._usage_src  # type: ignore[attr-defined]
+        if src is not None:
+            self._usage_src = None
+            parsed = _usage_from(loads(src))
+            if parsed is not None:
+                self._usage = parsed
+        return self._usage  # type: ignore[attr-defined]
+
+
+class GeminiSSEStream(_GeminiEvents, SSEDecoder):
+    """`:streamGenerateContent?alt=sse`: one GenerateContentResponse per SSE frame."""
+
+    name = "gemini_sse"
+    __slots__ = ("_tool_call", "_usage", "_usage_src")
+
+    def __init__(self, max_frame_bytes: int) -> None:
+        self._usage = Usage()
+        self._usage_src: bytes | None = None
+        self._tool_call = False
+        super().__init__(max_frame_bytes)
+
+    @property  # type: ignore[override]
+    def usage(self) -> Usage:
+        return self._current_usage()
+
+    @usage.setter
+    def usage(self, value: Usage) -> None:
+        self._usage = value
+        self._usage_src = None
+
+    def _event(self, frame: Frame) -> StreamEvent:
+        raw = frame.raw
+        data = frame.data
+        if data is None:
+            return StreamEvent(raw, raw)
+        return StreamEvent(raw, raw, data, is_content=self._element(data))
+
+    def _slots(self, event: StreamEvent, obj: Any) -> list[Slot]:
+        return list(_response_slots(obj, final=False))
+
+    def error_event(self, message: str, code: str, *, before: StreamEvent | None = None) -> bytes:
+        """`data: {"error": {...}}`: google-genai raises APIError on it."""
+        eol = self.eol
+        return b"data: " + orjson.dumps(error_json(500, message, code)) + eol + eol
+
+
+class GeminiArrayStream(_GeminiEvents, EventDecoder):
+    """`:streamGenerateContent` without alt=sse: one JSON array, element by element."""
+
+    name = "gemini_json_stream"
+    __slots__ = ("_before", "_sent", "_splitter", "_tool_call", "_usage", "_usage_src")
+
+    def __init__(self, max_frame_bytes: int) -> None:
+        self._usage = Usage()
+        self._usage_src: bytes | None = None
+        self._tool_call = False
+        super().__init__()
+        self._splitter = JSONArraySplitter(max_frame_bytes)
+        self._sent = State.START  # the array after every event returned so far
+        self._before: dict[int, int] = {}  # id(event) -> state before it, last batch
+
+    @property  # type: ignore[override]
+    def usage(self) -> Usage:
+        return self._current_usage()
+
+    @usage.setter
+    def usage(self, value: Usage) -> None:
+        self._usage = value
+        self._usage_src = None
+
+    @property
+    def buffered(self) -> int:
+        return self._splitter.buffered
+
+    def feed(self, chunk: bytes) -> list[StreamEvent]:
+        return self._events(self._splitter.feed(chunk))
+
+    def finish(self) -> list[StreamEvent]:
+        return self._events(self._splitter.finish())
+
+    def _events(self, pieces: list[Piece]) -> list[StreamEvent]:
+        events = []
+        before: dict[int, int] = {}
+        state = self._sent
+        for piece in pieces:
+            raw = piece.raw
+            if piece.element:
+                event = StreamEvent(raw, raw, raw, is_content=self._element(raw))
+            else:
+                event = StreamEvent(raw, raw, is_done=piece.state == State.END)
+            events.append(event)
+            before[id(event)] = state
+            state = piece.state
+        if pieces:
+            self._before = before
+            self._sent = state
+        return events
+
+    def _slots(self, event: StreamEvent, obj: Any) -> list[Slot]:
+        return list(_response_slots(obj, final=False))
+
+    def _encode(self, event: StreamEvent, obj: Any) -> bytes:
+        return _dumps_like(event.raw, obj)
+
+    def error_event(self, message: str, code: str, *, before: StreamEvent | None = None) -> bytes:
+        """An error element, then `]`: the array stays valid JSON for the client."""
+        state = self._sent
+        if before is not None:
+            # An element always follows `[` or `,`; a filler's state was recorded.
+            fallback = State.NEXT if before.data is not None else state
+            state = self._before.get(id(before), fallback)
+        error = orjson.dumps(error_json(500, message, code), option=orjson.OPT_INDENT_2)
+        if state == State.START:
+            return b"[" + error + b"\n]"
+        if state in (State.FIRST, State.NEXT):
+            return error + b"\n]"
+        if state == State.AFTER:
+            return b"\n,\r\n" + error + b"\n]"
+        return b""  # the array is closed: nothing valid can follow
+
+
+def _dumps_like(original: bytes, obj: Any) -> bytes:
+    """orjson, pretty-printed with two spaces when the original was (Gemini's REST
+    answers are), compact otherwise."""
+    if b"\n" in original.strip():
+        return orjson.dumps(obj, option=orjson.OPT_INDENT_2)
+    return orjson.dumps(obj)
+
+
+def _elements(obj: Any) -> list[dict[str, Any]]:
+    if isinstance(obj, dict):
+        return [obj]
+    return list(dicts(obj))
+
+
+def _finish_of(element: dict[str, Any]) -> str | None:
+    reason = None
+    calls = False
+    for candidate in dicts(element.get("candidates")):
+        if isinstance(candidate.get("finishReason"), str):
+            reason = candidate["finishReason"]
+        content = candidate.get("content")
+        if isinstance(content, dict):
+            calls = calls or any("functionCall" in p for p in dicts(content.get("parts")))
+    if reason is None:
+        feedback = element.get("promptFeedback")
+        if isinstance(feedback, dict) and feedback.get("blockReason"):
+            return "content_filter"
+        return None
+    if reason == "STOP" and calls:
+        return "tool_calls"
+    return normalize_finish(reason, _FINISH)
+
+
+def _usage_from(element: Any) -> Usage | None:
+    meta = element.get("usageMetadata") if isinstance(element, dict) else None
+    if not isinstance(meta, dict):
+        return None
+    prompt = uint(meta.get("promptTokenCount")) + uint(meta.get("toolUsePromptTokenCount"))
+    thoughts = uint(meta.get("thoughtsTokenCount"))
+    completion = uint(meta.get("candidatesTokenCount")) + thoughts
+    result = Usage()
+    result.set_reported(
+        prompt,
+        completion,
+        uint(meta.get("totalTokenCount")) or prompt + completion,
+        cached=uint(meta.get("cachedContentTokenCount")),
+        reasoning=thoughts,
+    )
+    return result
+
+
+def _response_slots(element: Any, *, final: bool) -> Iterator[Slot]:
+    """Texts of one GenerateContentResponse: each candidate's text parts (thoughts as
+    reasoning) and function-call arguments (an object, shown as JSON, always whole)."""
+    if not isinstance(element, dict):
+        return
+    for position, candidate in enumerate(dicts(element.get("candidates"))):
+        index = index_of(candidate, "index", position)
+        content = candidate.get("content")
+        if not isinstance(content, dict):
+            continue
+        for part in dicts(content.get("parts")):
+            kind = "reasoning" if part.get("thought") is True else "content"
+            slot = string_slot(part, "text", channel=index, kind=kind, final=final)
+            if slot is not None:
+                yield slot
+            call = part.get("functionCall")
+            if isinstance(call, dict):
+                slot = object_slot(call, "args", channel=index, kind="tool_arguments", final=True)
+                if slot is not None:
+                    yield slot
+
+
+def _request_slots(obj: dict[str, Any]) -> Iterator[Slot]:
+    """Prompt texts in order: systemInstruction parts, then each content's parts
+    (text, function-call arguments, function responses)."""
+    for key in ("systemInstruction", "system_instruction"):
+        system = obj.get(key)
+        if isinstance(system, dict):
+            yield from _parts_slots(system.get("parts"))
+    for content in dicts(obj.get("contents")):
+        yield from _parts_slots(content.get("parts"))
+
+
+def _parts_slots(parts: Any) -> Iterator[Slot]:
+    for part in dicts(parts):
+        if isinstance(part.get("text"), str):
+            yield Slot(part, "text")
+        for key, field in (
+            ("functionCall", "args"),
+            ("function_call", "args"),
+            ("functionResponse", "response"),
+            ("function_response", "response"),
+        ):
+            inner = part.get(key)
+            if isinstance(inner, dict):
+                slot = object_slot(inner, field, kind="tool_arguments")
+                if slot is not None:
+                    yield slot

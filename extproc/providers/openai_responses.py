@@ -1,0 +1,399 @@
+"""OpenAI Responses API (`POST /v1/responses`), and Azure's copy of it.
+
+The stream is typed SSE: every frame has an `event:` line naming its type
+(`response.created`, `response.output_text.delta`, ..., `response.completed`) and a
+`data:` JSON whose `type` repeats it. Usage arrives once, inside the terminal
+`response.completed` / `response.incomplete` / `response.failed` event, so those are
+the only frames parsed on the hot path; deltas are recognised by their event name.
+
+Generated text appears twice: as deltas, then whole again in the `*.done` events and
+in the final response object. Both are offered to guards (the repeats as `final`
+texts), so a mask applied to the deltas cannot leak through the summary events.
+Usage is always reported: there is no switch to turn on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import orjson
+
+from extproc.errors import error_body as openai_error_body
+from extproc.providers._common import (
+    Slot,
+    SSEDecoder,
+    bearer,
+    channel,
+    dicts,
+    header,
+    index_of,
+    loads,
+    optional_bool,
+    optional_int,
+    parse_json_object,
+    path_only,
+    read_slots,
+    request_model,
+    string_slot,
+    uint,
+    write_slots,
+)
+from extproc.providers.base import RequestError, RequestInfo, StreamEvent, TextDelta
+from extproc.sse import Frame
+from extproc.usage import Usage
+
+_SSE = "text/event-stream"
+_TYPE = b'"type":"'
+_SEQ = b'"sequence_number":'
+_EMPTY_DELTA = b'"delta":""'
+
+# Delta events: (kind, field with the text, key of the inner index).
+_DELTAS: dict[bytes, tuple[str, str, str | None]] = {
+    b"response.output_text.delta": ("content", "delta", "content_index"),
+    b"response.refusal.delta": ("content", "delta", "content_index"),
+    b"response.function_call_arguments.delta": ("tool_arguments", "delta", None),
+    b"response.custom_tool_call_input.delta": ("tool_arguments", "delta", None),
+    b"response.reasoning_summary_text.delta": ("reasoning", "delta", "summary_index"),
+    b"response.reasoning_text.delta": ("reasoning", "delta", "content_index"),
+}
+# Events that repeat a whole text: (kind, field, key of the inner index).
+_DONES: dict[str, tuple[str, str, str | None]] = {
+    "response.output_text.done": ("content", "text", "content_index"),
+    "response.refusal.done": ("content", "refusal", "content_index"),
+    "response.function_call_arguments.done": ("tool_arguments", "arguments", None),
+    "response.custom_tool_call_input.done": ("tool_arguments", "input", None),
+    "response.reasoning_summary_text.done": ("reasoning", "text", "summary_index"),
+    "response.reasoning_text.done": ("reasoning", "text", "content_index"),
+}
+_TERMINAL = frozenset({b"response.completed", b"response.incomplete", b"response.failed"})
+_INCOMPLETE = {"max_output_tokens": "length", "content_filter": "content_filter"}
+
+
+class OpenAIResponses:
+    """The OpenAI Responses API wire format."""
+
+    name = "openai_responses"
+    credential_headers: tuple[str, ...] = ("authorization",)
+
+    @staticmethod
+    def handles(upstream_path: str) -> bool:
+        return path_only(upstream_path).rstrip("/").endswith("/responses")
+
+    @staticmethod
+    def parse_request(body: bytes, path: str = "") -> RequestInfo:
+        obj = parse_json_object(body, "a JSON object with 'model' and 'input'")
+        model = request_model(obj)
+        value = obj.get("input")
+        if value is not None and not isinstance(value, str | list):
+            raise RequestError(
+                "Invalid type for 'input': expected a string or an array of input items.",
+                "invalid_type",
+                "input",
+            )
+        instructions = obj.get("instructions")
+        if instructions is not None and not isinstance(instructions, str):
+            raise RequestError(
+                "Invalid type for 'instructions': expected a string.",
+                "invalid_type",
+                "instructions",
+            )
+        return RequestInfo(
+            model=model,
+            stream=optional_bool(obj, "stream"),
+            body=obj,
+            prompt_texts=[slot.get() for slot in _request_slots(obj)],
+            client_wants_usage=True,  # always reported, nothing to hide
+            max_output_tokens=optional_int(obj.get("max_output_tokens")),
+        )
+
+    @staticmethod
+    def replace_request_texts(info: RequestInfo, texts: list[str]) -> bytes:
+        write_slots(list(_request_slots(info.body)), texts)
+        info.prompt_texts = list(texts)
+        return orjson.dumps(info.body)
+
+    @staticmethod
+    def ensure_usage(info: RequestInfo) -> bytes | None:
+        return None  # `response.completed` always carries usage
+
+    @staticmethod
+    def error_body(status: int, message: str, code: str | None, param: str | None = None) -> bytes:
+        return openai_error_body(status, message, code, param)
+
+    @staticmethod
+    def client_credential(headers: Mapping[str, str], path: str = "") -> str | None:
+        return bearer(headers)
+
+    @staticmethod
+    def upstream_auth(key: str) -> list[tuple[str, str]]:
+        return [("authorization", f"Bearer {key}")]
+
+    @staticmethod
+    def stream_decoder(*, hide_usage: bool, max_frame_bytes: int) -> OpenAIResponsesStream:
+        return OpenAIResponsesStream(max_frame_bytes)
+
+    @staticmethod
+    def response_decoder(
+        content_type: str, *, stream: bool, hide_usage: bool, max_frame_bytes: int
+    ) -> OpenAIResponsesStream | None:
+        if content_type.lower().startswith(_SSE):
+            return OpenAIResponsesStream(max_frame_bytes)
+        return None
+
+    @staticmethod
+    def completion_usage(body: bytes) -> Usage | None:
+        obj = loads(body)
+        usage = obj.get("usage") if isinstance(obj, dict) else None
+        return _usage_from(usage) if isinstance(usage, dict) else None
+
+    @staticmethod
+    def completion_finish_reason(body: bytes) -> str | None:
+        obj = loads(body)
+        return _finish_of(obj) if isinstance(obj, dict) else None
+
+    @staticmethod
+    def completion_texts(body: bytes) -> list[TextDelta]:
+        return read_slots(_response_slots(loads(body)))
+
+    @staticmethod
+    def rewrite_completion(body: bytes, texts: list[str]) -> bytes:
+        obj = loads(body)
+        slots = list(_response_slots(obj))
+        if not slots and not texts:
+            return body
+        write_slots(slots, texts)
+        return orjson.dumps(obj)
+
+
+class AzureOpenAIResponses(OpenAIResponses):
+    """Azure OpenAI's Responses API (`/openai/v1/responses`): `api-key` auth."""
+
+    name = "azure_responses"
+    credential_headers = ("api-key", "authorization")
+
+    @staticmethod
+    def client_credential(headers: Mapping[str, str], path: str = "") -> str | None:
+        return header(headers, "api-key") or bearer(headers)
+
+    @staticmethod
+    def upstream_auth(key: str) -> list[tuple[str, str]]:
+        return [("api-key", key)]
+
+
+class OpenAIResponsesStream(SSEDecoder):
+    """Decoder for one Responses API event stream."""
+
+    name = "openai_responses_sse"
+    __slots__ = ("_sequence",)
+
+    def __init__(self, max_frame_bytes: int) -> None:
+        super().__init__(max_frame_bytes)
+        self._sequence = -1
+
+    def _event(self, frame: Frame) -> StreamEvent:
+        raw = frame.raw
+        data = frame.data
+        if data is None:
+            return StreamEvent(raw, raw)
+        kind = frame.event if frame.event is not None else _type_of(data)
+        name = kind.decode("utf-8", "replace") if kind is not None else None
+        at = data.find(_SEQ)
+        if at >= 0:
+            digits = data[at + len(_SEQ) : at + len(_SEQ) + 20].lstrip()
+            end = 0
+            while end < len(digits) and 48 <= digits[end] <= 57:
+                end += 1
+            if end:
+                self._sequence = int(digits[:end])
+        if kind in _DELTAS:
+            content = _EMPTY_DELTA not in data
+            if content:
+                self.content_events += 1
+            return StreamEvent(raw, raw, data, is_content=content, name=name)
+        if kind in _TERMINAL:
+            obj = loads(data)
+            response = obj.get("response") if isinstance(obj, dict) else None
+            if isinstance(response, dict):
+                if isinstance(response.get("usage"), dict):
+                    self.usage = _usage_from(response["usage"])
+                self.finish_reason = _finish_of(response)
+            return StreamEvent(raw, raw, data, is_done=True, name=name)
+        if kind == b"error":
+            self.finish_reason = "error"
+        return StreamEvent(raw, raw, data, name=name)
+
+    def _slots(self, event: StreamEvent, obj: Any) -> list[Slot]:
+        return list(_event_slots(obj)) if isinstance(obj, dict) else []
+
+    def error_event(self, message: str, code: str, *, before: StreamEvent | None = None) -> bytes:
+        """The Responses API's `error` event (the SDK yields it as ResponseErrorEvent)."""
+        body = orjson.dumps(
+            {
+                "type": "error",
+                "code": code,
+                "message": message,
+                "param": None,
+                "sequence_number": self._sequence + 1,
+            }
+        )
+        eol = self.eol
+        return b"event: error" + eol + b"data: " + body + eol + eol
+
+
+def _type_of(data: bytes) -> bytes | None:
+    """The `type` of an event whose frame had no `event:` line (tolerated, not sent by
+    OpenAI): the first `"type":"..."`, which leads the object."""
+    at = data.find(_TYPE)
+    if at < 0:
+        return None
+    start = at + len(_TYPE)
+    end = data.find(b'"', start)
+    return data[start:end] if end > start else None
+
+
+def _event_slots(obj: dict[str, Any]) -> Iterator[Slot]:
+    kind = obj.get("type")
+    output = index_of(obj, "output_index", 0)
+    if not isinstance(kind, str):
+        return
+    key = kind.encode()
+    if key in _DELTAS:
+        text_kind, field, inner = _DELTAS[key]
+        slot = string_slot(
+            obj, field, channel=channel(output, index_of(obj, inner, 0) if inner else 0),
+            kind=text_kind,
+        )  # fmt: skip
+        if slot is not None:
+            yield slot
+        return
+    if kind in _DONES:
+        text_kind, field, inner = _DONES[kind]
+        slot = string_slot(
+            obj, field, channel=channel(output, index_of(obj, inner, 0) if inner else 0),
+            kind=text_kind, final=True,
+        )  # fmt: skip
+        if slot is not None:
+            yield slot
+        return
+    part = obj.get("part")
+    if isinstance(part, dict):  # content_part / reasoning_summary_part added|done
+        inner = index_of(obj, "summary_index", index_of(obj, "content_index", 0))
+        yield from _part_slots(part, channel(output, inner))
+        return
+    item = obj.get("item")
+    if isinstance(item, dict):  # output_item.added|done
+        yield from _item_slots(item, output)
+        return
+    response = obj.get("response")
+    if isinstance(response, dict):  # created, in_progress, completed, incomplete, failed
+        yield from _response_slots(response)
+
+
+def _part_slots(part: dict[str, Any], where: int) -> Iterator[Slot]:
+    kind = part.get("type")
+    if kind == "refusal":
+        slot = string_slot(part, "refusal", channel=where, final=True)
+    else:
+        text_kind = "reasoning" if kind in ("summary_text", "reasoning_text") else "content"
+        slot = string_slot(part, "text", channel=where, kind=text_kind, final=True)
+    if slot is not None:
+        yield slot
+
+
+def _item_slots(item: dict[str, Any], output: int) -> Iterator[Slot]:
+    kind = item.get("type")
+    if kind == "message":
+        for ci, part in enumerate(dicts(item.get("content"))):
+            yield from _part_slots(part, channel(output, ci))
+    elif kind == "function_call":
+        slot = string_slot(
+            item, "arguments", channel=channel(output), kind="tool_arguments", final=True
+        )
+        if slot is not None:
+            yield slot
+    elif kind == "custom_tool_call":
+        slot = string_slot(
+            item, "input", channel=channel(output), kind="tool_arguments", final=True
+        )
+        if slot is not None:
+            yield slot
+    elif kind == "reasoning":
+        for si, part in enumerate(dicts(item.get("summary"))):
+            yield from _part_slots(part, channel(output, si))
+        for ci, part in enumerate(dicts(item.get("content"))):
+            yield from _part_slots(part, channel(output, ci))
+
+
+def _response_slots(response: Any) -> Iterator[Slot]:
+    if not isinstance(response, dict):
+        return
+    for output, item in enumerate(dicts(response.get("output"))):
+        yield from _item_slots(item, output)
+
+
+def _request_slots(obj: dict[str, Any]) -> Iterator[Slot]:
+    """Prompt texts in order: instructions, then `input` (a string, or each item's
+    text parts, function-call arguments and tool outputs)."""
+    if isinstance(obj.get("instructions"), str):
+        yield Slot(obj, "instructions")
+    value = obj.get("input")
+    if isinstance(value, str):
+        yield Slot(obj, "input")
+        return
+    for item in dicts(value):
+        kind = item.get("type")
+        content = item.get("content")
+        if isinstance(content, str):
+            yield Slot(item, "content")
+        else:
+            for part in dicts(content):
+                if isinstance(part.get("text"), str):
+                    yield Slot(part, "text")
+        if kind == "function_call" and isinstance(item.get("arguments"), str):
+            yield Slot(item, "arguments", kind="tool_arguments")
+        elif kind == "custom_tool_call" and isinstance(item.get("input"), str):
+            yield Slot(item, "input", kind="tool_arguments")
+        elif kind in ("function_call_output", "custom_tool_call_output"):
+            output = item.get("output")
+            if isinstance(output, str):
+                yield Slot(item, "output")
+            else:
+                for part in dicts(output):
+                    if isinstance(part.get("text"), str):
+                        yield Slot(part, "text")
+
+
+def _finish_of(response: dict[str, Any]) -> str | None:
+    status = response.get("status")
+    if status == "completed":
+        calls = any(
+            item.get("type") in ("function_call", "custom_tool_call")
+            for item in dicts(response.get("output"))
+        )
+        return "tool_calls" if calls else "stop"
+    if status == "incomplete":
+        details = response.get("incomplete_details")
+        reason = details.get("reason") if isinstance(details, dict) else None
+        return _INCOMPLETE.get(reason, "length") if isinstance(reason, str) else "length"
+    if status == "failed":
+        return "error"
+    return status if isinstance(status, str) else None
+
+
+def _usage_from(usage: dict[str, Any]) -> Usage:
+    prompt = uint(usage.get("input_tokens"))
+    completion = uint(usage.get("output_tokens"))
+    input_details = usage.get("input_tokens_details")
+    output_details = usage.get("output_tokens_details")
+    result = Usage()
+    result.set_reported(
+        prompt,
+        completion,
+        uint(usage.get("total_tokens")) or prompt + completion,
+        cached=uint(input_details.get("cached_tokens")) if isinstance(input_details, dict) else 0,
+        reasoning=uint(output_details.get("reasoning_tokens"))
+        if isinstance(output_details, dict)
+        else 0,
+    )
+    return result
