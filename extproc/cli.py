@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from extproc.config import Config, ConfigError, load_config
+from extproc.config import MAX_WORKERS, Config, ConfigError, check_workers, load_config
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
 
@@ -35,9 +35,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return 1
+    workers = args.workers or config.server.workers
+    problems = check_workers(config, workers)
+    if problems:
+        for line in ConfigError(args.config, problems).lines():
+            print(line, file=sys.stderr)
+        return 1
+    if workers > 1:
+        from extproc import supervisor  # spawns the workers; never imports grpc itself
+
+        if workers != config.server.workers:
+            print(
+                f"note: --workers {workers}, but the Envoy bootstrap rendered from "
+                f"{args.config} lists server.workers={config.server.workers} endpoint(s); "
+                "set server.workers so Envoy spreads streams over every worker",
+                file=sys.stderr,
+            )
+        return _exit_code(supervisor.main(config, workers))
     from extproc import server  # lazy: grpc start-up cost only for `serve`
 
     return _exit_code(server.main(config))
+
+
+def _workers(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 1 <= value <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"must be 1-{MAX_WORKERS}, got {value}")
+    return value
 
 
 def default_run_config() -> str:
@@ -94,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the ext_proc gRPC server")
     serve.add_argument("--config", required=True, metavar="FILE", help="policy YAML file")
+    serve.add_argument(
+        "--workers",
+        type=_workers,
+        default=None,
+        metavar="N",
+        help="worker processes, each on its own port or socket (default: server.workers)",
+    )
     serve.set_defaults(handler=cmd_serve)
 
     run = commands.add_parser("run", help="run Envoy, the sidecar and the mock provider locally")

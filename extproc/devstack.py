@@ -15,14 +15,14 @@ import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extproc.bootstrap import bootstrap_yaml
-from extproc.config import Config, ConfigError, load_config
+from extproc.config import Config, ConfigError, load_config, worker_addresses
 from extproc.envoybin import envoy_binary
 
 MOCK_PROVIDER = "mock"  # a provider of this name is served by the built-in mock
@@ -43,6 +43,9 @@ class Stack:
     envoy_concurrency: int = 2
     capture: bool = True  # write each process's output to workdir/<name>.log
     env: dict[str, str] = field(default_factory=dict)
+    # Sidecar worker processes (`serve --workers`); None = the policy's server.workers.
+    # The Envoy bootstrap lists as many endpoints.
+    workers: int | None = None
     config: Config = field(init=False)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict, init=False)
 
@@ -55,6 +58,12 @@ class Stack:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    @property
+    def sidecar_addresses(self) -> list[str]:
+        """Where each sidecar worker listens, in worker order."""
+        workers = self.workers or self.config.server.workers
+        return worker_addresses(self.config.server.grpc_listen, workers)
 
     @property
     def base_url(self) -> str:
@@ -83,11 +92,15 @@ class Stack:
             if self.mock_url:
                 self.start_mock()
             self.start_sidecar()
-            self.start_envoy()
             deadline = time.monotonic() + timeout
+            # Envoy after the sidecar: its first gRPC health check then passes, so
+            # every worker is a healthy endpoint at once (a failed first check is
+            # retried only after the 5 s interval, and until then outlier ejection
+            # cannot steer streams away from a worker that dies).
+            self.wait_sidecar(deadline)
+            self.start_envoy()
             if self.mock_url:
                 self._wait("mock", lambda: _http_ok(f"{self.mock_url}/healthz"), deadline)
-            self.wait_sidecar(deadline)
             self._wait("envoy", lambda: _http_ok(f"{self.admin_url}/ready"), deadline)
         except BaseException:
             self.stop()
@@ -120,12 +133,16 @@ class Stack:
                 "serve",
                 "--config",
                 str(self.config_path),
+                *(["--workers", str(self.workers)] if self.workers else []),
             ],
         )
 
     def start_envoy(self) -> None:
         bootstrap = self.workdir / "envoy.yaml"
-        bootstrap.write_text(bootstrap_yaml(self.config))
+        config = self.config
+        if self.workers:
+            config = replace(config, server=replace(config.server, workers=self.workers))
+        bootstrap.write_text(bootstrap_yaml(config))
         self._spawn(
             "envoy",
             [
@@ -141,7 +158,8 @@ class Stack:
         )
 
     def wait_sidecar(self, deadline: float) -> None:
-        self._wait("sidecar", lambda: grpc_serving(self.config.server.grpc_listen), deadline)
+        for address in self.sidecar_addresses:
+            self._wait("sidecar", lambda a=address: grpc_serving(a), deadline)
 
     def stop_process(self, name: str, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
         proc = self.procs.pop(name, None)

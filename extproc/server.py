@@ -1,40 +1,105 @@
 """The thin gRPC layer: one `Exchange` per ext_proc `Process` stream, nothing else.
 
-Also owns what a process has once: the policy (config + resolved provider keys), the
-metrics registry and its HTTP endpoint, gRPC health, and signal handling.
+Also owns what a worker process has once: the policy (config + resolved provider keys)
+and its live reload, the metrics registry, gRPC health (readiness), and the graceful
+shutdown on SIGTERM. Several workers are started and watched by `extproc.supervisor`.
+
+Live reload: the policy file is polled for a change of *content* (a ConfigMap update
+swaps a symlink, so the mtime of the path proves nothing). A valid new policy replaces
+`ExternalProcessor.policy` whole; an `Exchange` keeps the `Policy` it was created with,
+so streams in flight finish under the policy they started with. An invalid file is
+refused, logged (file, key, reason) and counted, and the old policy stays.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import signal
+import sys
 import time
+from collections.abc import Awaitable, Callable
 
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 
-from extproc.config import Config
+from extproc.config import Config, ConfigError, load_config, worker_addresses
 from extproc.exchange import Exchange
 from extproc.metrics import Metrics
 from extproc.policy import Policy, Shared, build_policy
+from extproc.reload import (
+    POLL_INTERVAL_S,
+    SNAPSHOT_ENV,
+    PolicyWatcher,
+    read_file,
+    report_reload,
+)
 
 log = logging.getLogger("extproc.server")
 SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
 
 
+# ------------------------------------------------------------------------ readiness
+
+# None when ready, else the reason (logged when readiness changes).
+ReadinessCheck = Callable[[], Awaitable[str | None]]
+
+
+class Readiness:
+    """Whether this worker should be sent new streams (evaluated once a second).
+
+    The policy is loaded before the server starts, so a worker that runs is ready
+    unless a check says otherwise: one registered with `add`, or any object in the
+    worker's `Shared` that has `async def readiness_check(self) -> str | None` (so
+    the shared rate-limit store can report "Redis unreachable" without plumbing).
+    """
+
+    def __init__(self, shared: Shared | None = None) -> None:
+        self.checks: dict[str, ReadinessCheck] = {}
+        self.shared = shared
+
+    def add(self, name: str, check: ReadinessCheck) -> None:
+        self.checks[name] = check
+
+    async def problems(self) -> list[str]:
+        out = []
+        checks = dict(self.checks)
+        for item in self.shared.values() if self.shared is not None else ():
+            check = getattr(item, "readiness_check", None)
+            if check is not None:
+                checks.setdefault(type(item).__name__, check)
+        for name, check in checks.items():
+            try:
+                reason = await check()
+            except Exception as exc:  # a broken check must not take the worker down
+                reason = f"check failed: {exc!r}"
+            if reason:
+                out.append(f"{name}: {reason}")
+        return out
+
+
+# ------------------------------------------------------------------------ gRPC
+
+
 class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):
-    def __init__(self, policy: Policy, metrics: Metrics) -> None:
+    def __init__(self, policy: Policy, metrics: Metrics, worker: int = 0) -> None:
         self.policy = policy  # swapped whole on reload; each exchange keeps its own
         self.metrics = metrics
         self._background: set[asyncio.Future] = set()
+        self.open_streams = 0
+        self.draining = False
+        self._taken = metrics.worker_streams.labels(str(worker))
 
     async def Process(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
         clock = time.perf_counter
         exchange = Exchange(self.policy, self.metrics, clock())
         phase_time = self.metrics.phase_time
+        self._taken.inc()
+        self.open_streams += 1
         try:
             while True:
                 request = await context.read()
@@ -57,6 +122,7 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):
             log.exception("ext_proc stream failed route=%s", exchange.route_name)
             raise
         finally:
+            self.open_streams -= 1
             exchange.close(clock())
             if exchange.after:
                 self._run_after(exchange)
@@ -76,6 +142,11 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):
             self.metrics.errors.labels("internal").inc()
             log.error("settlement failed", exc_info=task.exception())
 
+    async def settle(self, timeout: float) -> None:
+        """Shutdown: let settlement work of finished streams complete (bounded)."""
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=timeout)
+
 
 def _bind(server: grpc.aio.Server, listen: str) -> None:
     """`host:port` or `unix:/path`; grpc says 0 when a TCP port cannot be bound."""
@@ -83,54 +154,221 @@ def _bind(server: grpc.aio.Server, listen: str) -> None:
         raise OSError(f"cannot listen on {listen}")
 
 
-async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
-    policy = build_policy(config, Shared())
-    metrics = Metrics()
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", 64 << 20),
-            ("grpc.max_concurrent_streams", 10000),
-            ("grpc.so_reuseport", 0),
-        ]
-    )
-    processor = ExternalProcessor(policy, metrics)
-    ext_proc_grpc.add_ExternalProcessorServicer_to_server(processor, server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    _bind(server, config.server.grpc_listen)
-    host, _, port = config.server.metrics_listen.rpartition(":")
-    start_http_server(int(port), addr=host or "0.0.0.0", registry=metrics.registry)
-    await server.start()
-    for service in ("", SERVICE_NAME):
-        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    log.info(
-        "ext_proc listening on %s, metrics on http://%s/metrics, config %s",
-        config.server.grpc_listen,
-        config.server.metrics_listen,
-        config.path,
-    )
-    if ready is not None:
-        ready.set()
+class Worker:
+    """One ext_proc server process.
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("shutting down: refusing new streams, letting open ones finish")
-    for service in ("", SERVICE_NAME):
-        await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-    await server.stop(grace=10)
+    `index`/`count` place it among the supervisor's workers: it listens on its own
+    address (`worker_addresses`). Alone (`count == 1`) it also serves /metrics and
+    watches the policy file itself; supervised, the supervisor does both and sends
+    SIGHUP once a new policy, written to `snapshot`, has been validated.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        index: int = 0,
+        count: int = 1,
+        snapshot: str | None = None,
+        snapshot_data: bytes | None = None,
+    ) -> None:
+        self.config = config  # as started: listen addresses and workers stay until restart
+        self.index = index
+        self.count = count
+        self.snapshot = snapshot
+        self._snapshot_data = snapshot_data
+        self.listen = worker_addresses(config.server.grpc_listen, count)[index]
+        self.metrics = Metrics()
+        self.shared = Shared()  # outlives reloads: counters, caches, connections
+        self.shared.get("metrics", lambda: self.metrics)  # stages count into this worker's
+        self.processor = ExternalProcessor(
+            build_policy(config, self.shared), self.metrics, worker=index
+        )
+        self.readiness = Readiness(self.shared)
+        self.health = health.aio.HealthServicer()
+        self.watcher = PolicyWatcher(config.path, config) if snapshot is None else None
+        self._serving: bool | None = None
+        self._parent = os.getppid()
+        self._stop = asyncio.Event()
+
+    @property
+    def policy(self) -> Policy:
+        return self.processor.policy
+
+    def apply(self, config: Config) -> None:
+        """Swap in a validated config: new streams get it, open ones keep theirs."""
+        policy = build_policy(config, self.shared)  # re-reads api_key_file (rotated Secrets)
+        self.processor.policy = policy
+        logging.getLogger().setLevel(config.server.log_level.upper())
+
+    async def reload_from_snapshot(self) -> None:
+        """Supervised: SIGHUP says the snapshot holds a new, validated policy (or that
+        a key file changed: the keys are read again either way)."""
+        assert self.snapshot is not None
+        data = await asyncio.to_thread(read_file, self.snapshot)
+        try:
+            config = await asyncio.to_thread(load_config, self.config.path, data)
+        except ConfigError as exc:  # the supervisor validated it: only a race gets here
+            for line in exc.lines():
+                log.error("worker %d: reload refused: %s", self.index, line)
+            return
+        self.apply(config)  # on the loop: stage builders may touch Shared
+        changed = data != self._snapshot_data
+        self._snapshot_data = data
+        log.info("worker %d: %s", self.index, "policy reloaded" if changed else "keys re-read")
+
+    async def check_policy_file(self) -> None:
+        """Alone: validate a changed policy file and apply it, or refuse it."""
+        assert self.watcher is not None
+        previous = self.watcher.config
+        reload = await asyncio.to_thread(self.watcher.check)
+        if reload is None:
+            return
+        report_reload(reload, previous, self.metrics)
+        if reload.config is not None:
+            self.apply(reload.config)  # on the loop: stage builders may touch Shared
+
+    async def set_serving(self, serving: bool, reason: str = "") -> None:
+        if serving == self._serving or (serving and self.processor.draining):
+            return
+        self._serving = serving
+        status = health_pb2.HealthCheckResponse.SERVING
+        if not serving:
+            status = health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, status)
+        if serving:
+            log.info("worker %d: ready (SERVING)", self.index)
+        else:
+            log.warning("worker %d: not ready (NOT_SERVING): %s", self.index, reason)
+
+    async def _tick(self, stop: asyncio.Event, reload: asyncio.Event) -> None:
+        """Once a second (or on SIGHUP): the policy, readiness, and an orphan check."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(reload.wait(), POLL_INTERVAL_S)
+            forced = reload.is_set()
+            reload.clear()
+            if stop.is_set():
+                return
+            try:
+                if self.snapshot is None:
+                    await self.check_policy_file()
+                elif os.getppid() != self._parent:  # the supervisor was killed
+                    log.error("worker %d: supervisor is gone; shutting down", self.index)
+                    stop.set()
+                    return
+                elif forced:
+                    await self.reload_from_snapshot()
+                problems = await self.readiness.problems()
+                if not stop.is_set():
+                    await self.set_serving(not problems, "; ".join(problems))
+            except Exception:
+                log.exception("worker %d: periodic check failed", self.index)
+
+    def request_stop(self) -> None:
+        """What SIGTERM does: start the graceful shutdown."""
+        self._stop.set()
+
+    async def run(self, ready: asyncio.Event | None = None) -> None:
+        stop, reload = self._stop, asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, reload.set)
+        if self.snapshot is not None and read_file(self.snapshot) != self._snapshot_data:
+            reload.set()  # a SIGHUP may have come before the handler was in place
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", 64 << 20),
+                ("grpc.max_concurrent_streams", 10000),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        ext_proc_grpc.add_ExternalProcessorServicer_to_server(self.processor, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        _bind(server, self.listen)
+        metrics_at = "the supervisor's"
+        if self.count == 1 and self.snapshot is None:
+            host, _, port = self.config.server.metrics_listen.rpartition(":")
+            start_http_server(int(port), addr=host or "0.0.0.0", registry=self.metrics.registry)
+            metrics_at = f"http://{self.config.server.metrics_listen}/metrics"
+        await server.start()
+        problems = await self.readiness.problems()
+        await self.set_serving(not problems, "; ".join(problems))
+        log.info(
+            "ext_proc worker %d of %d listening on %s, metrics on %s, config %s",
+            self.index,
+            self.count,
+            self.listen,
+            metrics_at,
+            self.config.path,
+        )
+        if ready is not None:
+            ready.set()
+        tick = asyncio.create_task(self._tick(stop, reload))
+        await stop.wait()
+        await self.shutdown(server)
+        tick.cancel()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+
+    async def shutdown(self, server: grpc.aio.Server) -> None:
+        """NOT_SERVING, refuse new streams, let open ones finish within the grace period."""
+        grace = self.policy.config.server.shutdown_grace_seconds
+        await self.set_serving(False, "shutting down")
+        self.processor.draining = True
+        log.info(
+            "worker %d: shutting down: refusing new streams, %d open ones get up to %d s",
+            self.index,
+            self.processor.open_streams,
+            grace,
+        )
+        watch = asyncio.create_task(self._report_cut(grace))
+        await server.stop(grace=grace)  # returns once every stream ended, or at the deadline
+        watch.cancel()
+        await self.processor.settle(timeout=5.0)
+        log.info("worker %d: stopped", self.index)
+
+    async def _report_cut(self, grace: float) -> None:
+        await asyncio.sleep(grace)
+        if self.processor.open_streams:
+            log.warning(
+                "worker %d: %d streams cut at the end of the grace period",
+                self.index,
+                self.processor.open_streams,
+            )
+
+
+async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
+    """One worker that also serves /metrics and watches its policy file."""
+    await Worker(config).run(ready)
 
 
 def configure_logging(level: str) -> None:
     logging.basicConfig(
         level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
     )
 
 
 def main(config: Config) -> int:
     configure_logging(config.server.log_level)
     asyncio.run(serve(config))
+    return 0
+
+
+def worker_main(config_path: str, index: int, count: int) -> int:
+    """A supervised worker: runs the supervisor's snapshot of the policy."""
+    snapshot = os.environ[SNAPSHOT_ENV]
+    data = read_file(snapshot)
+    try:
+        config = load_config(config_path, data)
+    except ConfigError as exc:
+        for line in exc.lines():
+            print(line, file=sys.stderr)
+        return 1
+    configure_logging(config.server.log_level)
+    worker = Worker(config, index=index, count=count, snapshot=snapshot, snapshot_data=data)
+    asyncio.run(worker.run())
     return 0
