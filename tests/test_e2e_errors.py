@@ -11,13 +11,14 @@ import openai
 import orjson
 import pytest
 
-from tests.conftest import metric, start_stack, wait_for
+from tests.conftest import DEV_API_KEY, metric, start_stack, wait_for
 
 SEED = {
     "stream": True,
     "model": "gpt-3.5-turbo",
     "messages": [{"role": "user", "content": "hello"}],
 }
+AUTH = {"authorization": f"Bearer {DEV_API_KEY}"}
 
 
 def assert_openai_error(r: httpx.Response, status: int, code: str | None = None) -> dict:
@@ -54,7 +55,7 @@ def test_bad_request_bodies_get_400(stack, client, content, code):
 
 
 def test_sdk_raises_bad_request_error(stack):
-    client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="unused", max_retries=0)
+    client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=DEV_API_KEY, max_retries=0)
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model="gpt-3.5-turbo", messages=[])
     assert "messages" in str(info.value)
@@ -85,7 +86,7 @@ def test_provider_error_status_passes_through(stack, client, status):
 
 
 def test_sdk_raises_rate_limit_error_from_provider(stack):
-    client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="unused", max_retries=0)
+    client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=DEV_API_KEY, max_retries=0)
     with pytest.raises(openai.RateLimitError):
         client.chat.completions.create(
             model="gpt-3.5-turbo",
@@ -116,7 +117,7 @@ def test_provider_cutting_the_stream_ends_the_client_stream(stack, client):
 def test_client_hanging_up_mid_stream_leaves_no_state(stack):
     before = metric(stack, "ai_gateway_errors_total", kind="stream_aborted")
     with (
-        httpx.Client(base_url=stack.base_url, timeout=30) as c,
+        httpx.Client(base_url=stack.base_url, timeout=30, headers=AUTH) as c,
         c.stream(
             "POST",
             "/v1/chat/completions",
@@ -156,6 +157,8 @@ def test_frame_over_limit_ends_stream_with_error_event(tiny_frames_stack):
             "content-type:application/json",
             "-H",
             split,
+            "-H",
+            f"Authorization: Bearer {DEV_API_KEY}",
             "-d",
             json.dumps(SEED),
         ],
@@ -167,7 +170,7 @@ def test_frame_over_limit_ends_stream_with_error_event(tiny_frames_stack):
     assert frames[-1] == b"data: [DONE]"
     error = orjson.loads(frames[-2][6:])["error"]
     assert error["code"] == "frame_too_large"
-    client = openai.OpenAI(base_url=f"{s.base_url}/v1", api_key="unused", max_retries=0)
+    client = openai.OpenAI(base_url=f"{s.base_url}/v1", api_key=DEV_API_KEY, max_retries=0)
     with pytest.raises(openai.APIError, match="exceeds"):
         list(
             client.chat.completions.create(
@@ -184,7 +187,9 @@ def test_sidecar_down_fails_closed_with_json_500(tmp_path):
     s = start_stack(tmp_path)
     try:
         s.stop_process("sidecar")
-        r = httpx.post(f"{s.base_url}/v1/chat/completions", json=SEED, timeout=30)
+        r = httpx.post(
+            f"{s.base_url}/v1/chat/completions", json=SEED, headers=AUTH, timeout=30
+        )
         assert_openai_error(r, 500)
         # Nothing reached the provider unchecked.
         assert httpx.get(f"{s.mock_url}/_mock/exchanges", timeout=5).json() == {"ids": []}
@@ -196,7 +201,9 @@ def test_failure_mode_allow_lets_traffic_through(tmp_path):
     s = start_stack(tmp_path, envoy={"failure_mode_allow": True})
     try:
         s.stop_process("sidecar")
-        r = httpx.post(f"{s.base_url}/v1/chat/completions", json=SEED, timeout=30)
+        r = httpx.post(
+            f"{s.base_url}/v1/chat/completions", json=SEED, headers=AUTH, timeout=30
+        )
         assert r.status_code == 200 and b"[DONE]" in r.content
     finally:
         s.stop()
@@ -206,7 +213,9 @@ def test_provider_down_gets_503_json_and_no_leak(tmp_path):
     s = start_stack(tmp_path)
     try:
         s.stop_process("mock")
-        r = httpx.post(f"{s.base_url}/v1/chat/completions", json=SEED, timeout=30)
+        r = httpx.post(
+            f"{s.base_url}/v1/chat/completions", json=SEED, headers=AUTH, timeout=30
+        )
         assert_openai_error(r, 503, "upstream_unavailable")
         assert wait_for(lambda: metric(s, "ai_gateway_active_streams") == 0)
     finally:

@@ -14,7 +14,7 @@ import openai
 import orjson
 import pytest
 
-from tests.conftest import metric, wait_for
+from tests.conftest import DEV_API_KEY, metric, wait_for
 
 SEED = {
     "stream": True,
@@ -79,7 +79,7 @@ def test_seed_curl_streams_chunks_then_done(stack):
 
 
 def test_openai_sdk_streams_through_v1(stack):
-    client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="unused", max_retries=0)
+    client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=DEV_API_KEY, max_retries=0)
     before = metric(stack, "ai_gateway_tokens_total", model="gpt-4o-mini", kind="completion")
     rid = uuid.uuid4().hex
     stream = client.chat.completions.create(
@@ -106,7 +106,7 @@ def test_openai_sdk_streams_through_v1(stack):
 
 
 def test_non_streaming_returns_json_completion(stack):
-    client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="unused", max_retries=0)
+    client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=DEV_API_KEY, max_retries=0)
     reply = client.chat.completions.create(
         model="gpt-4o-mini",
         messages=[{"role": "user", "content": "Say hi"}],
