@@ -28,6 +28,7 @@ lint: install
 
 bench: install
 	$(PY) bench/run.py
+	$(PY) bench/limiter_bench.py
 
 check-config: install
 	$(PY) -m extproc check-config $(CONFIG)

@@ -1,0 +1,46 @@
+"""What a rate-limit store does, whatever keeps the counters (this process or Redis).
+
+Two operations, both atomic over every bucket of one request: `acquire` (admit and
+reserve, all or nothing) and `settle` (move each bucket by a signed amount: the real
+usage minus what was reserved). A store never decides what a limit means; it runs the
+GCRA arithmetic of `gcra.py` on `tat`s it keeps by key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from extproc.policy.ratelimit.gcra import Rate
+
+
+class StoreUnavailable(Exception):
+    """The store could not answer (Redis down, timed out, refused the script)."""
+
+
+@dataclass(slots=True)
+class Outcome:
+    """The store's answer to one acquire, in seconds on the store's own clock."""
+
+    admitted: bool
+    now: float
+    tats: list[float]  # per bucket, after the reservation (unchanged when refused)
+    blocked: list[int] = field(default_factory=list)  # buckets that did not fit
+
+
+class Store(Protocol):
+    name: str
+
+    async def acquire(
+        self, keys: Sequence[str], rates: Sequence[Rate], costs: Sequence[float]
+    ) -> Outcome:
+        """Admit and reserve `costs` in every bucket, or in none; raise StoreUnavailable."""
+        ...
+
+    def settle(
+        self, keys: Sequence[str], rates: Sequence[Rate], deltas: Sequence[float]
+    ) -> Awaitable[None] | None:
+        """Charge (delta > 0) or refund (< 0) each bucket. Never raises: a store that
+        cannot be reached logs and counts the loss. None when already done (no I/O)."""
+        ...
