@@ -15,7 +15,16 @@ from typing import Any
 
 import yaml
 
-from extproc.config import Config, ProviderConfig, RouteConfig, split_host_port, unix_socket_path
+from extproc.config import (
+    INTERNAL_HEADERS,
+    PROVIDER_HEADER,
+    Config,
+    ProviderConfig,
+    RouteConfig,
+    split_host_port,
+    unix_socket_path,
+    worker_addresses,
+)
 
 # Namespace the sidecar writes dynamic metadata into; Envoy drops any other.
 METADATA_NAMESPACE = "ai_gateway"
@@ -190,6 +199,7 @@ def local_reply_config(config: Config) -> dict[str, Any]:
                 "The upstream provider is unavailable (%RESPONSE_CODE_DETAILS%).",
                 "server_error",
                 "upstream_unavailable",
+                flagged_only=True,  # the sidecar's own 503 (limits store down) stays
             ),
             _mapper(
                 504,
@@ -244,6 +254,31 @@ def _route(route: RouteConfig, provider: ProviderConfig) -> dict[str, Any]:
     # The provider's own name, never the client's Host (TLS virtual hosting needs it).
     action["host_rewrite_literal"] = _authority(provider)
     return {"name": route.name, "match": {match_kind: route.prefix}, "route": action}
+
+
+def _dispatch_providers(config: Config, route: RouteConfig) -> list[ProviderConfig]:
+    """Other providers a request on `route` may be sent to: those of the same wire
+    format (a body is never translated between API shapes)."""
+    own = config.providers[route.provider]
+    return [p for p in config.providers.values() if p.name != own.name and p.format == own.format]
+
+
+def _config_routes(config: Config, route: RouteConfig) -> list[dict[str, Any]]:
+    """One config route as Envoy routes: first one per other provider, taken when the
+    sidecar sets `x-ai-gateway-provider` (a model alias served elsewhere) and clears
+    the route cache, then the route's own provider. All keep the config route's name.
+    The sidecar's internal headers never go upstream."""
+    entries = []
+    for provider in _dispatch_providers(config, route):
+        entry = _route(route, provider)
+        entry["match"]["headers"] = [
+            {"name": PROVIDER_HEADER, "string_match": {"exact": provider.name}}
+        ]
+        entries.append(entry)
+    entries.append(_route(route, config.providers[route.provider]))
+    for entry in entries:
+        entry["request_headers_to_remove"] = list(INTERNAL_HEADERS)
+    return entries
 
 
 def _not_found_route(config: Config) -> dict[str, Any]:
@@ -321,7 +356,7 @@ def _ext_proc_filter(config: Config) -> dict[str, Any]:
 
 
 def _listener(config: Config) -> dict[str, Any]:
-    routes = [_route(route, config.providers[route.provider]) for route in config.routes]
+    routes = [entry for route in config.routes for entry in _config_routes(config, route)]
     routes.append(_not_found_route(config))
     hcm = {
         "@type": _TYPE + "extensions.filters.network.http_connection_manager.v3"
@@ -380,32 +415,78 @@ def _protocol_options(http: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _load_assignment(name: str, address: dict[str, Any]) -> dict[str, Any]:
+def _load_assignment(name: str, *addresses: dict[str, Any]) -> dict[str, Any]:
     return {
         "cluster_name": name,
-        "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address}}]}],
+        "endpoints": [
+            {"lb_endpoints": [{"endpoint": {"address": address}} for address in addresses]}
+        ],
     }
 
 
+def _sidecar_target(text: str) -> dict[str, Any]:
+    """`envoy.sidecar_address`: an IP as `_grpc_target`, or a DNS name as is."""
+    host, _, port = text.rpartition(":")
+    if host.startswith("[") or _is_ip(host):
+        return _grpc_target(text)
+    return _socket_address(host, int(port))
+
+
 def _extproc_cluster(config: Config) -> dict[str, Any]:
+    """The sidecar's workers, one endpoint each (Envoy opens one HTTP/2 connection per
+    worker thread per endpoint, so one endpoint would pin every stream to one process).
+
+    LEAST_REQUEST: streams last from milliseconds to minutes, so counting open streams
+    spreads better than taking turns. A DNS `envoy.sidecar_address` (a headless
+    Service) makes the cluster STRICT_DNS: every address it resolves to, on every
+    worker port, is an endpoint.
+    """
+    workers = config.server.workers
+    if config.envoy.sidecar_address is not None:
+        addresses = worker_addresses(config.envoy.sidecar_address, workers)
+        targets = [_sidecar_target(a) for a in addresses]
+        dns = not _is_ip(config.envoy.sidecar_address.rpartition(":")[0].strip("[]"))
+    else:
+        addresses = worker_addresses(config.server.grpc_listen, workers)
+        targets = [_grpc_target(a) for a in addresses]
+        dns = False
+    cluster: dict[str, Any] = {"name": EXTPROC_CLUSTER, "type": "STATIC"}
+    if dns:
+        cluster["type"] = "STRICT_DNS"
+        cluster["dns_lookup_family"] = "V4_PREFERRED"
     return {
-        "name": EXTPROC_CLUSTER,
-        "type": "STATIC",
+        **cluster,
         "connect_timeout": "1s",
-        "load_assignment": _load_assignment(
-            EXTPROC_CLUSTER, _grpc_target(config.server.grpc_listen)
-        ),
+        "lb_policy": "LEAST_REQUEST",
+        "load_assignment": _load_assignment(EXTPROC_CLUSTER, *targets),
         "typed_extension_protocol_options": _protocol_options({"http2_protocol_options": {}}),
         "circuit_breakers": _CIRCUIT_BREAKERS,
-        # grpc.health.v1 (overall server status, service ""). With one endpoint the
-        # cluster is in panic mode when it is unhealthy, so traffic is still tried;
-        # the check gives readiness in /clusters and stats. no_traffic_interval keeps
-        # a sidecar that starts after Envoy from waiting 60 s to be seen healthy.
+        # Passive: a worker that refuses connections is taken out for a while (a
+        # crashed worker while the supervisor restarts it: measured, 7 streams failed
+        # closed instead of ~300 without). At most half the endpoints are ejected, so
+        # a bad moment cannot empty the cluster.
+        "outlier_detection": {
+            "consecutive_5xx": 5,
+            "consecutive_gateway_failure": 2,  # a refused connection counts as one
+            "enforcing_consecutive_gateway_failure": 100,  # Envoy's default 0 only counts
+            "interval": "2s",
+            "base_ejection_time": "5s",
+            "max_ejection_percent": 50,
+        },
+        # grpc.health.v1 (overall server status, service ""). A worker that shuts down
+        # says NOT_SERVING and stops getting new streams. With every endpoint unhealthy
+        # the cluster is in panic mode, so traffic is still tried; the check gives
+        # readiness in /clusters and stats. no_traffic_interval keeps a sidecar that
+        # starts after Envoy from waiting 60 s to be seen healthy.
         "health_checks": [
             {
                 "timeout": "1s",
                 "interval": "5s",
                 "no_traffic_interval": "5s",
+                # A worker seen unhealthy (not yet started, restarting) is checked
+                # again soon: while half the endpoints have not passed, the cluster is
+                # in panic mode and outlier ejection cannot steer around a dead one.
+                "unhealthy_interval": "1s",
                 "unhealthy_threshold": 2,
                 "healthy_threshold": 1,
                 "grpc_health_check": {},
@@ -457,7 +538,11 @@ def _provider_cluster(provider: ProviderConfig) -> dict[str, Any]:
 
 def render_bootstrap(config: Config) -> dict[str, Any]:
     """The Envoy bootstrap for `config` as plain data (dump it as YAML or JSON)."""
-    used = dict.fromkeys(route.provider for route in config.routes)
+    used = dict.fromkeys(
+        name
+        for route in config.routes
+        for name in (route.provider, *(p.name for p in _dispatch_providers(config, route)))
+    )
     clusters = [_extproc_cluster(config)]
     clusters += [_provider_cluster(config.providers[name]) for name in used]
     return {

@@ -1,6 +1,14 @@
 """Prometheus metrics. One `Metrics` object per process; label children that the hot
 path touches on every message are bound once, since `.labels()` costs a dict lookup
-and a lock per call."""
+and a lock per call.
+
+With several workers (`server.workers` > 1) every process writes its samples to
+prometheus-client's multiprocess files (PROMETHEUS_MULTIPROC_DIR, set by the
+supervisor before any worker starts) and the supervisor serves one /metrics that sums
+them: counters and histograms add up across workers and survive a worker's restart,
+and `ai_gateway_active_streams` counts live workers only (`livesum`). Which worker
+took a stream is the one per-worker figure: `ai_gateway_worker_streams_total{worker}`.
+"""
 
 from __future__ import annotations
 
@@ -59,6 +67,7 @@ class Metrics:
             "ai_gateway_active_streams",
             "ext_proc exchanges in flight",
             registry=r,
+            multiprocess_mode="livesum",  # a dead worker's streams are not in flight
         )
         self.message_time = Histogram(
             "ai_gateway_extproc_message_seconds",
@@ -73,5 +82,104 @@ class Metrics:
             "stream_aborted, frame_too_large, decode_error, internal)",
             ["kind"],
             registry=r,
+        )
+        self.config_reloads = Counter(
+            "ai_gateway_config_reloads",
+            "Policy file changes seen, by result (success: applied; failure: refused, "
+            "the previous policy stays)",
+            ["result"],
+            registry=r,
+        )
+        self.worker_streams = Counter(
+            "ai_gateway_worker_streams",
+            "ext_proc streams taken, by worker process (how Envoy spreads the load)",
+            ["worker"],
+            registry=r,
+        )
+        self.worker_restarts = Counter(
+            "ai_gateway_worker_restarts",
+            "Worker processes that exited unexpectedly and were started again",
+            registry=r,
+        )
+        self.ratelimit_decisions = Counter(
+            "ai_gateway_ratelimit_decisions",
+            "Rate-limit decisions by limit, kind (requests, tokens) and outcome (allowed, "
+            "limited, too_large: can never fit, fail_open / fail_closed: store unreachable)",
+            ["limit", "kind", "outcome"],
+            registry=r,
+        )
+        self.ratelimit_tokens = Counter(
+            "ai_gateway_ratelimit_tokens",
+            "Tokens by limit and phase: reserved at request time, settled (real usage) at "
+            "the end; settled < reserved means refunds",
+            ["limit", "phase"],
+            registry=r,
+        )
+        self.ratelimit_store_errors = Counter(
+            "ai_gateway_ratelimit_store_errors",
+            "Failed calls to the rate-limit store by operation (acquire, settle, ping; "
+            "*_skipped: not tried while the store is marked down)",
+            ["store", "op"],
+            registry=r,
+        )
+        self.ratelimit_store_up = Gauge(
+            "ai_gateway_ratelimit_store_up",
+            "1 while the shared rate-limit store answers, 0 while it does not",
+            ["store"],
+            registry=r,
+            multiprocess_mode="livemin",  # any worker that cannot reach it shows
+        )
+        self.guard_findings = Counter(
+            "ai_gateway_guard_findings",
+            "Guard matches by guard, phase (request, response), action (mask, reject, log) "
+            "and type (CREDIT_CARD, EMAIL, a pattern's name...); never the matched text",
+            ["guard", "phase", "action", "type"],
+            registry=r,
+        )
+        self.guard_webhook_calls = Counter(
+            "ai_gateway_guard_webhook_calls",
+            "Webhook guard calls by guard and outcome (pass, mask, reject, timeout, error)",
+            ["guard", "outcome"],
+            registry=r,
+        )
+        self.guard_webhook_seconds = Histogram(
+            "ai_gateway_guard_webhook_seconds",
+            "Webhook guard call duration",
+            ["guard"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=r,
+        )
+        self.jwks_refresh = Counter(
+            "ai_gateway_jwks_refresh",
+            "JWKS (JWT signing keys) loads by source and result (ok; error: the cached "
+            "keys are kept)",
+            ["source", "result"],
+            registry=r,
+        )
+        self.jwks_keys = Gauge(
+            "ai_gateway_jwks_keys",
+            "Signing keys cached per JWKS source",
+            ["source"],
+            registry=r,
+            multiprocess_mode="liveall",
+        )
+        self.jwks_stale = Gauge(
+            "ai_gateway_jwks_stale",
+            "1 while the last JWKS refresh failed and older cached keys are in use",
+            ["source"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.jwks_last_success = Gauge(
+            "ai_gateway_jwks_last_success_timestamp_seconds",
+            "Unix time of the last successful JWKS load",
+            ["source"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.decoders = Counter(
+            "ai_gateway_responses_decoded", "Responses inspected, by the decoder that read "
+            "them (openai_sse, anthropic_sse, gemini_json_stream, bedrock_eventstream, "
+            "<format>_json...)", ["decoder"], registry=r,
         )
         self.phase_time = {p: self.message_time.labels(p) for p in PHASES}

@@ -138,14 +138,17 @@ def test_dev_bootstrap_shape() -> None:
     hcm = hcm_of(bootstrap)
     routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
     # Config routes in order, then the catch-all 404 with ext_proc off.
-    assert [r["name"] for r in routes] == ["openai", "v1", NOT_FOUND_ROUTE]
+    formats = ["anthropic", "gemini", "vertex", "bedrock", "azure"]  # one demo route each
+    assert [r["name"] for r in routes] == ["openai", "v1", *formats, NOT_FOUND_ROUTE]
     assert routes[0]["match"] == {"path_separated_prefix": "/openai"}
     assert routes[0]["route"]["prefix_rewrite"] == "/v1/chat/completions"
     assert routes[0]["route"]["timeout"] == "0s"
     assert routes[1]["match"] == {"prefix": "/v1/"}
     assert "prefix_rewrite" not in routes[1]["route"]
-    assert routes[2]["direct_response"]["status"] == 404
-    assert routes[2]["typed_per_filter_config"][EXTPROC_FILTER]["disabled"] is True
+    assert routes[2]["match"] == {"prefix": "/anthropic/"}
+    assert routes[2]["route"]["prefix_rewrite"] == "/"
+    assert routes[-1]["direct_response"]["status"] == 404
+    assert routes[-1]["typed_per_filter_config"][EXTPROC_FILTER]["disabled"] is True
 
     filters = [f["name"] for f in hcm["http_filters"]]
     assert filters == [
@@ -172,9 +175,9 @@ def test_dev_bootstrap_shape() -> None:
         statuses.append(status_filter["status_code_filter"]["comparison"]["value"]["default_value"])
     assert statuses == [413, 500, 502, 503, 504]
 
-    # The mock provider only: openai is not used by dev.yaml's routes.
+    # The mock providers only (all the one mock process): openai is not used by the routes.
     names = [c["name"] for c in bootstrap["static_resources"]["clusters"]]
-    assert names == [EXTPROC_CLUSTER, "provider_mock"]
+    assert names == [EXTPROC_CLUSTER, "provider_mock", *[f"provider_mock_{f}" for f in formats]]
     assert cluster(bootstrap, "provider_mock")["type"] == "STATIC"
     assert "transport_socket" not in cluster(bootstrap, "provider_mock")
 

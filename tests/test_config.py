@@ -40,10 +40,18 @@ def problems_of(tmp_path: Path, text: str) -> tuple[str, list[tuple[str, str]]]:
 
 def test_dev_yaml_loads() -> None:
     config = load_config(str(REPO / "config" / "dev.yaml"))
-    assert [(r.name, r.prefix, r.provider, r.rewrite) for r in config.routes] == [
+    assert [(r.name, r.prefix, r.provider, r.rewrite) for r in config.routes][:2] == [
         ("openai", "/openai", "mock", "/v1/chat/completions"),
         ("v1", "/v1/", "mock", None),
     ]
+    # One demo route per other wire format, all served by the one mock process.
+    assert {
+        r.name: (r.prefix, config.providers[r.provider].format, config.providers[r.provider].url)
+        for r in config.routes[2:]
+    } == {
+        name: (f"/{name}/", name, "http://127.0.0.1:9000")
+        for name in ("anthropic", "gemini", "vertex", "bedrock", "azure")
+    }
     mock = config.providers["mock"]
     assert (mock.url, mock.format, mock.tls) == ("http://127.0.0.1:9000", "openai", False)
     assert config.envoy.listen == "127.0.0.1:8080"
@@ -228,9 +236,9 @@ PROVIDER_CASES = [
         "{url: 'https://u:p@h'}", "providers.x.url", "credentials do not belong", id="creds"
     ),
     pytest.param(
-        "{url: 'http://h', format: anthropic}",
+        "{url: 'http://h', format: cohere}",
         "providers.x.format",
-        "unknown format 'anthropic' (known: openai)",
+        "unknown format 'cohere' (known: openai, azure, anthropic, gemini, vertex, bedrock)",
         id="format",
     ),
     pytest.param("{format: openai}", "providers.x.url", "required key is missing", id="no-url"),

@@ -8,11 +8,9 @@ made once per process.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from extproc.config import Config
@@ -30,7 +28,6 @@ __all__ = [
     "stage_builders",
 ]
 
-log = logging.getLogger("extproc.policy")
 T = TypeVar("T")
 
 
@@ -52,7 +49,6 @@ class Shared:
 @dataclass(frozen=True, slots=True)
 class Policy:
     config: Config
-    provider_keys: dict[str, str] = field(default_factory=dict, repr=False)
     stages: tuple[Stage, ...] = ()
 
 
@@ -63,22 +59,15 @@ StageBuilder = Callable[[Config, Shared, Mapping[str, str]], Stage | None]
 def stage_builders() -> list[StageBuilder]:
     """In the order stages run: who is calling (auth), what they may use (models), what
     they send and get (guards), how much (limits). One line per stage module."""
-    return []
+    # Lazy: stage modules import this package.
+    from extproc.policy import auth, guards, models, ratelimit
 
-
-def provider_keys(config: Config, environ: Mapping[str, str]) -> dict[str, str]:
-    """Provider credentials, read at load time (never on the request path)."""
-    keys: dict[str, str] = {}
-    for name, provider in config.providers.items():
-        key = environ.get(provider.api_key_env) if provider.api_key_env else None
-        if not key and provider.api_key_file:
-            try:
-                key = Path(provider.api_key_file).read_text().strip()
-            except OSError as exc:
-                log.warning("provider %s: cannot read api_key_file: %s", name, exc.strerror)
-        if key:
-            keys[name] = key
-    return keys
+    return [
+        auth.build,
+        models.build,
+        guards.build,
+        ratelimit.build,
+    ]
 
 
 def build_policy(
@@ -89,4 +78,4 @@ def build_policy(
     stages = tuple(
         stage for build in stage_builders() if (stage := build(config, shared, env)) is not None
     )
-    return Policy(config=config, provider_keys=provider_keys(config, env), stages=stages)
+    return Policy(config=config, stages=stages)
