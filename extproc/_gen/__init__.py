@@ -1,0 +1,1 @@
+"""Code generated from protos/ by grpcio-tools (`make protos`); do not edit."""

@@ -1,0 +1,242 @@
+"""Prompt guards: detectors, patterns, keywords and webhooks on requests, and the same
+detectors on responses, streamed (masked or blocked in flight) or whole.
+
+Modules: `detectors` (what to find), `prefix` (how little of a stream to hold back),
+`scanner` (deciding matches on a partial text exactly as on the whole), `engine`
+(guards grouped by action per exchange), `stream` (frames held, masked, released),
+`webhook` (external checkers). This module is the policy stage that wires them in.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from extproc.config import Config
+from extproc.metrics import Metrics
+from extproc.policy import Refusal, RequestContext, Shared, Stage, StreamBlocked, StreamFilter
+from extproc.policy.guards.engine import Entry, Findings, Guard, GuardSet, Plan, scan_texts
+from extproc.policy.guards.stream import GuardStream
+from extproc.policy.guards.webhook import Webhook, WebhookError
+
+__all__ = ["GuardStage", "build"]
+
+log = logging.getLogger("extproc.guards")
+
+KIND = "guard_blocked"  # errors_total{kind} for a refused request or an ended stream
+
+
+def build(config: Config, shared: Shared, environ: Mapping[str, str]) -> Stage | None:
+    if not config.guards.rules:
+        return None
+    metrics = shared.get("metrics", Metrics)
+    stage = GuardStage(GuardSet(config.guards), metrics, shared, environ)
+    stage.ensure_usage = config.streaming.ensure_usage
+    return stage
+
+
+class GuardStage(Stage):
+    name = "guards"
+    ensure_usage = True  # config.streaming.ensure_usage: the exchange hides "usage": null
+
+    def __init__(
+        self, guards: GuardSet, metrics: Metrics, shared: Shared, environ: Mapping[str, str]
+    ) -> None:
+        self.guards = guards
+        self.metrics = metrics
+        self.webhooks = {
+            g.index: Webhook(g.config.webhook, shared, environ)
+            for g in guards.guards
+            if g.config.webhook is not None
+        }
+
+    # -- requests ---------------------------------------------------------------------
+
+    async def on_request(self, ctx: RequestContext) -> None:
+        info = ctx.info
+        if info is None:
+            return
+        plan = self.guards.plan("request", ctx.route.name, ctx.consumer)
+        if plan.empty or not info.prompt_texts:
+            return
+        texts = info.prompt_texts
+        findings = Findings()
+        masked = scan_texts(plan, texts, findings)
+        self._record(ctx, "request", findings)
+        if findings.rejected is not None:
+            raise _refusal(findings.rejected.guard, "request")
+        for guard in plan.webhooks:
+            masked = await self._ask(ctx, guard, masked)
+        if masked != texts:
+            ctx.format.replace_request_texts(info, masked)
+            ctx.body_dirty = True
+
+    async def _ask(self, ctx: RequestContext, guard: Guard, texts: list[str]) -> list[str]:
+        """One webhook guard: the (possibly masked) texts to send on, or a Refusal."""
+        webhook = self.webhooks[guard.index]
+        payload = {
+            "guard": guard.name,
+            "phase": "request",
+            "route": ctx.route.name,
+            "consumer": ctx.consumer,
+            "model": ctx.info.model if ctx.info else "",
+            "texts": texts,
+        }
+        timer = self.metrics.guard_webhook_seconds.labels(guard.name).time()
+        try:
+            with timer:
+                verdict = await webhook.check(payload)
+        except WebhookError as exc:
+            self.metrics.guard_webhook_calls.labels(guard.name, exc.outcome).inc()
+            mode = "open" if webhook.fail_open else "closed"
+            log.warning("guard %s: webhook failed (%s), failing %s", guard.name, exc.reason, mode)
+            if webhook.fail_open:
+                return texts
+            raise Refusal(
+                503,
+                f"The content check '{guard.name}' is unavailable; try again later.",
+                "guard_unavailable",
+                kind="guard_unavailable",
+                headers={"x-ai-gateway-guard": guard.name},
+            ) from None
+        self.metrics.guard_webhook_calls.labels(guard.name, verdict.action).inc()
+        if verdict.action == "reject":
+            self.metrics.guard_findings.labels(guard.name, "request", "reject", "WEBHOOK").inc()
+            log.warning(
+                "guard %s: webhook rejected the request route=%s consumer=%s reason=%r",
+                guard.name,
+                ctx.route.name,
+                ctx.consumer or "-",
+                verdict.reason,  # the service's words (the contract: never the text)
+            )
+            ctx.metadata["guard_blocked"] = guard.name
+            raise _refusal(guard, "request")
+        if verdict.action == "mask" and verdict.texts is not None and verdict.texts != texts:
+            self.metrics.guard_findings.labels(guard.name, "request", "mask", "WEBHOOK").inc()
+            ctx.metadata["guard_masked"] = int(ctx.metadata.get("guard_masked", 0)) + 1
+            return verdict.texts
+        return texts
+
+    # -- responses --------------------------------------------------------------------
+
+    def _response_plan(self, ctx: RequestContext) -> Plan | None:
+        plan = self.guards.plan("response", ctx.route.name, ctx.consumer)
+        return plan if plan.groups else None
+
+    def on_response_headers(self, ctx: RequestContext) -> None:
+        if self._response_plan(ctx) is not None:
+            ctx.buffer_response = True  # a whole JSON answer is checked before it leaves
+
+    def stream_filter(self, ctx: RequestContext) -> StreamFilter | None:
+        plan = self._response_plan(ctx)
+        if plan is None:
+            return None
+        decoder = ctx.scratch.get("decoder")
+        if decoder is None:
+            # A caller that does not hand over its decoder (the exchange does): a second
+            # SSE decoder of the same format, used only to read and rewrite events.
+            decoder = ctx.format.stream_decoder(
+                hide_usage=self.ensure_usage and _usage_hidden(ctx), max_frame_bytes=1 << 20
+            )
+
+        def report(action: str, entry: Entry, repeat: bool) -> None:
+            if action == "reject":
+                self._record(ctx, "response", _one(entry))
+                raise StreamBlocked(entry.guard.message("response"), _code(entry.guard), KIND)
+            if repeat:
+                return
+            name = entry.guard.name
+            self.metrics.guard_findings.labels(name, "response", action, entry.type).inc()
+            key = "guard_masked" if action == "mask" else "guard_logged"
+            ctx.metadata[key] = int(ctx.metadata.get(key, 0)) + 1
+            if action == "log":
+                log.info(
+                    "guard %s found %s in a response (log only) route=%s consumer=%s",
+                    name,
+                    entry.type,
+                    ctx.route.name,
+                    ctx.consumer or "-",
+                )
+
+        return GuardStream(plan, decoder, report)
+
+    def on_completion(self, ctx: RequestContext, body: bytes) -> bytes | None:
+        plan = self._response_plan(ctx)
+        if plan is None:
+            return None
+        deltas = ctx.format.completion_texts(body)
+        if not deltas:
+            return None
+        texts = [d.text for d in deltas]
+        findings = Findings()
+        masked = scan_texts(plan, texts, findings)
+        self._record(ctx, "response", findings)
+        if findings.rejected is not None:
+            raise _refusal(findings.rejected.guard, "response")
+        if masked == texts:
+            return None
+        return ctx.format.rewrite_completion(body, masked)
+
+    # -- bookkeeping ------------------------------------------------------------------
+
+    def _record(self, ctx: RequestContext, phase: str, findings: Findings) -> None:
+        """Metrics, metadata and one log line per phase: guard names, types, counts."""
+        m = self.metrics.guard_findings
+        for (guard, kind), count in findings.masked.items():
+            m.labels(guard, phase, "mask", kind).inc(count)
+        for (guard, kind), count in findings.logged.items():
+            m.labels(guard, phase, "log", kind).inc(count)
+        masked = sum(findings.masked.values())
+        if masked:
+            ctx.metadata["guard_masked"] = int(ctx.metadata.get("guard_masked", 0)) + masked
+        if findings.logged:
+            ctx.metadata["guard_logged"] = int(ctx.metadata.get("guard_logged", 0)) + sum(
+                findings.logged.values()
+            )
+            log.info(
+                "guard findings (log only) phase=%s route=%s consumer=%s: %s",
+                phase,
+                ctx.route.name,
+                ctx.consumer or "-",
+                ", ".join(f"{g}:{t}x{n}" for (g, t), n in sorted(findings.logged.items())),
+            )
+        rejected = findings.rejected
+        if rejected is not None:
+            m.labels(rejected.guard.name, phase, "reject", rejected.type).inc()
+            ctx.metadata["guard_blocked"] = rejected.guard.name
+            log.warning(
+                "guard %s blocked the %s (%s) route=%s consumer=%s",
+                rejected.guard.name,
+                phase,
+                rejected.type,
+                ctx.route.name,
+                ctx.consumer or "-",
+            )
+
+
+def _one(entry: Entry) -> Findings:
+    findings = Findings()
+    findings.rejected = entry
+    return findings
+
+
+def _code(guard: Guard) -> str:
+    return guard.config.reject.code
+
+
+def _refusal(guard: Guard, phase: str) -> Refusal:
+    reject = guard.config.reject
+    return Refusal(
+        reject.status,
+        guard.message(phase),
+        reject.code,
+        kind=KIND,
+        headers={"x-ai-gateway-guard": guard.name},
+    )
+
+
+def _usage_hidden(ctx: RequestContext) -> bool:
+    """Whether the exchange asked for usage on the client's behalf (then it hides the
+    `"usage": null` keys, and a re-encoded frame must not bring them back)."""
+    info = ctx.info
+    return bool(info and info.stream and not info.client_wants_usage)

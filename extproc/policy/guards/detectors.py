@@ -1,0 +1,391 @@
+"""What a guard looks for: built-in detectors that validate what they match (Luhn, IBAN
+checksums, SSN ranges...), operators' RE2 patterns and keyword lists.
+
+A `Detector` is a compiled regex plus what the stream masker needs to know about it:
+its viable-prefix regex (`prefix.py`), its maximum width and how far past a match's
+end it looks. Built-in patterns are ours, written for Python's `re` with bounded
+repeats and a lookbehind at every start, so a search costs linear time; operators'
+patterns run on RE2, which cannot take super-linear time whatever they write.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from extproc.policy.guards.prefix import Unsupported, analyse
+
+try:  # google-re2: linear-time matching for operator-supplied patterns
+    import re2 as _re2
+except ImportError:  # pragma: no cover - a declared dependency
+    _re2 = None
+
+
+class PatternError(ValueError):
+    """A pattern that cannot be used; the message says why (shown at config load)."""
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Detector:
+    """One thing to find. `regex.search(text, pos)` gives candidates; `validate`
+    (if any) keeps the real ones: it returns how many characters of the candidate are
+    a valid match (0: none), so a greedy candidate that ran into the next number
+    (`4111 1111 1111 1111 12/25`) can still yield the card. The rest is for streaming
+    (see scanner.py)."""
+
+    type: str  # what the mask token and metrics call it: CREDIT_CARD, EMAIL...
+    regex: Any  # compiled (re or re2): .search(text, pos) -> match | None
+    viable: Any | None  # compiled viable-prefix regex, None = hold `width` chars
+    width: int | None  # longest match in characters, None = unbounded
+    lookahead: int  # characters past a match that can still change it
+    validate: Callable[[str], int] | None = None
+    engine: str = "py"
+    # The pattern with its flags scoped, so a scanner can search several at once.
+    source: str = ""
+    # ASCII characters a match can contain; None: any (see prefix.Shape).
+    alphabet: frozenset[str] | None = None
+
+
+# --------------------------------------------------------------------------- validators
+
+
+def luhn(digits: str) -> bool:
+    """The Luhn checksum every payment card number carries."""
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = ord(ch) - 48
+        if i % 2:
+            d *= 2
+            if d > 9:
+                d -= 9
+        total += d
+    return total % 10 == 0
+
+
+def _card_network(digits: str) -> bool:
+    """Issuer ranges and lengths (Visa, Mastercard, Amex, Discover, Diners, JCB,
+    UnionPay, Maestro): Luhn alone passes one random number in ten."""
+    n = len(digits)
+    two, four = int(digits[:2]), int(digits[:4])
+    if digits[0] == "4":
+        return n in (13, 16, 19)
+    if 51 <= two <= 55 or 2221 <= four <= 2720:
+        return n == 16
+    if two in (34, 37):
+        return n == 15
+    if digits.startswith("6011") or two == 65 or 644 <= int(digits[:3]) <= 649:
+        return 16 <= n <= 19
+    if 300 <= int(digits[:3]) <= 305 or two in (36, 38, 39):
+        return 14 <= n <= 19
+    if 3528 <= four <= 3589:
+        return 16 <= n <= 19
+    if two == 62:
+        return 16 <= n <= 19
+    if two == 50 or 56 <= two <= 69:
+        return 12 <= n <= 19
+    return False
+
+
+def _one_separator(text: str, allowed: str) -> bool:
+    """All separators in a number the same character (`4111 1111-1111` is not a card)."""
+    return len({ch for ch in text if ch in allowed}) <= 1
+
+
+def valid_card(text: str) -> bool:
+    digits = "".join(ch for ch in text if ch.isdigit())
+    return (
+        13 <= len(digits) <= 19
+        and _one_separator(text, " -")
+        and _card_network(digits)
+        and luhn(digits)
+    )
+
+
+def longest(valid: Callable[[str], bool], separators: str) -> Callable[[str], int]:
+    """A validator that also tries the candidate cut at its last separators, so a
+    number followed by more digits (an expiry date, the next number) is still found."""
+
+    def check(text: str) -> int:
+        while True:
+            if valid(text):
+                return len(text)
+            cut = max(text.rfind(ch) for ch in separators)
+            if cut <= 0:
+                return 0
+            text = text[:cut]
+
+    return check
+
+
+def whole(valid: Callable[[str], bool]) -> Callable[[str], int]:
+    return lambda text: len(text) if valid(text) else 0
+
+
+def valid_ssn(text: str) -> bool:
+    """Area 001-899 except 666, group 01-99, serial 0001-9999 (the SSA's rules since
+    2011). Written with dashes or spaces: a bare 9-digit number is too often something
+    else (order numbers, ZIP+4) to mask."""
+    digits = "".join(ch for ch in text if ch.isdigit())
+    if len(digits) != 9 or not _one_separator(text, " -"):
+        return False
+    area, group, serial = int(digits[:3]), int(digits[3:5]), int(digits[5:])
+    return 0 < area < 900 and area != 666 and group > 0 and serial > 0
+
+
+# Lengths from the SWIFT IBAN registry: a wrong length fails before the checksum.
+IBAN_LENGTHS = {
+    "AD": 24, "AE": 23, "AL": 28, "AT": 20, "AZ": 28, "BA": 20, "BE": 16, "BG": 22,
+    "BH": 22, "BI": 27, "BR": 29, "BY": 28, "CH": 21, "CR": 22, "CY": 28, "CZ": 24,
+    "DE": 22, "DJ": 27, "DK": 18, "DO": 28, "EE": 20, "EG": 29, "ES": 24, "FI": 18,
+    "FK": 18, "FO": 18, "FR": 27, "GB": 22, "GE": 22, "GI": 23, "GL": 18, "GR": 27,
+    "GT": 28, "HN": 28, "HR": 21, "HU": 28, "IE": 22, "IL": 23, "IQ": 23, "IS": 26,
+    "IT": 27, "JO": 30, "KW": 30, "KZ": 20, "LB": 28, "LC": 32, "LI": 21, "LT": 20,
+    "LU": 20, "LV": 21, "LY": 25, "MC": 27, "MD": 24, "ME": 22, "MK": 19, "MN": 20,
+    "MR": 27, "MT": 31, "MU": 30, "NI": 28, "NL": 18, "NO": 15, "OM": 23, "PK": 24,
+    "PL": 28, "PS": 29, "PT": 25, "QA": 29, "RO": 24, "RS": 22, "RU": 33, "SA": 24,
+    "SC": 31, "SD": 18, "SE": 24, "SI": 19, "SK": 24, "SM": 27, "SO": 23, "ST": 25,
+    "SV": 28, "TL": 23, "TN": 24, "TR": 26, "UA": 29, "VA": 22, "VG": 24, "XK": 20,
+    "YE": 30,
+}  # fmt: skip
+
+
+def iban_checksum(iban: str) -> bool:
+    """ISO 13616 mod-97: move the first four characters to the end, letters to
+    numbers (A=10 ... Z=35), and the remainder must be 1."""
+    moved = iban[4:] + iban[:4]
+    value = 0
+    for ch in moved:
+        value = (value * (100 if ch.isalpha() else 10) + int(ch, 36)) % 97
+    return value == 1
+
+
+def valid_iban(text: str) -> bool:
+    iban = text.replace(" ", "")
+    return IBAN_LENGTHS.get(iban[:2]) == len(iban) and iban_checksum(iban)
+
+
+def valid_ipv4(text: str) -> bool:
+    return all(int(part) <= 255 for part in text.split("."))
+
+
+def valid_ipv6(text: str) -> bool:
+    if text.count(":") < 2 or not any(ch in "0123456789abcdefABCDEF" for ch in text):
+        return False
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def valid_phone(text: str) -> bool:
+    digits = sum(ch.isdigit() for ch in text)
+    if text.startswith("+"):
+        return 8 <= digits <= 15  # E.164: country code + subscriber, at most 15
+    if text.startswith("0"):
+        return 9 <= digits <= 12 and _one_separator(text, " .-")
+    return digits in (10, 11) and _one_separator(text.replace(") ", ")-"), ".-")
+
+
+# --------------------------------------------------------------------------- built-ins
+
+_PEM_LABEL = r"(?:[A-Z0-9]{1,20} ){0,3}"
+
+# name -> (type, pattern, validator). Every pattern starts with a lookbehind (or a
+# literal) so a search never restarts inside a run it already rejected.
+_BUILTIN: dict[str, tuple[str, str, Callable[[str], int] | None]] = {
+    "credit_card": (
+        "CREDIT_CARD",
+        r"(?<![0-9])(?:[0-9][ -]?){12,18}[0-9](?![0-9])",
+        longest(valid_card, " -"),
+    ),
+    "us_ssn": (
+        "US_SSN",
+        r"(?<![0-9])[0-9]{3}(?:-[0-9]{2}-|\x20[0-9]{2}\x20)[0-9]{4}(?![0-9])",
+        whole(valid_ssn),
+    ),
+    "email": (
+        "EMAIL",
+        r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]{1,64}@"
+        r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.){1,8}[A-Za-z]{2,24}"
+        r"(?![A-Za-z0-9-])",
+        None,
+    ),
+    "phone": (
+        "PHONE",
+        r"(?<![0-9A-Za-z+])(?:"
+        # E.164, compact or grouped: +14155552671, +44 20 7946 0958, +1 (415) 555-2671
+        r"\+[1-9][0-9]{6,14}"
+        r"|\+[1-9][0-9]{0,3}(?:[ .-]?\([0-9]{1,4}\))?(?:[ .-][0-9]{1,5}){2,6}"
+        # North America: (415) 555-2671, 415-555-2671, 1-800-555-0199
+        r"|(?:1[ .-])?(?:\([2-9][0-9]{2}\) ?|[2-9][0-9]{2}[ .-])[2-9][0-9]{2}[ .-][0-9]{4}"
+        # trunk prefix 0 (UK, France, Germany...): 020 7946 0958, 01 23 45 67 89
+        r"|0[1-9][0-9]{0,4}(?:[ .-][0-9]{2,8}){1,4}"
+        r")(?![0-9])",
+        longest(valid_phone, " .-"),
+    ),
+    "iban": (
+        "IBAN",
+        r"(?<![A-Za-z0-9])[A-Z]{2}[0-9]{2}(?:\x20?[A-Z0-9]{4}){2,7}(?:\x20?[A-Z0-9]{1,3})?"
+        r"(?![A-Za-z0-9])",
+        longest(valid_iban, " "),
+    ),
+    "ipv4": (
+        "IP_ADDRESS",
+        r"(?<![0-9.])(?:[0-9]{1,3}\.){3}[0-9]{1,3}(?![0-9]|\.[0-9])",
+        whole(valid_ipv4),
+    ),
+    "ipv6": (
+        "IP_ADDRESS",
+        r"(?<![0-9A-Za-z:.])[0-9A-Fa-f:]{2,39}(?:(?<=:)[0-9]{1,3}(?:\.[0-9]{1,3}){3})?"
+        r"(?![0-9A-Za-z:]|\.[0-9])",
+        whole(valid_ipv6),
+    ),
+    "aws_access_key": (
+        "AWS_ACCESS_KEY",
+        r"(?<![A-Z0-9])(?:AKIA|ASIA|ABIA|ACCA|AGPA|AIDA|AIPA|ANPA|ANVA|APKA|AROA|ASCA)"
+        r"[A-Z0-9]{16}(?![A-Z0-9])",
+        None,
+    ),
+    "private_key": (
+        "PRIVATE_KEY",
+        # The whole PEM block; a block whose END never comes is masked as far as its
+        # base64 body goes (a cut key is still a key).
+        rf"-----BEGIN {_PEM_LABEL}PRIVATE KEY-----"
+        rf"(?:[A-Za-z0-9+/=\s:,.-]{{0,12000}}?-----END {_PEM_LABEL}PRIVATE KEY-----"
+        r"|[A-Za-z0-9+/=\s]{0,12000})",
+        None,
+    ),
+    "bearer_token": (
+        "BEARER_TOKEN",
+        # The credential after "Bearer " (the scheme word stays readable).
+        # A JWT has dots inside, never at the end: "Bearer <token>." ends a sentence.
+        r"(?<=[Bb][Ee][Aa][Rr][Ee][Rr]\x20)[A-Za-z0-9._~+/-]{15,4095}[A-Za-z0-9_~+/-]={0,2}"
+        r"(?![A-Za-z0-9_~+/=-]|\.[A-Za-z0-9_~+/-])",
+        None,
+    ),
+    "api_key": (
+        "API_KEY",
+        # OpenAI (sk-..., sk-proj-..., sk-svcacct-...) and Anthropic (sk-ant-api03-...).
+        r"(?<![A-Za-z0-9_-])sk-(?:ant-|proj-|svcacct-|admin-)?[A-Za-z0-9_-]{20,256}"
+        r"(?![A-Za-z0-9_-])",
+        None,
+    ),
+}
+
+ALIASES: dict[str, tuple[str, ...]] = {
+    "ip_address": ("ipv4", "ipv6"),
+    "secrets": ("aws_access_key", "private_key", "bearer_token", "api_key"),
+    "pii": ("credit_card", "us_ssn", "email", "phone", "iban", "ipv4", "ipv6"),
+}
+BUILTIN_NAMES: tuple[str, ...] = (*_BUILTIN, *ALIASES)
+
+# Longest lookbehind any pattern uses: the masker keeps this much released text as
+# context in front of what it still scans.
+CONTEXT_CHARS = 32
+
+_CACHE: dict[str, Detector] = {}
+
+
+def expand(names: Iterable[str]) -> list[str]:
+    """Detector names with aliases (`pii`, `secrets`, `ip_address`) expanded, in order,
+    without duplicates."""
+    out: list[str] = []
+    for name in names:
+        for item in ALIASES.get(name, (name,)):
+            if item not in out:
+                out.append(item)
+    return out
+
+
+def builtin(name: str) -> Detector:
+    """A built-in detector by name (compiled once per process)."""
+    detector = _CACHE.get(name)
+    if detector is None:
+        kind, pattern, validate = _BUILTIN[name]
+        detector = _CACHE[name] = _python_detector(kind, pattern, validate)
+    return detector
+
+
+def _python_detector(
+    kind: str, pattern: str, validate: Callable[[str], int] | None, flags: int = 0
+) -> Detector:
+    shape = analyse(pattern, "py", flags)
+    assert shape.viable is not None
+    scope = "i" if flags & re.IGNORECASE else ""
+    return Detector(
+        type=kind,
+        regex=re.compile(pattern, flags),
+        viable=re.compile(shape.viable),
+        width=shape.max_width,
+        lookahead=shape.lookahead,
+        validate=validate,
+        source=f"(?{scope}:{pattern})",
+        alphabet=shape.ascii_alphabet,
+    )
+
+
+def keywords(words: Iterable[str], *, case_sensitive: bool = False) -> Detector:
+    """A keyword list as one detector. A keyword that starts (ends) with a letter or
+    digit matches only at a word boundary there: `class` is not found in `classic`."""
+    alternatives = []
+    for word in sorted(set(words), key=lambda w: (-len(w), w)):
+        text = re.escape(word)
+        if re.match(r"\w", word):
+            text = r"(?<!\w)" + text
+        if re.search(r"\w$", word):
+            text += r"(?!\w)"
+        alternatives.append(text)
+    if not alternatives:
+        raise PatternError("keyword list is empty")
+    flags = 0 if case_sensitive else re.IGNORECASE
+    return _python_detector("KEYWORD", "(?:" + "|".join(alternatives) + ")", None, flags)
+
+
+def _re2_options() -> Any:
+    options = _re2.Options()
+    options.log_errors = False  # the reason goes into our error, not to stderr
+    return options
+
+
+def compile_re2(pattern: str) -> Any:
+    """Compile with RE2; PatternError carries RE2's reason."""
+    if _re2 is None:  # pragma: no cover
+        raise PatternError("google-re2 is not installed")
+    try:
+        return _re2.compile(pattern, _re2_options())
+    except Exception as exc:  # re2.error; message is bytes in some versions
+        reason = exc.args[0] if exc.args else exc
+        if isinstance(reason, bytes):
+            reason = reason.decode("utf-8", "replace")
+        raise PatternError(f"RE2 cannot compile it: {reason}") from None
+
+
+def custom(kind: str, pattern: str, max_length: int | None = None) -> Detector:
+    """An operator's pattern on RE2. Refused when RE2 cannot compile it or when it
+    matches the empty string (it would 'find' something at every position)."""
+    regex = compile_re2(pattern)
+    if regex.fullmatch("") is not None:
+        raise PatternError("it matches the empty string")
+    try:
+        shape = analyse(pattern, "re2")
+        viable = compile_re2(shape.viable) if shape.viable else None
+        width, lookahead, alphabet = shape.max_width, shape.lookahead, shape.ascii_alphabet
+    except (Unsupported, PatternError):
+        # RE2-only syntax: no closure; hold back the declared (or maximum) length.
+        viable, width, lookahead, alphabet = None, None, 1, None
+    if max_length is not None:
+        width = max_length if width is None else min(width, max_length)
+    return Detector(
+        type=kind,
+        regex=regex,
+        viable=viable,
+        width=width,
+        lookahead=lookahead,
+        engine="re2",
+        source=f"(?:{pattern})",
+        alphabet=alphabet if viable is not None else None,
+    )

@@ -1,0 +1,194 @@
+"""Guards compiled from config, and the per-exchange plan that groups them by action.
+
+Within one exchange and phase, every guard that applies contributes its detectors to
+one of three scanners: *mask* (matches replaced by a token), *reject* (any match stops
+the exchange) and *log* (counted only). Each scanner chooses its matches on its own,
+so a log-only guard can never hide a match from a masking one, and the masking guards
+share one left-to-right choice, so two guards never mask overlapping text twice.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from extproc.config import GuardConfig, GuardsConfig
+from extproc.policy.guards import detectors as det
+from extproc.policy.guards.scanner import Hit, Scanner
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Guard:
+    """One configured guard, compiled."""
+
+    config: GuardConfig
+    index: int  # position in the config (precedence on conflicts)
+    # (detector, mask token) pairs; empty for a webhook guard.
+    finds: tuple[tuple[det.Detector, str], ...] = ()
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def action(self) -> str:
+        return self.config.action
+
+    def applies(self, phase: str, route: str, consumer: str) -> bool:
+        c = self.config
+        if phase not in c.phases:
+            return False
+        if c.routes and route not in c.routes:
+            return False
+        if c.consumers and consumer not in c.consumers:
+            return False
+        return not (c.except_consumers and consumer in c.except_consumers)
+
+    def message(self, phase: str) -> str:
+        """What the client reads: the guard's name, never what it matched."""
+        if self.config.reject.message:
+            return self.config.reject.message
+        what = "Request" if phase == "request" else "Response"
+        return f"{what} blocked by guard '{self.name}'."
+
+
+def compile_guard(config: GuardConfig, index: int) -> Guard:
+    finds: list[tuple[det.Detector, str]] = []
+
+    def token(kind: str, override: str | None = None) -> str:
+        return (override if override is not None else config.mask_token).replace("{type}", kind)
+
+    for name in det.expand(config.detectors):  # aliases already expanded at load
+        detector = det.builtin(name)
+        finds.append((detector, token(detector.type)))
+    for pattern in config.patterns:
+        kind = pattern.name.upper().replace("-", "_")
+        detector = det.custom(kind, pattern.regex, pattern.max_length)
+        finds.append((detector, token(kind, pattern.mask_token)))
+    if config.keywords:
+        detector = det.keywords(config.keywords, case_sensitive=config.case_sensitive)
+        finds.append((detector, token(detector.type)))
+    return Guard(config=config, index=index, finds=tuple(finds))
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Entry:
+    """A detector as one guard uses it."""
+
+    guard: Guard
+    type: str
+    token: str
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Group:
+    scanner: Scanner
+    entries: tuple[Entry, ...]
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Plan:
+    """The detector guards of one phase for one (route, consumer), grouped by action;
+    `webhooks` are the webhook guards, in config order."""
+
+    mask: Group | None = None
+    reject: Group | None = None
+    log: Group | None = None
+    webhooks: tuple[Guard, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not (self.mask or self.reject or self.log or self.webhooks)
+
+    @property
+    def groups(self) -> list[tuple[str, Group]]:
+        return [
+            (action, group)
+            for action, group in (("reject", self.reject), ("mask", self.mask), ("log", self.log))
+            if group is not None
+        ]
+
+
+def make_plan(guards: list[Guard], max_holdback: int) -> Plan:
+    by_action: dict[str, list[Entry]] = {"mask": [], "reject": [], "log": []}
+    detectors: dict[str, list[det.Detector]] = {"mask": [], "reject": [], "log": []}
+    webhooks = []
+    for guard in guards:
+        if guard.config.webhook is not None:
+            webhooks.append(guard)
+            continue
+        for detector, token in guard.finds:
+            by_action[guard.action].append(Entry(guard, detector.type, token))
+            detectors[guard.action].append(detector)
+
+    def group(action: str) -> Group | None:
+        if not detectors[action]:
+            return None
+        return Group(Scanner(detectors[action], max_holdback), tuple(by_action[action]))
+
+    return Plan(group("mask"), group("reject"), group("log"), tuple(webhooks))
+
+
+@dataclass(slots=True)
+class Findings:
+    """What scanning some texts found, for metrics, logs and metadata (no matched text)."""
+
+    masked: Counter = field(default_factory=Counter)  # (guard, type) -> count
+    logged: Counter = field(default_factory=Counter)
+    rejected: Entry | None = None
+
+    def add(self, action: str, entry: Entry) -> None:
+        if action == "mask":
+            self.masked[entry.guard.name, entry.type] += 1
+        elif action == "log":
+            self.logged[entry.guard.name, entry.type] += 1
+        elif self.rejected is None or entry.guard.index < self.rejected.guard.index:
+            self.rejected = entry
+
+
+def apply_masks(text: str, hits: list[Hit], entries: tuple[Entry, ...]) -> str:
+    """`text` with every hit replaced by its entry's token (hits are ordered, disjoint)."""
+    out = []
+    at = 0
+    for hit in hits:
+        out.append(text[at : hit.start])
+        out.append(entries[hit.index].token)
+        at = hit.end
+    out.append(text[at:])
+    return "".join(out)
+
+
+def scan_texts(plan: Plan, texts: list[str], findings: Findings) -> list[str]:
+    """Whole texts (a request's prompts, a completion's choices): the masked texts;
+    rejections and counts go to `findings`."""
+    out = []
+    for text in texts:
+        masked = text
+        for action, group in plan.groups:
+            hits = group.scanner.find_all(text)  # every group reads the original
+            for hit in hits:
+                findings.add(action, group.entries[hit.index])
+            if action == "mask" and hits:
+                masked = apply_masks(text, hits, group.entries)
+        out.append(masked)
+    return out
+
+
+class GuardSet:
+    """All configured guards, with plans cached per (phase, guards that apply)."""
+
+    def __init__(self, config: GuardsConfig) -> None:
+        self.max_holdback = config.max_holdback_chars
+        self.guards = [compile_guard(g, i) for i, g in enumerate(config.rules)]
+        self._plans: dict[tuple, Plan] = {}
+
+    def plan(self, phase: str, route: str, consumer: str) -> Plan:
+        chosen = tuple(g.index for g in self.guards if g.applies(phase, route, consumer))
+        plan = self._plans.get(chosen)
+        if plan is None:
+            if len(self._plans) > 1024:  # bounded: consumers come and go
+                self._plans.clear()
+            plan = self._plans[chosen] = make_plan(
+                [self.guards[i] for i in chosen], self.max_holdback
+            )
+        return plan

@@ -1,0 +1,180 @@
+"""Finding matches in a text that arrives in pieces, exactly as if it came whole.
+
+`Scanner.scan` picks matches left to right: at each step the leftmost candidate of any
+detector (the longest on a tie, then the first detector), and the next step starts
+where it ended. On a partial text it stops before the first position it cannot decide
+yet, the *hold point*: the leftmost position whose tail is still a viable prefix of some
+detector (see prefix.py), or whose candidate match could still change because it looks
+past the end of what has arrived. Everything before that point is final: no later text
+can change a match that starts there, because such a match would make that position
+viable. So feeding a text in any pieces gives the same matches as scanning it whole
+(the property tests check this), and what is held back is only the shortest tail that
+could still become a match.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from extproc.policy.guards.detectors import CONTEXT_CHARS, Detector, compile_re2
+
+_NONE = (1 << 62, 1 << 62)  # "no candidate" (sorts after every real position)
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    start: int
+    end: int
+    index: int  # which detector of the scanner
+
+
+class Scanner:
+    """Leftmost-longest, non-overlapping matches of several detectors. Stateless: the
+    caller keeps where each text stands (`RunningText`).
+
+    Most chunks hold nothing and match nothing: a viable tail must end in a character
+    its pattern can contain (a table lookup skips the search otherwise), and one search
+    per engine over all detectors at once (an alternation) answers "any match here?"
+    before the detectors are searched one by one.
+    """
+
+    __slots__ = ("_any", "detectors", "windows")
+
+    def __init__(self, detectors: Sequence[Detector], max_holdback: int) -> None:
+        self.detectors = tuple(detectors)
+        # How far back from the end a viable tail can start, per detector.
+        self.windows = tuple(
+            min(d.width, max_holdback) if d.width is not None else max_holdback
+            for d in self.detectors
+        )
+        self._any = [
+            _compile(engine, "|".join(d.source for d in self.detectors if d.engine == engine))
+            for engine in ("py", "re2")
+            if any(d.engine == engine for d in self.detectors)
+        ]
+
+    def find_all(self, text: str) -> list[Hit]:
+        """Matches in a whole text."""
+        return self.scan(text, 0, final=True)[0]
+
+    def scan(self, text: str, pos: int, final: bool) -> tuple[list[Hit], int]:
+        """Final matches in `text[pos:]` and the release point: text before it is
+        decided, text from it on must wait for more (or for `final`)."""
+        n = len(text)
+        hold = n if final else self._hold(text, pos)
+        if not any(regex.search(text, pos) for regex in self._any):
+            return [], n if final else max(pos, hold)
+        detectors = self.detectors
+        cand: list[tuple[int, int]] = [(-1, -1)] * len(detectors)
+        hits: list[Hit] = []
+        while True:
+            live = []
+            for i, detector in enumerate(detectors):
+                c = cand[i]
+                if c[0] < pos:
+                    c = cand[i] = _next(detector, text, pos, hold, n, final)
+                start, end = c
+                if start >= hold:
+                    continue
+                if not final and end + detector.lookahead > n:
+                    hold = start  # it looks past what has arrived: undecided
+                    continue
+                live.append((start, -end, i))
+            best = None
+            for item in live:
+                if item[0] < hold and (best is None or item < best):
+                    best = item
+            if best is None:
+                break
+            start, end, index = best[0], -best[1], best[2]
+            hits.append(Hit(start, end, index))
+            pos = end
+        return hits, n if final else max(pos, hold)
+
+    def _hold(self, text: str, pos: int) -> int:
+        """The leftmost position from `pos` on whose tail could still become a match."""
+        n = len(text)
+        if pos >= n:
+            return n
+        hold = n
+        last = text[-1]
+        ascii_last = last < "\x80"
+        for detector, window in zip(self.detectors, self.windows, strict=True):
+            alphabet = detector.alphabet
+            if ascii_last and alphabet is not None and last not in alphabet:
+                continue  # a tail ending in a character no match can contain
+            low = max(pos, n - window)
+            if low >= hold:
+                continue
+            if detector.viable is None:
+                hold = low  # nothing better known: hold the pattern's width
+                continue
+            m = detector.viable.search(text, low)
+            if m is not None and m.start() < hold:
+                hold = m.start()
+        return hold
+
+
+def _compile(engine: str, pattern: str):
+    return re.compile(pattern) if engine == "py" else compile_re2(pattern)
+
+
+def _next(
+    detector: Detector, text: str, pos: int, hold: int, n: int, final: bool
+) -> tuple[int, int]:
+    """The detector's next valid match from `pos` ((start, end) or _NONE). Candidates
+    at or past `hold`, or that look past the end, are returned unvalidated: the caller
+    does not decide them yet."""
+    regex, validate, ahead = detector.regex, detector.validate, detector.lookahead
+    while pos <= n:
+        m = regex.search(text, pos)
+        if m is None:
+            return _NONE
+        start, end = m.span()
+        if start >= hold or (not final and end + ahead > n):
+            return start, end
+        if end > start:
+            if validate is None:
+                return start, end
+            keep = validate(m.group())
+            if keep:
+                return start, start + keep
+        pos = start + 1
+    return _NONE
+
+
+class RunningText:
+    """One stream of text (a choice's content, a tool call's arguments) under one or
+    more scanners. Keeps only what is undecided plus a little context before it."""
+
+    __slots__ = ("base", "end", "positions", "scanners", "text")
+
+    def __init__(self, scanners: Sequence[Scanner]) -> None:
+        self.scanners = tuple(scanners)
+        self.text = ""
+        self.base = 0  # absolute offset of text[0]
+        self.end = 0  # absolute offset of the end of everything fed
+        self.positions = [0] * len(self.scanners)  # absolute release point per scanner
+
+    def feed(self, chunk: str, final: bool = False) -> list[list[Hit]]:
+        """Add `chunk` (may be empty; `final`: nothing more will come). Returns the
+        newly decided hits per scanner, in absolute positions."""
+        self.text += chunk
+        self.end += len(chunk)
+        base = self.base
+        out: list[list[Hit]] = []
+        for k, scanner in enumerate(self.scanners):
+            hits, release = scanner.scan(self.text, self.positions[k] - base, final)
+            self.positions[k] = base + release
+            out.append([Hit(h.start + base, h.end + base, h.index) for h in hits] if base else hits)
+        keep = min(self.positions, default=self.end) - CONTEXT_CHARS - base
+        if keep > 0:
+            self.text = self.text[keep:]
+            self.base = base + keep
+        return out
+
+    def released(self, which: Sequence[int]) -> int:
+        """Absolute position up to which the given scanners have decided everything."""
+        return min((self.positions[k] for k in which), default=self.end)
