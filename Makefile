@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 CONFIG ?= $(if $(OPENAI_API_KEY),config/openai.yaml,config/dev.yaml)
 
-.PHONY: install run test lint bench check-config envoy-config clean
+.PHONY: install run test lint bench check-config envoy-config protos clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ check-config: install
 
 envoy-config: install
 	$(PY) -m extproc envoy-config config/dev.yaml -o envoy/envoy.yaml
+
+# The guard-webhook gRPC contract; the generated stubs are committed (a test checks them).
+protos: install
+	$(PY) -m grpc_tools.protoc -Iextproc/_gen=protos --python_out=. --pyi_out=. --grpc_python_out=. protos/guard.proto
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis

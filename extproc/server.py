@@ -328,6 +328,7 @@ class Worker:
         await server.stop(grace=grace)  # returns once every stream ended, or at the deadline
         watch.cancel()
         await self.processor.settle(timeout=5.0)
+        await self.shared.aclose()
         log.info("worker %d: stopped", self.index)
 
     async def _report_cut(self, grace: float) -> None:

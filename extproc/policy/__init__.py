@@ -8,6 +8,8 @@ made once per process.
 
 from __future__ import annotations
 
+import inspect
+import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -29,6 +31,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+log = logging.getLogger("extproc.policy")
 
 
 class Shared:
@@ -44,6 +47,22 @@ class Shared:
 
     def values(self) -> list[Any]:
         return list(self._items.values())
+
+    async def aclose(self) -> None:
+        """At shutdown: close what holds connections (HTTP sessions, gRPC channels,
+        Redis pools), each whichever way it offers."""
+        for item in self._items.values():
+            for name in ("aclose", "close"):
+                close = getattr(item, name, None)
+                if close is None:
+                    continue
+                try:
+                    result = close()
+                    if inspect.isawaitable(result):
+                        await result
+                except Exception as exc:  # one broken close must not stop the others
+                    log.warning("closing %s failed: %r", type(item).__name__, exc)
+                break
 
 
 @dataclass(frozen=True, slots=True)
