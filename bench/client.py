@@ -40,6 +40,7 @@ BODY = orjson.dumps(
 class Results:
     def __init__(self) -> None:
         self.chunk_ns: list[int] = []  # per-frame latency, ns
+        self.trace: list[tuple[int, int, int]] | None = None  # (receive ns, latency, index)
         self.ttfb_ns: list[int] = []  # request sent -> first body byte
         self.duration_ns: list[int] = []
         self.completed = 0
@@ -54,7 +55,10 @@ class Results:
 
 
 async def one_request(
-    session: aiohttp.ClientSession, url: str, headers: dict[str, str], expected: int,
+    session: aiohttp.ClientSession,
+    url: str,
+    headers: dict[str, str],
+    expected: int,
     res: Results,
 ) -> bool:
     monotonic_ns = time.monotonic_ns
@@ -65,6 +69,7 @@ async def one_request(
     leaked = False
     tail = b""
     lat = res.chunk_ns
+    trace = res.trace
     async with session.post(url, data=BODY, headers=headers) as resp:
         if resp.status != 200:
             text = await resp.text(errors="replace")
@@ -85,6 +90,8 @@ async def one_request(
                 pos += len(TS_KEY)
                 end = data.find(b"}", pos)
                 lat.append(now - int(data[pos:end]))
+                if trace is not None:
+                    trace.append((now, lat[-1], frames))
                 frames += 1
                 pos = data.find(TS_KEY, end)
             if not done and _DONE in data:
@@ -103,8 +110,12 @@ async def one_request(
 
 
 async def worker(
-    session: aiohttp.ClientSession, url: str, headers: dict[str, str], expected: int,
-    deadline: int, res: Results,
+    session: aiohttp.ClientSession,
+    url: str,
+    headers: dict[str, str],
+    expected: int,
+    deadline: int,
+    res: Results,
 ) -> None:
     while time.monotonic_ns() < deadline:
         try:
@@ -146,8 +157,12 @@ async def run(args: argparse.Namespace) -> dict:
         "x-bench-frames": str(args.frames),
         "x-bench-gap-ms": str(args.gap_ms),
     }
+    if os.environ.get("BENCH_API_KEY"):
+        headers["authorization"] = f"Bearer {os.environ['BENCH_API_KEY']}"
     expected = args.frames + 2  # role chunk, content chunks, finish chunk
     res = Results()
+    if args.trace:
+        res.trace = []
     connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=None)
     timeout = aiohttp.ClientTimeout(total=args.request_timeout)
     async with aiohttp.ClientSession(
@@ -157,11 +172,16 @@ async def run(args: argparse.Namespace) -> dict:
         start = time.monotonic_ns()
         deadline = start + int(args.duration * 1e9)
         await asyncio.gather(
-            *(worker(session, args.url, headers, expected, deadline, res)
-              for _ in range(args.concurrency))
+            *(
+                worker(session, args.url, headers, expected, deadline, res)
+                for _ in range(args.concurrency)
+            )
         )
         end = time.monotonic_ns()
         cpu1 = os.times()
+    if args.trace:
+        with open(args.trace, "wb") as f:
+            f.write(orjson.dumps({"start_ns": start, "frames": res.trace}))
     return {
         "concurrency": args.concurrency,
         "shape": args.shape,
@@ -189,6 +209,11 @@ def main() -> int:
     parser.add_argument("--frames", type=int, default=64)
     parser.add_argument("--gap-ms", type=float, default=5.0)
     parser.add_argument("--request-timeout", type=float, default=60.0)
+    parser.add_argument(
+        "--trace",
+        help="write every frame's (receive ns, latency ns, index) "
+        "as JSON to this file, to see when slow frames happen",
+    )
     args = parser.parse_args()
     result = asyncio.run(run(args))
     sys.stdout.write(orjson.dumps(result).decode() + "\n")

@@ -46,9 +46,12 @@ _SSE_HEAD = (
 
 def _plain(status: int, body: bytes, ctype: bytes = b"text/plain") -> bytes:
     reason = {200: b"OK", 400: b"Bad Request", 404: b"Not Found"}.get(status, b"Error")
-    return (
-        b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n\r\n%s"
-        % (status, reason, ctype, len(body), body)
+    return b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n\r\n%s" % (
+        status,
+        reason,
+        ctype,
+        len(body),
+        body,
     )
 
 
@@ -195,8 +198,9 @@ class _Conn(asyncio.Protocol):
             self._write(_plain(400, b'{"error":{"message":"bad json"}}', b"application/json"))
             return self._done()
         if not stream:
-            self._write(_plain(400, b'{"error":{"message":"bench streams only"}}',
-                               b"application/json"))
+            self._write(
+                _plain(400, b'{"error":{"message":"bench streams only"}}', b"application/json")
+            )
             return self._done()
         frames = int(headers.get("x-bench-frames", self.server.frames))
         gap = float(headers.get("x-bench-gap-ms", self.server.gap_ms)) / 1000.0
