@@ -358,6 +358,13 @@ class Exchange:
     ) -> ProcessingResponse:
         decoder = self._decoder
         assert decoder is not None
+        if not self._filters and not inflated:
+            whole = decoder.feed_whole(chunk)
+            if whole is not None:  # whole frames, nothing to read: no events needed
+                if not self._first_frame_at:
+                    self._first_frame_at = now
+                response = _CONTINUE_BODY if whole is chunk else _replace_body(whole)
+                return self._finish(response, now) if end else response
         try:
             events = decoder.feed(chunk)
             if end:
@@ -596,9 +603,9 @@ def _continue_response_headers(
 def _replace_body(body: bytes) -> ProcessingResponse:
     if not body:
         return _CLEAR_BODY
-    return ProcessingResponse(
-        response_body=BodyResponse(response=CommonResponse(body_mutation=BodyMutation(body=body)))
-    )
+    response = ProcessingResponse()  # attribute paths: a quarter of nested constructors
+    response.response_body.response.body_mutation.body = body
+    return response
 
 
 def _set_metadata(response: ProcessingResponse, values: dict[str, object]) -> None:

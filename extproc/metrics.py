@@ -178,8 +178,11 @@ class Metrics:
             multiprocess_mode="livemax",
         )
         self.decoders = Counter(
-            "ai_gateway_responses_decoded", "Responses inspected, by the decoder that read "
+            "ai_gateway_responses_decoded",
+            "Responses inspected, by the decoder that read "
             "them (openai_sse, anthropic_sse, gemini_json_stream, bedrock_eventstream, "
-            "<format>_json...)", ["decoder"], registry=r,
+            "<format>_json...)",
+            ["decoder"],
+            registry=r,
         )
         self.phase_time = {p: self.message_time.labels(p) for p in PHASES}

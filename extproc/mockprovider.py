@@ -1062,8 +1062,12 @@ def build_responses_stream(
         events.append({"type": "response.content_part.done", **where, "part": _output_text(text)})
     item = _responses_item(plan, final, True)
     events.append({"type": "response.output_item.done", "output_index": 0, "item": item})
-    events.append({"type": f"response.{final}",
-                   "response": _responses_object(request, plan, options, final, [item])})
+    events.append(
+        {
+            "type": f"response.{final}",
+            "response": _responses_object(request, plan, options, final, [item]),
+        }
+    )
     frames = []
     for seq, event in enumerate(events):
         data = {"type": event.pop("type"), "sequence_number": seq, **event}
@@ -1332,7 +1336,9 @@ def render_error(fmt: str, err: MockError) -> tuple[bytes, dict[str, str]]:
         kind = _BEDROCK_ERRORS.get(
             err.status, "InternalServerException" if err.status >= 500 else "ValidationException"
         )
-        headers = {"x-amzn-ErrorType": f"{kind}:http://internal.amazon.com/coral/com.amazon.bedrock/"}
+        headers = {
+            "x-amzn-ErrorType": f"{kind}:http://internal.amazon.com/coral/com.amazon.bedrock/"
+        }
         return orjson.dumps({"message": err.message}), headers
     return orjson.dumps(err.payload()), {}
 
@@ -1349,6 +1355,7 @@ def status_error(fmt: str, status: int, model: str) -> MockError:
         529: "Overloaded",
     }
     return MockError(status, messages.get(status, f"Mock error (x-mock-status: {status})."))
+
 
 # --------------------------------------------------------------------------- wire helpers
 
@@ -1595,9 +1602,7 @@ class _MockProvider:
     async def bedrock_converse(self, request: web.Request) -> web.StreamResponse:
         return await self._serve(request, "bedrock", _bedrock_job)
 
-    def _error(
-        self, request: web.Request, body: bytes, fmt: str, err: MockError
-    ) -> web.Response:
+    def _error(self, request: web.Request, body: bytes, fmt: str, err: MockError) -> web.Response:
         data, headers = render_error(fmt, err)
         self.record(request, body, data, err.status)
         return web.Response(

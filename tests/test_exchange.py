@@ -389,3 +389,26 @@ def test_provider_error_status_passes_through_and_is_counted():
         == 1
     )
     assert run.metric("ai_gateway_errors_total", {"kind": "upstream_error"}) == 1
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_whole_frame_fast_path_and_frame_path_agree(seed):
+    """Whole frames take the counting fast path, split ones the per-frame path: the
+    client bytes and every metered figure must not depend on which ran."""
+    import random
+
+    rng = random.Random(seed)
+    frames = stream_frames(7, usage=False)
+    body = b"".join(frames)
+    cuts = sorted(rng.sample(range(1, len(body)), 6))
+    points = [0, *cuts, len(body)]
+    split = [body[a:b] for a, b in itertools.pairwise(points)]
+    results = []
+    for chunks in (frames, [body], split):
+        run = Run()
+        run.request({**CHAT, "stream": True})
+        client = run.respond(chunks)
+        md = metadata(run.last)
+        results.append((client, md["completion_tokens"], md["finish_reason"]))
+    assert results[0] == results[1] == results[2]
+    assert results[0][1] == 7 and results[0][2] == "stop"

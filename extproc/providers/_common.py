@@ -226,6 +226,12 @@ class EventDecoder:
         self.content_events = 0
         self._cache: tuple[StreamEvent, Any, list[Slot]] | None = None
 
+    def feed_whole(self, chunk: bytes) -> bytes | None:
+        """Fast path for a chunk that no stream filter reads: meter it without making
+        events and return the bytes to forward (`chunk` itself when untouched), or
+        None to take the per-event path. Formats without one always say None."""
+        return None
+
     def _slots(self, event: StreamEvent, obj: Any) -> list[Slot]:
         raise NotImplementedError
 

@@ -92,9 +92,7 @@ class AnthropicMessages:
         model = request_model(obj)
         messages = obj.get("messages")
         if messages is None:
-            raise RequestError(
-                "messages: Field required", "missing_required_parameter", "messages"
-            )
+            raise RequestError("messages: Field required", "missing_required_parameter", "messages")
         if not isinstance(messages, list):
             raise RequestError("messages: Input should be a valid list", "invalid_type", "messages")
         system = obj.get("system")

@@ -104,6 +104,11 @@ class ResponseDecoder(Protocol):
 
     def feed(self, chunk: bytes) -> list[StreamEvent]: ...
 
+    def feed_whole(self, chunk: bytes) -> bytes | None:
+        """Fast path when no stream filter needs events: meter the chunk, return the
+        bytes to forward (the chunk itself when untouched), or None to use `feed`."""
+        ...
+
     def finish(self) -> list[StreamEvent]:
         """End of stream: whatever is left, as events."""
         ...

@@ -222,6 +222,44 @@ class OpenAIChatStream(SSEDecoder):
     def feed(self, chunk: bytes) -> list[StreamEvent]:
         return [self._event(f) for f in self._framer.feed(chunk)]
 
+    def feed_whole(self, chunk: bytes) -> bytes | None:
+        """Whole LF-framed frames are metered with a few `bytes.count` calls; only a
+        frame carrying a usage figure (one per stream) is decoded on its own. Partial
+        frames and CR line endings take the frame-by-frame path (None)."""
+        if self._framer.buffered or chunk[-2:] != b"\n\n" or b"\r" in chunk:
+            return None
+        if chunk.count(_USAGE_KEY) == chunk.count(_USAGE_NULL):
+            return self._count(chunk)  # no usage figure here: the usual chunk
+        parts: list[bytes] = []
+        start = 0
+        at = chunk.find(_USAGE_KEY)
+        while at >= 0:
+            if chunk.startswith(_USAGE_NULL, at - 1):
+                at = chunk.find(_USAGE_KEY, at + len(_USAGE_NULL))
+                continue
+            begin = chunk.rfind(b"\n\n", start, at)
+            begin = start if begin < 0 else begin + 2
+            end = chunk.find(b"\n\n", at) + 2
+            parts.append(self._count(chunk[start:begin]))
+            parts.extend(event.out for event in self.feed(chunk[begin:end]))
+            start = end
+            at = chunk.find(_USAGE_KEY, end)
+        parts.append(self._count(chunk[start:]))
+        # Untouched unless the gateway added usage: then hand back the chunk itself,
+        # which the exchange answers with "no mutation".
+        return b"".join(parts) if self._hide_usage else chunk
+
+    def _count(self, frames: bytes) -> bytes:
+        """Meter whole frames that carry no usage figure; the bytes the client gets
+        (without the `"usage":null` it did not ask for)."""
+        self.content_events += _text_deltas(frames)
+        at = frames.rfind(_FINISH)
+        if at >= 0:
+            start = at + len(_FINISH)
+            end = frames.find(b'"', start)
+            self.finish_reason = frames[start:end].decode("utf-8", "replace")
+        return frames.replace(_USAGE_NULL, b"") if self._hide_usage else frames
+
     def _event(self, frame: Frame) -> StreamEvent:
         raw = frame.raw
         data = frame.data
@@ -243,15 +281,9 @@ class OpenAIChatStream(SSEDecoder):
         if at >= 0:
             start = at + len(_FINISH)
             self.finish_reason = data[start : data.find(b'"', start)].decode("utf-8", "replace")
-        content = (
-            _has_text(data, _CONTENT)
-            or _has_text(data, _ARGUMENTS)
-            or _has_text(data, _REASONING)
-            or _has_text(data, _REASONING_OLLAMA)
-        )
-        if content:
-            self.content_events += 1
-        return StreamEvent(raw, out, data, is_content=content)
+        deltas = _text_deltas(data)
+        self.content_events += deltas
+        return StreamEvent(raw, out, data, is_content=deltas > 0)
 
     def _slots(self, event: StreamEvent, obj: Any) -> list[Slot]:
         return list(_choice_slots(obj, "delta", final=False))
@@ -274,9 +306,15 @@ def _is_null_after(data: bytes, at: int) -> bool:
     return rest[:1] == b":" and rest[1:].lstrip()[:4] == b"null"
 
 
-def _has_text(data: bytes, key: bytes) -> bool:
-    at = data.find(key)
-    return at >= 0 and data[at + len(key) : at + len(key) + 1] != b'"'
+_TEXT_KEYS = (_CONTENT, _ARGUMENTS, _REASONING, _REASONING_OLLAMA)
+_EMPTY_TEXTS = tuple(key + b'"' for key in _TEXT_KEYS)
+
+
+def _text_deltas(data: bytes) -> int:
+    """Non-empty text deltas (content, tool arguments, reasoning) in these bytes: the
+    unit of the completion estimate when a provider reports no usage."""
+    count = data.count
+    return sum(map(count, _TEXT_KEYS)) - sum(map(count, _EMPTY_TEXTS))
 
 
 def _usage_from(usage: dict[str, Any]) -> Usage:
