@@ -26,9 +26,13 @@ test: install
 lint: install
 	$(PY) -m ruff check extproc tests bench
 
+# Through the real Envoy: Envoy alone vs a do-nothing ext_proc vs the sidecar; then the
+# guards' cost per chunk, the limiters' cost per request, each decoder's cost per frame.
 bench: install
 	$(PY) bench/run.py
+	$(PY) bench/guard_bench.py
 	$(PY) bench/limiter_bench.py
+	$(PY) bench/decoder_bench.py
 
 check-config: install
 	$(PY) -m extproc check-config $(CONFIG)
