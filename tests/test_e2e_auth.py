@@ -95,7 +95,9 @@ def test_aisix_example_runs_as_written(stack):
 
 def test_sdk_streams_with_the_consumer_key(stack):
     client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=DEV_KEY, max_retries=0)
-    before = metric(stack, "ai_gateway_tokens_total", consumer="my-app", kind="completion")
+    before = metric(
+        stack, "ai_gateway_tokens_total", consumer="my-app", model="gpt-4o-mini", kind="completion"
+    )
     chunks = list(
         client.chat.completions.create(**CHAT, stream=True, stream_options={"include_usage": True})
     )

@@ -1,17 +1,20 @@
 """Pieces every wire format needs: strict JSON body parsing with the gateway's error
 codes, text slots (where a text lives in a parsed body, to read it and write it back
-in place), an SSE decoder skeleton, SSE frame re-encoding and credential headers."""
+in place), an SSE decoder skeleton, SSE frame re-encoding, credential headers, and
+`JSONWireFormat`, the `WireFormat` methods that differ between formats only by where
+things live (a hook or class attribute each)."""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, ClassVar
 from urllib.parse import parse_qs, urlsplit
 
 import orjson
 
-from extproc.providers.base import RequestError, StreamEvent, TextDelta
+from extproc.errors import error_body as openai_error_body
+from extproc.providers.base import RequestError, RequestInfo, StreamEvent, TextDelta
 from extproc.sse import Frame, SSEFramer
 from extproc.usage import Usage
 
@@ -160,6 +163,23 @@ def write_slots(slots: list[Slot], texts: list[str]) -> None:
         slot.set(text)
 
 
+def text_parts(parts: Any) -> Iterator[Slot]:
+    """The `text` of each part that has a string one (prompt text blocks and parts)."""
+    for part in dicts(parts):
+        if isinstance(part.get("text"), str):
+            yield Slot(part, "text")
+
+
+def content_slots(container: dict[str, Any], key: str) -> Iterator[Slot]:
+    """`container[key]` when it is a string, else its text parts: the string-or-parts
+    shape of OpenAI message content and Anthropic's `system`."""
+    value = container.get(key)
+    if isinstance(value, str):
+        yield Slot(container, key)
+    else:
+        yield from text_parts(value)
+
+
 def dicts(value: Any) -> Iterable[dict[str, Any]]:
     """The dict items of a list (anything else: none), for tolerant walks."""
     if isinstance(value, list):
@@ -302,6 +322,26 @@ class SSEDecoder(EventDecoder):
         """The stream's own line ending, for the events the gateway adds."""
         return self._eol or b"\n"
 
+    def _frame(self, data: bytes, event: bytes | None = None) -> bytes:
+        """A frame the gateway adds (an error event), in the stream's line endings."""
+        eol = self.eol
+        head = b"event: " + event + eol if event is not None else b""
+        return head + b"data: " + data + eol + eol
+
+
+_TYPE = b'"type":"'
+
+
+def leading_type(data: bytes) -> bytes | None:
+    """The `type` of an event whose frame had no `event:` line (tolerated, not sent by
+    the providers): the first `"type":"..."`, which leads the object."""
+    at = data.find(_TYPE)
+    if at < 0:
+        return None
+    start = at + len(_TYPE)
+    end = data.find(b'"', start)
+    return data[start:end] if end > start else None
+
 
 # --------------------------------------------------------------------------- HTTP bits
 
@@ -331,3 +371,129 @@ def normalize_finish(value: Any, table: Mapping[str, str]) -> str | None:
     if not isinstance(value, str) or not value:
         return None
     return table.get(value, value.lower())
+
+
+# --------------------------------------------------------------------------- formats
+
+
+class JSONWireFormat:
+    """The `WireFormat` methods every JSON format writes alike, each derived from one
+    hook or class attribute: `key_header` (auth), `stream_content_type` and
+    `stream_decoder` (decoders), `_prompt_slots` (request texts), `_completion_slots`
+    (answer texts), `_usage` and `_finish` (a whole answer's metering). A format
+    overrides a method outright where its logic differs (Gemini's usage, Chat's
+    `ensure_usage`); everything stays callable on the class, as `WireFormat` says."""
+
+    name: ClassVar[str]
+    # The header the format's SDKs put a key in, and the provider's key goes upstream
+    # in; None: `Authorization: Bearer` (OpenAI, Bedrock API keys, Vertex OAuth).
+    key_header: ClassVar[str | None] = None
+    # A query parameter some SDKs carry the key in instead (Gemini's `?key=`).
+    key_query: ClassVar[str | None] = None
+    # Derived from `key_header` (see `__init_subclass__`).
+    credential_headers: ClassVar[tuple[str, ...]] = ("authorization",)
+    # The content type of a streamed answer (`response_decoder` reads it).
+    stream_content_type: ClassVar[str] = "text/event-stream"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        key = cls.key_header
+        cls.credential_headers = (key, "authorization") if key else ("authorization",)
+
+    # ------------------------------------------------------------------ hooks
+
+    @staticmethod
+    def stream_decoder(*, hide_usage: bool, max_frame_bytes: int) -> Any:
+        raise NotImplementedError
+
+    @staticmethod
+    def _prompt_slots(body: dict[str, Any]) -> Iterable[Slot]:
+        """Where the prompt texts of a parsed request live, in `prompt_texts` order."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _completion_slots(obj: Any) -> Iterable[Slot]:
+        """Where the generated texts of a parsed whole answer (any JSON) live."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _usage(usage: dict[str, Any]) -> Usage:
+        """A whole answer's `usage` object as the neutral Usage."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _finish(obj: dict[str, Any]) -> str | None:
+        """A whole answer's finish reason, in OpenAI's words."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _dump_completion(original: bytes, obj: Any) -> bytes:
+        """A rewritten answer's bytes (Gemini keeps its pretty-printing)."""
+        return orjson.dumps(obj)
+
+    # ------------------------------------------------------------------ derived
+
+    @classmethod
+    def replace_request_texts(cls, info: RequestInfo, texts: list[str]) -> bytes:
+        write_slots(list(cls._prompt_slots(info.body)), texts)
+        info.prompt_texts = list(texts)
+        return orjson.dumps(info.body)
+
+    @staticmethod
+    def ensure_usage(info: RequestInfo) -> bytes | None:
+        return None  # most formats always report usage: nothing to switch on
+
+    @staticmethod
+    def error_body(status: int, message: str, code: str | None, param: str | None = None) -> bytes:
+        """The gateway's own (OpenAI) error shape; formats with another override it."""
+        return openai_error_body(status, message, code, param)
+
+    @classmethod
+    def client_credential(cls, headers: Mapping[str, str], path: str = "") -> str | None:
+        if cls.key_header is not None:
+            key = header(headers, cls.key_header)
+            if key:
+                return key
+        if cls.key_query is not None:
+            key = query_param(path, cls.key_query)
+            if key:
+                return key
+        return bearer(headers)
+
+    @classmethod
+    def upstream_auth(cls, key: str) -> list[tuple[str, str]]:
+        if cls.key_header is not None:
+            return [(cls.key_header, key)]
+        return [("authorization", f"Bearer {key}")]
+
+    @classmethod
+    def response_decoder(
+        cls, content_type: str, *, stream: bool, hide_usage: bool, max_frame_bytes: int
+    ) -> Any:
+        if content_type.lower().startswith(cls.stream_content_type):
+            return cls.stream_decoder(hide_usage=hide_usage, max_frame_bytes=max_frame_bytes)
+        return None
+
+    @classmethod
+    def completion_usage(cls, body: bytes) -> Usage | None:
+        obj = loads(body)
+        usage = obj.get("usage") if isinstance(obj, dict) else None
+        return cls._usage(usage) if isinstance(usage, dict) else None
+
+    @classmethod
+    def completion_finish_reason(cls, body: bytes) -> str | None:
+        obj = loads(body)
+        return cls._finish(obj) if isinstance(obj, dict) else None
+
+    @classmethod
+    def completion_texts(cls, body: bytes) -> list[TextDelta]:
+        return read_slots(cls._completion_slots(loads(body)))
+
+    @classmethod
+    def rewrite_completion(cls, body: bytes, texts: list[str]) -> bytes:
+        obj = loads(body)
+        slots = list(cls._completion_slots(obj))
+        if not slots and not texts:
+            return body
+        write_slots(slots, texts)
+        return cls._dump_completion(body, obj)

@@ -15,18 +15,19 @@ Clients authenticate with `x-api-key` (or `Authorization: Bearer`).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
 
 from extproc.providers._common import (
+    JSONWireFormat,
     Slot,
     SSEDecoder,
-    bearer,
+    content_slots,
     dicts,
-    header,
     index_of,
+    leading_type,
     loads,
     normalize_finish,
     object_slot,
@@ -34,18 +35,14 @@ from extproc.providers._common import (
     optional_int,
     parse_json_object,
     path_only,
-    read_slots,
     request_model,
     string_slot,
     uint,
-    write_slots,
 )
-from extproc.providers.base import RequestError, RequestInfo, StreamEvent, TextDelta
+from extproc.providers.base import RequestError, RequestInfo, StreamEvent
 from extproc.sse import Frame
 from extproc.usage import Usage
 
-_SSE = "text/event-stream"
-_TYPE = b'"type":"'
 _FINISH = {
     "end_turn": "stop",
     "stop_sequence": "stop",
@@ -76,11 +73,12 @@ _DELTA_FIELDS = {
 }
 
 
-class AnthropicMessages:
-    """The Anthropic Messages wire format."""
+class AnthropicMessages(JSONWireFormat):
+    """The Anthropic Messages wire format (`message_start` and `message_delta` always
+    carry usage: the inherited `ensure_usage` has nothing to switch on)."""
 
     name = "anthropic_messages"
-    credential_headers: tuple[str, ...] = ("x-api-key", "authorization")
+    key_header = "x-api-key"
 
     @staticmethod
     def handles(upstream_path: str) -> bool:
@@ -112,69 +110,32 @@ class AnthropicMessages:
         )
 
     @staticmethod
-    def replace_request_texts(info: RequestInfo, texts: list[str]) -> bytes:
-        write_slots(list(_request_slots(info.body)), texts)
-        info.prompt_texts = list(texts)
-        return orjson.dumps(info.body)
-
-    @staticmethod
-    def ensure_usage(info: RequestInfo) -> bytes | None:
-        return None  # message_start and message_delta always carry usage
-
-    @staticmethod
     def error_body(status: int, message: str, code: str | None, param: str | None = None) -> bytes:
         """`{"type":"error","error":{"type","message"}}`, Anthropic's error shape."""
         kind = ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
         return orjson.dumps({"type": "error", "error": {"type": kind, "message": message}})
 
     @staticmethod
-    def client_credential(headers: Mapping[str, str], path: str = "") -> str | None:
-        return header(headers, "x-api-key") or bearer(headers)
-
-    @staticmethod
-    def upstream_auth(key: str) -> list[tuple[str, str]]:
-        return [("x-api-key", key)]
-
-    @staticmethod
     def stream_decoder(*, hide_usage: bool, max_frame_bytes: int) -> AnthropicStream:
         return AnthropicStream(max_frame_bytes)
 
     @staticmethod
-    def response_decoder(
-        content_type: str, *, stream: bool, hide_usage: bool, max_frame_bytes: int
-    ) -> AnthropicStream | None:
-        if content_type.lower().startswith(_SSE):
-            return AnthropicStream(max_frame_bytes)
-        return None
+    def _prompt_slots(body: dict[str, Any]) -> Iterator[Slot]:
+        return _request_slots(body)
 
     @staticmethod
-    def completion_usage(body: bytes) -> Usage | None:
-        obj = loads(body)
-        usage = obj.get("usage") if isinstance(obj, dict) else None
-        if not isinstance(usage, dict):
-            return None
+    def _completion_slots(obj: Any) -> Iterator[Slot]:
+        return _blocks_slots(obj.get("content")) if isinstance(obj, dict) else iter(())
+
+    @staticmethod
+    def _usage(usage: dict[str, Any]) -> Usage:
         counts = _Counts()
         counts.update(usage)
         return counts.usage()
 
     @staticmethod
-    def completion_finish_reason(body: bytes) -> str | None:
-        obj = loads(body)
-        return normalize_finish(obj.get("stop_reason"), _FINISH) if isinstance(obj, dict) else None
-
-    @staticmethod
-    def completion_texts(body: bytes) -> list[TextDelta]:
-        obj = loads(body)
-        return read_slots(_blocks_slots(obj.get("content"))) if isinstance(obj, dict) else []
-
-    @staticmethod
-    def rewrite_completion(body: bytes, texts: list[str]) -> bytes:
-        obj = loads(body)
-        slots = list(_blocks_slots(obj.get("content"))) if isinstance(obj, dict) else []
-        if not slots and not texts:
-            return body
-        write_slots(slots, texts)
-        return orjson.dumps(obj)
+    def _finish(obj: dict[str, Any]) -> str | None:
+        return normalize_finish(obj.get("stop_reason"), _FINISH)
 
 
 class _Counts:
@@ -219,7 +180,7 @@ class AnthropicStream(SSEDecoder):
         data = frame.data
         if data is None:
             return StreamEvent(raw, raw)
-        kind = frame.event if frame.event is not None else _type_of(data)
+        kind = frame.event if frame.event is not None else leading_type(data)
         name = kind.decode("utf-8", "replace") if kind is not None else None
         if kind == b"content_block_delta":
             content = b"signature_delta" not in data and not data.rstrip().endswith(b':""}}')
@@ -280,17 +241,7 @@ class AnthropicStream(SSEDecoder):
         """An `error` event: the Anthropic SDKs raise APIStatusError on it."""
         kind = code if code in _KNOWN_TYPES else "api_error"
         body = orjson.dumps({"type": "error", "error": {"type": kind, "message": message}})
-        eol = self.eol
-        return b"event: error" + eol + b"data: " + body + eol + eol
-
-
-def _type_of(data: bytes) -> bytes | None:
-    at = data.find(_TYPE)
-    if at < 0:
-        return None
-    start = at + len(_TYPE)
-    end = data.find(b'"', start)
-    return data[start:end] if end > start else None
+        return self._frame(body, b"error")
 
 
 def _blocks_slots(blocks: Any, *, final: bool = True) -> Iterator[Slot]:
@@ -312,13 +263,7 @@ def _request_slots(obj: dict[str, Any]) -> Iterator[Slot]:
     """Prompt texts in order: `system` (string or text blocks), then each message's
     content (string, or text / tool_use input / tool_result / plain-text document
     blocks). Thinking blocks are left out: they are signed, a change would be refused."""
-    system = obj.get("system")
-    if isinstance(system, str):
-        yield Slot(obj, "system")
-    else:
-        for block in dicts(system):
-            if isinstance(block.get("text"), str):
-                yield Slot(block, "text")
+    yield from content_slots(obj, "system")
     for message in dicts(obj.get("messages")):
         content = message.get("content")
         if isinstance(content, str):

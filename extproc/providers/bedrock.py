@@ -18,7 +18,7 @@ have its body rewritten, and Bedrock API keys (`Authorization: Bearer`) need no 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import unquote
 
@@ -26,8 +26,8 @@ import orjson
 
 from extproc.providers._common import (
     EventDecoder,
+    JSONWireFormat,
     Slot,
-    bearer,
     dicts,
     index_of,
     loads,
@@ -35,12 +35,11 @@ from extproc.providers._common import (
     object_slot,
     parse_json_object,
     path_only,
-    read_slots,
     string_slot,
+    text_parts,
     uint,
-    write_slots,
 )
-from extproc.providers.base import RequestError, RequestInfo, StreamEvent, TextDelta
+from extproc.providers.base import RequestError, RequestInfo, StreamEvent
 from extproc.providers.eventstream import (
     EventStreamSplitter,
     Message,
@@ -82,11 +81,13 @@ _STREAM_EXCEPTIONS = {
 }
 
 
-class BedrockConverse:
-    """The Bedrock Converse / ConverseStream wire format."""
+class BedrockConverse(JSONWireFormat):
+    """The Bedrock Converse / ConverseStream wire format. Clients present Bedrock API
+    keys as `Authorization: Bearer` (a SigV4 Authorization is not a key); the metadata
+    event always carries usage."""
 
     name = "bedrock_converse"
-    credential_headers: tuple[str, ...] = ("authorization",)
+    stream_content_type = CONTENT_TYPE
 
     @staticmethod
     def handles(upstream_path: str) -> bool:
@@ -122,16 +123,6 @@ class BedrockConverse:
         )
 
     @staticmethod
-    def replace_request_texts(info: RequestInfo, texts: list[str]) -> bytes:
-        write_slots(list(_request_slots(info.body)), texts)
-        info.prompt_texts = list(texts)
-        return orjson.dumps(info.body)
-
-    @staticmethod
-    def ensure_usage(info: RequestInfo) -> bytes | None:
-        return None  # the metadata event always carries usage
-
-    @staticmethod
     def error_body(status: int, message: str, code: str | None, param: str | None = None) -> bytes:
         """`{"message": ...}` as Bedrock sends it, plus `__type` (the exception name
         botocore reads when the `x-amzn-ErrorType` header is absent)."""
@@ -141,48 +132,24 @@ class BedrockConverse:
         return orjson.dumps({"message": message, "__type": kind})
 
     @staticmethod
-    def client_credential(headers: Mapping[str, str], path: str = "") -> str | None:
-        return bearer(headers)  # Bedrock API keys; a SigV4 Authorization is not a key
-
-    @staticmethod
-    def upstream_auth(key: str) -> list[tuple[str, str]]:
-        return [("authorization", f"Bearer {key}")]
-
-    @staticmethod
     def stream_decoder(*, hide_usage: bool, max_frame_bytes: int) -> BedrockStream:
         return BedrockStream(max_frame_bytes)
 
     @staticmethod
-    def response_decoder(
-        content_type: str, *, stream: bool, hide_usage: bool, max_frame_bytes: int
-    ) -> BedrockStream | None:
-        if content_type.lower().startswith(CONTENT_TYPE):
-            return BedrockStream(max_frame_bytes)
-        return None
+    def _prompt_slots(body: dict[str, Any]) -> Iterator[Slot]:
+        return _request_slots(body)
 
     @staticmethod
-    def completion_usage(body: bytes) -> Usage | None:
-        obj = loads(body)
-        usage = obj.get("usage") if isinstance(obj, dict) else None
-        return _usage_from(usage) if isinstance(usage, dict) else None
+    def _completion_slots(obj: Any) -> Iterator[Slot]:
+        return _completion_slots(obj)
 
     @staticmethod
-    def completion_finish_reason(body: bytes) -> str | None:
-        obj = loads(body)
-        return normalize_finish(obj.get("stopReason"), _FINISH) if isinstance(obj, dict) else None
+    def _usage(usage: dict[str, Any]) -> Usage:
+        return _usage_from(usage)
 
     @staticmethod
-    def completion_texts(body: bytes) -> list[TextDelta]:
-        return read_slots(_completion_slots(loads(body)))
-
-    @staticmethod
-    def rewrite_completion(body: bytes, texts: list[str]) -> bytes:
-        obj = loads(body)
-        slots = list(_completion_slots(obj))
-        if not slots and not texts:
-            return body
-        write_slots(slots, texts)
-        return orjson.dumps(obj)
+    def _finish(obj: dict[str, Any]) -> str | None:
+        return normalize_finish(obj.get("stopReason"), _FINISH)
 
 
 class BedrockStream(EventDecoder):
@@ -294,9 +261,7 @@ def _completion_slots(obj: Any) -> Iterator[Slot]:
 def _request_slots(obj: dict[str, Any]) -> Iterator[Slot]:
     """Prompt texts in order: `system` text blocks, then each message's content blocks
     (text, toolUse input, toolResult text/json). Reasoning blocks are signed: left out."""
-    for block in dicts(obj.get("system")):
-        if isinstance(block.get("text"), str):
-            yield Slot(block, "text")
+    yield from text_parts(obj.get("system"))
     for msg in dicts(obj.get("messages")):
         for block in dicts(msg.get("content")):
             if isinstance(block.get("text"), str):

@@ -21,7 +21,7 @@ had usage and parses it when `usage` is read.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import unquote
 
@@ -29,24 +29,20 @@ import orjson
 
 from extproc.providers._common import (
     EventDecoder,
+    JSONWireFormat,
     Slot,
     SSEDecoder,
-    bearer,
     dicts,
-    header,
     index_of,
     loads,
     normalize_finish,
     object_slot,
     parse_json_object,
     path_only,
-    query_param,
-    read_slots,
     string_slot,
     uint,
-    write_slots,
 )
-from extproc.providers.base import RequestError, RequestInfo, StreamEvent, TextDelta
+from extproc.providers.base import RequestError, RequestInfo, StreamEvent
 from extproc.providers.jsonarray import JSONArraySplitter, Piece, State
 from extproc.sse import Frame
 from extproc.usage import Usage
@@ -113,11 +109,13 @@ def error_json(status: int, message: str, code: str | None = None) -> dict[str, 
     return {"error": error}
 
 
-class Gemini:
-    """The Gemini API wire format (generativelanguage.googleapis.com)."""
+class Gemini(JSONWireFormat):
+    """The Gemini API wire format (generativelanguage.googleapis.com); usageMetadata
+    is always sent (the inherited `ensure_usage` has nothing to switch on)."""
 
     name = "gemini"
-    credential_headers: tuple[str, ...] = ("x-goog-api-key", "authorization")
+    key_header = "x-goog-api-key"
+    key_query = "key"
 
     @staticmethod
     def handles(upstream_path: str) -> bool:
@@ -164,26 +162,8 @@ class Gemini:
         )
 
     @staticmethod
-    def replace_request_texts(info: RequestInfo, texts: list[str]) -> bytes:
-        write_slots(list(_request_slots(info.body)), texts)
-        info.prompt_texts = list(texts)
-        return orjson.dumps(info.body)
-
-    @staticmethod
-    def ensure_usage(info: RequestInfo) -> bytes | None:
-        return None  # usageMetadata is always sent
-
-    @staticmethod
     def error_body(status: int, message: str, code: str | None, param: str | None = None) -> bytes:
         return orjson.dumps(error_json(status, message, code), option=orjson.OPT_INDENT_2)
-
-    @staticmethod
-    def client_credential(headers: Mapping[str, str], path: str = "") -> str | None:
-        return header(headers, "x-goog-api-key") or query_param(path, "key") or bearer(headers)
-
-    @staticmethod
-    def upstream_auth(key: str) -> list[tuple[str, str]]:
-        return [("x-goog-api-key", key)]
 
     @staticmethod
     def stream_decoder(*, hide_usage: bool, max_frame_bytes: int) -> GeminiSSEStream:
@@ -218,41 +198,51 @@ class Gemini:
         return reason
 
     @staticmethod
-    def completion_texts(body: bytes) -> list[TextDelta]:
-        obj = loads(body)
-        final = isinstance(obj, dict)
-        return read_slots(s for e in _elements(obj) for s in _response_slots(e, final=final))
+    def _prompt_slots(body: dict[str, Any]) -> Iterator[Slot]:
+        return _request_slots(body)
 
     @staticmethod
-    def rewrite_completion(body: bytes, texts: list[str]) -> bytes:
-        obj = loads(body)
+    def _completion_slots(obj: Any) -> Iterator[Slot]:
+        """A whole answer (one object, final texts) or a collected stream (an array)."""
         final = isinstance(obj, dict)
-        slots = [s for e in _elements(obj) for s in _response_slots(e, final=final)]
-        if not slots and not texts:
-            return body
-        write_slots(slots, texts)
-        return _dumps_like(body, obj)
+        return (s for e in _elements(obj) for s in _response_slots(e, final=final))
+
+    @staticmethod
+    def _dump_completion(original: bytes, obj: Any) -> bytes:
+        return _dumps_like(original, obj)
 
 
 class Vertex(Gemini):
     """Vertex AI's Gemini endpoints: same bodies, OAuth bearer tokens."""
 
     name = "vertex"
-    credential_headers = ("authorization",)
-
-    @staticmethod
-    def client_credential(headers: Mapping[str, str], path: str = "") -> str | None:
-        return bearer(headers)
-
-    @staticmethod
-    def upstream_auth(key: str) -> list[tuple[str, str]]:
-        return [("authorization", f"Bearer {key}")]
+    key_header = None
+    key_query = None
 
 
 class _GeminiEvents:
-    """Per-element bookkeeping shared by both framings (mixed into the decoders)."""
+    """Per-element bookkeeping shared by both framings (mixed into the decoders, which
+    declare the slots: `_tool_call`, `_usage`, `_usage_src`)."""
 
     __slots__ = ()
+
+    def __init__(self, *args: Any) -> None:
+        self._usage = Usage()
+        self._usage_src: bytes | None = None
+        self._tool_call = False
+        super().__init__(*args)
+
+    @property
+    def usage(self) -> Usage:
+        return self._current_usage()
+
+    @usage.setter
+    def usage(self, value: Usage) -> None:
+        self._usage = value
+        self._usage_src = None
+
+    def _slots(self, event: StreamEvent, obj: Any) -> list[Slot]:
+        return list(_response_slots(obj, final=False))
 
     def _element(self, data: bytes) -> bool:
         """Note what one GenerateContentResponse carries; True if it has output."""
@@ -291,21 +281,6 @@ class GeminiSSEStream(_GeminiEvents, SSEDecoder):
     name = "gemini_sse"
     __slots__ = ("_tool_call", "_usage", "_usage_src")
 
-    def __init__(self, max_frame_bytes: int) -> None:
-        self._usage = Usage()
-        self._usage_src: bytes | None = None
-        self._tool_call = False
-        super().__init__(max_frame_bytes)
-
-    @property  # type: ignore[override]
-    def usage(self) -> Usage:
-        return self._current_usage()
-
-    @usage.setter
-    def usage(self, value: Usage) -> None:
-        self._usage = value
-        self._usage_src = None
-
     def _event(self, frame: Frame) -> StreamEvent:
         raw = frame.raw
         data = frame.data
@@ -313,13 +288,9 @@ class GeminiSSEStream(_GeminiEvents, SSEDecoder):
             return StreamEvent(raw, raw)
         return StreamEvent(raw, raw, data, is_content=self._element(data))
 
-    def _slots(self, event: StreamEvent, obj: Any) -> list[Slot]:
-        return list(_response_slots(obj, final=False))
-
     def error_event(self, message: str, code: str, *, before: StreamEvent | None = None) -> bytes:
         """`data: {"error": {...}}`: google-genai raises APIError on it."""
-        eol = self.eol
-        return b"data: " + orjson.dumps(error_json(500, message, code)) + eol + eol
+        return self._frame(orjson.dumps(error_json(500, message, code)))
 
 
 class GeminiArrayStream(_GeminiEvents, EventDecoder):
@@ -329,22 +300,10 @@ class GeminiArrayStream(_GeminiEvents, EventDecoder):
     __slots__ = ("_before", "_sent", "_splitter", "_tool_call", "_usage", "_usage_src")
 
     def __init__(self, max_frame_bytes: int) -> None:
-        self._usage = Usage()
-        self._usage_src: bytes | None = None
-        self._tool_call = False
         super().__init__()
         self._splitter = JSONArraySplitter(max_frame_bytes)
         self._sent = State.START  # the array after every event returned so far
         self._before: dict[int, int] = {}  # id(event) -> state before it, last batch
-
-    @property  # type: ignore[override]
-    def usage(self) -> Usage:
-        return self._current_usage()
-
-    @usage.setter
-    def usage(self, value: Usage) -> None:
-        self._usage = value
-        self._usage_src = None
 
     @property
     def buffered(self) -> int:
@@ -373,9 +332,6 @@ class GeminiArrayStream(_GeminiEvents, EventDecoder):
             self._before = before
             self._sent = state
         return events
-
-    def _slots(self, event: StreamEvent, obj: Any) -> list[Slot]:
-        return list(_response_slots(obj, final=False))
 
     def _encode(self, event: StreamEvent, obj: Any) -> bytes:
         return _dumps_like(event.raw, obj)

@@ -15,31 +15,28 @@ carry no model (the deployment then names it).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import unquote
 
 import orjson
 
-from extproc.errors import error_body as openai_error_body
 from extproc.providers._common import (
+    JSONWireFormat,
     Slot,
     SSEDecoder,
-    bearer,
     channel,
+    content_slots,
     dicts,
-    header,
     index_of,
     loads,
     parse_json_object,
     path_only,
-    read_slots,
     request_model,
     string_slot,
     uint,
-    write_slots,
 )
-from extproc.providers.base import RequestError, RequestInfo, StreamEvent, TextDelta
+from extproc.providers.base import RequestError, RequestInfo, StreamEvent
 from extproc.sse import Frame
 from extproc.usage import Usage
 
@@ -51,14 +48,12 @@ _ARGUMENTS = b'"arguments":"'
 _REASONING = b'"reasoning_content":"'
 _REASONING_OLLAMA = b'"reasoning":"'
 _DONE = b"[DONE]"
-_SSE = "text/event-stream"
 
 
-class OpenAIChat:
+class OpenAIChat(JSONWireFormat):
     """The OpenAI Chat Completions wire format."""
 
     name = "openai_chat"
-    credential_headers: tuple[str, ...] = ("authorization",)
 
     @staticmethod
     def handles(upstream_path: str) -> bool:
@@ -68,12 +63,6 @@ class OpenAIChat:
     @staticmethod
     def parse_request(body: bytes, path: str = "") -> RequestInfo:
         return _parse_chat(body, default_model=None)
-
-    @staticmethod
-    def replace_request_texts(info: RequestInfo, texts: list[str]) -> bytes:
-        write_slots(list(_request_slots(info.body.get("messages"))), texts)
-        info.prompt_texts = list(texts)
-        return orjson.dumps(info.body)
 
     @staticmethod
     def ensure_usage(info: RequestInfo) -> bytes | None:
@@ -86,75 +75,38 @@ class OpenAIChat:
         return orjson.dumps(info.body)
 
     @staticmethod
-    def error_body(status: int, message: str, code: str | None, param: str | None = None) -> bytes:
-        return openai_error_body(status, message, code, param)
-
-    @staticmethod
-    def client_credential(headers: Mapping[str, str], path: str = "") -> str | None:
-        return bearer(headers)
-
-    @staticmethod
-    def upstream_auth(key: str) -> list[tuple[str, str]]:
-        return [("authorization", f"Bearer {key}")]
-
-    @staticmethod
     def stream_decoder(*, hide_usage: bool, max_frame_bytes: int) -> OpenAIChatStream:
         return OpenAIChatStream(hide_usage=hide_usage, max_frame_bytes=max_frame_bytes)
 
     @staticmethod
-    def response_decoder(
-        content_type: str, *, stream: bool, hide_usage: bool, max_frame_bytes: int
-    ) -> OpenAIChatStream | None:
-        if content_type.lower().startswith(_SSE):
-            return OpenAIChatStream(hide_usage=hide_usage, max_frame_bytes=max_frame_bytes)
-        return None
+    def _prompt_slots(body: dict[str, Any]) -> Iterator[Slot]:
+        return _request_slots(body)
 
     @staticmethod
-    def completion_usage(body: bytes) -> Usage | None:
-        """Usage from a non-streaming JSON answer, if it has one."""
-        obj = loads(body)
-        usage = obj.get("usage") if isinstance(obj, dict) else None
-        return _usage_from(usage) if isinstance(usage, dict) else None
+    def _completion_slots(obj: Any) -> Iterator[Slot]:
+        return _choice_slots(obj, "message", final=True)
 
     @staticmethod
-    def completion_finish_reason(body: bytes) -> str | None:
-        obj = loads(body)
-        for choice in dicts(obj.get("choices") if isinstance(obj, dict) else None):
+    def _usage(usage: dict[str, Any]) -> Usage:
+        return usage_from(usage)
+
+    @staticmethod
+    def _finish(obj: dict[str, Any]) -> str | None:
+        for choice in dicts(obj.get("choices")):
             if isinstance(choice.get("finish_reason"), str):
                 return choice["finish_reason"]
         return None
-
-    @staticmethod
-    def completion_texts(body: bytes) -> list[TextDelta]:
-        return read_slots(_completion_slots(loads(body)))
-
-    @staticmethod
-    def rewrite_completion(body: bytes, texts: list[str]) -> bytes:
-        obj = loads(body)
-        slots = list(_completion_slots(obj))
-        if not slots and not texts:
-            return body
-        write_slots(slots, texts)
-        return orjson.dumps(obj)
 
 
 class AzureOpenAIChat(OpenAIChat):
     """Azure OpenAI chat: `api-key` auth; the deployment in the path names the model."""
 
     name = "azure_chat"
-    credential_headers = ("api-key", "authorization")
+    key_header = "api-key"
 
     @staticmethod
     def parse_request(body: bytes, path: str = "") -> RequestInfo:
         return _parse_chat(body, default_model=azure_deployment(path))
-
-    @staticmethod
-    def client_credential(headers: Mapping[str, str], path: str = "") -> str | None:
-        return header(headers, "api-key") or bearer(headers)
-
-    @staticmethod
-    def upstream_auth(key: str) -> list[tuple[str, str]]:
-        return [("api-key", key)]
 
 
 def azure_deployment(path: str) -> str | None:
@@ -203,7 +155,7 @@ def _parse_chat(body: bytes, default_model: str | None) -> RequestInfo:
         model=model,
         stream=stream,
         body=obj,
-        prompt_texts=[slot.get() for slot in _request_slots(messages)],
+        prompt_texts=[slot.get() for slot in _request_slots(obj)],
         client_wants_usage=bool(options and options.get("include_usage") is True),
         max_output_tokens=max_out if isinstance(max_out, int) else None,
     )
@@ -272,7 +224,7 @@ class OpenAIChatStream(SSEDecoder):
         if at >= 0 and not _is_null_after(data, at + len(_USAGE_KEY)):
             obj = loads(data)
             if isinstance(obj, dict) and isinstance(obj.get("usage"), dict):
-                self.usage = _usage_from(obj["usage"])
+                self.usage = usage_from(obj["usage"])
                 if self._hide_usage and not obj.get("choices"):
                     return StreamEvent(raw, b"", data)
         elif at >= 0 and self._hide_usage:
@@ -317,11 +269,29 @@ def _text_deltas(data: bytes) -> int:
     return sum(map(count, _TEXT_KEYS)) - sum(map(count, _EMPTY_TEXTS))
 
 
-def _usage_from(usage: dict[str, Any]) -> Usage:
-    prompt = uint(usage.get("prompt_tokens"))
-    completion = uint(usage.get("completion_tokens"))
-    prompt_details = usage.get("prompt_tokens_details") or {}
-    completion_details = usage.get("completion_tokens_details") or {}
+# Usage field names: Chat Completions', then the Responses API's.
+CHAT_USAGE_KEYS = (
+    "prompt_tokens",
+    "completion_tokens",
+    "prompt_tokens_details",
+    "completion_tokens_details",
+)
+RESPONSES_USAGE_KEYS = (
+    "input_tokens",
+    "output_tokens",
+    "input_tokens_details",
+    "output_tokens_details",
+)
+
+
+def usage_from(usage: dict[str, Any], keys: tuple[str, str, str, str] = CHAT_USAGE_KEYS) -> Usage:
+    """An OpenAI usage object (Chat or Responses naming): cached tokens and reasoning
+    tokens come from the two details objects."""
+    prompt_key, completion_key, prompt_details_key, completion_details_key = keys
+    prompt = uint(usage.get(prompt_key))
+    completion = uint(usage.get(completion_key))
+    prompt_details = usage.get(prompt_details_key)
+    completion_details = usage.get(completion_details_key)
     result = Usage()
     result.set_reported(
         prompt,
@@ -335,24 +305,18 @@ def _usage_from(usage: dict[str, Any]) -> Usage:
     return result
 
 
-def _request_slots(messages: Any):
+def _request_slots(body: dict[str, Any]) -> Iterator[Slot]:
     """Every text a request carries, in order: each message's content (string or text
     parts), then its tool-call arguments."""
-    for message in dicts(messages):
-        content = message.get("content")
-        if isinstance(content, str):
-            yield Slot(message, "content")
-        else:
-            for part in dicts(content):
-                if isinstance(part.get("text"), str):
-                    yield Slot(part, "text")
+    for message in dicts(body.get("messages")):
+        yield from content_slots(message, "content")
         for call in dicts(message.get("tool_calls")):
             function = call.get("function")
             if isinstance(function, dict) and isinstance(function.get("arguments"), str):
                 yield Slot(function, "arguments", kind="tool_arguments")
 
 
-def _choice_slots(obj: Any, field: str, *, final: bool):
+def _choice_slots(obj: Any, field: str, *, final: bool) -> Iterator[Slot]:
     """Texts of each choice's `delta` (stream) or `message` (completion): reasoning
     (vLLM's `reasoning_content`, Ollama's `reasoning`), content, tool-call arguments."""
     if not isinstance(obj, dict):
@@ -380,7 +344,3 @@ def _choice_slots(obj: Any, field: str, *, final: bool):
             )
             if slot is not None:
                 yield slot
-
-
-def _completion_slots(obj: Any):
-    return _choice_slots(obj, "message", final=True)

@@ -14,37 +14,33 @@ Usage is always reported: there is no switch to turn on.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
 
-from extproc.errors import error_body as openai_error_body
 from extproc.providers._common import (
+    JSONWireFormat,
     Slot,
     SSEDecoder,
-    bearer,
     channel,
+    content_slots,
     dicts,
-    header,
     index_of,
+    leading_type,
     loads,
     optional_bool,
     optional_int,
     parse_json_object,
     path_only,
-    read_slots,
     request_model,
     string_slot,
-    uint,
-    write_slots,
 )
-from extproc.providers.base import RequestError, RequestInfo, StreamEvent, TextDelta
+from extproc.providers.base import RequestError, RequestInfo, StreamEvent
+from extproc.providers.openai_chat import RESPONSES_USAGE_KEYS, usage_from
 from extproc.sse import Frame
 from extproc.usage import Usage
 
-_SSE = "text/event-stream"
-_TYPE = b'"type":"'
 _SEQ = b'"sequence_number":'
 _EMPTY_DELTA = b'"delta":""'
 
@@ -70,11 +66,11 @@ _TERMINAL = frozenset({b"response.completed", b"response.incomplete", b"response
 _INCOMPLETE = {"max_output_tokens": "length", "content_filter": "content_filter"}
 
 
-class OpenAIResponses:
-    """The OpenAI Responses API wire format."""
+class OpenAIResponses(JSONWireFormat):
+    """The OpenAI Responses API wire format (usage is always reported: the inherited
+    `ensure_usage` has nothing to switch on)."""
 
     name = "openai_responses"
-    credential_headers: tuple[str, ...] = ("authorization",)
 
     @staticmethod
     def handles(upstream_path: str) -> bool:
@@ -108,77 +104,31 @@ class OpenAIResponses:
         )
 
     @staticmethod
-    def replace_request_texts(info: RequestInfo, texts: list[str]) -> bytes:
-        write_slots(list(_request_slots(info.body)), texts)
-        info.prompt_texts = list(texts)
-        return orjson.dumps(info.body)
-
-    @staticmethod
-    def ensure_usage(info: RequestInfo) -> bytes | None:
-        return None  # `response.completed` always carries usage
-
-    @staticmethod
-    def error_body(status: int, message: str, code: str | None, param: str | None = None) -> bytes:
-        return openai_error_body(status, message, code, param)
-
-    @staticmethod
-    def client_credential(headers: Mapping[str, str], path: str = "") -> str | None:
-        return bearer(headers)
-
-    @staticmethod
-    def upstream_auth(key: str) -> list[tuple[str, str]]:
-        return [("authorization", f"Bearer {key}")]
-
-    @staticmethod
     def stream_decoder(*, hide_usage: bool, max_frame_bytes: int) -> OpenAIResponsesStream:
         return OpenAIResponsesStream(max_frame_bytes)
 
     @staticmethod
-    def response_decoder(
-        content_type: str, *, stream: bool, hide_usage: bool, max_frame_bytes: int
-    ) -> OpenAIResponsesStream | None:
-        if content_type.lower().startswith(_SSE):
-            return OpenAIResponsesStream(max_frame_bytes)
-        return None
+    def _prompt_slots(body: dict[str, Any]) -> Iterator[Slot]:
+        return _request_slots(body)
 
     @staticmethod
-    def completion_usage(body: bytes) -> Usage | None:
-        obj = loads(body)
-        usage = obj.get("usage") if isinstance(obj, dict) else None
-        return _usage_from(usage) if isinstance(usage, dict) else None
+    def _completion_slots(obj: Any) -> Iterator[Slot]:
+        return _response_slots(obj)
 
     @staticmethod
-    def completion_finish_reason(body: bytes) -> str | None:
-        obj = loads(body)
-        return _finish_of(obj) if isinstance(obj, dict) else None
+    def _usage(usage: dict[str, Any]) -> Usage:
+        return _usage_from(usage)
 
     @staticmethod
-    def completion_texts(body: bytes) -> list[TextDelta]:
-        return read_slots(_response_slots(loads(body)))
-
-    @staticmethod
-    def rewrite_completion(body: bytes, texts: list[str]) -> bytes:
-        obj = loads(body)
-        slots = list(_response_slots(obj))
-        if not slots and not texts:
-            return body
-        write_slots(slots, texts)
-        return orjson.dumps(obj)
+    def _finish(obj: dict[str, Any]) -> str | None:
+        return _finish_of(obj)
 
 
 class AzureOpenAIResponses(OpenAIResponses):
     """Azure OpenAI's Responses API (`/openai/v1/responses`): `api-key` auth."""
 
     name = "azure_responses"
-    credential_headers = ("api-key", "authorization")
-
-    @staticmethod
-    def client_credential(headers: Mapping[str, str], path: str = "") -> str | None:
-        return header(headers, "api-key") or bearer(headers)
-
-    @staticmethod
-    def upstream_auth(key: str) -> list[tuple[str, str]]:
-        return [("api-key", key)]
+    key_header = "api-key"
 
 
 class OpenAIResponsesStream(SSEDecoder):
@@ -196,7 +146,7 @@ class OpenAIResponsesStream(SSEDecoder):
         data = frame.data
         if data is None:
             return StreamEvent(raw, raw)
-        kind = frame.event if frame.event is not None else _type_of(data)
+        kind = frame.event if frame.event is not None else leading_type(data)
         name = kind.decode("utf-8", "replace") if kind is not None else None
         at = data.find(_SEQ)
         if at >= 0:
@@ -237,19 +187,7 @@ class OpenAIResponsesStream(SSEDecoder):
                 "sequence_number": self._sequence + 1,
             }
         )
-        eol = self.eol
-        return b"event: error" + eol + b"data: " + body + eol + eol
-
-
-def _type_of(data: bytes) -> bytes | None:
-    """The `type` of an event whose frame had no `event:` line (tolerated, not sent by
-    OpenAI): the first `"type":"..."`, which leads the object."""
-    at = data.find(_TYPE)
-    if at < 0:
-        return None
-    start = at + len(_TYPE)
-    end = data.find(b'"', start)
-    return data[start:end] if end > start else None
+        return self._frame(body, b"error")
 
 
 def _event_slots(obj: dict[str, Any]) -> Iterator[Slot]:
@@ -257,21 +195,15 @@ def _event_slots(obj: dict[str, Any]) -> Iterator[Slot]:
     output = index_of(obj, "output_index", 0)
     if not isinstance(kind, str):
         return
-    key = kind.encode()
-    if key in _DELTAS:
-        text_kind, field, inner = _DELTAS[key]
+    spec = _DELTAS.get(kind.encode())
+    final = spec is None  # not a delta: maybe a `*.done` repeating a whole text
+    if final:
+        spec = _DONES.get(kind)
+    if spec is not None:
+        text_kind, field, inner = spec
         slot = string_slot(
             obj, field, channel=channel(output, index_of(obj, inner, 0) if inner else 0),
-            kind=text_kind,
-        )  # fmt: skip
-        if slot is not None:
-            yield slot
-        return
-    if kind in _DONES:
-        text_kind, field, inner = _DONES[kind]
-        slot = string_slot(
-            obj, field, channel=channel(output, index_of(obj, inner, 0) if inner else 0),
-            kind=text_kind, final=True,
+            kind=text_kind, final=final,
         )  # fmt: skip
         if slot is not None:
             yield slot
@@ -306,16 +238,9 @@ def _item_slots(item: dict[str, Any], output: int) -> Iterator[Slot]:
     if kind == "message":
         for ci, part in enumerate(dicts(item.get("content"))):
             yield from _part_slots(part, channel(output, ci))
-    elif kind == "function_call":
-        slot = string_slot(
-            item, "arguments", channel=channel(output), kind="tool_arguments", final=True
-        )
-        if slot is not None:
-            yield slot
-    elif kind == "custom_tool_call":
-        slot = string_slot(
-            item, "input", channel=channel(output), kind="tool_arguments", final=True
-        )
+    elif kind in ("function_call", "custom_tool_call"):
+        field = "arguments" if kind == "function_call" else "input"
+        slot = string_slot(item, field, channel=channel(output), kind="tool_arguments", final=True)
         if slot is not None:
             yield slot
     elif kind == "reasoning":
@@ -343,25 +268,13 @@ def _request_slots(obj: dict[str, Any]) -> Iterator[Slot]:
         return
     for item in dicts(value):
         kind = item.get("type")
-        content = item.get("content")
-        if isinstance(content, str):
-            yield Slot(item, "content")
-        else:
-            for part in dicts(content):
-                if isinstance(part.get("text"), str):
-                    yield Slot(part, "text")
+        yield from content_slots(item, "content")
         if kind == "function_call" and isinstance(item.get("arguments"), str):
             yield Slot(item, "arguments", kind="tool_arguments")
         elif kind == "custom_tool_call" and isinstance(item.get("input"), str):
             yield Slot(item, "input", kind="tool_arguments")
         elif kind in ("function_call_output", "custom_tool_call_output"):
-            output = item.get("output")
-            if isinstance(output, str):
-                yield Slot(item, "output")
-            else:
-                for part in dicts(output):
-                    if isinstance(part.get("text"), str):
-                        yield Slot(part, "text")
+            yield from content_slots(item, "output")
 
 
 def _finish_of(response: dict[str, Any]) -> str | None:
@@ -382,18 +295,4 @@ def _finish_of(response: dict[str, Any]) -> str | None:
 
 
 def _usage_from(usage: dict[str, Any]) -> Usage:
-    prompt = uint(usage.get("input_tokens"))
-    completion = uint(usage.get("output_tokens"))
-    input_details = usage.get("input_tokens_details")
-    output_details = usage.get("output_tokens_details")
-    result = Usage()
-    result.set_reported(
-        prompt,
-        completion,
-        uint(usage.get("total_tokens")) or prompt + completion,
-        cached=uint(input_details.get("cached_tokens")) if isinstance(input_details, dict) else 0,
-        reasoning=uint(output_details.get("reasoning_tokens"))
-        if isinstance(output_details, dict)
-        else 0,
-    )
-    return result
+    return usage_from(usage, RESPONSES_USAGE_KEYS)
