@@ -23,6 +23,7 @@ import yaml
 # Provider API shapes (config `format`); extproc.providers.FAMILIES maps each to its decoders.
 WIRE_FORMATS = ("openai", "azure", "anthropic", "gemini", "vertex", "bedrock")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+ON_BLOCK_MODES = ("drain", "close")  # streaming.on_block
 
 
 class ConfigError(Exception):
@@ -127,6 +128,12 @@ class StreamingConfig:
     max_frame_bytes: int = 1 << 20  # one SSE frame larger than this ends the stream
     ensure_usage: bool = True  # add stream_options.include_usage upstream, hide it from client
     max_json_response_bytes: int = 8 << 20  # non-streaming bodies kept for metering up to this
+    # After the gateway ended a stream (guard block, oversized frame, undecodable
+    # stream), what to do with the provider still sending: `drain` clears the rest
+    # (the client's HTTP stream ends cleanly, but only when the provider finishes);
+    # `close` stops the provider at its next chunk (Envoy resets the client's stream
+    # after the error event: HTTP/1 closes the connection, HTTP/2 sends RST_STREAM).
+    on_block: str = "drain"
 
 
 @dataclass(frozen=True, slots=True)
@@ -695,6 +702,7 @@ _STREAMING_FIELDS: dict[str, Field] = {
     "max_frame_bytes": integer(),
     "ensure_usage": boolean,
     "max_json_response_bytes": integer(),
+    "on_block": choice(ON_BLOCK_MODES, "on_block mode"),
 }
 _PROVIDER_FIELDS: dict[str, Field] = {
     "url": provider_url,

@@ -10,7 +10,9 @@ The response body rule: a chunk whose bytes are all complete, untouched frames i
 answered with no mutation (the cheap, byte-exact default); otherwise the chunk is
 replaced by exactly the bytes the client should get now, and an unfinished frame waits
 for its end. Once the response has started, a problem can no longer change the status:
-the stream is ended with the format's error event and later chunks are cleared.
+the stream is ended with the format's error event and later chunks are cleared
+(`streaming.on_block: drain`), or the next chunk is answered with an ImmediateResponse,
+which makes Envoy close the provider's stream and reset the client's (`close`).
 """
 
 from __future__ import annotations
@@ -95,6 +97,7 @@ class Exchange:
         self._first_frame_at = 0.0
         self._held = False
         self._closed = False
+        self._upstream_closed = False
         metrics.active.inc()
 
     @property
@@ -312,7 +315,11 @@ class Exchange:
 
     def _on_response_body(self, chunk: bytes, end: bool, now: float) -> ProcessingResponse:
         if self.mode == Mode.DONE:
-            return self._finish(_CLEAR_BODY, now) if end else _CLEAR_BODY
+            if end:
+                return self._finish(_CLEAR_BODY, now)
+            if self.policy.config.streaming.on_block == "close":
+                return self._close_upstream(now)
+            return _CLEAR_BODY
         inflated = self._inflate is not None
         if inflated:
             try:
@@ -419,6 +426,29 @@ class Exchange:
         response = _replace_body(tail)
         return self._finish(response, now) if end else response
 
+    def _close_upstream(self, now: float) -> ProcessingResponse:
+        """`streaming.on_block: close`: the error event went out with an earlier chunk,
+        and this one shows the provider is still generating (and billing). Once the
+        response has started, Envoy answers an ImmediateResponse by resetting the stream:
+        the provider's connection is closed, and the client, which already has the whole
+        error event (and `[DONE]`), sees its HTTP stream end without a clean end (HTTP/1:
+        the connection closes before the last chunk; HTTP/2: RST_STREAM). Waiting for
+        this chunk rather than sending it with the error event gives the error event a
+        chunk's time to leave Envoy before the reset."""
+        kind = self.error_kind or "stream_ended"
+        self.metrics.upstream_closed.labels(kind).inc()
+        log.info(
+            "closing provider stream route=%s model=%s after %s (streaming.on_block: close)",
+            self.route_name,
+            self.model or "unknown",
+            kind,
+        )
+        self._upstream_closed = True
+        reset = ImmediateResponse(
+            status=HttpStatus(code=self.status or 200), details="ai_gateway_upstream_closed"
+        )
+        return self._finish(ProcessingResponse(immediate_response=reset), now)
+
     # -- end of exchange --------------------------------------------------------------
 
     def _finish(self, response: ProcessingResponse, now: float) -> ProcessingResponse:
@@ -440,6 +470,7 @@ class Exchange:
                 "reasoning_tokens": usage.reasoning_tokens,
                 "usage_estimated": usage.estimated,
                 "finish_reason": self.finish_reason or "",
+                **({"upstream_closed": True} if self._upstream_closed else {}),
             },
         )
         return final

@@ -83,6 +83,14 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        self.upstream_closed = Counter(
+            "ai_gateway_upstream_closed",
+            "Provider streams closed early by the gateway (streaming.on_block: close) after "
+            "it had ended the client's stream, by why it ended it (guard_blocked, "
+            "frame_too_large, decode_error...)",
+            ["kind"],
+            registry=r,
+        )
         self.config_reloads = Counter(
             "ai_gateway_config_reloads",
             "Policy file changes seen, by result (success: applied; failure: refused, "

@@ -1521,6 +1521,11 @@ def _model_hint(request: web.Request, body: bytes) -> str:
 
 @dataclass(slots=True)
 class _Exchange:
+    """One request as the mock saw it. `sent` is the whole answer it meant to send;
+    `bytes_written`, `completed` and `client_went_away` say how far it got, so a test
+    can tell a provider stream that was closed early from one that ran to its end
+    without timing anything."""
+
     method: str
     path: str
     query: str
@@ -1528,6 +1533,9 @@ class _Exchange:
     body: bytes
     sent: bytes
     status: int
+    bytes_written: int = 0
+    completed: bool = False  # every byte written and the body ended
+    client_went_away: bool = False  # the peer (Envoy) closed before the body ended
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -1538,6 +1546,9 @@ class _Exchange:
             "body_b64": base64.b64encode(self.body).decode(),
             "sent_b64": base64.b64encode(self.sent).decode(),
             "status": self.status,
+            "bytes_written": self.bytes_written,
+            "completed": self.completed,
+            "client_went_away": self.client_went_away,
         }
 
 
@@ -1552,7 +1563,9 @@ class _MockProvider:
 
     # ---- exchange log
 
-    def record(self, request: web.Request, body: bytes, sent: bytes, status: int) -> None:
+    def record(self, request: web.Request, body: bytes, sent: bytes, status: int) -> _Exchange:
+        """Log an exchange under `x-mock-request-id` (or an automatic id); a whole
+        (non-streamed) answer counts as written at once."""
         key = request.headers.get("x-mock-request-id")
         if key is None:
             self._auto_id += 1
@@ -1562,11 +1575,20 @@ class _MockProvider:
             lname = name.lower()
             headers[lname] = f"{headers[lname]},{value}" if lname in headers else value
         self.exchanges.pop(key, None)
-        self.exchanges[key] = _Exchange(
-            request.method, request.path, request.query_string, headers, body, sent, status
+        exchange = self.exchanges[key] = _Exchange(
+            request.method,
+            request.path,
+            request.query_string,
+            headers,
+            body,
+            sent,
+            status,
+            bytes_written=len(sent),
+            completed=True,
         )
         while len(self.exchanges) > MAX_EXCHANGES:
             self.exchanges.popitem(last=False)
+        return exchange
 
     def _json(
         self,
@@ -1634,7 +1656,8 @@ class _MockProvider:
 
         frames = job.frames
         sent = b"".join(frames)
-        self.record(request, body, sent, 200)
+        exchange = self.record(request, body, sent, 200)
+        exchange.bytes_written, exchange.completed = 0, False  # `_send` tracks it
         _NOTE.set(f"stream={job.stream} model={job.model} bytes={len(sent)}")
 
         if wire.split == "all":
@@ -1667,7 +1690,7 @@ class _MockProvider:
             response.headers["x-amzn-RequestId"] = str(uuid.UUID(digest[:32]))
         elif fmt == "openai":
             response.headers["x-request-id"] = "req_" + digest[:32]
-        return await self._send(request, response, on_wire, pause, wire)
+        return await self._send(request, response, on_wire, pause, wire, exchange)
 
     async def _send(
         self,
@@ -1676,11 +1699,14 @@ class _MockProvider:
         pieces: Sequence[bytes],
         pause: float,
         wire: WireKnobs,
+        exchange: _Exchange,
     ) -> web.StreamResponse:
-        """Write `pieces` one write each; honour the cut knob; tolerate a vanished client."""
+        """Write `pieces` one write each; honour the cut knob; tolerate a vanished
+        client, and note in `exchange` how far the body got (`bytes_written` counts
+        body bytes handed to the transport, compressed if gzip)."""
+        written = 0
         try:
             await response.prepare(request)
-            written = 0
             for i, piece in enumerate(pieces):
                 if i and pause:
                     await asyncio.sleep(pause)
@@ -1688,17 +1714,24 @@ class _MockProvider:
                     part = piece[: wire.cut_after - written]
                     if part:
                         await response.write(part)
+                        exchange.bytes_written += len(part)
                     await self._cut(request, wire.cut_mode)
                     return response
                 if piece:
                     await response.write(piece)
                     written += len(piece)
+                    exchange.bytes_written = written
             if wire.cut_after is not None:
                 await self._cut(request, wire.cut_mode)
                 return response
             await response.write_eof()
+            exchange.completed = True
         except ConnectionError:
-            log.info("client went away during %s", request.path)
+            exchange.client_went_away = True
+            log.info("client went away during %s after %d bytes", request.path, written)
+        except asyncio.CancelledError:
+            exchange.client_went_away = True  # aiohttp cancels handlers of lost peers
+            raise
         return response
 
     async def _cut(self, request: web.Request, mode: str) -> None:

@@ -74,6 +74,14 @@ def test_sections_other_than_providers_and_routes_are_optional(tmp_path: Path) -
     assert config.route("v1") is not None
 
 
+def test_streaming_on_block(tmp_path: Path) -> None:
+    """`drain` (today's behaviour) unless the policy asks to close the provider's stream."""
+    assert load_config(write(tmp_path, MINIMAL)).streaming.on_block == "drain"
+    for mode in ("drain", "close"):
+        text = MINIMAL + f"streaming: {{on_block: {mode}}}\n"
+        assert load_config(write(tmp_path, text)).streaming.on_block == mode
+
+
 def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
     path, problems = problems_of(
         tmp_path,
@@ -124,6 +132,18 @@ BAD_CASES = [
         "streaming.max_frame_bytes",
         "expected a positive integer, got -5",
         id="negative",
+    ),
+    pytest.param(
+        "streaming: {on_block: stop}",
+        "streaming.on_block",
+        "unknown on_block mode 'stop' (known: drain, close)",
+        id="on-block-mode",
+    ),
+    pytest.param(
+        "streaming: {on_block: true}",
+        "streaming.on_block",
+        "expected a string, got true",
+        id="on-block-not-a-string",
     ),
     pytest.param(
         "envoy: {failure_mode_allow: 'no'}",

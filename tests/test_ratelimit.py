@@ -629,7 +629,9 @@ async def test_redis_and_local_stores_decide_alike(redis_server):
 
 async def test_replicas_sharing_redis_admit_exactly_the_limit(redis_server):
     prefix = fresh_prefix()
-    replicas = [RedisStore(redis_server.url, key_prefix=prefix) for _ in range(3)]
+    # A generous timeout: this checks atomicity, and on a loaded machine the 200 ms
+    # default can expire and (correctly) mark Redis down, which is another test's case.
+    replicas = [RedisStore(redis_server.url, key_prefix=prefix, timeout=10.0) for _ in range(3)]
     rate = Rate(100, 86400)
     try:
         outcomes = await asyncio.gather(
@@ -642,7 +644,9 @@ async def test_replicas_sharing_redis_admit_exactly_the_limit(redis_server):
 
 
 async def test_a_burst_beyond_the_connection_pool_queues_instead_of_failing(redis_server):
-    store = RedisStore(redis_server.url, key_prefix=fresh_prefix(), max_connections=4)
+    store = RedisStore(
+        redis_server.url, key_prefix=fresh_prefix(), max_connections=4, timeout=10.0
+    )
     rate = Rate(150, 86400)
     try:
         outcomes = await asyncio.gather(*(store.acquire(["k"], [rate], [1]) for _ in range(300)))
