@@ -29,6 +29,7 @@ import yaml
 
 from extproc.devstack import Stack, grpc_serving
 from tests.conftest import DEV_API_KEY, metric, wait_for, write_config
+from tests.redis_server import RedisServer
 
 AUTH = {"authorization": f"Bearer {DEV_API_KEY}"}  # the dev policy's consumer key
 SEED = {
@@ -389,3 +390,34 @@ def test_single_worker_watches_its_own_policy(tmp_path: Path) -> None:
         assert "stream_options" not in mock_request(stack, request_id)["body"]
     finally:
         stack.stop()
+
+
+def test_two_workers_keep_one_limit(tmp_path: Path) -> None:
+    """Workers count against one shared store (Redis), so a request limit is exact
+    across them, and both workers take streams while it holds."""
+    redis = RedisServer(tmp_path / "redis").start()
+    try:
+        limits = {
+            "store": "redis",
+            "redis": {"url": redis.url, "timeout_ms": 5000},
+            "limits": [
+                {"name": "shared", "requests": 7, "window": "1d", "match": {"routes": ["v1"]}}
+            ],
+        }
+        (tmp_path / "stack").mkdir()
+        stack, _ = start(tmp_path / "stack", workers=2, rate_limits=limits)
+        try:
+            before = {w: metric(stack, "ai_gateway_worker_streams_total", worker=w) for w in "01"}
+            with ThreadPoolExecutor(20) as pool:
+                statuses = list(pool.map(lambda _: chat(stack)[1].status_code, range(20)))
+            assert statuses.count(200) == 7, statuses
+            assert statuses.count(429) == 13, statuses
+            taken = {
+                w: metric(stack, "ai_gateway_worker_streams_total", worker=w) - before[w]
+                for w in "01"
+            }
+            assert taken["0"] > 0 and taken["1"] > 0, taken
+        finally:
+            stack.stop()
+    finally:
+        redis.stop()
