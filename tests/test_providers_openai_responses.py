@@ -267,3 +267,18 @@ def test_paths_and_errors():
         OpenAIResponses.parse_request(b'{"input": "x", "model": 3}')
     err = orjson.loads(OpenAIResponses.error_body(400, "bad", "invalid_value", "input"))
     assert err["error"]["param"] == "input"
+
+
+def test_whole_text_repeats_are_shown_to_policies():
+    """`*.done` events and `response.completed` repeat the whole answer: they must be
+    flagged for the guards like the deltas, or masked text would leak through them."""
+    from extproc import mockprovider as mock
+
+    frames = mock.build_responses_stream(
+        {"model": "gpt-4o", "input": "hi", "stream": True}, mock.MockOptions(tokens=5)
+    )
+    decoder = OpenAIResponses.stream_decoder(hide_usage=False, max_frame_bytes=1 << 20)
+    events = decoder.feed(b"".join(frames)) + decoder.finish()
+    repeats = [e for e in events if e.name and (e.name.endswith(".done") or e.is_done)]
+    assert repeats and all(e.is_content for e in repeats)
+    assert any(t.final for e in repeats for t in decoder.texts(e))

@@ -79,7 +79,8 @@ class StreamEvent:
     raw: bytes
     out: bytes  # what the client gets for it; `is raw` when untouched
     data: bytes | None = None  # the format's payload (SSE data, JSON element...)
-    is_content: bool = False  # carries generated output (counts toward estimates)
+    is_content: bool = False  # carries generated text a policy must see (deltas and
+    # whole-text repeats such as Responses' `*.done`; decoders count deltas themselves)
     is_done: bool = False  # the format's explicit end marker
     name: str | None = None  # the format's event type, where it has one
 

@@ -168,7 +168,11 @@ class OpenAIResponsesStream(SSEDecoder):
                 if isinstance(response.get("usage"), dict):
                     self.usage = _usage_from(response["usage"])
                 self.finish_reason = _finish_of(response)
-            return StreamEvent(raw, raw, data, is_done=True, name=name)
+            # The whole output again: guards must see it, or what they masked in the
+            # deltas would reach the client here.
+            return StreamEvent(raw, raw, data, is_done=True, is_content=True, name=name)
+        if kind is not None and kind.endswith(b".done"):  # a whole text repeated
+            return StreamEvent(raw, raw, data, is_content=True, name=name)
         if kind == b"error":
             self.finish_reason = "error"
         return StreamEvent(raw, raw, data, name=name)
