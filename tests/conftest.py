@@ -103,3 +103,20 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):
         if value or time.monotonic() > deadline:
             return value
         time.sleep(interval)
+
+
+def mock_exchange(stack: Stack, request_id: str) -> dict:
+    """What the mock provider received and sent for `x-mock-request-id: request_id`."""
+
+    def fetch():
+        r = httpx.get(f"{stack.mock_url}/_mock/exchanges/{request_id}", timeout=5)
+        return r.json() if r.status_code == 200 else None
+
+    found = wait_for(fetch)
+    assert found, f"mock never saw request {request_id}"
+    return found
+
+
+def sse_payloads(body: bytes) -> list[bytes]:
+    """The `data: ` payloads of an LF-framed SSE body."""
+    return [line[6:] for line in body.split(b"\n") if line.startswith(b"data: ")]

@@ -28,7 +28,7 @@ import orjson
 import pytest
 
 from extproc.devstack import Stack
-from tests.conftest import metric, start_stack, wait_for
+from tests.conftest import metric, sse_payloads, start_stack, wait_for
 
 GUARDS = {
     "rules": [
@@ -94,13 +94,9 @@ def provider_side(stack: Stack, request_id: str) -> dict:
     return record
 
 
-def payloads(body: bytes) -> list[bytes]:
-    return [line[6:] for line in body.split(b"\n") if line.startswith(b"data: ")]
-
-
 def assert_error_event_then_done(body: bytes) -> None:
     """The client has the whole error event and `[DONE]`, and nothing of the block."""
-    events = payloads(body)
+    events = sse_payloads(body)
     assert body.endswith(b"data: [DONE]\n\n") and events.count(b"[DONE]") == 1
     error = orjson.loads(events[-2])["error"]
     assert error["code"] == "guard_blocked" and "no-fruit" in error["message"]

@@ -18,7 +18,7 @@ import orjson
 import pytest
 
 from extproc.devstack import Stack
-from tests.conftest import metric, start_stack, wait_for
+from tests.conftest import metric, mock_exchange, sse_payloads, start_stack, wait_for
 
 KEY = "my-secret-key"  # the dev policy's consumer `my-app` (route v1 requires a key)
 CARD = "4111 1111 1111 1111"
@@ -48,23 +48,9 @@ def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         stack.stop()
 
 
-def mock_exchange(stack: Stack, request_id: str) -> dict:
-    def fetch():
-        r = httpx.get(f"{stack.mock_url}/_mock/exchanges/{request_id}", timeout=5)
-        return r.json() if r.status_code == 200 else None
-
-    found = wait_for(fetch)
-    assert found, f"mock never saw request {request_id}"
-    return found
-
-
-def payloads(body: bytes) -> list[bytes]:
-    return [line[6:] for line in body.split(b"\n") if line.startswith(b"data: ")]
-
-
 def content(body: bytes) -> str:
     text = []
-    for p in payloads(body):
+    for p in sse_payloads(body):
         if p.startswith(b"{"):
             for choice in orjson.loads(p).get("choices") or ():
                 text.append(choice.get("delta", {}).get("content") or "")
@@ -106,12 +92,14 @@ def test_card_split_across_frames_arrives_masked_with_curl(guarded):
     ).stdout
     sent = base64.b64decode(mock_exchange(guarded, rid)["sent_b64"])
     # The provider really split it: no single frame carries the whole number.
-    assert CARD not in sent.decode() and sum(b"1111" in p for p in payloads(sent)) == 3
+    assert CARD not in sent.decode() and sum(b"1111" in p for p in sse_payloads(sent)) == 3
     assert content(out) == "Your card <CREDIT_CARD> is on file."
     assert b"4111" not in out and b"1111" not in out
-    assert payloads(out)[-1] == b"[DONE]"
+    assert sse_payloads(out)[-1] == b"[DONE]"
     # Same frames as the provider sent (the gateway's usage chunk aside).
-    assert len(payloads(out)) == len([p for p in payloads(sent) if b'"choices":[]' not in p])
+    assert len(sse_payloads(out)) == len(
+        [p for p in sse_payloads(sent) if b'"choices":[]' not in p]
+    )
 
 
 def test_card_cut_inside_frames_by_the_network_is_masked(guarded):
@@ -145,7 +133,7 @@ def test_blocked_stream_ends_with_error_event_and_sdk_raises(guarded):
     r = httpx.post(f"{guarded.base_url}/openai", json=chat("key?"), headers=headers, timeout=30)
     assert r.status_code == 200  # the stream had started: it ends cleanly instead
     assert SECRET.encode() not in r.content and b"abcdefghij" not in r.content
-    events = payloads(r.content)
+    events = sse_payloads(r.content)
     assert events[-1] == b"[DONE]" and events.count(b"[DONE]") == 1
     error = orjson.loads(events[-2])["error"]
     assert error["code"] == "guard_blocked" and "no-secrets" in error["message"]

@@ -9,12 +9,11 @@ import random
 import subprocess
 import uuid
 
-import httpx
 import openai
 import orjson
 import pytest
 
-from tests.conftest import DEV_API_KEY, metric, wait_for
+from tests.conftest import DEV_API_KEY, metric, mock_exchange, sse_payloads, wait_for
 
 SEED = {
     "stream": True,
@@ -26,20 +25,6 @@ SEED = {
         }
     ],
 }
-
-
-def mock_exchange(stack, request_id: str) -> dict:
-    def fetch():
-        r = httpx.get(f"{stack.mock_url}/_mock/exchanges/{request_id}", timeout=5)
-        return r.json() if r.status_code == 200 else None
-
-    found = wait_for(fetch)
-    assert found, f"mock never saw request {request_id}"
-    return found
-
-
-def sse_payloads(body: bytes) -> list[bytes]:
-    return [line[6:] for line in body.split(b"\n") if line.startswith(b"data: ")]
 
 
 def expected_client_bytes(sent: bytes) -> bytes:
