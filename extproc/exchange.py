@@ -297,7 +297,7 @@ class Exchange:
             self.metrics.decoders.labels(decoder_label(ctx.format, self._decoder)).inc()
         if self._decoder is not None:
             self.mode = Mode.STREAM
-            ctx.scratch["decoder"] = self._decoder  # filters read and rewrite its events
+            ctx.decoder = self._decoder  # filters read and rewrite its events
             self._filters = [
                 f for stage in self.policy.stages if (f := stage.stream_filter(ctx)) is not None
             ]

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from extproc.config import ProviderConfig, RouteConfig
-from extproc.providers.base import RequestInfo, StreamEvent, WireFormat
+from extproc.providers.base import RequestInfo, ResponseDecoder, StreamEvent, WireFormat
 from extproc.usage import Usage
 
 
@@ -77,6 +77,7 @@ class RequestContext:
     metadata: dict[str, Any] = field(default_factory=dict)  # extra dynamic metadata
     status: int = 0  # provider's status, from the response-headers phase on
     buffer_response: bool = False  # a stage needs whole non-streaming bodies
+    decoder: ResponseDecoder | None = None  # this response's decoder, for stream filters
     scratch: dict[str, Any] = field(default_factory=dict)  # per-stage state, keyed by stage
 
 

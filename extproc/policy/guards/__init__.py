@@ -30,14 +30,11 @@ def build(config: Config, shared: Shared, environ: Mapping[str, str]) -> Stage |
     if not config.guards.rules:
         return None
     metrics = shared.get("metrics", Metrics)
-    stage = GuardStage(GuardSet(config.guards), metrics, shared, environ)
-    stage.ensure_usage = config.streaming.ensure_usage
-    return stage
+    return GuardStage(GuardSet(config.guards), metrics, shared, environ)
 
 
 class GuardStage(Stage):
     name = "guards"
-    ensure_usage = True  # config.streaming.ensure_usage: the exchange hides "usage": null
 
     def __init__(
         self, guards: GuardSet, metrics: Metrics, shared: Shared, environ: Mapping[str, str]
@@ -131,13 +128,9 @@ class GuardStage(Stage):
         plan = self._response_plan(ctx)
         if plan is None:
             return None
-        decoder = ctx.scratch.get("decoder")
-        if decoder is None:
-            # A caller that does not hand over its decoder (the exchange does): a second
-            # SSE decoder of the same format, used only to read and rewrite events.
-            decoder = ctx.format.stream_decoder(
-                hide_usage=self.ensure_usage and _usage_hidden(ctx), max_frame_bytes=1 << 20
-            )
+        decoder = ctx.decoder
+        if decoder is None:  # the exchange sets it before it asks for stream filters
+            return None
 
         def report(action: str, entry: Entry, repeat: bool) -> None:
             if action == "reject":
@@ -233,10 +226,3 @@ def _refusal(guard: Guard, phase: str) -> Refusal:
         kind=KIND,
         headers={"x-ai-gateway-guard": guard.name},
     )
-
-
-def _usage_hidden(ctx: RequestContext) -> bool:
-    """Whether the exchange asked for usage on the client's behalf (then it hides the
-    `"usage": null` keys, and a re-encoded frame must not bring them back)."""
-    info = ctx.info
-    return bool(info and info.stream and not info.client_wants_usage)
