@@ -111,7 +111,7 @@ class Exchange:
         kind = request.WhichOneof("request")
         if kind == "response_body":
             body = request.response_body
-            return self._on_response_body(body.body, body.end_of_stream, now)
+            return self.on_response_body(body.body, body.end_of_stream, now)
         if kind == "request_headers":
             return self._on_request_headers(request)
         if kind == "response_headers":
@@ -313,7 +313,8 @@ class Exchange:
                 return response
         return _continue_response_headers(mutation, skip_body=False)
 
-    def _on_response_body(self, chunk: bytes, end: bool, now: float) -> ProcessingResponse:
+    def on_response_body(self, chunk: bytes, end: bool, now: float) -> ProcessingResponse:
+        """One streamed chunk (the hot path: the server calls it directly)."""
         if self.mode == Mode.DONE:
             if end:
                 return self._finish(_CLEAR_BODY, now)

@@ -107,7 +107,10 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):
                     break
                 start = clock()
                 kind = request.WhichOneof("request")
-                if kind == "request_body":  # the one phase that may wait on I/O
+                if kind == "response_body":  # one message per chunk: no second dispatch
+                    body = request.response_body
+                    response = exchange.on_response_body(body.body, body.end_of_stream, start)
+                elif kind == "request_body":  # the one phase that may wait on I/O
                     response = await exchange.on_request_body(request.request_body.body, start)
                 else:
                     response = exchange.handle(request, start)
