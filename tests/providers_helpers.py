@@ -18,9 +18,7 @@ CARD_RE = re.compile(r"\b(?:\d{4}[ -]?){3}\d{4}\b")
 MASK = "[card]"
 
 # Many examples, but each is a few hundred bytes: the whole suite stays fast.
-REPLAY = settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
+REPLAY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def cut(body: bytes, points: list[int]) -> list[bytes]:
@@ -64,9 +62,7 @@ def running_texts(decoder: ResponseDecoder, events: list[StreamEvent]) -> dict[t
 
 
 def final_texts(decoder: ResponseDecoder, events: list[StreamEvent]) -> list[tuple]:
-    return [
-        (d.kind, d.channel, d.text) for e in events for d in decoder.texts(e) if d.final
-    ]
+    return [(d.kind, d.channel, d.text) for e in events for d in decoder.texts(e) if d.final]
 
 
 def rewrite_all(
@@ -85,9 +81,7 @@ def rewrite_all(
 def identity_rewrite(decoder: ResponseDecoder, events: list[StreamEvent]) -> list[bytes]:
     """Every event with texts re-encoded with its own texts (a no-op mask)."""
     return [
-        decoder.rewrite(e, [d.text for d in decoder.texts(e)])
-        for e in events
-        if decoder.texts(e)
+        decoder.rewrite(e, [d.text for d in decoder.texts(e)]) for e in events if decoder.texts(e)
     ]
 
 

@@ -99,12 +99,15 @@ def test_sdk_raises_rate_limit_error_from_provider(stack):
 def test_provider_cutting_the_stream_ends_the_client_stream(stack, client):
     """No hang: the client sees the stream end early, the sidecar counts it."""
     before = metric(stack, "ai_gateway_errors_total", kind="stream_aborted")
-    with pytest.raises(httpx.RemoteProtocolError), client.stream(
-        "POST",
-        "/v1/chat/completions",
-        json=SEED,
-        headers={"x-mock-cut-after": "700", "x-mock-delay-ms": "20"},
-    ) as r:
+    with (
+        pytest.raises(httpx.RemoteProtocolError),
+        client.stream(
+            "POST",
+            "/v1/chat/completions",
+            json=SEED,
+            headers={"x-mock-cut-after": "700", "x-mock-delay-ms": "20"},
+        ) as r,
+    ):
         assert r.status_code == 200
         for _ in r.iter_bytes():
             pass
@@ -187,9 +190,7 @@ def test_sidecar_down_fails_closed_with_json_500(tmp_path):
     s = start_stack(tmp_path)
     try:
         s.stop_process("sidecar")
-        r = httpx.post(
-            f"{s.base_url}/v1/chat/completions", json=SEED, headers=AUTH, timeout=30
-        )
+        r = httpx.post(f"{s.base_url}/v1/chat/completions", json=SEED, headers=AUTH, timeout=30)
         assert_openai_error(r, 500)
         # Nothing reached the provider unchecked.
         assert httpx.get(f"{s.mock_url}/_mock/exchanges", timeout=5).json() == {"ids": []}
@@ -201,9 +202,7 @@ def test_failure_mode_allow_lets_traffic_through(tmp_path):
     s = start_stack(tmp_path, envoy={"failure_mode_allow": True})
     try:
         s.stop_process("sidecar")
-        r = httpx.post(
-            f"{s.base_url}/v1/chat/completions", json=SEED, headers=AUTH, timeout=30
-        )
+        r = httpx.post(f"{s.base_url}/v1/chat/completions", json=SEED, headers=AUTH, timeout=30)
         assert r.status_code == 200 and b"[DONE]" in r.content
     finally:
         s.stop()
@@ -213,9 +212,7 @@ def test_provider_down_gets_503_json_and_no_leak(tmp_path):
     s = start_stack(tmp_path)
     try:
         s.stop_process("mock")
-        r = httpx.post(
-            f"{s.base_url}/v1/chat/completions", json=SEED, headers=AUTH, timeout=30
-        )
+        r = httpx.post(f"{s.base_url}/v1/chat/completions", json=SEED, headers=AUTH, timeout=30)
         assert_openai_error(r, 503, "upstream_unavailable")
         assert wait_for(lambda: metric(s, "ai_gateway_active_streams") == 0)
     finally:

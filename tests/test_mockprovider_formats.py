@@ -224,8 +224,18 @@ def test_status_knob_answers_in_the_formats_error_shape(mock_url, route):
 
 CHAT = {"model": "gpt-4o-mini", "stream": True, "stream_options": {"include_usage": True},
         "messages": [{"role": "user", "content": "Tell me a story about rivers."}]}  # fmt: skip
-TOOLS_CHAT = [{"type": "function", "function": {"name": "lookup", "parameters": {
-    "type": "object", "properties": {"q": {"type": "string"}, "n": {"type": "integer"}}}}}]
+TOOLS_CHAT = [
+    {
+        "type": "function",
+        "function": {
+            "name": "lookup",
+            "parameters": {
+                "type": "object",
+                "properties": {"q": {"type": "string"}, "n": {"type": "integer"}},
+            },
+        },
+    }
+]
 
 
 def builds(options: MockOptions) -> list[tuple[Any, str, bool, bytes]]:

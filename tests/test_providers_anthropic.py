@@ -99,8 +99,19 @@ def test_cumulative_output_is_set_not_added():
     replay(dec, [FRAMES[0], FRAMES[-2], FRAMES[-2]])
     assert dec.usage.completion_tokens == 89
     # Newer API versions repeat input counts in message_delta (null when unknown).
-    dec.feed(ev("message_delta", {"delta": {"stop_reason": "end_turn"}, "usage": {
-        "input_tokens": 500, "cache_read_input_tokens": None, "output_tokens": 90}}))
+    dec.feed(
+        ev(
+            "message_delta",
+            {
+                "delta": {"stop_reason": "end_turn"},
+                "usage": {
+                    "input_tokens": 500,
+                    "cache_read_input_tokens": None,
+                    "output_tokens": 90,
+                },
+            },
+        )
+    )
     assert usage_tuple(dec.usage) == (628, 90, 718, 128, 0, True)
     assert dec.finish_reason == "stop"
 

@@ -303,9 +303,12 @@ def test_whole_answer_and_collected_array():
     assert "".join(t.text for t in Gemini.completion_texts(ARRAY_BODY) if t.kind == "content") == (
         "".join(TEXT_PIECES)
     )
-    assert Gemini.response_decoder(
-        "application/json", stream=False, hide_usage=False, max_frame_bytes=1
-    ) is None
+    assert (
+        Gemini.response_decoder(
+            "application/json", stream=False, hide_usage=False, max_frame_bytes=1
+        )
+        is None
+    )
 
 
 def test_error_body_in_google_shape_raises_typed_sdk_errors():
@@ -318,7 +321,7 @@ def test_error_body_in_google_shape_raises_typed_sdk_errors():
 
 def test_blocked_prompt_finishes_as_content_filter():
     dec = sse()
-    dec.feed(f'data: {gjson({"promptFeedback": {"blockReason": "SAFETY"}})}\r\n\r\n'.encode())
+    dec.feed(f"data: {gjson({'promptFeedback': {'blockReason': 'SAFETY'}})}\r\n\r\n".encode())
     assert dec.finish_reason == "content_filter"
 
 

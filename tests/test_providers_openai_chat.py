@@ -62,7 +62,7 @@ FRAMES = [
     ),
     frame(choice('{"tool_calls":[{"index":0,"function":{"arguments":"{\\"q\\": \\"x\\"}"}}]}')),
     frame(choice("{}", '"tool_calls"')),
-    f"data: {HEAD}],\"usage\":{USAGE}}}\n\n".encode(),
+    f'data: {HEAD}],"usage":{USAGE}}}\n\n'.encode(),
     b"data: [DONE]\n\n",
 ]
 BODY = b"".join(FRAMES)

@@ -644,9 +644,7 @@ async def test_replicas_sharing_redis_admit_exactly_the_limit(redis_server):
 
 
 async def test_a_burst_beyond_the_connection_pool_queues_instead_of_failing(redis_server):
-    store = RedisStore(
-        redis_server.url, key_prefix=fresh_prefix(), max_connections=4, timeout=10.0
-    )
+    store = RedisStore(redis_server.url, key_prefix=fresh_prefix(), max_connections=4, timeout=10.0)
     rate = Rate(150, 86400)
     try:
         outcomes = await asyncio.gather(*(store.acquire(["k"], [rate], [1]) for _ in range(300)))
