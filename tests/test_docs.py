@@ -182,15 +182,29 @@ def links(path: Path) -> list[str]:
     return [a or b for a, b in LINK.findall("\n".join(prose))]
 
 
+def anchors(path: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    out, fenced = set(), False
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and (m := re.match(r"^#+\s+(.*)$", line)):
+            out.add(re.sub(r"[^\w\- ]", "", m.group(1).lower()).replace(" ", "-"))
+    return out
+
+
 @pytest.mark.parametrize("path", DOCS, ids=lambda p: str(p.relative_to(REPO)))
 def test_relative_links_resolve(path: Path) -> None:
     for target in links(path):
-        if re.match(r"^[a-z]+:", target) or target.startswith("#"):
+        if re.match(r"^[a-z]+:", target):
             continue
-        resolved = (path.parent / target.split("#", 1)[0]).resolve()
+        file, _, anchor = target.partition("#")
+        resolved = (path.parent / file).resolve() if file else path
         if resolved in PENDING:
             continue
         assert resolved.exists(), f"{path.relative_to(REPO)}: broken link {target}"
+        if anchor and resolved.suffix == ".md":
+            assert anchor in anchors(resolved), f"{path.relative_to(REPO)}: no #{anchor} there"
 
 
 def test_every_guide_is_in_the_index() -> None:
