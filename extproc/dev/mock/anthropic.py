@@ -8,20 +8,10 @@ from typing import Any
 
 import orjson
 
+from extproc.dev.mock import plan as mp
 from extproc.dev.mock.base import SSE_CONTENT_TYPE, Job, MockFormat
 from extproc.dev.mock.errors import MockError, parse
 from extproc.dev.mock.knobs import DEFAULT_OPTIONS, MockOptions
-from extproc.dev.mock.plan import (
-    Plan,
-    base62,
-    function_tool,
-    make_plan,
-    neutral,
-    split_usage,
-    sse_event,
-    text_of,
-    tool_arguments,
-)
 from extproc.providers import AnthropicMessages
 from extproc.providers.anthropic import ERROR_TYPES
 
@@ -29,19 +19,20 @@ from extproc.providers.anthropic import ERROR_TYPES
 def neutral_from_anthropic(request: Mapping[str, Any]) -> dict[str, Any]:
     messages: list[dict[str, Any]] = []
     if request.get("system"):
-        messages.append({"role": "system", "content": text_of(request["system"])})
+        messages.append({"role": "system", "content": mp.text_of(request["system"])})
     for message in request.get("messages") or ():
         if not isinstance(message, dict):
             continue
         content = message.get("content")
-        texts = [text_of(content)] if isinstance(content, str) else []
+        texts = [mp.text_of(content)] if isinstance(content, str) else []
         for block in content if isinstance(content, list) else ():
             if isinstance(block, dict) and block.get("type") == "tool_result":
-                texts.append(text_of(block.get("content")))
+                texts.append(mp.text_of(block.get("content")))
             elif isinstance(block, dict) and block.get("type") == "text":
-                texts.append(text_of([block]))
+                texts.append(mp.text_of([block]))
         messages.append({"role": str(message.get("role")), "content": " ".join(texts)})
-    tools = [function_tool(t.get("name"), t.get("input_schema")) for t in request.get("tools") or ()
+    tools = [mp.function_tool(t.get("name"), t.get("input_schema"))
+             for t in request.get("tools") or ()
              if isinstance(t, dict) and "name" in t]  # fmt: skip
     choice = request.get("tool_choice")
     tool_choice: Any = None
@@ -49,33 +40,33 @@ def neutral_from_anthropic(request: Mapping[str, Any]) -> dict[str, Any]:
         tool_choice = {"type": "function", "function": {"name": choice.get("name")}}
     elif isinstance(choice, dict) and choice.get("type") == "none":
         tool_choice = "none"
-    return neutral(str(request.get("model")), messages, tools, request.get("max_tokens"),
+    return mp.neutral(str(request.get("model")), messages, tools, request.get("max_tokens"),
                     tool_choice)  # fmt: skip
 
 
 _ANTHROPIC_STOP = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
 
 
-def _anthropic_usage(plan: Plan, output: int) -> dict[str, Any]:
-    prompt, cached, *_ = split_usage(plan)
+def _anthropic_usage(plan: mp.Plan, output: int) -> dict[str, Any]:
+    prompt, cached, *_ = mp.split_usage(plan)
     return {"input_tokens": prompt - cached, "cache_creation_input_tokens": 0,
             "cache_read_input_tokens": cached, "output_tokens": output}  # fmt: skip
 
 
-def _anthropic_ids(plan: Plan) -> tuple[str, str]:
+def _anthropic_ids(plan: mp.Plan) -> tuple[str, str]:
     digest = hashlib.sha256(plan.ident.encode()).digest()
-    return "msg_01" + base62(digest, 22), "toolu_01" + base62(digest[16:], 22)
+    return "msg_01" + mp.base62(digest, 22), "toolu_01" + mp.base62(digest[16:], 22)
 
 
 def build_anthropic(
     request: Mapping[str, Any], options: MockOptions = DEFAULT_OPTIONS
 ) -> dict[str, Any]:
     """The non-streaming Messages answer."""
-    plan = make_plan(neutral_from_anthropic(request), options)
+    plan = mp.make_plan(neutral_from_anthropic(request), options)
     message_id, tool_id = _anthropic_ids(plan)
     if plan.tool is not None:
         content = [{"type": "tool_use", "id": tool_id, "name": plan.tool[1],
-                    "input": tool_arguments(plan)}]  # fmt: skip
+                    "input": mp.tool_arguments(plan)}]  # fmt: skip
     else:
         content = [{"type": "text", "text": "".join(plan.pieces)}]
     answer: dict[str, Any] = {
@@ -93,7 +84,7 @@ def build_anthropic_stream(
 ) -> list[bytes]:
     """message_start, a ping, one content block (text or tool_use) with its deltas,
     message_delta with the cumulative output count, message_stop."""
-    plan = make_plan(neutral_from_anthropic(request), options)
+    plan = mp.make_plan(neutral_from_anthropic(request), options)
     message_id, tool_id = _anthropic_ids(plan)
     end = options.line_ending
     message: dict[str, Any] = {
@@ -104,7 +95,7 @@ def build_anthropic_stream(
         message["usage"] = _anthropic_usage(plan, 1)
 
     def ev(kind: str, payload: dict[str, Any]) -> bytes:
-        return sse_event(kind, orjson.dumps({"type": kind, **payload}), end)
+        return mp.sse_event(kind, orjson.dumps({"type": kind, **payload}), end)
 
     if plan.tool is not None:
         block = {"type": "tool_use", "id": tool_id, "name": plan.tool[1], "input": {}}
@@ -115,7 +106,7 @@ def build_anthropic_stream(
     frames = [
         ev("message_start", {"message": message}),
         ev("content_block_start", {"index": 0, "content_block": block}),
-        sse_event("ping", b'{"type": "ping"}', end),
+        mp.sse_event("ping", b'{"type": "ping"}', end),
         *[ev("content_block_delta", {"index": 0, "delta": d}) for d in deltas],
         ev("content_block_stop", {"index": 0}),
     ]
@@ -155,7 +146,7 @@ def anthropic_job(body: bytes, path: str, options: MockOptions) -> Job:
         build_anthropic_stream(data, options) if info.stream
         else [orjson.dumps(build_anthropic(data, options))]
     )  # fmt: skip
-    tokens = len(make_plan(neutral_from_anthropic(data), options).pieces)
+    tokens = len(mp.make_plan(neutral_from_anthropic(data), options).pieces)
     return Job(info.stream, frames, SSE_CONTENT_TYPE, info.model, tokens)
 
 
@@ -164,7 +155,7 @@ def anthropic_error(err: MockError) -> tuple[bytes, dict[str, str]]:
     kind = ERROR_TYPES.get(
         err.status, "api_error" if err.status >= 500 else "invalid_request_error"
     )
-    request_id = "req_011" + base62(hashlib.sha256(err.message.encode()).digest(), 21)
+    request_id = "req_011" + mp.base62(hashlib.sha256(err.message.encode()).digest(), 21)
     body = {"type": "error", "error": {"type": kind, "message": err.message},
             "request_id": request_id}  # fmt: skip
     return orjson.dumps(body), {}

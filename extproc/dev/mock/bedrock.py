@@ -11,19 +11,10 @@ from typing import Any
 
 import orjson
 
+from extproc.dev.mock import plan as mp
 from extproc.dev.mock.base import Job, MockFormat
 from extproc.dev.mock.errors import MockError, parse
 from extproc.dev.mock.knobs import DEFAULT_OPTIONS, MockOptions
-from extproc.dev.mock.plan import (
-    Plan,
-    base62,
-    function_tool,
-    make_plan,
-    neutral,
-    split_usage,
-    text_of,
-    tool_arguments,
-)
 from extproc.providers import BedrockConverse
 from extproc.providers.bedrock import ERROR_TYPES
 from extproc.providers.eventstream import message as eventstream_message
@@ -34,30 +25,30 @@ EVENTSTREAM_CONTENT_TYPE = "application/vnd.amazon.eventstream"
 def neutral_from_bedrock(request: Mapping[str, Any], model: str) -> dict[str, Any]:
     messages: list[dict[str, Any]] = []
     if request.get("system"):
-        messages.append({"role": "system", "content": text_of(request["system"])})
+        messages.append({"role": "system", "content": mp.text_of(request["system"])})
     for message in request.get("messages") or ():
         if isinstance(message, dict):
             messages.append({"role": str(message.get("role")),
-                             "content": text_of(message.get("content"))})  # fmt: skip
+                             "content": mp.text_of(message.get("content"))})  # fmt: skip
     tools = []
     config = request.get("toolConfig")
     for tool in config.get("tools") or () if isinstance(config, dict) else ():
         spec = tool.get("toolSpec") if isinstance(tool, dict) else None
         if isinstance(spec, dict) and "name" in spec:
             schema = spec.get("inputSchema")
-            tools.append(function_tool(spec["name"], schema.get("json") if isinstance(schema, dict)
-                                   else None))  # fmt: skip
+            parameters = schema.get("json") if isinstance(schema, dict) else None
+            tools.append(mp.function_tool(spec["name"], parameters))
     inference = request.get("inferenceConfig")
     cap = inference.get("maxTokens") if isinstance(inference, dict) else None
-    return neutral(model, messages, tools, cap)
+    return mp.neutral(model, messages, tools, cap)
 
 
 _BEDROCK_STOP = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
 _PADDING = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 
 
-def _bedrock_usage(plan: Plan) -> dict[str, Any]:
-    prompt, cached, _, _, completion = split_usage(plan)
+def _bedrock_usage(plan: mp.Plan) -> dict[str, Any]:
+    prompt, cached, _, _, completion = mp.split_usage(plan)
     usage = {"inputTokens": prompt - cached, "outputTokens": completion,
              "totalTokens": prompt + completion}  # fmt: skip
     if cached:
@@ -66,17 +57,17 @@ def _bedrock_usage(plan: Plan) -> dict[str, Any]:
     return usage
 
 
-def _tool_use_id(plan: Plan) -> str:
-    return "tooluse_" + base62(hashlib.sha256(plan.ident.encode()).digest(), 22)
+def _tool_use_id(plan: mp.Plan) -> str:
+    return "tooluse_" + mp.base62(hashlib.sha256(plan.ident.encode()).digest(), 22)
 
 
 def build_bedrock(
     request: Mapping[str, Any], model: str, options: MockOptions = DEFAULT_OPTIONS
 ) -> dict[str, Any]:
     """The Converse answer (keys sorted, as Bedrock sends them)."""
-    plan = make_plan(neutral_from_bedrock(request, model), options)
+    plan = mp.make_plan(neutral_from_bedrock(request, model), options)
     if plan.tool is not None:
-        content = [{"toolUse": {"input": tool_arguments(plan), "name": plan.tool[1],
+        content = [{"toolUse": {"input": mp.tool_arguments(plan), "name": plan.tool[1],
                                 "toolUseId": _tool_use_id(plan)}}]  # fmt: skip
     else:
         content = [{"text": "".join(plan.pieces)}]
@@ -103,7 +94,7 @@ def build_bedrock_stream(
     request: Mapping[str, Any], model: str, options: MockOptions = DEFAULT_OPTIONS
 ) -> list[bytes]:
     """ConverseStream as `application/vnd.amazon.eventstream` messages."""
-    plan = make_plan(neutral_from_bedrock(request, model), options)
+    plan = mp.make_plan(neutral_from_bedrock(request, model), options)
     frames = [_bedrock_event("messageStart", {"role": "assistant"}, 0)]
     if plan.tool is not None:
         start = {"toolUse": {"name": plan.tool[1], "toolUseId": _tool_use_id(plan)}}
@@ -140,7 +131,7 @@ def bedrock_job(body: bytes, path: str, options: MockOptions) -> Job:
         else [orjson.dumps(build_bedrock(data, info.model, options),
                            option=orjson.OPT_SORT_KEYS)]
     )  # fmt: skip
-    tokens = len(make_plan(neutral_from_bedrock(data, info.model), options).pieces)
+    tokens = len(mp.make_plan(neutral_from_bedrock(data, info.model), options).pieces)
     return Job(info.stream, frames, EVENTSTREAM_CONTENT_TYPE, info.model, tokens)
 
 

@@ -10,19 +10,10 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from extproc.dev.mock import plan as mp
 from extproc.dev.mock.base import SSE_CONTENT_TYPE, Job, MockFormat
 from extproc.dev.mock.errors import MockError, parse
 from extproc.dev.mock.knobs import DEFAULT_OPTIONS, MockOptions
-from extproc.dev.mock.plan import (
-    Plan,
-    base62,
-    function_tool,
-    make_plan,
-    neutral,
-    split_usage,
-    text_of,
-    tool_arguments,
-)
 from extproc.providers import Gemini, Vertex, WireFormat
 from extproc.providers._common import path_only, query_param
 from extproc.providers.gemini import model_and_action
@@ -34,29 +25,29 @@ def neutral_from_gemini(request: Mapping[str, Any], model: str) -> dict[str, Any
     messages: list[dict[str, Any]] = []
     system = request.get("systemInstruction") or request.get("system_instruction")
     if isinstance(system, dict):
-        messages.append({"role": "system", "content": text_of(system.get("parts"))})
+        messages.append({"role": "system", "content": mp.text_of(system.get("parts"))})
     for content in request.get("contents") or ():
         if isinstance(content, dict):
             role = "assistant" if content.get("role") == "model" else "user"
-            messages.append({"role": role, "content": text_of(content.get("parts"))})
+            messages.append({"role": role, "content": mp.text_of(content.get("parts"))})
     tools = []
     for tool in request.get("tools") or ():
         if not isinstance(tool, dict):
             continue
         declarations = tool.get("functionDeclarations") or tool.get("function_declarations")
-        tools += [function_tool(d.get("name"), d.get("parameters")) for d in declarations or ()
+        tools += [mp.function_tool(d.get("name"), d.get("parameters")) for d in declarations or ()
                   if isinstance(d, dict) and "name" in d]  # fmt: skip
     config = request.get("generationConfig") or request.get("generation_config") or {}
     cap = config.get("maxOutputTokens", config.get("max_output_tokens")) if isinstance(
         config, dict) else None  # fmt: skip
-    return neutral(model, messages, tools, cap)
+    return mp.neutral(model, messages, tools, cap)
 
 
 _GEMINI_FINISH = {"stop": "STOP", "tool_calls": "STOP", "length": "MAX_TOKENS"}
 
 
-def _gemini_usage(plan: Plan, visible: int | None, done: bool) -> dict[str, Any]:
-    prompt, cached, _, reasoning, _ = split_usage(plan)
+def _gemini_usage(plan: mp.Plan, visible: int | None, done: bool) -> dict[str, Any]:
+    prompt, cached, _, reasoning, _ = mp.split_usage(plan)
     meta: dict[str, Any] = {"promptTokenCount": prompt}
     if visible is not None:
         meta["candidatesTokenCount"] = visible
@@ -69,11 +60,11 @@ def _gemini_usage(plan: Plan, visible: int | None, done: bool) -> dict[str, Any]
     return meta
 
 
-def _gemini_elements(plan: Plan, options: MockOptions, whole: bool) -> list[dict[str, Any]]:
-    response_id = base62(hashlib.sha256(plan.ident.encode()).digest(), 23)
-    _, _, visible, _, _ = split_usage(plan)
+def _gemini_elements(plan: mp.Plan, options: MockOptions, whole: bool) -> list[dict[str, Any]]:
+    response_id = mp.base62(hashlib.sha256(plan.ident.encode()).digest(), 23)
+    _, _, visible, _, _ = mp.split_usage(plan)
     if plan.tool is not None:
-        call = {"functionCall": {"name": plan.tool[1], "args": tool_arguments(plan)}}
+        call = {"functionCall": {"name": plan.tool[1], "args": mp.tool_arguments(plan)}}
         steps = [[call]]
     elif whole:
         steps = [[{"text": "".join(plan.pieces)}]]
@@ -105,7 +96,7 @@ def build_gemini(
     request: Mapping[str, Any], model: str, options: MockOptions = DEFAULT_OPTIONS
 ) -> dict[str, Any]:
     """The `:generateContent` answer."""
-    plan = make_plan(neutral_from_gemini(request, model), options)
+    plan = mp.make_plan(neutral_from_gemini(request, model), options)
     return _gemini_elements(plan, options, whole=True)[0]
 
 
@@ -114,7 +105,7 @@ def build_gemini_stream(
 ) -> list[bytes]:
     """`:streamGenerateContent`: SSE frames (`alt=sse`, CRLF by default) or the pieces
     of one pretty-printed JSON array (`[` + element, `\\n,\\r\\n` + element, ..., `\\n]`)."""
-    plan = make_plan(neutral_from_gemini(request, model), options)
+    plan = mp.make_plan(neutral_from_gemini(request, model), options)
     elements = _gemini_elements(plan, options, whole=False)
     if sse:
         end = options.line_ending
@@ -137,7 +128,7 @@ def _job(wire: type[WireFormat], body: bytes, path: str, options: MockOptions) -
     else:
         frames = [json.dumps(build_gemini(info.body, info.model, options), indent=2).encode()]
     kind = SSE_CONTENT_TYPE if sse else JSON_ARRAY_CONTENT_TYPE
-    tokens = len(make_plan(neutral_from_gemini(info.body, info.model), options).pieces)
+    tokens = len(mp.make_plan(neutral_from_gemini(info.body, info.model), options).pieces)
     return Job(info.stream, frames, kind, info.model, tokens)
 
 

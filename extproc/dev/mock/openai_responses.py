@@ -8,20 +8,11 @@ from typing import Any
 
 import orjson
 
+from extproc.dev.mock import plan as mp
 from extproc.dev.mock.base import SSE_CONTENT_TYPE, Job, MockFormat
 from extproc.dev.mock.errors import MockError, parse
 from extproc.dev.mock.knobs import DEFAULT_OPTIONS, MockOptions
 from extproc.dev.mock.openai_chat import openai_request_id
-from extproc.dev.mock.plan import (
-    Plan,
-    function_tool,
-    hex_id,
-    make_plan,
-    neutral,
-    split_usage,
-    sse_event,
-    text_of,
-)
 from extproc.providers import OpenAIResponses
 
 
@@ -38,24 +29,25 @@ def neutral_from_responses(request: Mapping[str, Any]) -> dict[str, Any]:
         kind = item.get("type", "message")
         if kind == "message":
             messages.append({"role": str(item.get("role", "user")),
-                             "content": text_of(item.get("content"))})  # fmt: skip
+                             "content": mp.text_of(item.get("content"))})  # fmt: skip
         elif kind == "function_call":
             call = {"function": {"name": item.get("name"), "arguments": item.get("arguments")}}
             messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
         elif kind == "function_call_output":
-            messages.append({"role": "tool", "content": text_of(item.get("output"))})
-    tools = [function_tool(t.get("name"), t.get("parameters")) for t in request.get("tools") or ()
+            messages.append({"role": "tool", "content": mp.text_of(item.get("output"))})
+    tools = [mp.function_tool(t.get("name"), t.get("parameters"))
+             for t in request.get("tools") or ()
              if isinstance(t, dict) and t.get("type") == "function"]  # fmt: skip
-    return neutral(str(request.get("model")), messages, tools, request.get("max_output_tokens"))
+    return mp.neutral(str(request.get("model")), messages, tools, request.get("max_output_tokens"))
 
 
 # ---- OpenAI Responses
 
 
 def _responses_object(
-    request: Mapping[str, Any], plan: Plan, options: MockOptions, status: str, output: list
+    request: Mapping[str, Any], plan: mp.Plan, options: MockOptions, status: str, output: list
 ) -> dict[str, Any]:
-    prompt, cached, _, reasoning, completion = split_usage(plan)
+    prompt, cached, _, reasoning, completion = mp.split_usage(plan)
     usage = None
     if status != "in_progress" and not options.no_usage:
         usage = {
@@ -67,7 +59,7 @@ def _responses_object(
         }
     incomplete = {"reason": "max_output_tokens"} if status == "incomplete" else None
     return {
-        "id": "resp_" + hex_id(plan, "resp"), "object": "response",
+        "id": "resp_" + mp.hex_id(plan, "resp"), "object": "response",
         "created_at": plan.created, "status": status, "background": False, "error": None,
         "incomplete_details": incomplete, "instructions": request.get("instructions"),
         "max_output_tokens": request.get("max_output_tokens"), "model": plan.model,
@@ -79,14 +71,14 @@ def _responses_object(
     }  # fmt: skip
 
 
-def _responses_item(plan: Plan, status: str, done: bool) -> dict[str, Any]:
+def _responses_item(plan: mp.Plan, status: str, done: bool) -> dict[str, Any]:
     if plan.tool is not None:
         call_id, name = plan.tool
-        return {"id": "fc_" + hex_id(plan, "fc"), "type": "function_call", "status": status,
+        return {"id": "fc_" + mp.hex_id(plan, "fc"), "type": "function_call", "status": status,
                 "arguments": "".join(plan.pieces) if done else "", "call_id": call_id,
                 "name": name}  # fmt: skip
     content = [_output_text("".join(plan.pieces))] if done else []
-    return {"id": "msg_" + hex_id(plan, "msg"), "type": "message", "status": status,
+    return {"id": "msg_" + mp.hex_id(plan, "msg"), "type": "message", "status": status,
             "content": content, "role": "assistant"}  # fmt: skip
 
 
@@ -98,7 +90,7 @@ def build_responses(
     request: Mapping[str, Any], options: MockOptions = DEFAULT_OPTIONS
 ) -> dict[str, Any]:
     """The non-streaming Responses API object."""
-    plan = make_plan(neutral_from_responses(request), options)
+    plan = mp.make_plan(neutral_from_responses(request), options)
     status = "incomplete" if plan.finish_reason == "length" else "completed"
     return _responses_object(request, plan, options, status, [_responses_item(plan, status, True)])
 
@@ -108,7 +100,7 @@ def build_responses_stream(
 ) -> list[bytes]:
     """Typed SSE events: created, in_progress, the output item with its deltas and
     whole-text repeats, then completed (incomplete when cut by max_output_tokens)."""
-    plan = make_plan(neutral_from_responses(request), options)
+    plan = mp.make_plan(neutral_from_responses(request), options)
     final = "incomplete" if plan.finish_reason == "length" else "completed"
     item_id = _responses_item(plan, "in_progress", False)["id"]
     text = "".join(plan.pieces)
@@ -144,7 +136,7 @@ def build_responses_stream(
     frames = []
     for seq, event in enumerate(events):
         data = {"type": event.pop("type"), "sequence_number": seq, **event}
-        frames.append(sse_event(data["type"], orjson.dumps(data), options.line_ending))
+        frames.append(mp.sse_event(data["type"], orjson.dumps(data), options.line_ending))
     return frames
 
 
@@ -158,7 +150,7 @@ def responses_job(body: bytes, path: str, options: MockOptions) -> Job:
         build_responses_stream(data, options) if info.stream
         else [orjson.dumps(build_responses(data, options))]
     )  # fmt: skip
-    tokens = len(make_plan(neutral_from_responses(data), options).pieces)
+    tokens = len(mp.make_plan(neutral_from_responses(data), options).pieces)
     return Job(info.stream, frames, SSE_CONTENT_TYPE, info.model, tokens)
 
 
