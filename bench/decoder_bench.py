@@ -14,7 +14,7 @@ import argparse
 import time
 from collections.abc import Callable
 
-from extproc import mockprovider as mock
+from extproc.dev import mock
 from extproc.providers import (
     AnthropicMessages,
     BedrockConverse,

@@ -1,6 +1,6 @@
 """A light OpenAI-compatible streaming provider for the benchmark.
 
-The mock in `extproc.mockprovider` is built for fidelity (exchange log, knobs, hashing,
+The mock in `extproc.dev.mock` is built for fidelity (exchange log, knobs, hashing,
 aiohttp); here the provider must cost so little that it is never the bottleneck, and
 must stamp every frame with the CLOCK_MONOTONIC time it was written, so the client can
 measure per-chunk latency across processes. So: a bare asyncio HTTP/1.1 protocol,

@@ -5,7 +5,7 @@ do-nothing ext_proc server, side by side in one run.
     .venv/bin/python bench/run.py --quick    # smoke run: 10 streams, < 45 s
     .venv/bin/python bench/run.py --help     # --profile (py-spy), --policy, --workers, ...
 
-Setups, each a fresh stack on fresh loopback ports (`extproc.devstack.Stack`, with the
+Setups, each a fresh stack on fresh loopback ports (`extproc.dev.devstack.Stack`, with the
 mock provider swapped for the lighter `bench.provider`):
   envoy    Envoy alone: the same bootstrap, ext_proc filter (and its cluster) removed
   noop     Envoy + `bench.noop_extproc` (answers every message with an empty response)
@@ -52,7 +52,7 @@ if str(REPO) not in sys.path:  # run as a script: `python bench/run.py`
     sys.path.insert(0, str(REPO))
 
 from extproc.bootstrap import EXTPROC_CLUSTER, EXTPROC_FILTER, render_bootstrap  # noqa: E402
-from extproc.devstack import Stack, StackError  # noqa: E402
+from extproc.dev.devstack import Stack, StackError  # noqa: E402
 from extproc.envoybin import EnvoyNotFoundError, envoy_binary  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "latest.json"

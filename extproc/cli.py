@@ -78,7 +78,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         args.config = default_run_config()
     if _load(args.config) is None:
         return 1
-    from extproc import devstack
+    from extproc.dev import devstack  # lazy: `serve` never loads the dev stack
 
     return _exit_code(devstack.main(args))
 

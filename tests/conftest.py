@@ -13,7 +13,7 @@ import httpx
 import pytest
 import yaml
 
-from extproc.devstack import Stack
+from extproc.dev.devstack import Stack
 
 REPO = Path(__file__).resolve().parent.parent
 DEV_CONFIG = REPO / "config" / "dev.yaml"

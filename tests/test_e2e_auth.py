@@ -263,7 +263,7 @@ class JwksServer:
 def start_mock(port: int, log: Path) -> subprocess.Popen:
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "extproc.mockprovider", "--port", str(port)],
+            [sys.executable, "-m", "extproc.dev.mock", "--port", str(port)],
             stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
         )  # fmt: skip
     ok = wait_for(lambda: _healthy(f"http://127.0.0.1:{port}/healthz"), timeout=20)

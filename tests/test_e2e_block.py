@@ -27,7 +27,7 @@ import openai
 import orjson
 import pytest
 
-from extproc.devstack import Stack
+from extproc.dev.devstack import Stack
 from tests.conftest import metric, sse_payloads, start_stack, wait_for
 
 GUARDS = {

@@ -17,7 +17,7 @@ import openai
 import orjson
 import pytest
 
-from extproc.devstack import Stack
+from extproc.dev.devstack import Stack
 from tests.conftest import metric, mock_exchange, sse_payloads, start_stack, wait_for
 
 KEY = "my-secret-key"  # the dev policy's consumer `my-app` (route v1 requires a key)

@@ -28,7 +28,7 @@ from botocore.eventstream import EventStreamBuffer
 from google import genai
 from google.genai import types as genai_types
 
-from extproc.devstack import Stack
+from extproc.dev.devstack import Stack
 from tests.conftest import DEV_API_KEY, metric, start_stack, wait_for
 
 CARD = "4111 1111 1111 1111"

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
-from extproc.devstack import Stack
+from extproc.dev.devstack import Stack
 from extproc.envoybin import envoy_binary
 from extproc.policy.ratelimit.stage import estimate_prompt
 from extproc.providers import format_for

@@ -27,7 +27,7 @@ import orjson
 import pytest
 import yaml
 
-from extproc.devstack import Stack, grpc_serving
+from extproc.dev.devstack import Stack, grpc_serving
 from tests.conftest import DEV_API_KEY, metric, wait_for, write_config
 from tests.redis_server import RedisServer
 

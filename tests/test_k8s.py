@@ -42,7 +42,7 @@ import yaml
 
 from extproc.bootstrap import bootstrap_yaml
 from extproc.config import load_config, worker_addresses
-from extproc.devstack import grpc_serving
+from extproc.dev.devstack import grpc_serving
 from tests.conftest import free_port
 from tests.test_bootstrap import validate as envoy_validate
 from tests.test_e2e_running import consecutive_free_ports

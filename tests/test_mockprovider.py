@@ -20,14 +20,14 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestServer
 
-from extproc import mockprovider
-from extproc.mockprovider import (
+from extproc.dev.mock import (
     MockOptions,
     build_completion,
     build_stream,
     count_prompt_tokens,
     create_app,
     gzip_pieces,
+    recording,
     split_at,
 )
 
@@ -460,7 +460,7 @@ async def test_exchanges_record_request_and_response(client: httpx.AsyncClient) 
 async def test_exchange_log_is_bounded(
     client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(mockprovider, "MAX_EXCHANGES", 3)
+    monkeypatch.setattr(recording, "MAX_EXCHANGES", 3)
     for i in range(5):
         await post(client, chat(), {"x-mock-request-id": f"b{i}"})
     assert (await client.get("/_mock/exchanges")).json()["ids"] == ["b2", "b3", "b4"]
@@ -511,7 +511,7 @@ def test_pure_builders_agree() -> None:
 
 async def test_cli_serves_and_stops_on_sigterm() -> None:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "extproc.mockprovider", "--port", "0", "--tokens", "4",
+        sys.executable, "-m", "extproc.dev.mock", "--port", "0", "--tokens", "4",
         cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )  # fmt: skip

@@ -22,8 +22,9 @@ from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types as genai_types
 
-from extproc import mockprovider
-from extproc.mockprovider import MockOptions
+from extproc.dev import mock as mockprovider
+from extproc.dev.mock import MockOptions
+from extproc.dev.mock import plan as mock_plan
 from extproc.providers import (
     AnthropicMessages,
     BedrockConverse,
@@ -41,7 +42,7 @@ CARD = "4111 1111 1111 1111"
 @pytest.fixture(scope="module")
 def mock_url() -> Iterator[str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "extproc.mockprovider", "--port", "0", "--log-level", "WARNING"],
+        [sys.executable, "-m", "extproc.dev.mock", "--port", "0", "--log-level", "WARNING"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )  # fmt: skip
@@ -270,7 +271,7 @@ def builds(options: MockOptions) -> list[tuple[Any, str, bool, bytes]]:
 )  # fmt: skip
 def test_every_decoder_meters_the_mocks_streams_exactly(options):
     expected_prompt = mockprovider.count_prompt_tokens(CHAT)
-    pieces = mockprovider._FRAGMENT_RE.findall(options.text) if options.text else None
+    pieces = mock_plan.FRAGMENT_RE.findall(options.text) if options.text else None
     visible = len(pieces) if pieces else options.tokens
     for fmt, kind, stream, body in builds(options):
         dec = response_decoder(fmt, kind, stream=stream, hide_usage=False, max_frame_bytes=1 << 16)

@@ -272,7 +272,7 @@ def test_paths_and_errors():
 def test_whole_text_repeats_are_shown_to_policies():
     """`*.done` events and `response.completed` repeat the whole answer: they must be
     flagged for the guards like the deltas, or masked text would leak through them."""
-    from extproc import mockprovider as mock
+    from extproc.dev import mock
 
     frames = mock.build_responses_stream(
         {"model": "gpt-4o", "input": "hi", "stream": True}, mock.MockOptions(tokens=5)

@@ -340,7 +340,7 @@ async def test_readiness_checks_drive_grpc_health(tmp_path: Path) -> None:
     import asyncio
 
     from extproc.config import load_config
-    from extproc.devstack import grpc_serving
+    from extproc.dev.devstack import grpc_serving
     from extproc.server import Worker
     from tests.conftest import free_port
 

@@ -26,7 +26,7 @@ from extproc.config import Config, ConfigError, load_config, worker_addresses
 from extproc.envoybin import envoy_binary
 
 MOCK_PROVIDER = "mock"  # a provider of this name is served by the built-in mock
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 class StackError(RuntimeError):
@@ -113,7 +113,7 @@ class Stack:
             [
                 sys.executable,
                 "-m",
-                "extproc.mockprovider",
+                "extproc.dev.mock",
                 "--host",
                 provider.host,
                 "--port",

@@ -1,0 +1,5 @@
+"""`python -m extproc.dev.mock`: the mock provider standalone (k8s, `extproc run`)."""
+
+from extproc.dev.mock.server import main
+
+raise SystemExit(main())
