@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from extproc.devstack import Stack
+from extproc.dev.devstack import Stack
 from tests.conftest import DEV_CONFIG, REPO
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
