@@ -442,3 +442,12 @@ def test_detectors_module_is_not_asked_for_unicode():
     assert scanner.find_all(WIDE) == []
     assert [h.index for h in find_hits(scanner, WIDE)] != []
     assert det.builtin("credit_card") in scanner.detectors
+
+
+def test_match_running_on_into_the_next_part_is_masked_whole():
+    """Parts join as a stream's chunks do: an address cut inside its domain is one
+    address, so its tail in the next part goes too (fail safe)."""
+    assert scan_texts(PLAN, ["mail jane@example.co", "m today"], Findings()) == [
+        "mail <EMAIL>",
+        " today",
+    ]

@@ -9,7 +9,7 @@ share one left-to-right choice, so two guards never mask overlapping text twice.
 
 from __future__ import annotations
 
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -169,7 +169,11 @@ def scan_texts(plan: Plan, texts: list[str], findings: Findings) -> list[str]:
     Each text is scanned in its normalised view, and so is the text of all of them
     joined in order, so a card or an email split across two parts or two messages is
     still found; a match that crosses a boundary is masked with its token where it
-    starts and removed from the texts after. Every group reads the original texts."""
+    starts and removed from the texts after. Texts are joined as a stream's chunks are:
+    a match that ends one text and goes on in the next (`a@b.co` + `m and...`) is
+    one match, so a few characters that start the next text can be masked with it
+    (fail safe: the alternative lets a split keep the tail of a card or an address).
+    Every group reads the original texts."""
     out = texts
     bounds = _bounds(texts)
     joined = "".join(texts) if len(texts) > 1 else None
@@ -180,7 +184,7 @@ def scan_texts(plan: Plan, texts: list[str], findings: Findings) -> list[str]:
                 Hit(h.start + at, h.end + at, h.index) for h in find_hits(group.scanner, text)
             )
         if joined is not None:
-            crossing = [h for h in find_hits(group.scanner, joined) if _crosses(h, bounds)]
+            crossing = [h for h in find_hits(group.scanner, joined) if _crossed(h, bounds)]
             if crossing:
                 spans = _merge(spans + crossing)
         for hit in spans:
@@ -200,9 +204,11 @@ def _bounds(texts: list[str]) -> list[int]:
     return bounds
 
 
-def _crosses(hit: Hit, bounds: list[int]) -> bool:
+def _crossed(hit: Hit, bounds: list[int]) -> list[int]:
+    """The boundaries strictly inside the hit."""
     i = bisect_right(bounds, hit.start)
-    return i < len(bounds) and bounds[i] < hit.end
+    j = bisect_left(bounds, hit.end, i)
+    return bounds[i:j]
 
 
 def _merge(spans: list[Hit]) -> list[Hit]:
