@@ -21,6 +21,7 @@ ASCII text is its own view (`str.isascii()` is the fast path: no copy, no map).
 from __future__ import annotations
 
 import unicodedata
+from functools import cache
 
 from extproc.policy.guards import detectors as det
 from extproc.policy.guards.detectors import Detector
@@ -107,35 +108,11 @@ def normalize(text: str) -> tuple[str, list[int] | None]:
     return view, starts
 
 
-class Mapping:
-    """Offsets of a view back to its original text, for whole texts."""
-
-    __slots__ = ("length", "starts")
-
-    def __init__(self, starts: list[int] | None, length: int) -> None:
-        self.starts = starts
-        self.length = length  # of the original
-
-    def span(self, start: int, end: int) -> tuple[int, int]:
-        """The original span that view[start:end] came from (every original character
-        that contributed to it, and the invisible ones between them)."""
-        starts = self.starts
-        if starts is None:
-            return start, end
-        return starts[start], starts[end - 1] + 1 if end > start else starts[start]
-
-
-def view_of(text: str) -> tuple[str, Mapping]:
-    view, starts = normalize(text)
-    return view, Mapping(starts, len(text))
-
-
 # A card written with dots or slashes between its digit groups (`4111.1111.1111.1111`).
 # Not a fold of the view: `.` also separates IP addresses, versions and decimals, so
 # this is a detector of its own, with at least two separators, all the same, before
 # the card checks (network, length, Luhn) of the card detector.
 _DOTTED_CARD = r"(?<![0-9./])(?:[0-9][./]?){12,18}[0-9](?![0-9])"
-_DOTTED: list[Detector] = []
 
 
 def _valid_dotted(text: str) -> bool:
@@ -144,10 +121,7 @@ def _valid_dotted(text: str) -> bool:
     return len(seps) == 1 and count >= 2 and det.valid_card(text.replace(next(iter(seps)), ""))
 
 
+@cache
 def dotted_card() -> Detector:
     """The detector for cards with dot or slash separators (compiled once)."""
-    if not _DOTTED:
-        _DOTTED.append(
-            det._python_detector("CREDIT_CARD", _DOTTED_CARD, det.longest(_valid_dotted, "./"))
-        )
-    return _DOTTED[0]
+    return det._python_detector("CREDIT_CARD", _DOTTED_CARD, det.longest(_valid_dotted, "./"))
