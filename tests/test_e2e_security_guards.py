@@ -16,7 +16,7 @@ import httpx
 import orjson
 import pytest
 
-from extproc.devstack import Stack
+from extproc.dev.devstack import Stack
 from tests.conftest import DEV_API_KEY, mock_exchange, sse_payloads, start_stack
 
 CARD = "4111 1111 1111 1111"
