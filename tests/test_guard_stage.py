@@ -125,6 +125,20 @@ def test_masking_survives_any_chunking(seed):
     assert b'"usage":{' in client  # the client asked for usage: it gets it
 
 
+@pytest.mark.parametrize("seed", range(10))
+def test_unicode_card_in_a_stream_is_masked_whatever_the_chunking(seed):
+    """Full-width digits, a zero-width space and an NBSP arriving in later frames: the
+    real decoder's text goes through the normalised view, cut anywhere on the wire."""
+    rng = random.Random(seed)
+    texts = ["Card", " \uff14\uff11\uff11\uff11", "\u200b 1111", "\u00a01111 ", "1111", " ok."]
+    run = guarded(PII)
+    run.request({**CHAT, "stream": True})
+    client = run.respond(split_anywhere(content_frames(texts), rng))
+    assert client_text(client) == "Card <CREDIT_CARD> ok."
+    assert "\uff11".encode() not in client and b"1111" not in client
+    assert metadata(run.last)["guard_masked"] == 1
+
+
 def test_untouched_frames_pass_byte_for_byte():
     run = guarded(PII)
     run.request({**CHAT, "stream": True, "stream_options": {"include_usage": True}})
@@ -200,6 +214,24 @@ def test_request_masking_reaches_upstream_with_usage_injection():
     args = messages[2]["tool_calls"][0]["function"]["arguments"]
     assert orjson.loads(args) == {"email": "<EMAIL>"}
     assert upstream["stream_options"] == {"include_usage": True}
+
+
+def test_request_card_split_across_messages_in_unicode_is_masked():
+    run = guarded(PII)
+    body = {
+        **CHAT,
+        "user": "\uff14\uff11\uff11\uff11 1111 1111 1111",
+        "messages": [
+            {"role": "user", "content": "card \uff14\uff11\uff11\uff11 1111"},
+            {"role": "user", "content": "\u200b 1111 1111, thanks"},
+        ],
+    }
+    _, r2 = run.request(body)
+    upstream = orjson.loads(r2.request_body.response.body_mutation.body)
+    assert [m["content"] for m in upstream["messages"]] == ["card <CREDIT_CARD>", ", thanks"]
+    assert upstream["user"] == "<CREDIT_CARD>"
+    labels = {"guard": "pii", "phase": "request", "action": "mask", "type": "CREDIT_CARD"}
+    assert run.metric("ai_gateway_guard_findings_total", labels) == 2
 
 
 def test_request_reject_is_403_naming_the_guard_not_the_text():

@@ -214,7 +214,8 @@ REQUEST = {
 
 def test_request_texts_in_order_and_masked_in_place():
     info = OpenAIChat.parse_request(orjson.dumps(REQUEST))
-    assert info.prompt_texts == ["Be brief.", f"card {CARD}", '{"a":1}', "42"]
+    # Content first (in order), then the other fields read as text: the image URL.
+    assert info.prompt_texts == ["Be brief.", f"card {CARD}", '{"a":1}', "42", "x"]
     body = OpenAIChat.replace_request_texts(info, [mask_cards(t) for t in info.prompt_texts])
     sent = orjson.loads(body)
     assert sent["messages"][1]["content"][0]["text"] == f"card {MASK}"

@@ -39,6 +39,7 @@ from extproc.providers._common import (
     string_slot,
     uint,
 )
+from extproc.providers._fields import anthropic_extras
 from extproc.providers.base import RequestError, RequestInfo, StreamEvent
 from extproc.sse import Frame
 from extproc.usage import Usage
@@ -270,6 +271,7 @@ def _request_slots(obj: dict[str, Any]) -> Iterator[Slot]:
             yield Slot(message, "content")
             continue
         yield from _request_blocks(content)
+    yield from anthropic_extras(obj)
 
 
 def _request_blocks(blocks: Any) -> Iterator[Slot]:

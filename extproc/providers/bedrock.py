@@ -39,6 +39,7 @@ from extproc.providers._common import (
     text_parts,
     uint,
 )
+from extproc.providers._fields import bedrock_extras
 from extproc.providers.base import RequestError, RequestInfo, StreamEvent
 from extproc.providers.eventstream import (
     EventStreamSplitter,
@@ -278,3 +279,4 @@ def _request_slots(obj: dict[str, Any]) -> Iterator[Slot]:
                         slot = object_slot(part, "json")
                         if slot is not None:
                             yield slot
+    yield from bedrock_extras(obj)

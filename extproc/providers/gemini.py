@@ -42,6 +42,7 @@ from extproc.providers._common import (
     string_slot,
     uint,
 )
+from extproc.providers._fields import gemini_extras
 from extproc.providers.base import RequestError, RequestInfo, StreamEvent
 from extproc.providers.jsonarray import JSONArraySplitter, Piece, State
 from extproc.sse import Frame
@@ -435,6 +436,7 @@ def _request_slots(obj: dict[str, Any]) -> Iterator[Slot]:
             yield from _parts_slots(system.get("parts"))
     for content in dicts(obj.get("contents")):
         yield from _parts_slots(content.get("parts"))
+    yield from gemini_extras(obj)
 
 
 def _parts_slots(parts: Any) -> Iterator[Slot]:

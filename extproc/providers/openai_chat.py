@@ -36,6 +36,7 @@ from extproc.providers._common import (
     string_slot,
     uint,
 )
+from extproc.providers._fields import chat_extras
 from extproc.providers.base import RequestError, RequestInfo, StreamEvent
 from extproc.sse import Frame
 from extproc.usage import Usage
@@ -314,6 +315,7 @@ def _request_slots(body: dict[str, Any]) -> Iterator[Slot]:
             function = call.get("function")
             if isinstance(function, dict) and isinstance(function.get("arguments"), str):
                 yield Slot(function, "arguments", kind="tool_arguments")
+    yield from chat_extras(body)
 
 
 def _choice_slots(obj: Any, field: str, *, final: bool) -> Iterator[Slot]:

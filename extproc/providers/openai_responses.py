@@ -36,6 +36,7 @@ from extproc.providers._common import (
     request_model,
     string_slot,
 )
+from extproc.providers._fields import responses_extras
 from extproc.providers.base import RequestError, RequestInfo, StreamEvent
 from extproc.providers.openai_chat import RESPONSES_USAGE_KEYS, usage_from
 from extproc.sse import Frame
@@ -269,7 +270,6 @@ def _request_slots(obj: dict[str, Any]) -> Iterator[Slot]:
     value = obj.get("input")
     if isinstance(value, str):
         yield Slot(obj, "input")
-        return
     for item in dicts(value):
         kind = item.get("type")
         yield from content_slots(item, "content")
@@ -279,6 +279,7 @@ def _request_slots(obj: dict[str, Any]) -> Iterator[Slot]:
             yield Slot(item, "input", kind="tool_arguments")
         elif kind in ("function_call_output", "custom_tool_call_output"):
             yield from content_slots(item, "output")
+    yield from responses_extras(obj)
 
 
 def _finish_of(response: dict[str, Any]) -> str | None:

@@ -9,12 +9,14 @@ share one left-to-right choice, so two guards never mask overlapping text twice.
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
 from collections import Counter
 from dataclasses import dataclass, field
 
 from extproc.config import GuardConfig, GuardsConfig
 from extproc.policy.guards import detectors as det
-from extproc.policy.guards.scanner import Hit, Scanner
+from extproc.policy.guards.normalize import dotted_card
+from extproc.policy.guards.scanner import Hit, Scanner, find_hits
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -61,6 +63,8 @@ def compile_guard(config: GuardConfig, index: int) -> Guard:
     for name in det.expand(config.detectors):  # aliases already expanded at load
         detector = det.builtin(name)
         finds.append((detector, token(detector.type)))
+        if name == "credit_card":  # also written with dots or slashes between groups
+            finds.append((dotted_card(), token(detector.type)))
     for pattern in config.patterns:
         kind = pattern.name.upper().replace("-", "_")
         detector = det.custom(kind, pattern.regex, pattern.max_length)
@@ -160,17 +164,92 @@ def apply_masks(text: str, hits: list[Hit], entries: tuple[Entry, ...]) -> str:
 
 def scan_texts(plan: Plan, texts: list[str], findings: Findings) -> list[str]:
     """Whole texts (a request's prompts, a completion's choices): the masked texts;
-    rejections and counts go to `findings`."""
+    rejections and counts go to `findings`.
+
+    Each text is scanned in its normalised view, and so is the text of all of them
+    joined in order, so a card or an email split across two parts or two messages is
+    still found; a match that crosses a boundary is masked with its token where it
+    starts and removed from the texts after. Texts are joined as a stream's chunks are:
+    a match that ends one text and goes on in the next (`a@b.co` + `m and...`) is
+    one match, so a few characters that start the next text can be masked with it
+    (fail safe: the alternative lets a split keep the tail of a card or an address).
+    Every group reads the original texts."""
+    out = texts
+    bounds = _bounds(texts)
+    joined = "".join(texts) if len(texts) > 1 else None
+    for action, group in plan.groups:
+        spans: list[Hit] = []
+        for text, at in zip(texts, (0, *bounds), strict=True):
+            spans.extend(
+                Hit(h.start + at, h.end + at, h.index) for h in find_hits(group.scanner, text)
+            )
+        if joined is not None:
+            crossing = [h for h in find_hits(group.scanner, joined) if _crossed(h, bounds)]
+            if crossing:
+                spans = _merge(spans + crossing)
+        for hit in spans:
+            findings.add(action, group.entries[hit.index])
+        if action == "mask" and spans:
+            out = _mask_texts(texts, bounds, spans, group.entries)
+    return out
+
+
+def _bounds(texts: list[str]) -> list[int]:
+    """Where each text after the first starts in the joined text."""
+    bounds = []
+    at = 0
+    for text in texts[:-1]:
+        at += len(text)
+        bounds.append(at)
+    return bounds
+
+
+def _crossed(hit: Hit, bounds: list[int]) -> list[int]:
+    """The boundaries strictly inside the hit."""
+    i = bisect_right(bounds, hit.start)
+    j = bisect_left(bounds, hit.end, i)
+    return bounds[i:j]
+
+
+def _merge(spans: list[Hit]) -> list[Hit]:
+    """Ordered, disjoint spans: overlapping ones joined (the first one's detector)."""
+    out: list[Hit] = []
+    for hit in sorted(spans, key=lambda h: (h.start, -h.end)):
+        if out and hit.start < out[-1].end:
+            last = out[-1]
+            if hit.end > last.end:
+                out[-1] = Hit(last.start, hit.end, last.index)
+            continue
+        out.append(hit)
+    return out
+
+
+def _mask_texts(
+    texts: list[str], bounds: list[int], spans: list[Hit], entries: tuple[Entry, ...]
+) -> list[str]:
+    """Each text with the spans (joined offsets) over it masked: the token goes where a
+    span starts, the rest of the span is removed from the texts it reaches into."""
     out = []
-    for text in texts:
-        masked = text
-        for action, group in plan.groups:
-            hits = group.scanner.find_all(text)  # every group reads the original
-            for hit in hits:
-                findings.add(action, group.entries[hit.index])
-            if action == "mask" and hits:
-                masked = apply_masks(text, hits, group.entries)
-        out.append(masked)
+    k = 0
+    for text, lo in zip(texts, (0, *bounds), strict=True):
+        hi = lo + len(text)
+        while k < len(spans) and spans[k].end <= lo:
+            k += 1
+        parts = []
+        at = lo
+        j = k
+        while j < len(spans) and spans[j].start < hi:
+            span = spans[j]
+            if span.start >= lo:
+                parts.append(text[at - lo : span.start - lo])
+                parts.append(entries[span.index].token)
+            at = max(at, min(span.end, hi))
+            j += 1
+        if at == lo and not parts:
+            out.append(text)
+            continue
+        parts.append(text[at - lo :])
+        out.append("".join(parts))
     return out
 
 

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from extproc.policy.guards.detectors import CONTEXT_CHARS, Detector, compile_re2
+from extproc.policy.guards.normalize import normalize
 
 _NONE = (1 << 62, 1 << 62)  # "no candidate" (sorts after every real position)
 
@@ -145,36 +146,93 @@ def _next(
     return _NONE
 
 
+def find_hits(scanner: Scanner, text: str) -> list[Hit]:
+    """Matches in a whole text, found in its normalised view (normalize.py), at the
+    original offsets: a mask covers what the client wrote, invisible characters
+    inside the match included."""
+    view, starts = normalize(text)
+    hits = scanner.find_all(view)
+    if starts is None or not hits:
+        return hits
+    return [Hit(starts[h.start], starts[h.end - 1] + 1, h.index) for h in hits]
+
+
 class RunningText:
     """One stream of text (a choice's content, a tool call's arguments) under one or
-    more scanners. Keeps only what is undecided plus a little context before it."""
+    more scanners. Keeps only what is undecided plus a little context before it.
 
-    __slots__ = ("base", "end", "positions", "scanners", "text")
+    The scanners read the normalised view of the stream (each chunk folded on its
+    own, see normalize.py); hits and release points are given at original offsets.
+    While view and original offsets agree (all ASCII, the usual case) `starts` is
+    None and an offset is `shift` away; after a chunk that strips or expands a
+    character, `starts` holds the original offset of each kept view character, until
+    the kept text is again offset-for-offset (then it goes back to None).
+    """
+
+    __slots__ = ("base", "end", "positions", "scanners", "shift", "starts", "text", "views")
 
     def __init__(self, scanners: Sequence[Scanner]) -> None:
         self.scanners = tuple(scanners)
-        self.text = ""
-        self.base = 0  # absolute offset of text[0]
-        self.end = 0  # absolute offset of the end of everything fed
-        self.positions = [0] * len(self.scanners)  # absolute release point per scanner
+        self.text = ""  # the view of what is kept
+        self.base = 0  # absolute view offset of text[0]
+        self.starts: list[int] | None = None  # original offset per character of text
+        self.shift = 0  # original offset minus view offset, while starts is None
+        self.end = 0  # absolute original offset of the end of everything fed
+        self.views = [0] * len(self.scanners)  # absolute view release point per scanner
+        self.positions = [0] * len(self.scanners)  # the same at original offsets
 
     def feed(self, chunk: str, final: bool = False) -> list[list[Hit]]:
         """Add `chunk` (may be empty; `final`: nothing more will come). Returns the
-        newly decided hits per scanner, in absolute positions."""
-        self.text += chunk
-        self.end += len(chunk)
-        base = self.base
+        newly decided hits per scanner, at absolute original offsets."""
+        if chunk:
+            self._append(chunk)
+        base, text, starts = self.base, self.text, self.starts
+        n = len(text)
         out: list[list[Hit]] = []
         for k, scanner in enumerate(self.scanners):
-            hits, release = scanner.scan(self.text, self.positions[k] - base, final)
-            self.positions[k] = base + release
-            out.append([Hit(h.start + base, h.end + base, h.index) for h in hits] if base else hits)
-        keep = min(self.positions, default=self.end) - CONTEXT_CHARS - base
+            hits, release = scanner.scan(text, self.views[k] - base, final)
+            self.views[k] = base + release
+            if starts is None:
+                at = base + self.shift
+                self.positions[k] = at + release
+                out.append([Hit(h.start + at, h.end + at, h.index) for h in hits] if at else hits)
+            else:
+                self.positions[k] = starts[release] if release < n else self.end
+                out.append([Hit(starts[h.start], starts[h.end - 1] + 1, h.index) for h in hits])
+        keep = min(self.views, default=base + n) - CONTEXT_CHARS - base
         if keep > 0:
-            self.text = self.text[keep:]
+            self.text = text[keep:]
             self.base = base + keep
+            if starts is not None:
+                del starts[:keep]
+                first = starts[0]
+                if (
+                    chunk.isascii()
+                    and starts[-1] + 1 == self.end
+                    and starts == list(range(first, self.end))
+                ):
+                    self.shift = first - self.base  # offset for offset again
+                    self.starts = None
         return out
 
+    def _append(self, chunk: str) -> None:
+        end = self.end
+        if chunk.isascii():
+            view, cstarts = chunk, None
+        else:
+            view, cstarts = normalize(chunk)
+            if cstarts is not None and self.starts is None:
+                origin = self.base + self.shift
+                self.starts = list(range(origin, origin + len(self.text)))
+        starts = self.starts
+        if starts is not None:
+            if cstarts is None:
+                starts.extend(range(end, end + len(view)))
+            else:
+                starts.extend([end + at for at in cstarts])
+        self.text += view
+        self.end = end + len(chunk)
+
     def released(self, which: Sequence[int]) -> int:
-        """Absolute position up to which the given scanners have decided everything."""
+        """Absolute original position up to which the given scanners decided everything."""
         return min((self.positions[k] for k in which), default=self.end)

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from extproc.policy.guards.engine import Entry, Plan, apply_masks
-from extproc.policy.guards.scanner import RunningText
+from extproc.policy.guards.scanner import RunningText, find_hits
 from extproc.providers.base import ResponseDecoder, StreamEvent
 
 # (action, entry, repeat): called for every decided match; `repeat` marks a match in a
@@ -150,7 +150,7 @@ class GuardStream:
     def _whole(self, text: str) -> str:
         masked = text
         for k, scanner in enumerate(self._scanners):
-            hits = scanner.find_all(text)
+            hits = find_hits(scanner, text)
             entries = self._entries[k]
             for hit in hits:
                 self._report(self._actions[k], entries[hit.index], True)
