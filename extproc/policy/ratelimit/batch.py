@@ -81,6 +81,10 @@ class ScriptBatcher:
                     continue
                 try:
                     replies = await self._run(batch)
+                except asyncio.CancelledError:  # closed: no caller waits forever
+                    for call in batch:
+                        call.future.cancel()
+                    raise
                 except Exception as exc:  # any failure goes to each caller
                     for call in batch:
                         if not call.future.done():
