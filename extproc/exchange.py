@@ -39,9 +39,10 @@ from envoy.type.v3.http_status_pb2 import HttpStatus
 from google.protobuf.struct_pb2 import Struct
 
 from extproc.config import Config, RouteConfig
-from extproc.errors import error_body
+from extproc.errors import bounded, error_body, shown
 from extproc.metrics import Metrics
 from extproc.policy import Policy, Refusal, RequestContext, StreamBlocked, StreamFilter
+from extproc.policy.credentials import strip_query_credentials
 from extproc.providers import (
     RequestError,
     StreamError,
@@ -134,6 +135,7 @@ class Exchange:
             return _continue_headers(None, pass_through=True)
         self.route_name = route.name
         provider = config.providers[route.provider]
+        sent_path, path = path, strip_query_credentials(path)
         upstream_path = path
         if route.rewrite is not None:
             upstream_path = route.rewrite + path[len(route.prefix) :]
@@ -150,6 +152,8 @@ class Exchange:
             headers=headers,
             client_address=_client_address(request, headers),
         )
+        if path != sent_path:  # a key in the query: never upstream, never in a log
+            ctx.upstream_headers[":path"] = headers[":path"] = path
         try:
             for stage in self.policy.stages:
                 stage.on_request_headers(ctx)
@@ -223,11 +227,11 @@ class Exchange:
             log.warning(
                 "refused route=%s path=%s consumer=%s status=%d code=%s: %s",
                 self.route_name,
-                self.ctx.path if self.ctx else "",
-                self.consumer or "-",
+                shown(self.ctx.path, 256) if self.ctx else "",  # query credentials stripped
+                shown(self.consumer or "-"),
                 refusal.status,
                 refusal.code,
-                refusal.message,
+                bounded(refusal.message),
             )
         headers = HeaderMutation(set_headers=[_header("content-type", "application/json")])
         extra = dict(refusal.headers)
@@ -238,7 +242,7 @@ class Exchange:
         body = refusal.body
         if body is None:  # in the caller's own API shape, so its SDK raises its usual error
             render = self.ctx.format.error_body if self.ctx is not None else error_body
-            body = render(refusal.status, refusal.message, refusal.code, refusal.param)
+            body = render(refusal.status, bounded(refusal.message), refusal.code, refusal.param)
         return ProcessingResponse(
             immediate_response=ImmediateResponse(
                 status=HttpStatus(code=refusal.status),
@@ -271,7 +275,10 @@ class Exchange:
             self.error_kind = "upstream_error"
             self.metrics.errors.labels("upstream_error").inc()
             log.warning(
-                "provider answered %d route=%s model=%s", self.status, self.route_name, self.model
+                "provider answered %d route=%s model=%s",
+                self.status,
+                self.route_name,
+                shown(self.model),
             )
             return _continue_response_headers(mutation, skip_body=True)
         encoding = headers.get("content-encoding", "identity").strip().lower()
@@ -487,7 +494,8 @@ class Exchange:
         self._closed = True
         m = self.metrics
         m.active.dec()
-        model = self.model or "unknown"
+        named = self.model or "unknown"
+        model = self.policy.labels.model(named)  # as a label: known to the policy or "other"
         metered = self._inspect and self.model and 0 < self.status < 400
         if metered:
             if not complete and not self.error_kind:
@@ -496,7 +504,7 @@ class Exchange:
                 log.warning(
                     "stream ended early route=%s model=%s (client hung up or provider cut it)",
                     self.route_name,
-                    model,
+                    shown(named),
                 )
             self._meter(now, model)
         if self.ctx is not None:
@@ -510,8 +518,8 @@ class Exchange:
             "exchange route=%s consumer=%s model=%s status=%s prompt=%d completion=%d "
             "estimated=%s duration_ms=%.1f%s",
             self.route_name,
-            self.consumer or "-",
-            model,
+            shown(self.consumer or "-"),
+            shown(named),
             status,
             self.usage.prompt_tokens,
             self.usage.completion_tokens,
@@ -538,7 +546,7 @@ class Exchange:
             texts = self.ctx.info.prompt_texts if self.ctx.info else []
             usage.set_estimated(estimate_prompt_tokens(texts), content_events)
             m.usage_estimated.labels(model).inc()
-        consumer = self.consumer or "anonymous"
+        consumer = self.policy.labels.consumer(self.consumer or "anonymous")
         m.tokens.labels(model, consumer, "prompt").inc(usage.prompt_tokens)
         m.tokens.labels(model, consumer, "completion").inc(usage.completion_tokens)
         if usage.cached_tokens:

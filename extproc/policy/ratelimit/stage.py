@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from extproc.config import LimitConfig, RateLimitsConfig
+from extproc.errors import shown
 from extproc.metrics import Metrics
 from extproc.policy.ratelimit import gcra
 from extproc.policy.ratelimit.gcra import Rate
@@ -345,5 +346,9 @@ def _per(b: _Bucket) -> str:
 
 
 def _scope_text(scope: list[tuple[str, str]]) -> str:
-    shown = [f"{_SCOPE[name]} {value or 'anonymous'}" for name, value in scope if len(value) < 97]
-    return f" for {', '.join(shown)}" if shown else ""
+    parts = [
+        f"{_SCOPE[name]} {shown(value) if value else 'anonymous'}"
+        for name, value in scope
+        if len(value) < 97
+    ]
+    return f" for {', '.join(parts)}" if parts else ""

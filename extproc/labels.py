@@ -1,0 +1,72 @@
+"""Metric label values from the policy's known sets, so a client cannot mint series.
+
+Every label a client can influence (the model it names, the consumer a token claims)
+maps to a value the policy declares (aliases and their targets, catalogs, allow-lists,
+defaults; declared consumers) or to `other`. 200 made-up model names add one series,
+not 200, and a 5,000-character name never becomes a label.
+
+A policy that cannot list its values (a provider without a catalog takes any model
+name; a JWT may name any consumer unless `known_consumers_only`) keeps the first
+`learn` short, plain names it sees as themselves, then `other`: bounded, and a
+deployment's few real models still show by name.
+"""
+
+from __future__ import annotations
+
+import re
+
+from extproc.config import Config
+
+OTHER = "other"
+MAX_LABEL_CHARS = 64
+LEARN = 50  # names kept per label when the policy cannot list them all
+_PLAIN = re.compile(rf"[A-Za-z0-9._:/@+-]{{1,{MAX_LABEL_CHARS}}}")
+
+
+class LabelValues:
+    """One label's allowed values: declared, learned (bounded), or `other`."""
+
+    __slots__ = ("known", "learn", "learned", "open")
+
+    def __init__(self, known: frozenset[str], *, open: bool, learn: int) -> None:
+        self.known = frozenset(k[:MAX_LABEL_CHARS] for k in known)
+        self.open = open
+        self.learn = learn
+        self.learned: set[str] = set()
+
+    def __call__(self, value: str) -> str:
+        if value in self.known or value in self.learned:
+            return value
+        if self.open and len(self.learned) < self.learn and _PLAIN.fullmatch(value):
+            self.learned.add(value)
+            return value
+        return OTHER
+
+
+class MetricLabels:
+    __slots__ = ("consumer", "model")
+
+    def __init__(self, model: LabelValues, consumer: LabelValues) -> None:
+        self.model = model
+        self.consumer = consumer
+
+    @classmethod
+    def of(cls, config: Config, learn: int = LEARN) -> MetricLabels:
+        models = {"unknown"}  # an exchange that never named one
+        m = config.models
+        for alias, target in m.aliases.items():
+            models.update((alias, target.model))
+        for names in m.catalog.values():
+            models.update(names)
+        lists = [r.models or () for r in config.routes]
+        lists += [c.models or () for c in config.consumers.values()]
+        models.update(n for names in lists for n in names if "*" not in n)
+        models.update(d for d in (m.default, *(r.default_model for r in config.routes)) if d)
+        open_models = any(m.catalog_of(p) is None for p in config.providers)
+        jwt = config.auth.jwt
+        open_consumers = not config.consumers or (jwt is not None and not jwt.known_consumers_only)
+        consumers = frozenset({"anonymous", *config.consumers})
+        return cls(
+            LabelValues(frozenset(models), open=open_models, learn=learn),
+            LabelValues(consumers, open=open_consumers, learn=learn),
+        )
