@@ -40,6 +40,7 @@ from google.protobuf.struct_pb2 import Struct
 
 from extproc.config import Config, RouteConfig
 from extproc.errors import bounded, error_body, shown
+from extproc.headerlimits import header_problem
 from extproc.metrics import Metrics
 from extproc.policy import Policy, Refusal, RequestContext, StreamBlocked, StreamFilter
 from extproc.policy.credentials import strip_query_credentials
@@ -127,6 +128,11 @@ class Exchange:
     def _on_request_headers(self, request: ProcessingRequest) -> ProcessingResponse:
         msg = request.request_headers
         headers = _header_map(msg.headers.headers)
+        problem = header_problem(headers)
+        if problem is not None:  # before any route or stage: nothing else reads them
+            return self._refuse(
+                Refusal(431, problem, "request_header_fields_too_large", kind="bad_request")
+            )
         path = headers.get(":path", "")
         config = self.policy.config
         name = _route_name(request)
