@@ -100,6 +100,7 @@ class Exchange:
         self._held = False
         self._closed = False
         self._upstream_closed = False
+        self._answered = False  # response headers came (the provider's, or Envoy's)
         metrics.active.inc()
 
     @property
@@ -270,6 +271,7 @@ class Exchange:
         if ctx is None:  # e.g. Envoy's own 413 before any request phase reached us
             return _continue_response_headers(None, skip_body=True)
         ctx.status = self.status
+        self._answered = True
         for stage in self.policy.stages:
             stage.on_response_headers(ctx)
         mutation = HeaderMutation()
@@ -501,8 +503,13 @@ class Exchange:
         m = self.metrics
         m.active.dec()
         named = self.model or "unknown"
-        model = self.policy.labels.model(named)  # as a label: known to the policy or "other"
         metered = self._inspect and self.model and 0 < self.status < 400
+        labels = self.policy.labels
+        # As a label: known to the policy, or a name that a provider without a catalog
+        # took (it answered, and not "no such model": 400/404), learned up to a bound;
+        # else "other".
+        took = self._answered and self.status not in (400, 404) and self.ctx is not None
+        model = labels.model(named, learn=took and self.ctx.provider.name in labels.open_providers)
         if metered:
             if not complete and not self.error_kind:
                 self.error_kind = "stream_aborted"

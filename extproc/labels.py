@@ -7,8 +7,11 @@ not 200, and a 5,000-character name never becomes a label.
 
 A policy that cannot list its values (a provider without a catalog takes any model
 name; a JWT may name any consumer unless `known_consumers_only`) keeps the first
-`learn` short, plain names it sees as themselves, then `other`: bounded, and a
-deployment's few real models still show by name.
+`learn` short, plain names as themselves, then `other`: bounded, and a deployment's
+few real models still show by name. A model name is learned only from an exchange
+that such a provider answered with anything but 400/404 (a made-up name gets the
+provider's "no such model" and stays `other`); a consumer name only from a verified
+token.
 """
 
 from __future__ import annotations
@@ -34,21 +37,25 @@ class LabelValues:
         self.learn = learn
         self.learned: set[str] = set()
 
-    def __call__(self, value: str) -> str:
+    def __call__(self, value: str, *, learn: bool = True) -> str:
+        """`value` as a label; `learn`: it may become one if the policy allows."""
         if value in self.known or value in self.learned:
             return value
-        if self.open and len(self.learned) < self.learn and _PLAIN.fullmatch(value):
+        if learn and self.open and len(self.learned) < self.learn and _PLAIN.fullmatch(value):
             self.learned.add(value)
             return value
         return OTHER
 
 
 class MetricLabels:
-    __slots__ = ("consumer", "model")
+    __slots__ = ("consumer", "model", "open_providers")
 
-    def __init__(self, model: LabelValues, consumer: LabelValues) -> None:
+    def __init__(
+        self, model: LabelValues, consumer: LabelValues, open_providers: frozenset[str]
+    ) -> None:
         self.model = model
         self.consumer = consumer
+        self.open_providers = open_providers  # providers without a catalog
 
     @classmethod
     def of(cls, config: Config, learn: int = LEARN) -> MetricLabels:
@@ -62,11 +69,12 @@ class MetricLabels:
         lists += [c.models or () for c in config.consumers.values()]
         models.update(n for names in lists for n in names if "*" not in n)
         models.update(d for d in (m.default, *(r.default_model for r in config.routes)) if d)
-        open_models = any(m.catalog_of(p) is None for p in config.providers)
+        open_providers = frozenset(p for p in config.providers if m.catalog_of(p) is None)
         jwt = config.auth.jwt
         open_consumers = not config.consumers or (jwt is not None and not jwt.known_consumers_only)
         consumers = frozenset({"anonymous", *config.consumers})
         return cls(
-            LabelValues(frozenset(models), open=open_models, learn=learn),
+            LabelValues(frozenset(models), open=bool(open_providers), learn=learn),
             LabelValues(consumers, open=open_consumers, learn=learn),
+            open_providers,
         )

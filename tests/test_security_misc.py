@@ -219,9 +219,11 @@ def test_label_values_come_from_the_policy_and_unknown_ones_are_other():
 
 def test_a_policy_that_cannot_list_its_models_learns_a_bounded_few():
     labels = MetricLabels.of(config_of(), learn=5)  # no catalog: any name is served
+    assert labels.open_providers == {"mock"}
+    assert labels.model("refused-by-the-provider", learn=False) == OTHER  # not learned
     seen = {labels.model(f"model-{i}") for i in range(200)}
     assert len(seen) == 6 and OTHER in seen
-    assert labels.model("model-0") == "model-0"  # a learned name stays itself
+    assert labels.model("model-0", learn=False) == "model-0"  # a learned name stays
     fresh = MetricLabels.of(config_of(), learn=5)
     assert fresh.model("x" * 5000) == OTHER  # never a long one, even with room
     assert fresh.model("bad\nname") == OTHER
