@@ -296,7 +296,7 @@ class Exchange:
             self._inflate = zlib.decompressobj(47)  # 32 + 15: gzip or zlib header
             mutation.remove_headers.extend(("content-encoding", "content-length"))
         elif encoding != "identity":
-            log.warning("cannot inspect content-encoding %r; passing through", encoding)
+            log.warning("cannot inspect content-encoding %r; passing through", shown(encoding))
             self.error_kind = "decode_error"
             self.metrics.errors.labels("decode_error").inc()
             return _continue_response_headers(mutation, skip_body=True)
@@ -433,7 +433,9 @@ class Exchange:
         """Too late for a status: end the stream with the format's error event
         (`before`: the first event it replaces, which some framings need to know)."""
         kind = kind or code
-        log.warning("ending stream route=%s model=%s: %s", self.route_name, self.model, message)
+        log.warning(
+            "ending stream route=%s model=%s: %s", self.route_name, shown(self.model), message
+        )
         self.error_kind = kind
         self.metrics.errors.labels(kind).inc()
         self.mode = Mode.DONE
@@ -456,7 +458,7 @@ class Exchange:
         log.info(
             "closing provider stream route=%s model=%s after %s (streaming.on_block: close)",
             self.route_name,
-            self.model or "unknown",
+            shown(self.model or "unknown"),
             kind,
         )
         self._upstream_closed = True
