@@ -25,6 +25,7 @@ from extproc.config import (
     unix_socket_path,
     worker_addresses,
 )
+from extproc.headerlimits import CODEC_HEADERS_COUNT, CODEC_HEADERS_KB
 
 # Namespace the sidecar writes dynamic metadata into; Envoy drops any other.
 METADATA_NAMESPACE = "ai_gateway"
@@ -215,7 +216,9 @@ def _access_log(config: Config) -> list[dict[str, Any]]:
     fields: dict[str, Any] = {
         "start_time": "%START_TIME%",
         "method": "%REQ(:METHOD)%",
-        "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
+        # Never the query: it may carry a client's key (?key=, ?api_key=), and a request
+        # refused before the sidecar strips it would log it whole.
+        "path": "%PATH(NQ:ORIG_OR_PATH)%",
         "status": "%RESPONSE_CODE%",
         "response_code_details": "%RESPONSE_CODE_DETAILS%",
         "response_flags": "%RESPONSE_FLAGS%",
@@ -376,6 +379,10 @@ def _listener(config: Config) -> dict[str, Any]:
         # Generous, not zero: a reasoning model may think for minutes before the
         # first byte, but a stream silent for 15 minutes is dead.
         "stream_idle_timeout": "900s",
+        # Twice the limits the sidecar enforces with a JSON 431 (headerlimits.py):
+        # Envoy's own codec refusal reaches a client as an empty reply or a reset.
+        "max_request_headers_kb": CODEC_HEADERS_KB,
+        "common_http_protocol_options": {"max_headers_count": CODEC_HEADERS_COUNT},
         "access_log": _access_log(config),
         "local_reply_config": local_reply_config(config),
         "route_config": {

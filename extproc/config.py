@@ -165,7 +165,8 @@ class RedisConfig:
     key_prefix: str = "ai-gateway:ratelimit:"
     timeout_ms: int = 200
     retry_interval_ms: int = 1000
-    max_connections: int = 64  # per sidecar process; callers queue for a free one
+    max_connections: int = 64  # per sidecar process: pipelines sent in parallel
+    max_pending: int = 10_000  # checks queued for the store; beyond: 503, never admitted
     failure_mode: str = "open"  # open: admit unchecked while Redis is down; closed: 503
 
 
@@ -904,6 +905,7 @@ _REDIS_FIELDS: dict[str, Field] = {
     "timeout_ms": integer(1, 60_000),
     "retry_interval_ms": integer(10, 600_000),
     "max_connections": integer(1, 10_000),
+    "max_pending": integer(1, 10_000_000),
     "failure_mode": choice(FAILURE_MODES, "failure mode"),
 }
 _RATE_LIMITS_FIELDS: dict[str, Field] = {

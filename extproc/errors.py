@@ -5,6 +5,25 @@ from __future__ import annotations
 
 import orjson
 
+SHOWN_CHARS = 64  # of one client-supplied value quoted in an error message
+MAX_MESSAGE_CHARS = 1024  # of a whole error message
+
+
+def shown(value: object, limit: int = SHOWN_CHARS) -> str:
+    """A client-supplied value as an error message or log line may quote it: printable
+    characters only (no header or log-line injection) and at most `limit` of them, so
+    a 10 KB token header or model name is never reflected back at its own size."""
+    text = value if isinstance(value, str) else repr(value)
+    cut = text[:limit]
+    clean = cut if cut.isprintable() else "".join(c if c.isprintable() else "?" for c in cut)
+    return clean if len(text) <= limit else f"{clean}... ({len(text)} characters)"
+
+
+def bounded(message: str) -> str:
+    """A whole message, cut to MAX_MESSAGE_CHARS (the last line of defence)."""
+    return message if len(message) <= MAX_MESSAGE_CHARS else message[:MAX_MESSAGE_CHARS] + "..."
+
+
 _TYPES = {
     400: "invalid_request_error",
     401: "invalid_request_error",
@@ -20,4 +39,6 @@ _TYPES = {
 def error_body(status: int, message: str, code: str | None, param: str | None = None) -> bytes:
     """`{"error": {"message", "type", "param", "code"}}` as OpenAI sends it."""
     kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    return orjson.dumps({"error": {"message": message, "type": kind, "param": param, "code": code}})
+    return orjson.dumps(
+        {"error": {"message": bounded(message), "type": kind, "param": param, "code": code}}
+    )

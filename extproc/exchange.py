@@ -39,9 +39,11 @@ from envoy.type.v3.http_status_pb2 import HttpStatus
 from google.protobuf.struct_pb2 import Struct
 
 from extproc.config import Config, RouteConfig
-from extproc.errors import error_body
+from extproc.errors import bounded, error_body, shown
+from extproc.headerlimits import header_problem
 from extproc.metrics import Metrics
 from extproc.policy import Policy, Refusal, RequestContext, StreamBlocked, StreamFilter
+from extproc.policy.credentials import strip_query_credentials
 from extproc.providers import (
     RequestError,
     StreamError,
@@ -98,6 +100,7 @@ class Exchange:
         self._held = False
         self._closed = False
         self._upstream_closed = False
+        self._answered = False  # response headers came (the provider's, or Envoy's)
         metrics.active.inc()
 
     @property
@@ -126,6 +129,11 @@ class Exchange:
     def _on_request_headers(self, request: ProcessingRequest) -> ProcessingResponse:
         msg = request.request_headers
         headers = _header_map(msg.headers.headers)
+        problem = header_problem(headers)
+        if problem is not None:  # before any route or stage: nothing else reads them
+            return self._refuse(
+                Refusal(431, problem, "request_header_fields_too_large", kind="bad_request")
+            )
         path = headers.get(":path", "")
         config = self.policy.config
         name = _route_name(request)
@@ -134,6 +142,7 @@ class Exchange:
             return _continue_headers(None, pass_through=True)
         self.route_name = route.name
         provider = config.providers[route.provider]
+        sent_path, path = path, strip_query_credentials(path)
         upstream_path = path
         if route.rewrite is not None:
             upstream_path = route.rewrite + path[len(route.prefix) :]
@@ -150,6 +159,8 @@ class Exchange:
             headers=headers,
             client_address=_client_address(request, headers),
         )
+        if path != sent_path:  # a key in the query: never upstream, never in a log
+            ctx.upstream_headers[":path"] = headers[":path"] = path
         try:
             for stage in self.policy.stages:
                 stage.on_request_headers(ctx)
@@ -223,11 +234,11 @@ class Exchange:
             log.warning(
                 "refused route=%s path=%s consumer=%s status=%d code=%s: %s",
                 self.route_name,
-                self.ctx.path if self.ctx else "",
-                self.consumer or "-",
+                shown(self.ctx.path, 256) if self.ctx else "",  # query credentials stripped
+                shown(self.consumer or "-"),
                 refusal.status,
                 refusal.code,
-                refusal.message,
+                bounded(refusal.message),
             )
         headers = HeaderMutation(set_headers=[_header("content-type", "application/json")])
         extra = dict(refusal.headers)
@@ -238,7 +249,7 @@ class Exchange:
         body = refusal.body
         if body is None:  # in the caller's own API shape, so its SDK raises its usual error
             render = self.ctx.format.error_body if self.ctx is not None else error_body
-            body = render(refusal.status, refusal.message, refusal.code, refusal.param)
+            body = render(refusal.status, bounded(refusal.message), refusal.code, refusal.param)
         return ProcessingResponse(
             immediate_response=ImmediateResponse(
                 status=HttpStatus(code=refusal.status),
@@ -260,6 +271,7 @@ class Exchange:
         if ctx is None:  # e.g. Envoy's own 413 before any request phase reached us
             return _continue_response_headers(None, skip_body=True)
         ctx.status = self.status
+        self._answered = True
         for stage in self.policy.stages:
             stage.on_response_headers(ctx)
         mutation = HeaderMutation()
@@ -271,7 +283,10 @@ class Exchange:
             self.error_kind = "upstream_error"
             self.metrics.errors.labels("upstream_error").inc()
             log.warning(
-                "provider answered %d route=%s model=%s", self.status, self.route_name, self.model
+                "provider answered %d route=%s model=%s",
+                self.status,
+                self.route_name,
+                shown(self.model),
             )
             return _continue_response_headers(mutation, skip_body=True)
         encoding = headers.get("content-encoding", "identity").strip().lower()
@@ -281,7 +296,7 @@ class Exchange:
             self._inflate = zlib.decompressobj(47)  # 32 + 15: gzip or zlib header
             mutation.remove_headers.extend(("content-encoding", "content-length"))
         elif encoding != "identity":
-            log.warning("cannot inspect content-encoding %r; passing through", encoding)
+            log.warning("cannot inspect content-encoding %r; passing through", shown(encoding))
             self.error_kind = "decode_error"
             self.metrics.errors.labels("decode_error").inc()
             return _continue_response_headers(mutation, skip_body=True)
@@ -418,7 +433,9 @@ class Exchange:
         """Too late for a status: end the stream with the format's error event
         (`before`: the first event it replaces, which some framings need to know)."""
         kind = kind or code
-        log.warning("ending stream route=%s model=%s: %s", self.route_name, self.model, message)
+        log.warning(
+            "ending stream route=%s model=%s: %s", self.route_name, shown(self.model), message
+        )
         self.error_kind = kind
         self.metrics.errors.labels(kind).inc()
         self.mode = Mode.DONE
@@ -441,7 +458,7 @@ class Exchange:
         log.info(
             "closing provider stream route=%s model=%s after %s (streaming.on_block: close)",
             self.route_name,
-            self.model or "unknown",
+            shown(self.model or "unknown"),
             kind,
         )
         self._upstream_closed = True
@@ -487,8 +504,14 @@ class Exchange:
         self._closed = True
         m = self.metrics
         m.active.dec()
-        model = self.model or "unknown"
+        named = self.model or "unknown"
         metered = self._inspect and self.model and 0 < self.status < 400
+        labels = self.policy.labels
+        # As a label: known to the policy, or a name that a provider without a catalog
+        # took (it answered, and not "no such model": 400/404), learned up to a bound;
+        # else "other".
+        took = self._answered and self.status not in (400, 404) and self.ctx is not None
+        model = labels.model(named, learn=took and self.ctx.provider.name in labels.open_providers)
         if metered:
             if not complete and not self.error_kind:
                 self.error_kind = "stream_aborted"
@@ -496,7 +519,7 @@ class Exchange:
                 log.warning(
                     "stream ended early route=%s model=%s (client hung up or provider cut it)",
                     self.route_name,
-                    model,
+                    shown(named),
                 )
             self._meter(now, model)
         if self.ctx is not None:
@@ -510,8 +533,8 @@ class Exchange:
             "exchange route=%s consumer=%s model=%s status=%s prompt=%d completion=%d "
             "estimated=%s duration_ms=%.1f%s",
             self.route_name,
-            self.consumer or "-",
-            model,
+            shown(self.consumer or "-"),
+            shown(named),
             status,
             self.usage.prompt_tokens,
             self.usage.completion_tokens,
@@ -538,7 +561,7 @@ class Exchange:
             texts = self.ctx.info.prompt_texts if self.ctx.info else []
             usage.set_estimated(estimate_prompt_tokens(texts), content_events)
             m.usage_estimated.labels(model).inc()
-        consumer = self.consumer or "anonymous"
+        consumer = self.policy.labels.consumer(self.consumer or "anonymous")
         m.tokens.labels(model, consumer, "prompt").inc(usage.prompt_tokens)
         m.tokens.labels(model, consumer, "completion").inc(usage.completion_tokens)
         if usage.cached_tokens:

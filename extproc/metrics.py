@@ -112,7 +112,8 @@ class Metrics:
         self.ratelimit_decisions = Counter(
             "ai_gateway_ratelimit_decisions",
             "Rate-limit decisions by limit, kind (requests, tokens) and outcome (allowed, "
-            "limited, too_large: can never fit, fail_open / fail_closed: store unreachable)",
+            "limited, too_large: can never fit, fail_open / fail_closed: store unreachable, "
+            "busy: refused because too many checks already waited for the store)",
             ["limit", "kind", "outcome"],
             registry=r,
         )
@@ -126,7 +127,8 @@ class Metrics:
         self.ratelimit_store_errors = Counter(
             "ai_gateway_ratelimit_store_errors",
             "Failed calls to the rate-limit store by operation (acquire, settle, ping; "
-            "*_skipped: not tried while the store is marked down)",
+            "*_skipped: not tried while the store is marked down; acquire_busy: refused "
+            "because the queue for the store was full)",
             ["store", "op"],
             registry=r,
         )

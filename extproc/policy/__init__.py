@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from extproc.config import Config
+from extproc.labels import MetricLabels
 from extproc.policy.stage import Refusal, RequestContext, Stage, StreamBlocked, StreamFilter
 
 __all__ = [
@@ -69,6 +70,11 @@ class Shared:
 class Policy:
     config: Config
     stages: tuple[Stage, ...] = ()
+    labels: MetricLabels = None  # type: ignore[assignment]  # made from config when None
+
+    def __post_init__(self) -> None:
+        if self.labels is None:
+            object.__setattr__(self, "labels", MetricLabels.of(self.config))
 
 
 # Each builder turns the config into a stage (or None when its section is absent).

@@ -34,6 +34,7 @@ from extproc.config import (
     ConsumerConfig,
     JwtConfig,
 )
+from extproc.errors import shown
 from extproc.policy import credentials
 from extproc.policy.jwks import JwksCache
 from extproc.policy.stage import Refusal, RequestContext, Stage
@@ -233,12 +234,12 @@ class JwtVerifier:
             )
         if alg not in self.algorithms:
             raise AuthFailure(
-                f"Invalid token: the algorithm {alg} is not accepted.", "invalid_token"
+                f"Invalid token: the algorithm {shown(alg)} is not accepted.", "invalid_token"
             )
         if alg.startswith("HS"):
             if not self.secret:
                 raise AuthFailure(
-                    f"Invalid token: the algorithm {alg} is not accepted.", "invalid_token"
+                    f"Invalid token: the algorithm {shown(alg)} is not accepted.", "invalid_token"
                 )
             keys: list[Any] = [self.secret]
         else:
@@ -282,7 +283,7 @@ class JwtVerifier:
         keys = [k.key for k in cache.candidates(kid, alg)]
         if not keys:
             raise AuthFailure(
-                f"Invalid token: no signing key of the type {alg} needs.", "invalid_token"
+                f"Invalid token: no signing key of the type {shown(alg)} needs.", "invalid_token"
             )
         return keys
 
@@ -422,12 +423,12 @@ class AuthStage(Stage):
         consumer = self.consumers.get(name)
         if consumer is None and self.jwt.known_consumers_only:
             raise AuthFailure(
-                f"The consumer '{name}' is not allowed to use this gateway.",
+                f"The consumer '{shown(name)}' is not allowed to use this gateway.",
                 "consumer_not_allowed",
                 status=403,
             )
         if consumer is not None and consumer.disabled:
-            raise AuthFailure(f"The consumer '{name}' is disabled.", "invalid_token")
+            raise AuthFailure(f"The consumer '{shown(name)}' is disabled.", "invalid_token")
         ctx.consumer = name
         ctx.claims = claims
         ctx.metadata["auth"] = "jwt"

@@ -6,6 +6,12 @@ expects (`Authorization: Bearer` for OpenAI, `x-api-key` + `anthropic-version` f
 Anthropic, `api-key` for Azure, `x-goog-api-key` for Gemini). The format decides
 through `upstream_auth`/`credential_headers` when it defines them; Bearer otherwise.
 Keys live in memory only: never logged, never in metadata, never sent to a client.
+
+Credentials in other places are removed too: `cookie` and `proxy-authorization` never
+reach a provider, and query parameters that carry a key (`?key=` from Gemini clients,
+`?api_key=`...) are stripped from the path before it goes upstream or into a log
+(stripped, not refused: the gateway sets its own provider key anyway, and a Gemini
+SDK that puts its key in the query keeps working).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote_plus
 
 from extproc.config import Config, ProviderConfig
 from extproc.policy.stage import RequestContext
@@ -22,6 +29,10 @@ log = logging.getLogger("extproc.policy.credentials")
 
 # Where any client SDK puts a key: OpenAI (and JWTs), Anthropic, Azure, Gemini.
 CLIENT_CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key", "x-goog-api-key")
+# Never forwarded, whatever the format: browser sessions, proxy credentials.
+STRIPPED_HEADERS = ("cookie", "proxy-authorization")
+# Query parameter names that carry a credential (compared decoded, case-insensitively).
+QUERY_CREDENTIALS = frozenset({"api_key", "key", "api-key", "apikey", "access_token", "token"})
 ANTHROPIC_VERSION = "2023-06-01"  # sent when neither the client nor the format set one
 
 
@@ -29,6 +40,27 @@ def credential_headers(fmt: Any) -> tuple[str, ...]:
     """Every request header that may carry a credential for this route's format."""
     extra = getattr(fmt, "credential_headers", ())
     return CLIENT_CREDENTIAL_HEADERS + tuple(h for h in extra if h not in CLIENT_CREDENTIAL_HEADERS)
+
+
+def strip_query_credentials(path: str) -> str:
+    """`path` without its credential-carrying query parameters (the same string when it
+    has none). Names are percent- and plus-decoded and lowercased before comparing, so
+    `?KEY=`, `?api%5Fkey=` and `?api+key`-style spellings cannot slip through."""
+    head, sep, query = path.partition("?")
+    if not sep:
+        return path
+    params = query.split("&")
+    kept = [p for p in params if not _carries_credential(p)]
+    if len(kept) == len(params):
+        return path
+    return f"{head}?{'&'.join(kept)}" if kept else head
+
+
+def _carries_credential(param: str) -> bool:
+    name = param.partition("=")[0]
+    if "%" in name or "+" in name:
+        name = unquote_plus(name)
+    return name.strip().lower() in QUERY_CREDENTIALS
 
 
 def provider_headers(
@@ -56,7 +88,7 @@ def apply(
     choice set) and set `provider`'s own."""
     sets = provider_headers(provider, fmt, key, ctx.headers)
     ctx.upstream_headers.update(sets)
-    for name in (*credential_headers(fmt), *previous):
+    for name in (*credential_headers(fmt), *STRIPPED_HEADERS, *previous):
         if name in sets or name in ctx.remove_headers:
             continue
         if name in ctx.headers or name in previous:

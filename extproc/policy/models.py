@@ -27,6 +27,7 @@ from extproc.config import (
     Config,
     ProviderConfig,
 )
+from extproc.errors import shown
 from extproc.policy import credentials
 from extproc.policy.stage import Refusal, RequestContext, Stage
 
@@ -173,10 +174,10 @@ class ModelStage(Stage):
         provider, model = resolved
         lists = self._allow_lists(ctx)
         if not all(allow.allows(name, model) for allow in lists):
-            who = f"the consumer '{ctx.consumer}'" if ctx.consumer else "anonymous callers"
+            who = f"the consumer '{shown(ctx.consumer)}'" if ctx.consumer else "anonymous callers"
             raise Refusal(
                 403,
-                f"The model '{name}' is not allowed for {who} on this route.",
+                f"The model '{shown(name)}' is not allowed for {who} on this route.",
                 "model_not_allowed",
                 kind="model_denied",
                 param="model",
@@ -210,7 +211,7 @@ class ModelStage(Stage):
 def _not_found(name: str) -> Refusal:
     return Refusal(
         404,
-        f"The model '{name}' does not exist or you do not have access to it.",
+        f"The model '{shown(name)}' does not exist or you do not have access to it.",
         "model_not_found",
         kind="model_not_found",
         param="model",

@@ -90,6 +90,7 @@ def _redis_store(
     identity = (
         f"{redis.url}|{redis.username}|{fingerprint}|{redis.key_prefix}"
         f"|{redis.timeout_ms}|{redis.retry_interval_ms}|{redis.max_connections}"
+        f"|{redis.max_pending}"
     )
     slot = shared.get("ratelimit.redis", RateLimitRedis)
     if slot.store is None or slot.identity != identity:
@@ -103,6 +104,7 @@ def _redis_store(
             timeout=redis.timeout_ms / 1000,
             retry_interval=redis.retry_interval_ms / 1000,
             max_connections=redis.max_connections,
+            max_pending=redis.max_pending,
             metrics=metrics,
         )
         slot.identity = identity

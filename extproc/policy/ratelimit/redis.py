@@ -6,6 +6,10 @@ lets concurrent requests overspend). The scripts take the time from the Redis se
 (`TIME`), not from each replica, so replicas with skewed clocks still agree. A key
 lives only until its bucket is full again (`PX`), so idle keys vanish by themselves.
 
+Calls are pipelined (`batch.py`): a burst queues (bounded by `max_pending`) and shares
+`max_connections` connections, so a busy pool is never mistaken for an outage. A full
+queue raises `StoreBusy`, which the stage refuses (503), whatever the failure mode.
+
 When Redis cannot be reached the store raises `StoreUnavailable` (the stage applies
 the configured fail-open or fail-closed mode), logs the outage once, counts every
 failed call, and then skips Redis for `retry_interval` so an outage costs no latency
@@ -26,8 +30,9 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from extproc.metrics import Metrics
+from extproc.policy.ratelimit.batch import ScriptBatcher
 from extproc.policy.ratelimit.gcra import SLACK, Rate
-from extproc.policy.ratelimit.store import Outcome, StoreUnavailable
+from extproc.policy.ratelimit.store import Outcome, StoreBusy, StoreUnavailable
 
 log = logging.getLogger("extproc.ratelimit")
 
@@ -119,6 +124,7 @@ class RedisStore:
         timeout: float = 0.2,
         retry_interval: float = 1.0,
         max_connections: int = 64,
+        max_pending: int = 10_000,
         metrics: Metrics | None = None,
         clock: Callable[[], float] | None = None,
     ) -> None:
@@ -130,13 +136,13 @@ class RedisStore:
         self._down_since = 0.0
         self._down_until = 0.0
         self._metrics = metrics
-        # A bounded pool that makes callers wait for a free connection (up to the
-        # timeout) rather than fail: a burst of requests must queue, not fail open.
-        # One immediate retry: a pooled connection that died with a Redis restart
-        # fails once and the retry reconnects. Nothing more: the request is waiting.
+        # Scripts go through the batcher, which never holds more than max_connections
+        # connections; one more stays free for readiness pings. One immediate retry: a
+        # pooled connection that died with a Redis restart fails once and the retry
+        # reconnects. Nothing more: the request is waiting.
         pool = aioredis.BlockingConnectionPool.from_url(
             url,
-            max_connections=max_connections,
+            max_connections=max_connections + 1,
             timeout=timeout,
             username=username,
             password=password,
@@ -148,6 +154,7 @@ class RedisStore:
         self.client = aioredis.Redis(connection_pool=pool)
         self._acquire = self.client.register_script(ACQUIRE_LUA)
         self._settle = self.client.register_script(SETTLE_LUA)
+        self._batch = ScriptBatcher(self.client, max_connections, max_pending)
         if metrics is not None:
             metrics.ratelimit_store_up.labels(self.name).set(1)
 
@@ -165,8 +172,14 @@ class RedisStore:
         args: list[str | float] = [self._now_arg(), SLACK]
         for rate, cost in zip(rates, costs, strict=True):
             args += (rate.interval * 1000, rate.window * 1000, cost)
+        keys = [self._prefix + k for k in keys]
         try:
-            reply = await self._acquire(keys=[self._prefix + k for k in keys], args=args)
+            pending = self._batch.submit(self._acquire.script, self._acquire.sha, keys, args)
+        except StoreBusy:
+            self._count_error("acquire_busy")
+            raise
+        try:
+            reply = await pending
         except (RedisError, OSError) as exc:
             raise self._failed("acquire", exc) from None
         self._recovered()
@@ -186,7 +199,8 @@ class RedisStore:
     async def _run_settle(self, keys: list[str], args: list[str | float]) -> None:
         try:
             self._check_breaker("settle")
-            await self._settle(keys=keys, args=args)
+            script = self._settle
+            await self._batch.submit(script.script, script.sha, keys, args, bounded=False)
         except StoreUnavailable:
             return  # counted and logged by the breaker
         except (RedisError, OSError) as exc:
@@ -206,6 +220,7 @@ class RedisStore:
         return None
 
     async def close(self) -> None:
+        await self._batch.close()
         await self.client.aclose()
         await self.client.connection_pool.disconnect()
 

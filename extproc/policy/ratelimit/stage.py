@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from extproc.config import LimitConfig, RateLimitsConfig
+from extproc.errors import shown
 from extproc.metrics import Metrics
 from extproc.policy.ratelimit import gcra
 from extproc.policy.ratelimit.gcra import Rate
-from extproc.policy.ratelimit.store import Outcome, Store, StoreUnavailable
+from extproc.policy.ratelimit.store import Outcome, Store, StoreBusy, StoreUnavailable
 from extproc.policy.stage import Refusal, RequestContext, Stage
 from extproc.providers.base import RequestInfo
 from extproc.usage import Usage, estimate_prompt_tokens
@@ -183,9 +184,11 @@ class RateLimitStage(Stage):
             outcome = await self.store.acquire(
                 [b.key for b in buckets], [b.rate for b in buckets], [b.cost for b in buckets]
             )
-        except StoreUnavailable:
+        except StoreUnavailable:  # an outage: the configured failure mode applies
             self._store_down(buckets)
             return
+        except StoreBusy:  # a healthy store with a full queue: refuse, never admit
+            raise self._store_busy(buckets) from None
         self._set_headers(ctx, buckets, outcome)
         count = self._count
         if not outcome.admitted:
@@ -225,6 +228,18 @@ class RateLimitStage(Stage):
             "rate_limit_unavailable",
             kind="ratelimit_unavailable",
             headers={"retry-after": str(wait)},
+        )
+
+    def _store_busy(self, buckets: list[_Bucket]) -> Refusal:
+        for b in buckets:
+            self._count("ratelimit_decisions", b.limit.config.name, b.kind, "busy").inc()
+        return Refusal(
+            503,
+            "The gateway is checking too many requests against its rate limits right now, "
+            "so this one was not sent. Try again shortly.",
+            "rate_limit_unavailable",
+            kind="ratelimit_busy",
+            headers={"retry-after": "1"},
         )
 
     # -- answers --------------------------------------------------------------------------
@@ -331,5 +346,9 @@ def _per(b: _Bucket) -> str:
 
 
 def _scope_text(scope: list[tuple[str, str]]) -> str:
-    shown = [f"{_SCOPE[name]} {value or 'anonymous'}" for name, value in scope if len(value) < 97]
-    return f" for {', '.join(shown)}" if shown else ""
+    parts = [
+        f"{_SCOPE[name]} {shown(value) if value else 'anonymous'}"
+        for name, value in scope
+        if len(value) < 97
+    ]
+    return f" for {', '.join(parts)}" if parts else ""

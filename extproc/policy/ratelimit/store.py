@@ -16,7 +16,13 @@ from extproc.policy.ratelimit.gcra import Rate
 
 
 class StoreUnavailable(Exception):
-    """The store could not answer (Redis down, timed out, refused the script)."""
+    """The store could not answer (Redis down, timed out, refused the script): an
+    outage, where the configured failure mode (open or closed) applies."""
+
+
+class StoreBusy(Exception):
+    """Too many checks already wait for a healthy store: back-pressure, not an outage.
+    Never a StoreUnavailable, so it can never fail open: the request is refused."""
 
 
 @dataclass(slots=True)
@@ -35,7 +41,8 @@ class Store(Protocol):
     async def acquire(
         self, keys: Sequence[str], rates: Sequence[Rate], costs: Sequence[float]
     ) -> Outcome:
-        """Admit and reserve `costs` in every bucket, or in none; raise StoreUnavailable."""
+        """Admit and reserve `costs` in every bucket, or in none; raise StoreUnavailable
+        (outage) or StoreBusy (queue full)."""
         ...
 
     def settle(
