@@ -232,6 +232,18 @@ class GuardsConfig:
     # Streams: the most text held back per channel while it could still become a
     # match (a PEM private key is the longest built-in, about 12 000 characters).
     max_holdback_chars: int = 16384
+    # Per request (prompt texts) and per response frame: a request whose texts sum to
+    # more characters, or whose scan takes longer, is refused with `scan_budget_status`
+    # (413 or 400, code guard_budget_exceeded) instead of stalling the worker's other
+    # streams. A 1 MiB body (the default envoy.max_request_bytes) holds at most 1 Mi
+    # characters, and the slowest detector input measured costs about 2.5 µs per
+    # character (bench/adversarial_bench.py): 2 Mi characters never refuse such a
+    # body on size, and 1 s is several times what ordinary text of that size takes
+    # (about 0.3 s for every built-in detector at once), below Envoy's 2 s message
+    # timeout so the refusal arrives before Envoy gives up.
+    scan_budget_chars: int = 2 << 20
+    scan_budget_ms: int = 1000
+    scan_budget_status: int = 413
 
 
 # ------------------------------------------------------------------ consumers, auth, models
@@ -1242,7 +1254,13 @@ def parse_guards(value: Any, key: str, problems: Problems, document: dict[str, A
         value,
         key,
         problems,
-        {"rules": lambda v, k, p: v, "max_holdback_chars": integer(64, 1 << 20)},
+        {
+            "rules": lambda v, k, p: v,
+            "max_holdback_chars": integer(64, 1 << 20),
+            "scan_budget_chars": integer(1024, 1 << 30),
+            "scan_budget_ms": integer(1, 60_000),
+            "scan_budget_status": _budget_status,
+        },
         required=("rules",),
     )
     if got is None:
@@ -1267,7 +1285,15 @@ def parse_guards(value: Any, key: str, problems: Problems, document: dict[str, A
             )
         names[guard.name] = index
         rules.append(guard)
-    return GuardsConfig(rules=tuple(rules), max_holdback_chars=got.get("max_holdback_chars", 16384))
+    got.pop("rules", None)
+    return GuardsConfig(rules=tuple(rules), **got)
+
+
+def _budget_status(value: Any, key: str, problems: Problems) -> Any:
+    """413 (too large to check) or 400 (a bad request): what a client can act on."""
+    if isinstance(value, bool) or value not in (400, 413):
+        return problems.add(key, f"expected 413 or 400, got {describe(value)}")
+    return value
 
 
 # ------------------------------------------------------------------ consumers, auth, models

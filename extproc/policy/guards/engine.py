@@ -10,11 +10,12 @@ share one left-to-right choice, so two guards never mask overlapping text twice.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from extproc.config import GuardConfig, GuardsConfig
 from extproc.policy.guards import detectors as det
-from extproc.policy.guards.scanner import Hit, Scanner
+from extproc.policy.guards.scanner import Hit, RunningText, Scanner
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -158,19 +159,42 @@ def apply_masks(text: str, hits: list[Hit], entries: tuple[Entry, ...]) -> str:
     return "".join(out)
 
 
-def scan_texts(plan: Plan, texts: list[str], findings: Findings) -> list[str]:
-    """Whole texts (a request's prompts, a completion's choices): the masked texts;
-    rejections and counts go to `findings`."""
-    out = []
+# Longest text scanned in one call: a longer one goes through the streaming scanner in
+# pieces this long (same matches, see scanner.py), so a caller can check its budget
+# and let other streams run between pieces.
+PIECE_CHARS = 1 << 16
+
+
+def scan_steps(plan: Plan, texts: list[str], findings: Findings, out: list[str]) -> Iterator[int]:
+    """`scan_texts` in steps: yields the characters scanned since the last yield,
+    after every text, group and piece of at most PIECE_CHARS; `out` gets the masked
+    texts. Sans-I/O: the caller owns the clock and the event loop."""
     for text in texts:
         masked = text
         for action, group in plan.groups:
-            hits = group.scanner.find_all(text)  # every group reads the original
+            if len(text) <= PIECE_CHARS:
+                hits = group.scanner.find_all(text)  # every group reads the original
+            else:
+                hits = []
+                running = RunningText([group.scanner])
+                for at in range(0, len(text), PIECE_CHARS):
+                    piece = text[at : at + PIECE_CHARS]
+                    hits += running.feed(piece, final=at + PIECE_CHARS >= len(text))[0]
+                    yield len(piece)
             for hit in hits:
                 findings.add(action, group.entries[hit.index])
             if action == "mask" and hits:
                 masked = apply_masks(text, hits, group.entries)
+            yield len(text) if len(text) <= PIECE_CHARS else 0
         out.append(masked)
+
+
+def scan_texts(plan: Plan, texts: list[str], findings: Findings) -> list[str]:
+    """Whole texts (a request's prompts, a completion's choices): the masked texts;
+    rejections and counts go to `findings`."""
+    out: list[str] = []
+    for _ in scan_steps(plan, texts, findings, out):
+        pass
     return out
 
 
@@ -179,6 +203,9 @@ class GuardSet:
 
     def __init__(self, config: GuardsConfig) -> None:
         self.max_holdback = config.max_holdback_chars
+        self.budget_chars = config.scan_budget_chars
+        self.budget_seconds = config.scan_budget_ms / 1000
+        self.budget_status = config.scan_budget_status
         self.guards = [compile_guard(g, i) for i, g in enumerate(config.rules)]
         self._plans: dict[tuple, Plan] = {}
 
