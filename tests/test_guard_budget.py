@@ -134,3 +134,14 @@ def test_a_huge_response_frame_within_budget_is_masked():
     big = "x " * PIECE_CHARS + CARD + " y" * 10
     body = run.respond(content_frames(["hello ", big, "bye"]))
     assert client_text(body) == "hello " + big.replace(CARD, "<CREDIT_CARD>") + "bye"
+
+
+def test_the_response_budget_is_per_frame_not_per_stream():
+    # Each huge frame is two pieces (one clock reading, 0.3 s, inside it): many such
+    # frames add up past 1 s, but no single one does, so the stream goes through.
+    run = guarded(PII, step=0.3, scan_budget_ms=1000)
+    run.request({**CHAT, "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+    big = "w " * PIECE_CHARS  # two pieces
+    body = run.respond(content_frames([big, big, big, big, "bye"]))
+    assert b"guard_budget_exceeded" not in body
+    assert client_text(body) == big * 4 + "bye"
