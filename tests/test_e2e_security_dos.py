@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from extproc.devstack import Stack
+from extproc.dev.devstack import Stack
 from tests.conftest import sse_payloads, start_stack
 
 # 400, not the default 413: Envoy's local-reply mapper rewrites every 413 body, the
