@@ -236,11 +236,11 @@ class GuardsConfig:
     # more characters, or whose scan takes longer, is refused with `scan_budget_status`
     # (413 or 400, code guard_budget_exceeded) instead of stalling the worker's other
     # streams. A 1 MiB body (the default envoy.max_request_bytes) holds at most 1 Mi
-    # characters, and the slowest detector input measured costs about 2.5 µs per
-    # character (bench/adversarial_bench.py): 2 Mi characters never refuse such a
-    # body on size, and 1 s is several times what ordinary text of that size takes
-    # (about 0.3 s for every built-in detector at once), below Envoy's 2 s message
-    # timeout so the refusal arrives before Envoy gives up.
+    # characters: 2 Mi never refuse such a body on size. Every built-in detector at
+    # once costs 0.2-0.9 µs per character on ordinary or numeric text (dates) and
+    # 2-4 µs on the worst input measured, `4 4 4 ...` (bench/adversarial_bench.py):
+    # 1 s admits any ordinary 1 MiB prompt and refuses the hostile one, below Envoy's
+    # 2 s message timeout so the refusal arrives before Envoy gives up.
     scan_budget_chars: int = 2 << 20
     scan_budget_ms: int = 1000
     scan_budget_status: int = 413
