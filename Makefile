@@ -27,10 +27,12 @@ lint: install
 	$(PY) -m ruff check extproc tests bench
 
 # Through the real Envoy: Envoy alone vs a do-nothing ext_proc vs the sidecar; then the
-# guards' cost per chunk, the limiters' cost per request, each decoder's cost per frame.
+# guards' cost per chunk, the limiters' cost per request, each decoder's cost per frame,
+# each guard detector's cost per character on hostile text.
 bench: install
 	$(PY) bench/run.py
 	$(PY) bench/guard_bench.py
+	$(PY) bench/adversarial_bench.py
 	$(PY) bench/limiter_bench.py
 	$(PY) bench/decoder_bench.py
 

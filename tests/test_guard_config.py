@@ -124,3 +124,44 @@ def test_rules_are_required_and_holdback_bounded():
         "policy.yaml: guards.max_holdback_chars: must be at least 64, got 10",
         "policy.yaml: guards.rules: required key is missing",
     ]
+
+
+def test_scan_budget_defaults_and_values():
+    rules = [{"name": "pii", "detectors": ["pii"]}]
+    defaults = parse({"rules": rules}).guards
+    assert (defaults.scan_budget_chars, defaults.scan_budget_ms) == (2 << 20, 1000)
+    assert defaults.scan_budget_status == 413
+    got = parse(
+        {
+            "rules": rules,
+            "scan_budget_chars": 100_000,
+            "scan_budget_ms": 250,
+            "scan_budget_status": 400,
+        }
+    ).guards
+    assert (got.scan_budget_chars, got.scan_budget_ms, got.scan_budget_status) == (
+        100_000,
+        250,
+        400,
+    )
+
+
+def test_bad_scan_budget_values_are_refused_with_key_and_reason():
+    rules = [{"name": "pii", "detectors": ["pii"]}]
+    bad = {
+        "rules": rules,
+        "scan_budget_chars": 10,
+        "scan_budget_ms": 0,
+        "scan_budget_status": 404,
+    }
+    assert problems(bad) == [
+        "policy.yaml: guards.scan_budget_chars: must be at least 1024, got 10",
+        "policy.yaml: guards.scan_budget_ms: expected a positive integer, got 0",
+        "policy.yaml: guards.scan_budget_status: expected 413 or 400, got 404",
+    ]
+    assert problems({"rules": rules, "scan_budget_status": True}) == [
+        "policy.yaml: guards.scan_budget_status: expected 413 or 400, got true"
+    ]
+    assert problems({"rules": rules, "scan_budget_ms": "1s"}) == [
+        "policy.yaml: guards.scan_budget_ms: expected an integer, got '1s'"
+    ]

@@ -9,14 +9,24 @@ Modules: `detectors` (what to find), `prefix` (how little of a stream to hold ba
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Mapping
 
 from extproc.config import Config
 from extproc.metrics import Metrics
 from extproc.policy import Refusal, RequestContext, Shared, Stage, StreamBlocked, StreamFilter
-from extproc.policy.guards.engine import Entry, Findings, Guard, GuardSet, Plan, scan_texts
-from extproc.policy.guards.stream import GuardStream
+from extproc.policy.guards.engine import (
+    Entry,
+    Findings,
+    Guard,
+    GuardSet,
+    Plan,
+    scan_steps,
+    scan_texts,
+)
+from extproc.policy.guards.stream import BUDGET_CODE, GuardStream
 from extproc.policy.guards.webhook import Webhook, WebhookError
 
 __all__ = ["GuardStage", "build"]
@@ -24,6 +34,7 @@ __all__ = ["GuardStage", "build"]
 log = logging.getLogger("extproc.guards")
 
 KIND = "guard_blocked"  # errors_total{kind} for a refused request or an ended stream
+YIELD_SECONDS = 0.01  # a long request scan lets other streams run this often
 
 
 def build(config: Config, shared: Shared, environ: Mapping[str, str]) -> Stage | None:
@@ -41,6 +52,7 @@ class GuardStage(Stage):
     ) -> None:
         self.guards = guards
         self.metrics = metrics
+        self.clock = time.perf_counter  # the scan budget's clock (tests pass their own)
         self.webhooks = {
             g.index: Webhook(g.config.webhook, shared, environ)
             for g in guards.guards
@@ -58,7 +70,7 @@ class GuardStage(Stage):
             return
         texts = info.prompt_texts
         findings = Findings()
-        masked = scan_texts(plan, texts, findings)
+        masked = await self._scan_request(ctx, plan, texts, findings)
         self._record(ctx, "request", findings)
         if findings.rejected is not None:
             raise _refusal(findings.rejected.guard, "request")
@@ -67,6 +79,50 @@ class GuardStage(Stage):
         if masked != texts:
             ctx.format.replace_request_texts(info, masked)
             ctx.body_dirty = True
+
+    async def _scan_request(
+        self, ctx: RequestContext, plan: Plan, texts: list[str], findings: Findings
+    ) -> list[str]:
+        """The request's texts scanned within the budget: refused (413/400) when they
+        are too long to check or the check takes too long, never a worker stalled.
+        Long scans let the event loop run other streams every YIELD_SECONDS."""
+        guards = self.guards
+        total = sum(map(len, texts))
+        if total > guards.budget_chars:
+            why = f"{total} characters to scan, budget {guards.budget_chars}"
+            raise self._over_budget(ctx, why)
+        out: list[str] = []
+        spent = 0.0
+        clock = self.clock
+        started = clock()
+        for _ in scan_steps(plan, texts, findings, out):
+            now = clock()
+            if spent + (now - started) > guards.budget_seconds:
+                ms = guards.budget_seconds * 1000
+                raise self._over_budget(ctx, f"scan took over {ms:.0f} ms ({total} characters)")
+            if now - started > YIELD_SECONDS:
+                spent += now - started
+                await asyncio.sleep(0)  # other streams' messages are answered meanwhile
+                started = clock()  # time spent elsewhere is not this request's
+        return out
+
+    def _over_budget(self, ctx: RequestContext, why: str) -> Refusal:
+        ctx.metadata["guard_blocked"] = "budget"
+        log.warning(
+            "guards refused the request: %s route=%s consumer=%s",
+            why,
+            ctx.route.name,
+            ctx.consumer or "-",
+        )
+        status = self.guards.budget_status
+        return Refusal(
+            status,
+            "The request is too large for the gateway's content checks."
+            if status == 413
+            else "The request could not be checked by the gateway's content checks.",
+            BUDGET_CODE,
+            kind=BUDGET_CODE,
+        )
 
     async def _ask(self, ctx: RequestContext, guard: Guard, texts: list[str]) -> list[str]:
         """One webhook guard: the (possibly masked) texts to send on, or a Refusal."""
@@ -151,7 +207,13 @@ class GuardStage(Stage):
                     ctx.consumer or "-",
                 )
 
-        return GuardStream(plan, decoder, report)
+        return GuardStream(
+            plan,
+            decoder,
+            report,
+            budget_seconds=self.guards.budget_seconds,
+            clock=self.clock,
+        )
 
     def on_completion(self, ctx: RequestContext, body: bytes) -> bytes | None:
         plan = self._response_plan(ctx)

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
 from collections import Counter
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 
 from extproc.config import GuardConfig, GuardsConfig
 from extproc.policy.guards import detectors as det
 from extproc.policy.guards.normalize import dotted_card
-from extproc.policy.guards.scanner import Hit, Scanner, find_hits
+from extproc.policy.guards.scanner import Hit, RunningText, Scanner, find_hits
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -162,9 +163,16 @@ def apply_masks(text: str, hits: list[Hit], entries: tuple[Entry, ...]) -> str:
     return "".join(out)
 
 
-def scan_texts(plan: Plan, texts: list[str], findings: Findings) -> list[str]:
-    """Whole texts (a request's prompts, a completion's choices): the masked texts;
-    rejections and counts go to `findings`.
+# Longest text scanned in one call: a longer one goes through the streaming scanner in
+# pieces this long (same matches, see scanner.py), so a caller can check its budget
+# and let other streams run between pieces.
+PIECE_CHARS = 1 << 16
+
+
+def scan_steps(plan: Plan, texts: list[str], findings: Findings, out: list[str]) -> Iterator[int]:
+    """`scan_texts` in steps: yields the characters scanned since the last yield, after
+    every text or piece of at most PIECE_CHARS; `out` gets the masked texts. Sans-I/O:
+    the caller owns the clock and the event loop.
 
     Each text is scanned in its normalised view, and so is the text of all of them
     joined in order, so a card or an email split across two parts or two messages is
@@ -174,23 +182,46 @@ def scan_texts(plan: Plan, texts: list[str], findings: Findings) -> list[str]:
     one match, so a few characters that start the next text can be masked with it
     (fail safe: the alternative lets a split keep the tail of a card or an address).
     Every group reads the original texts."""
-    out = texts
+    result = texts
     bounds = _bounds(texts)
     joined = "".join(texts) if len(texts) > 1 else None
     for action, group in plan.groups:
         spans: list[Hit] = []
         for text, at in zip(texts, (0, *bounds), strict=True):
-            spans.extend(
-                Hit(h.start + at, h.end + at, h.index) for h in find_hits(group.scanner, text)
-            )
+            hits = yield from _hits(group.scanner, text)
+            spans.extend(Hit(h.start + at, h.end + at, h.index) for h in hits)
         if joined is not None:
-            crossing = [h for h in find_hits(group.scanner, joined) if _crossed(h, bounds)]
+            hits = yield from _hits(group.scanner, joined)
+            crossing = [h for h in hits if _crossed(h, bounds)]
             if crossing:
                 spans = _merge(spans + crossing)
         for hit in spans:
             findings.add(action, group.entries[hit.index])
         if action == "mask" and spans:
-            out = _mask_texts(texts, bounds, spans, group.entries)
+            result = _mask_texts(texts, bounds, spans, group.entries)
+    out.extend(result)
+
+
+def _hits(scanner: Scanner, text: str) -> Generator[int, None, list[Hit]]:
+    if len(text) <= PIECE_CHARS:
+        hits = find_hits(scanner, text)
+        yield len(text)
+        return hits
+    hits = []
+    running = RunningText([scanner])
+    for at in range(0, len(text), PIECE_CHARS):
+        piece = text[at : at + PIECE_CHARS]
+        hits += running.feed(piece, final=at + PIECE_CHARS >= len(text))[0]
+        yield len(piece)
+    return hits
+
+
+def scan_texts(plan: Plan, texts: list[str], findings: Findings) -> list[str]:
+    """Whole texts (a request's prompts, a completion's choices): the masked texts;
+    rejections and counts go to `findings`."""
+    out: list[str] = []
+    for _ in scan_steps(plan, texts, findings, out):
+        pass
     return out
 
 
@@ -258,6 +289,9 @@ class GuardSet:
 
     def __init__(self, config: GuardsConfig) -> None:
         self.max_holdback = config.max_holdback_chars
+        self.budget_chars = config.scan_budget_chars
+        self.budget_seconds = config.scan_budget_ms / 1000
+        self.budget_status = config.scan_budget_status
         self.guards = [compile_guard(g, i) for i, g in enumerate(config.rules)]
         self._plans: dict[tuple, Plan] = {}
 

@@ -23,9 +23,12 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import replace
 
-from extproc.policy.guards.engine import Entry, Plan, apply_masks
+from extproc.policy.guards.engine import PIECE_CHARS, Entry, Plan, apply_masks
 from extproc.policy.guards.scanner import RunningText, find_hits
+from extproc.policy.stage import StreamBlocked
 from extproc.providers.base import ResponseDecoder, StreamEvent
+
+BUDGET_CODE = "guard_budget_exceeded"  # the error event's code and errors_total{kind}
 
 # (action, entry, repeat): called for every decided match; `repeat` marks a match in a
 # text the stream already carried once (a format's closing "whole text" event). A
@@ -71,7 +74,15 @@ class _Channel:
 class GuardStream:
     """A `StreamFilter` applying one plan's detector guards to one response."""
 
-    def __init__(self, plan: Plan, decoder: ResponseDecoder, report: Report) -> None:
+    def __init__(
+        self,
+        plan: Plan,
+        decoder: ResponseDecoder,
+        report: Report,
+        *,
+        budget_seconds: float | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
         groups = plan.groups  # reject first: a block wins over anything else decided
         self._scanners = [group.scanner for _, group in groups]
         self._actions = [action for action, _ in groups]
@@ -82,6 +93,11 @@ class GuardStream:
         self._report = report
         self._channels: dict[tuple[int, str], _Channel] = {}
         self._queue: deque[_Slot] = deque()
+        # A huge frame is scanned in pieces, the clock read between them: over the
+        # budget, the stream ends (StreamBlocked) rather than stall other streams.
+        self._budget = budget_seconds
+        self._clock = clock
+        self._began = 0.0
 
     @property
     def held(self) -> int:
@@ -91,6 +107,8 @@ class GuardStream:
     def process(self, events: list[StreamEvent], end: bool) -> list[StreamEvent]:
         out: list[StreamEvent] = []
         queue = self._queue
+        if self._clock is not None:
+            self._began = self._clock()
         for event in events:
             if event.is_done:
                 self._flush()  # the format says no more text comes
@@ -150,7 +168,14 @@ class GuardStream:
     def _whole(self, text: str) -> str:
         masked = text
         for k, scanner in enumerate(self._scanners):
-            hits = find_hits(scanner, text)
+            if len(text) <= PIECE_CHARS:
+                hits = find_hits(scanner, text)
+            else:  # in pieces (same matches), the budget checked between them
+                hits, running = [], RunningText([scanner])
+                for at in range(0, len(text), PIECE_CHARS):
+                    final = at + PIECE_CHARS >= len(text)
+                    hits += running.feed(text[at : at + PIECE_CHARS], final)[0]
+                    self._check()
             entries = self._entries[k]
             for hit in hits:
                 self._report(self._actions[k], entries[hit.index], True)
@@ -158,8 +183,26 @@ class GuardStream:
                 masked = apply_masks(text, hits, entries)
         return masked
 
+    def _check(self) -> None:
+        if self._clock is None or self._budget is None:
+            return
+        if self._clock() - self._began > self._budget:
+            raise StreamBlocked(
+                "The response is too large for the gateway's content checks.",
+                BUDGET_CODE,
+                BUDGET_CODE,
+            )
+
     def _feed(self, channel: _Channel, text: str, final: bool) -> int:
-        """Scan more of a channel's text; record its masks; return the release point."""
+        """Scan more of a channel's text; record its masks; return the release point.
+        A long text goes in pieces, the budget checked between them."""
+        while len(text) > PIECE_CHARS:
+            self._scan(channel, text[:PIECE_CHARS], False)
+            text = text[PIECE_CHARS:]
+            self._check()
+        return self._scan(channel, text, final)
+
+    def _scan(self, channel: _Channel, text: str, final: bool) -> int:
         running = channel.running
         for k, hits in enumerate(running.feed(text, final)):
             action = self._actions[k]
