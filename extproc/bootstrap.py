@@ -150,12 +150,34 @@ def _status_filter(status: int) -> dict[str, Any]:
     }
 
 
+# Matches a reply the sidecar did not answer: its refusals carry `ai_gateway.route`
+# metadata; Envoy's own (a path it refused before any filter ran) carry none.
+_NOT_FROM_SIDECAR = {
+    "metadata_filter": {
+        "matcher": {
+            "filter": METADATA_NAMESPACE,
+            "path": [{"key": "route"}],
+            "value": {"null_match": {}},
+        },
+        "match_if_key_not_found": True,
+    }
+}
+
+
 def _mapper(
-    status: int, message: str, type_: str, code: str, *, flagged_only: bool = False
+    status: int,
+    message: str,
+    type_: str,
+    code: str,
+    *,
+    flagged_only: bool = False,
+    envoy_only: bool = False,
 ) -> dict[str, Any]:
     status_filter = _status_filter(status)
     if flagged_only:  # an empty flag list matches any flag set
         status_filter = {"and_filter": {"filters": [status_filter, {"response_flag_filter": {}}]}}
+    elif envoy_only:
+        status_filter = {"and_filter": {"filters": [status_filter, _NOT_FROM_SIDECAR]}}
     return {
         "filter": status_filter,
         "body_format_override": {
@@ -175,6 +197,14 @@ def local_reply_config(config: Config) -> dict[str, Any]:
     limit = config.envoy.max_request_bytes
     return {
         "mappers": [
+            _mapper(
+                400,
+                "Envoy refused the request (%RESPONSE_CODE_DETAILS%), e.g. a path with "
+                "an encoded slash or backslash.",
+                "invalid_request_error",
+                "invalid_request",
+                envoy_only=True,
+            ),
             _mapper(
                 413,
                 f"Request body too large: this gateway accepts at most {limit} bytes.",
@@ -376,6 +406,9 @@ def _listener(config: Config) -> dict[str, Any]:
         # Match routes on the normalized path, so /v1/../x cannot dodge a prefix.
         "normalize_path": True,
         "merge_slashes": True,
+        # `%2F` / `%5C` would give a decoding provider another path than the one
+        # routed and inspected: refuse them (400) rather than guess.
+        "path_with_escaped_slashes_action": "REJECT_REQUEST",
         # Generous, not zero: a reasoning model may think for minutes before the
         # first byte, but a stream silent for 15 minutes is dead.
         "stream_idle_timeout": "900s",

@@ -90,6 +90,9 @@ class RouteConfig:
     auth: str | None = None
     models: tuple[str, ...] | None = None  # allow-list on this route; None = any
     default_model: str | None = None  # when the client sends none (else models.default)
+    # Upstream paths (exact, or a prefix ending in '*') passed through uninspected:
+    # not metered, guarded or limited. Any other path that is not a model API is 404.
+    passthrough_paths: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -724,11 +727,30 @@ _PROVIDER_FIELDS: dict[str, Field] = {
     "api_key_file": absolute_path,
     "ca_file": absolute_path,
 }
+
+
+def passthrough_paths(value: Any, key: str, problems: Problems) -> Any:
+    """Upstream paths, each '/...' exact or ending in '*' for a prefix."""
+    names = name_list(value, key, problems)
+    if names is INVALID:
+        return INVALID
+    for index, item in enumerate(names):
+        sub = f"{key}[{index}]" if isinstance(value, list) else key
+        if url_path(item, sub, problems) is INVALID:
+            return INVALID
+        if "*" in item[:-1] or "%" in item:
+            return problems.add(
+                sub, f"a '*' may only end the path, and no '%' encoding, got {describe(item)}"
+            )
+    return names
+
+
 _ROUTE_FIELDS: dict[str, Field] = {
     "name": name_field,
     "prefix": url_path,
     "provider": string,
     "rewrite": url_path,
+    "passthrough_paths": passthrough_paths,
 }
 
 

@@ -42,6 +42,7 @@ from extproc.config import Config, RouteConfig
 from extproc.errors import bounded, error_body, shown
 from extproc.headerlimits import header_problem
 from extproc.metrics import Metrics
+from extproc.paths import METHOD_OVERRIDE_HEADERS, PathRefused, canonical, looks_like_api, matches
 from extproc.policy import Policy, Refusal, RequestContext, StreamBlocked, StreamFilter
 from extproc.policy.credentials import strip_query_credentials
 from extproc.providers import (
@@ -146,7 +147,13 @@ class Exchange:
         upstream_path = path
         if route.rewrite is not None:
             upstream_path = route.rewrite + path[len(route.prefix) :]
+        try:
+            upstream_path = canonical(upstream_path)
+        except PathRefused as exc:
+            return self._refuse(Refusal(400, str(exc), "invalid_path", kind="invalid_path"))
         detected = detect_format(provider.format, upstream_path)
+        if detected is None and looks_like_api(upstream_path):
+            return self._refuse(_ambiguous_path())
         fmt = detected or format_for(provider.format)
         method = headers.get(":method", "")
         ctx = self.ctx = RequestContext(
@@ -162,9 +169,17 @@ class Exchange:
         if path != sent_path:  # a key in the query: never upstream, never in a log
             ctx.upstream_headers[":path"] = headers[":path"] = path
         try:
+            if any(name in headers for name in METHOD_OVERRIDE_HEADERS):
+                raise Refusal(
+                    400,
+                    "Method override headers are not accepted; send the method itself.",
+                    "invalid_request",
+                    kind="invalid_path",
+                )
             for stage in self.policy.stages:
                 stage.on_request_headers(ctx)
-            self._inspect = method == "POST" and detected is not None
+            _check_served(route, detected is not None, method, upstream_path)
+            self._inspect = detected is not None
             if self._inspect and msg.end_of_stream:  # no body: Envoy sends no body message
                 raise _bad_request(
                     RequestError(
@@ -250,7 +265,7 @@ class Exchange:
         if body is None:  # in the caller's own API shape, so its SDK raises its usual error
             render = self.ctx.format.error_body if self.ctx is not None else error_body
             body = render(refusal.status, bounded(refusal.message), refusal.code, refusal.param)
-        return ProcessingResponse(
+        response = ProcessingResponse(
             immediate_response=ImmediateResponse(
                 status=HttpStatus(code=refusal.status),
                 headers=headers,
@@ -258,6 +273,17 @@ class Exchange:
                 details=f"ai_gateway_{refusal.code or refusal.status}",
             )
         )
+        # The access log names who was refused and why.
+        _set_metadata(
+            response,
+            {
+                "route": self.route_name,
+                "model": shown(self.model),
+                "refused": refusal.code or refusal.kind,
+                **self._identity(),
+            },
+        )
+        return response
 
     # -- response ---------------------------------------------------------------------
 
@@ -623,6 +649,39 @@ def _client_address(request: ProcessingRequest, headers: dict[str, str]) -> str:
         host, sep, port = address.rpartition(":")
         return host.strip("[]") if sep and port.isdigit() else address
     return headers.get("x-forwarded-for", "").split(",")[0].strip()
+
+
+def _ambiguous_path() -> Refusal:
+    return Refusal(
+        400,
+        "The request path differs from a model API path only in letter case; "
+        "send it as the API documents it.",
+        "invalid_path",
+        kind="invalid_path",
+    )
+
+
+def _check_served(route: RouteConfig, api: bool, method: str, path: str) -> None:
+    """Refuse what the policy would not see: a model API reached by another method
+    (a lax provider may read a GET body), or a path the route does not list as
+    `passthrough_paths` (it would reach the provider with the gateway's key, unmetered)."""
+    if api:
+        if method != "POST":
+            raise Refusal(
+                405,
+                f"This endpoint accepts POST only, not {method[:16]!r}.",
+                "method_not_allowed",
+                kind="invalid_path",
+                headers={"allow": "POST"},
+            )
+        return
+    if not matches(path, route.passthrough_paths):
+        raise Refusal(
+            404,
+            f"Unknown endpoint on route '{route.name}': {path.partition('?')[0][:200]!r}.",
+            "unknown_url",
+            kind="invalid_path",
+        )
 
 
 def _route_by_prefix(config: Config, path: str) -> RouteConfig | None:

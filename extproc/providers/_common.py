@@ -6,7 +6,9 @@ things live (a hook or class attribute each)."""
 
 from __future__ import annotations
 
+import json
 import re
+import unicodedata
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, ClassVar
 from urllib.parse import parse_qs, urlsplit
@@ -52,7 +54,50 @@ def parse_json_object(body: bytes, expected: str) -> dict[str, Any]:
         ) from None
     if not isinstance(obj, dict):
         raise RequestError("The request body must be a JSON object.", "invalid_type")
+    reject_duplicate_keys(body)
     return obj
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _fold(key: str) -> str:
+    # Go's encoding/json matches field names case-insensitively with Unicode folding
+    # (the long s in "\u017ftream" reads as "stream", the Kelvin sign as "k"); NFKC +
+    # casefold covers both.
+    return key.lower() if key.isascii() else unicodedata.normalize("NFKC", key).casefold()
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs) or (len(obj) > 1 and len({_fold(k) for k in obj}) != len(obj)):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if _fold(key) in seen:
+                raise _DuplicateKey(key)
+            seen.add(_fold(key))
+    return obj
+
+
+def reject_duplicate_keys(body: bytes) -> None:
+    """Refuse a body whose objects repeat a key (exactly, or in another letter case or
+    Unicode form) at any depth: parsers disagree on which copy wins, so the provider
+    could act on a value the policy never checked."""
+    try:
+        json.loads(body, object_pairs_hook=_unique_pairs)
+    except _DuplicateKey as exc:
+        key = str(exc)
+        shown = (
+            key
+            if len(key) <= 64 and key.isprintable()
+            else key[:64].encode("ascii", "backslashreplace").decode() + "..."
+        )
+        raise RequestError(
+            f"The request body repeats the key '{shown}' in one object (also in another "
+            "letter case or Unicode form); send each key once.",
+            "duplicate_key",
+        ) from None
 
 
 def require_string(obj: Mapping[str, Any], name: str) -> str:
