@@ -150,16 +150,15 @@ def _status_filter(status: int) -> dict[str, Any]:
     }
 
 
-# Matches a reply the sidecar did not answer: its refusals carry `ai_gateway.route`
-# metadata; Envoy's own (a path it refused before any filter ran) carry none.
-_NOT_FROM_SIDECAR = {
-    "metadata_filter": {
-        "matcher": {
-            "filter": METADATA_NAMESPACE,
-            "path": [{"key": "route"}],
-            "value": {"null_match": {}},
+# Envoy's own 400 for a path it refused before any filter ran (an encoded slash),
+# told from the sidecar's 400s, which carry their own JSON, by Envoy's reason.
+_PATH_REFUSED = {
+    "extension_filter": {
+        "name": "envoy.access_loggers.extension_filters.cel",
+        "typed_config": {
+            "@type": _TYPE + "extensions.access_loggers.filters.cel.v3.ExpressionFilter",
+            "expression": "response.code_details == 'path_normalization_failed'",
         },
-        "match_if_key_not_found": True,
     }
 }
 
@@ -177,7 +176,7 @@ def _mapper(
     if flagged_only:  # an empty flag list matches any flag set
         status_filter = {"and_filter": {"filters": [status_filter, {"response_flag_filter": {}}]}}
     elif envoy_only:
-        status_filter = {"and_filter": {"filters": [status_filter, _NOT_FROM_SIDECAR]}}
+        status_filter = {"and_filter": {"filters": [status_filter, _PATH_REFUSED]}}
     return {
         "filter": status_filter,
         "body_format_override": {
@@ -199,10 +198,10 @@ def local_reply_config(config: Config) -> dict[str, Any]:
         "mappers": [
             _mapper(
                 400,
-                "Envoy refused the request (%RESPONSE_CODE_DETAILS%), e.g. a path with "
-                "an encoded slash or backslash.",
+                "The request path percent-encodes a slash or backslash; send the path "
+                "unencoded.",
                 "invalid_request_error",
-                "invalid_request",
+                "invalid_path",
                 envoy_only=True,
             ),
             _mapper(

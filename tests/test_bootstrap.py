@@ -169,11 +169,15 @@ def test_dev_bootstrap_shape() -> None:
     statuses = []
     for mapper in local["mappers"]:
         status_filter = mapper["filter"]
-        if "and_filter" in status_filter:  # 502 only with an Envoy response flag
+        if "and_filter" in status_filter:  # 502/503 only with an Envoy response flag
             status_filter, flag_filter = status_filter["and_filter"]["filters"]
-            assert flag_filter == {"response_flag_filter": {}}
+            if "extension_filter" in flag_filter:  # 400 only for Envoy's path refusal
+                expression = flag_filter["extension_filter"]["typed_config"]["expression"]
+                assert expression == "response.code_details == 'path_normalization_failed'"
+            else:
+                assert flag_filter == {"response_flag_filter": {}}
         statuses.append(status_filter["status_code_filter"]["comparison"]["value"]["default_value"])
-    assert statuses == [413, 500, 502, 503, 504]
+    assert statuses == [400, 413, 500, 502, 503, 504]
 
     # The mock providers only (all the one mock process): openai is not used by the routes.
     names = [c["name"] for c in bootstrap["static_resources"]["clusters"]]
