@@ -669,7 +669,7 @@ def _check_served(route: RouteConfig, api: bool, method: str, path: str) -> None
         if method != "POST":
             raise Refusal(
                 405,
-                f"This endpoint accepts POST only, not {method[:16]!r}.",
+                f"This endpoint accepts POST only, not '{shown(method, 16)}'.",
                 "method_not_allowed",
                 kind="invalid_path",
                 headers={"allow": "POST"},
@@ -678,7 +678,7 @@ def _check_served(route: RouteConfig, api: bool, method: str, path: str) -> None
     if not matches(path, route.passthrough_paths):
         raise Refusal(
             404,
-            f"Unknown endpoint on route '{route.name}': {path.partition('?')[0][:200]!r}.",
+            f"Unknown endpoint on route '{route.name}': '{shown(path.partition('?')[0])}'.",
             "unknown_url",
             kind="invalid_path",
         )
