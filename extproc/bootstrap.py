@@ -25,6 +25,7 @@ from extproc.config import (
     unix_socket_path,
     worker_addresses,
 )
+from extproc.errors import SIDECAR_DETAILS_PREFIX
 from extproc.headerlimits import CODEC_HEADERS_COUNT, CODEC_HEADERS_KB
 
 # Namespace the sidecar writes dynamic metadata into; Envoy drops any other.
@@ -150,17 +151,17 @@ def _status_filter(status: int) -> dict[str, Any]:
     }
 
 
-# Envoy's own 400 for a path it refused before any filter ran (an encoded slash),
-# told from the sidecar's 400s, which carry their own JSON, by Envoy's reason.
-_PATH_REFUSED = {
-    "extension_filter": {
-        "name": "envoy.access_loggers.extension_filters.cel",
-        "typed_config": {
-            "@type": _TYPE + "extensions.access_loggers.filters.cel.v3.ExpressionFilter",
-            "expression": "response.code_details == 'path_normalization_failed'",
-        },
+def _cel(expression: str) -> dict[str, Any]:
+    """An access-log filter on Envoy's attributes, e.g. the reply's reason."""
+    return {
+        "extension_filter": {
+            "name": "envoy.access_loggers.extension_filters.cel",
+            "typed_config": {
+                "@type": _TYPE + "extensions.access_loggers.filters.cel.v3.ExpressionFilter",
+                "expression": expression,
+            },
+        }
     }
-}
 
 
 def _mapper(
@@ -170,13 +171,13 @@ def _mapper(
     code: str,
     *,
     flagged_only: bool = False,
-    envoy_only: bool = False,
+    when: str | None = None,
 ) -> dict[str, Any]:
     status_filter = _status_filter(status)
     if flagged_only:  # an empty flag list matches any flag set
         status_filter = {"and_filter": {"filters": [status_filter, {"response_flag_filter": {}}]}}
-    elif envoy_only:
-        status_filter = {"and_filter": {"filters": [status_filter, _PATH_REFUSED]}}
+    elif when:  # a CEL condition, e.g. on Envoy's reason for the reply
+        status_filter = {"and_filter": {"filters": [status_filter, _cel(when)]}}
     return {
         "filter": status_filter,
         "body_format_override": {
@@ -198,17 +199,18 @@ def local_reply_config(config: Config) -> dict[str, Any]:
         "mappers": [
             _mapper(
                 400,
-                "The request path percent-encodes a slash or backslash; send the path "
-                "unencoded.",
+                "The request path percent-encodes a slash or backslash; send the path unencoded.",
                 "invalid_request_error",
                 "invalid_path",
-                envoy_only=True,
+                when="response.code_details == 'path_normalization_failed'",
             ),
             _mapper(
                 413,
                 f"Request body too large: this gateway accepts at most {limit} bytes.",
                 "invalid_request_error",
                 "request_too_large",
+                # Not the sidecar's own 413 (a guard's scan budget), which says why.
+                when=f"!response.code_details.startsWith('{SIDECAR_DETAILS_PREFIX}')",
             ),
             _mapper(
                 500,

@@ -9,6 +9,11 @@ SHOWN_CHARS = 64  # of one client-supplied value quoted in an error message
 MAX_MESSAGE_CHARS = 1024  # of a whole error message
 
 
+# The reason (`details`) of every immediate response the sidecar sends starts with this,
+# so Envoy's local-reply mappers can leave the sidecar's own JSON answers alone.
+SIDECAR_DETAILS_PREFIX = "ai_gateway_"
+
+
 def shown(value: object, limit: int = SHOWN_CHARS) -> str:
     """A client-supplied value as an error message or log line may quote it: printable
     characters only (no header or log-line injection) and at most `limit` of them, so

@@ -39,7 +39,7 @@ from envoy.type.v3.http_status_pb2 import HttpStatus
 from google.protobuf.struct_pb2 import Struct
 
 from extproc.config import Config, RouteConfig
-from extproc.errors import bounded, error_body, shown
+from extproc.errors import SIDECAR_DETAILS_PREFIX, bounded, error_body, shown
 from extproc.headerlimits import header_problem
 from extproc.metrics import Metrics
 from extproc.paths import METHOD_OVERRIDE_HEADERS, PathRefused, canonical, looks_like_api, matches
@@ -270,7 +270,7 @@ class Exchange:
                 status=HttpStatus(code=refusal.status),
                 headers=headers,
                 body=body,
-                details=f"ai_gateway_{refusal.code or refusal.status}",
+                details=f"{SIDECAR_DETAILS_PREFIX}{refusal.code or refusal.status}",
             )
         )
         # The access log names who was refused and why.
