@@ -27,7 +27,12 @@ from tests.test_exchange import CHAT, Run, headers_msg, metadata, stream_frames
 BASE: dict[str, Any] = {
     "providers": {"mock": {"url": "http://127.0.0.1:1", "api_key_env": "MOCK_KEY"}},
     "routes": [
-        {"name": "openai", "prefix": "/openai", "provider": "mock", "rewrite": "/v1/x"},
+        {
+            "name": "openai",
+            "prefix": "/openai",
+            "provider": "mock",
+            "rewrite": "/v1/chat/completions",
+        },
         {"name": "v1", "prefix": "/v1/", "provider": "mock"},
     ],
 }
