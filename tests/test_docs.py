@@ -26,8 +26,6 @@ from tests.conftest import DEV_CONFIG, REPO
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 README_MAX_LINES = 250
-# Guides other changes add; linked already, checked once they exist.
-PENDING = {REPO / "docs" / "security.md", REPO / "docs" / "mock-provider.md"}
 
 MARKERS = {"runnable", "policy", "policy-file"}
 FENCE = re.compile(r"^```(\w*)(.*)$")
@@ -200,8 +198,6 @@ def test_relative_links_resolve(path: Path) -> None:
             continue
         file, _, anchor = target.partition("#")
         resolved = (path.parent / file).resolve() if file else path
-        if resolved in PENDING:
-            continue
         assert resolved.exists(), f"{path.relative_to(REPO)}: broken link {target}"
         if anchor and resolved.suffix == ".md":
             assert anchor in anchors(resolved), f"{path.relative_to(REPO)}: no #{anchor} there"
@@ -212,7 +208,6 @@ def test_every_guide_is_in_the_index() -> None:
     for path in DOCS[1:]:
         if path.name != "README.md":
             assert path.resolve() in index, f"docs/README.md does not link {path.name}"
-    assert index >= PENDING  # linked before they exist
 
 
 def test_readme_is_short() -> None:
