@@ -18,6 +18,30 @@ _LATENCY = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300)
 _PER_TOKEN = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1)
 _MESSAGE = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05)
 PHASES = ("request_headers", "request_body", "response_headers", "response_body")
+# Every `ai_gateway_errors_total{kind}` the code counts, so its HELP (what an operator
+# reads next to a dashboard) names them all; tests/test_metrics_help.py finds the kinds
+# in the code and fails when one is missing here or listed but never used.
+ERROR_KINDS = (
+    "bad_request",  # malformed body, oversized headers, missing model (400, 431)
+    "invalid_path",  # path tricks, wrong method, unlisted endpoint (400, 404, 405)
+    "auth",  # missing or refused credentials (401)
+    "auth_denied",  # a known caller refused (403)
+    "auth_unavailable",  # signing keys not loaded yet (503)
+    "model_denied",  # the consumer may not use the model (403)
+    "model_not_found",  # no route serves the model (404)
+    "guard_blocked",  # a guard rejected the request or ended the stream
+    "guard_budget_exceeded",  # too large for the guards' scan budget
+    "guard_unavailable",  # a webhook guard failed closed (503)
+    "rate_limited",  # over a request or token limit (429)
+    "ratelimit_unavailable",  # the limit store is down, fail_closed (503)
+    "ratelimit_busy",  # too many checks already wait for the store (503)
+    "upstream_error",  # the provider answered 4xx/5xx
+    "stream_aborted",  # the stream ended before its end marker
+    "frame_too_large",  # a response frame over the framer's bound
+    "decode_error",  # a compressed response that does not inflate
+    "malformed_stream",  # broken framing (bad CRC, not the promised JSON)
+    "internal",  # the sidecar's own failure
+)
 
 
 class Metrics:
@@ -78,8 +102,7 @@ class Metrics:
         )
         self.errors = Counter(
             "ai_gateway_errors",
-            "Problems by kind (bad_request, upstream_error, "
-            "stream_aborted, frame_too_large, decode_error, internal)",
+            f"Refusals and failures by kind ({', '.join(ERROR_KINDS)})",
             ["kind"],
             registry=r,
         )
