@@ -38,7 +38,7 @@ ERROR_KINDS = (
     "upstream_error",  # the provider answered 4xx/5xx
     "stream_aborted",  # the stream ended before its end marker
     "frame_too_large",  # a response frame over the framer's bound
-    "decode_error",  # a compressed response that does not inflate
+    "decode_error",  # a response encoding that cannot be read (passed on uninspected)
     "malformed_stream",  # broken framing (bad CRC, not the promised JSON)
     "internal",  # the sidecar's own failure
 )
