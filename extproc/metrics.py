@@ -155,6 +155,13 @@ class Metrics:
             ["store", "op"],
             registry=r,
         )
+        self.ratelimit_store_restarts = Counter(
+            "ai_gateway_ratelimit_store_restarts",
+            "Times this process found the rate-limit store's generation key changed: Redis "
+            "restarted without persistence or was flushed, so every limit began again full",
+            ["store"],
+            registry=r,
+        )
         self.ratelimit_store_up = Gauge(
             "ai_gateway_ratelimit_store_up",
             "1 while the shared rate-limit store answers, 0 while it does not",

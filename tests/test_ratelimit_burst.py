@@ -33,7 +33,14 @@ def redis_server(tmp_path_factory):
 def burst_stage(url: str, **redis: object):
     section = {
         "store": "redis",
-        "redis": {"url": url, "failure_mode": "open", "key_prefix": fresh_prefix(), **redis},
+        # A wide timeout: a loaded machine must not turn these into outage tests.
+        "redis": {
+            "url": url,
+            "failure_mode": "open",
+            "key_prefix": fresh_prefix(),
+            "timeout_ms": 10_000,
+            **redis,
+        },
         "limits": [{"name": "hourly", "requests": 100, "window": "1h", "by": "consumer"}],
     }
     shared = Shared()

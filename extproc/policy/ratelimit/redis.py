@@ -15,6 +15,13 @@ the configured fail-open or fail-closed mode), logs the outage once, counts ever
 failed call, and then skips Redis for `retry_interval` so an outage costs no latency
 per request; the first call after that tries again, and redis-py reconnects by itself,
 so the sidecar recovers without a restart.
+
+A Redis restarted without persistence forgets every bucket, so every limit admits a
+full burst again (a 30/h limit let 40-50 through in the hour after a 10 s outage): run
+it with `appendonly yes` (`appendfsync everysec`). The acquire script also keeps a
+generation key (no TTL, so `volatile-*` eviction never takes it); when it comes back
+different the store was restarted empty or flushed, which is logged once per change
+and counted in `ai_gateway_ratelimit_store_restarts_total`.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from extproc.policy.ratelimit.gcra import SLACK, Rate
 from extproc.policy.ratelimit.store import Outcome, StoreBusy, StoreUnavailable
 
 log = logging.getLogger("extproc.ratelimit")
+GENERATION_KEY = "generation"  # after the prefix; bucket keys always hold ":r:" or ":t:"
 
 # Times are milliseconds as doubles (the Redis clock is ~1.7e12 ms: precise to ~0.25
 # microseconds). Numbers go back as strings: Redis truncates Lua numbers to integers.
@@ -46,7 +54,15 @@ if now == nil then
   now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 end
 local slack = tonumber(ARGV[2])
-local n = #KEYS
+-- The last key is the store's generation: written once, never expiring. Gone means
+-- Redis restarted without persistence or was flushed, and every bucket is full again.
+local n = #KEYS - 1
+local gen = redis.call('GET', KEYS[n + 1])
+if not gen then
+  local t = redis.call('TIME')
+  gen = t[1] .. '.' .. t[2]
+  redis.call('SET', KEYS[n + 1], gen)
+end
 local tats, ok, blocked = {}, 1, {}
 for i = 1, n do
   local b = 3 * i
@@ -59,7 +75,7 @@ for i = 1, n do
     blocked[#blocked + 1] = tostring(i - 1)
   end
 end
-local out = {ok, string.format('%.6f', now)}
+local out = {ok, string.format('%.6f', now), gen}
 for i = 1, n do
   local tat = tats[i]
   if ok == 1 then
@@ -136,6 +152,7 @@ class RedisStore:
         self._down_since = 0.0
         self._down_until = 0.0
         self._metrics = metrics
+        self._generation: bytes | None = None  # the last one seen; None before the first
         # Scripts go through the batcher, which never holds more than max_connections
         # connections; one more stays free for readiness pings. One immediate retry: a
         # pooled connection that died with a Redis restart fails once and the retry
@@ -172,7 +189,8 @@ class RedisStore:
         args: list[str | float] = [self._now_arg(), SLACK]
         for rate, cost in zip(rates, costs, strict=True):
             args += (rate.interval * 1000, rate.window * 1000, cost)
-        keys = [self._prefix + k for k in keys]
+        n = len(keys)
+        keys = [*(self._prefix + k for k in keys), self._prefix + GENERATION_KEY]
         try:
             pending = self._batch.submit(self._acquire.script, self._acquire.sha, keys, args)
         except StoreBusy:
@@ -183,8 +201,9 @@ class RedisStore:
         except (RedisError, OSError) as exc:
             raise self._failed("acquire", exc) from None
         self._recovered()
+        self._check_generation(reply[2])
         now = float(reply[1]) / 1000
-        tats = [float(t) / 1000 for t in reply[2 : 2 + len(keys)]]
+        tats = [float(t) / 1000 for t in reply[3 : 3 + n]]
         blocked = [int(i) for i in reply[-1].split(b",") if i]
         return Outcome(bool(reply[0]), now, tats, blocked)
 
@@ -223,6 +242,18 @@ class RedisStore:
         await self._batch.close()
         await self.client.aclose()
         await self.client.connection_pool.disconnect()
+
+    def _check_generation(self, generation: bytes) -> None:
+        previous, self._generation = self._generation, generation
+        if previous is None or previous == generation:
+            return
+        log.error(
+            "rate-limit store %s lost its state (restarted without persistence, or "
+            "flushed): every limit starts again from full; run Redis with appendonly yes",
+            self.where,
+        )
+        if self._metrics is not None:
+            self._metrics.ratelimit_store_restarts.labels(self.name).inc()
 
     # -- outage bookkeeping -------------------------------------------------------------
 
