@@ -125,6 +125,9 @@ class Harness:
 
 
 def hook(url: str, **kw) -> GuardConfig:
+    # The default timeout (500 ms) includes the first connect: on a loaded machine a
+    # test of a working service must not turn into a timeout test. Those set 50 ms.
+    kw.setdefault("timeout_ms", 10_000)
     return GuardConfig(
         name="moderation", webhook=GuardWebhookConfig(url=url, **kw), phases=("request",)
     )

@@ -48,7 +48,7 @@ FRAMES = [
         "id": "msg_01AbCdEfGhIjKlMnOpQrSt", "type": "message", "role": "assistant",
         "model": "claude-sonnet-4-5-20250929", "content": [], "stop_reason": None,
         "stop_sequence": None,
-        "usage": {"input_tokens": 472, "cache_creation_input_tokens": 0,
+        "usage": {"input_tokens": 472, "cache_creation_input_tokens": 16,
                   "cache_read_input_tokens": 128, "output_tokens": 2},
     }}),
     ev("content_block_start", {"index": 0, "content_block": {
@@ -65,8 +65,11 @@ FRAMES = [
         "input": {}}}),
     *[delta(2, "input_json_delta", "partial_json", piece) for piece in JSON_PIECES],
     ev("content_block_stop", {"index": 2}),
+    # The current API repeats the cumulative input and cache counts here: a decoder
+    # that added them instead of setting them would count the prompt twice.
     ev("message_delta", {"delta": {"stop_reason": "tool_use", "stop_sequence": None},
-                         "usage": {"output_tokens": 89}}),
+                         "usage": {"input_tokens": 472, "cache_creation_input_tokens": 16,
+                                   "cache_read_input_tokens": 128, "output_tokens": 89}}),
     ev("message_stop", {}),
 ]  # fmt: skip
 BODY = b"".join(FRAMES)
@@ -82,8 +85,8 @@ def test_any_chunking_meters_and_forwards_bytes_exactly(data):
     dec = decoder()
     events = replay(dec, cut(BODY, data.draw(cuts(BODY))))
     assert raw_of(events) == BODY and out_of(events) == BODY
-    # prompt = input + cache writes + cache reads; output is message_delta's (set).
-    assert usage_tuple(dec.usage) == (600, 89, 689, 128, 0, True)
+    # prompt = input + cache writes + cache reads; every count is message_delta's (set).
+    assert usage_tuple(dec.usage) == (616, 89, 705, 128, 0, True)
     assert dec.finish_reason == "tool_calls"
     assert dec.content_events == 1 + len(TEXT_PIECES) + 2  # no signature, no empty json
     assert events[-1].is_done and events[-1].name == "message_stop"
@@ -97,7 +100,7 @@ def test_any_chunking_meters_and_forwards_bytes_exactly(data):
 def test_cumulative_output_is_set_not_added():
     dec = decoder()
     replay(dec, [FRAMES[0], FRAMES[-2], FRAMES[-2]])
-    assert dec.usage.completion_tokens == 89
+    assert usage_tuple(dec.usage) == (616, 89, 705, 128, 0, True)
     # Newer API versions repeat input counts in message_delta (null when unknown).
     dec.feed(
         ev(
@@ -112,7 +115,7 @@ def test_cumulative_output_is_set_not_added():
             },
         )
     )
-    assert usage_tuple(dec.usage) == (628, 90, 718, 128, 0, True)
+    assert usage_tuple(dec.usage) == (644, 90, 734, 128, 0, True)
     assert dec.finish_reason == "stop"
 
 

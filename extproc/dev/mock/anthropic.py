@@ -83,7 +83,9 @@ def build_anthropic_stream(
     request: Mapping[str, Any], options: MockOptions = DEFAULT_OPTIONS
 ) -> list[bytes]:
     """message_start, a ping, one content block (text or tool_use) with its deltas,
-    message_delta with the cumulative output count, message_stop."""
+    message_delta with the cumulative counts (input and cache ones repeated, as the
+    current API does: a client that adds them instead of setting them counts twice),
+    message_stop."""
     plan = mp.make_plan(neutral_from_anthropic(request), options)
     message_id, tool_id = _anthropic_ids(plan)
     end = options.line_ending
@@ -114,7 +116,7 @@ def build_anthropic_stream(
         "delta": {"stop_reason": _ANTHROPIC_STOP[plan.finish_reason], "stop_sequence": None}
     }
     if not options.no_usage:
-        final["usage"] = {"output_tokens": plan.usage["completion_tokens"]}
+        final["usage"] = _anthropic_usage(plan, plan.usage["completion_tokens"])
     frames += [ev("message_delta", final), ev("message_stop", {})]
     return frames
 
