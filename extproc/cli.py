@@ -13,7 +13,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from extproc.config import MAX_WORKERS, Config, ConfigError, check_workers, load_config
+from extproc.config import (
+    MAX_WORKERS,
+    Config,
+    ConfigError,
+    check_workers,
+    load_config,
+    split_host_port,
+)
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
 
@@ -65,6 +72,14 @@ def _workers(text: str) -> int:
     if not 1 <= value <= MAX_WORKERS:
         raise argparse.ArgumentTypeError(f"must be 1-{MAX_WORKERS}, got {value}")
     return value
+
+
+def _listen(text: str) -> str:
+    try:
+        split_host_port(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected ip:port (e.g. 127.0.0.1:8081): {exc}") from None
+    return text
 
 
 def default_run_config() -> str:
@@ -140,6 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--workdir", metavar="DIR", default=None, help="where logs and the bootstrap go"
+    )
+    run.add_argument(
+        "--listen",
+        type=_listen,
+        default=None,
+        metavar="HOST:PORT",
+        help="Envoy's listener instead of envoy.listen (e.g. a second stack beside the first)",
     )
     run.add_argument(
         "--mock-delay-ms",

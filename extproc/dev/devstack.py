@@ -3,6 +3,17 @@
 `make run` and the end-to-end tests start the same thing through `Stack`, so what the
 tests prove is what a user runs. Each part is its own process (as in production) and
 the stack waits until all three say they are ready before it returns.
+
+Before it starts anything it checks every address it will listen on (`ports.py`):
+Envoy and gRPC bind with SO_REUSEPORT, so a second stack on the same ports would
+otherwise start, reach the first one's readiness probes and say "Ready".
+
+`extproc run` (capture=False) keeps stdout for one writer, this process: the "Ready"
+banner, then Envoy's access log. Envoy given `/dev/stdout` would open it again, with
+an offset of its own: with stdout redirected to a file (`make run > file`) its lines
+and the Python processes' writes overwrite each other. So Envoy appends to
+`<workdir>/access.log` instead, this process copies every complete line of it to its
+stdout, and the child processes' own output (logs, diagnostics) goes to stderr.
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extproc.bootstrap import bootstrap_yaml
 from extproc.config import Config, ConfigError, load_config, worker_addresses
+from extproc.dev import ports
 from extproc.envoybin import envoy_binary
 
 MOCK_PROVIDER = "mock"  # a provider of this name is served by the built-in mock
@@ -31,6 +43,53 @@ REPO = Path(__file__).resolve().parents[2]
 
 class StackError(RuntimeError):
     pass
+
+
+class PortsInUse(StackError):
+    """Some address the stack needs is taken; the message names each and its key."""
+
+    def __init__(self, busy: list[ports.Address], config_path: str) -> None:
+        super().__init__(ports.describe(busy, config_path))
+        self.busy = busy
+
+
+# Access-log paths that mean "the terminal": Envoy would reopen them (see above).
+STD_STREAMS = {"/dev/stdout": "stdout", "/dev/stderr": "stderr"}
+
+
+class LogCopier:
+    """Copies the complete lines Envoy appended to `path` to `out`, from one writer."""
+
+    def __init__(self, path: Path, out) -> None:  # out: a binary stream
+        self.path = path
+        self.out = out
+        self._file = None
+        self._partial = b""
+
+    def pump(self) -> None:
+        if self._file is None:
+            try:
+                self._file = open(self.path, "rb")  # noqa: SIM115 - kept open while running
+            except FileNotFoundError:
+                return  # Envoy has not created it yet
+        data = self._file.read()
+        if not data:
+            return
+        data = self._partial + data
+        complete, _, self._partial = data.rpartition(b"\n")
+        if complete:
+            self.out.write(complete + b"\n")
+            self.out.flush()
+
+    def close(self) -> None:
+        self.pump()
+        if self._partial:  # Envoy stopped mid-line: keep what there is
+            self.out.write(self._partial + b"\n")
+            self.out.flush()
+            self._partial = b""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 @dataclass
@@ -46,11 +105,27 @@ class Stack:
     # Sidecar worker processes (`serve --workers`); None = the policy's server.workers.
     # The Envoy bootstrap lists as many endpoints.
     workers: int | None = None
+    # host:port for Envoy's listener instead of envoy.listen (`extproc run --listen`).
+    listen: str | None = None
     config: Config = field(init=False)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict, init=False)
+    access_copier: LogCopier | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.config = load_config(str(self.config_path))
+        envoy = self.config.envoy
+        if self.listen is not None:
+            envoy = replace(envoy, listen=self.listen)
+        stream = STD_STREAMS.get(envoy.access_log)
+        if stream is not None and not self.capture:
+            log = (self.workdir / "access.log").absolute()
+            envoy = replace(envoy, access_log=str(log))
+            self.access_copier = LogCopier(log, getattr(sys, stream).buffer)
+        if self.workers:
+            self.config = replace(
+                self.config, server=replace(self.config.server, workers=self.workers)
+            )
+        self.config = replace(self.config, envoy=envoy)
 
     def __enter__(self) -> Stack:
         self.start()
@@ -86,8 +161,20 @@ class Stack:
         path = self.workdir / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
+    def check_ports(self) -> None:
+        """Raise PortsInUse naming every address the stack needs that is taken."""
+        addresses = ports.stack_addresses(
+            self.config, self.config.server.workers, listen_flag=self.listen is not None
+        )
+        if not self.mock_url:
+            addresses = [a for a in addresses if a.key != "providers.mock.url"]
+        busy = ports.taken_addresses(addresses)
+        if busy:
+            raise PortsInUse(busy, str(self.config_path))
+
     def start(self, timeout: float = 30.0) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self.check_ports()  # before anything starts: nothing to stop on failure
         try:
             if self.mock_url:
                 self.start_mock()
@@ -139,10 +226,9 @@ class Stack:
 
     def start_envoy(self) -> None:
         bootstrap = self.workdir / "envoy.yaml"
-        config = self.config
-        if self.workers:
-            config = replace(config, server=replace(config.server, workers=self.workers))
-        bootstrap.write_text(bootstrap_yaml(config))
+        bootstrap.write_text(bootstrap_yaml(self.config))
+        if self.access_copier is not None:  # a reused --workdir: copy this run's lines only
+            self.access_copier.path.unlink(missing_ok=True)
         self._spawn(
             "envoy",
             [
@@ -175,15 +261,21 @@ class Stack:
     def stop(self) -> None:
         for name in ("envoy", "sidecar", "mock"):
             self.stop_process(name)
+        if self.access_copier is not None:
+            self.access_copier.close()  # Envoy flushed its last lines when it stopped
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
-        out = open(self.workdir / f"{name}.log", "ab") if self.capture else None  # noqa: SIM115
-        self.procs[name] = subprocess.Popen(
-            argv, stdout=out, stderr=subprocess.STDOUT if out else None, env=env, cwd=REPO
-        )
-        if out is not None:
+        if self.capture:
+            out = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115
+            self.procs[name] = subprocess.Popen(
+                argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO
+            )
             out.close()  # the child holds its own descriptor
+        else:  # stdout is this process's alone (module docstring)
+            self.procs[name] = subprocess.Popen(
+                argv, stdout=sys.stderr.fileno(), stderr=None, env=env, cwd=REPO
+            )
 
     def _wait(self, name: str, check, deadline: float) -> None:
         while time.monotonic() < deadline:
@@ -228,12 +320,21 @@ def main(args: argparse.Namespace) -> int:
     config_path = Path(args.config)
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="extproc-run-"))
     try:
-        stack = Stack(config_path, workdir, mock_delay_ms=args.mock_delay_ms, capture=False)
+        stack = Stack(
+            config_path,
+            workdir,
+            mock_delay_ms=args.mock_delay_ms,
+            capture=False,
+            listen=getattr(args, "listen", None),
+        )
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
     try:
         stack.start()
+    except PortsInUse as exc:
+        print(f"cannot start the stack:\n{exc}", file=sys.stderr)
+        return 1
     except StackError as exc:
         print(f"could not start the stack: {exc}", file=sys.stderr)
         return 1
@@ -257,6 +358,8 @@ def main(args: argparse.Namespace) -> int:
                 if proc.poll() is not None:
                     print(f"{name} exited with {proc.returncode}; stopping", file=sys.stderr)
                     stopping = True
+            if stack.access_copier is not None:
+                stack.access_copier.pump()
             time.sleep(0.2)
     finally:
         stack.stop()
