@@ -4,6 +4,7 @@ before the response starts, a clean end after, and leaves no state behind."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 
 import httpx
@@ -194,6 +195,63 @@ def test_sidecar_down_fails_closed_with_json_500(tmp_path):
         assert_openai_error(r, 500)
         # Nothing reached the provider unchecked.
         assert httpx.get(f"{s.mock_url}/_mock/exchanges", timeout=5).json() == {"ids": []}
+    finally:
+        s.stop()
+
+
+def envoy_ext_proc_stats(stack) -> dict[str, int]:
+    """Envoy's own ext_proc counters: the sidecar cannot count its own hang or absence."""
+    text = httpx.get(f"{stack.admin_url}/stats", params={"filter": "ext_proc"}, timeout=5).text
+    out = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(": ")
+        if value.isdigit():
+            out[name.rsplit(".", 1)[-1]] = int(value)
+    return out
+
+
+def access_entry(stack, request_id: str) -> dict | None:
+    path = stack.workdir / "access.log"
+    lines = path.read_text().splitlines() if path.exists() else []
+    found = [e for e in map(json.loads, lines) if e["request_id"] == request_id]
+    return found[-1] if found else None
+
+
+def test_slow_sidecar_gets_504_down_sidecar_500_and_both_are_told_apart(tmp_path):
+    """docs/errors.md: a sidecar that hangs (stopped, stuck loop) is a timeout, 504
+    `gateway_timeout`; one that is gone is a gRPC error, 500 `gateway_error`. Envoy
+    counts each in its own stat and names it in the access log."""
+    s = start_stack(tmp_path, envoy={"message_timeout_ms": 500})
+    sidecar = s.procs["sidecar"]
+    try:
+        sidecar.send_signal(signal.SIGSTOP)  # hung: connections open, nothing answers
+        try:
+            r = httpx.post(
+                f"{s.base_url}/openai", json=SEED, headers={"x-request-id": "slow"}, timeout=30
+            )
+        finally:
+            sidecar.send_signal(signal.SIGCONT)
+        error = assert_openai_error(r, 504, "gateway_timeout")
+        assert "ext_proc_error_per-message_timeout_exceeded" in error["message"]
+        stats = envoy_ext_proc_stats(s)
+        assert stats["message_timeouts"] == 1 and stats.get("streams_failed", 0) == 0
+
+        s.stop_process("sidecar", signal.SIGKILL)  # down: connections refused
+        r = httpx.post(
+            f"{s.base_url}/openai", json=SEED, headers={"x-request-id": "down"}, timeout=30
+        )
+        error = assert_openai_error(r, 500, "gateway_error")
+        assert "ext_proc_error_gRPC_error_14" in error["message"]
+        stats = envoy_ext_proc_stats(s)
+        assert stats["message_timeouts"] == 1 and stats["streams_failed"] == 1
+        # Nothing reached the provider unchecked, either way.
+        assert httpx.get(f"{s.mock_url}/_mock/exchanges", timeout=5).json() == {"ids": []}
+        slow = wait_for(lambda: access_entry(s, "slow"))
+        down = wait_for(lambda: access_entry(s, "down"))
+        assert slow and slow["status"] == 504
+        assert slow["response_code_details"] == "ext_proc_error_per-message_timeout_exceeded"
+        assert down and down["status"] == 500
+        assert down["response_code_details"].startswith("ext_proc_error_gRPC_error_14")
     finally:
         s.stop()
 
