@@ -26,11 +26,14 @@ test: install
 lint: install
 	$(PY) -m ruff check extproc tests bench
 
-# Through the real Envoy: Envoy alone vs a do-nothing ext_proc vs the sidecar; then the
+# Through the real Envoy: Envoy alone vs a do-nothing ext_proc vs the sidecar (metering,
+# full policy), a concurrency sweep, a workers sweep, the targets met or missed; then the
 # guards' cost per chunk, the limiters' cost per request, each decoder's cost per frame,
-# each guard detector's cost per character on hostile text.
+# each guard detector's cost per character on hostile text. `make bench BENCH_ARGS=--quick`
+# for a short check of bench/run.py, `BENCH_ARGS=--profile` for py-spy's top frames.
+BENCH_ARGS ?=
 bench: install
-	$(PY) bench/run.py
+	$(PY) bench/run.py $(BENCH_ARGS)
 	$(PY) bench/guard_bench.py
 	$(PY) bench/adversarial_bench.py
 	$(PY) bench/limiter_bench.py

@@ -17,7 +17,7 @@ Two measurements, one policy per row:
    shapes: `gapped` (one frame per chunk, as providers stream) and `coalesced` (the
    whole answer in one chunk), and a `planted` stream whose every 8th frame carries
    part of an email, card or key (so frames are held, masked and re-encoded).
-2. Through the real Envoy (`bench.run`'s stack, bench provider, load client): sidecar
+2. Through the real Envoy (`bench.stack`'s stack, bench provider, load client): sidecar
    CPU per ext_proc message and the client's per-chunk latency (p50, p99) with
    C concurrent streams, each policy on a fresh stack.
 
@@ -165,7 +165,8 @@ def in_process(rules: list[dict] | None, shape: str, n: int, streams: int) -> di
 
 
 def through_envoy(rules: list[dict] | None, args: argparse.Namespace, root: Path) -> dict:
-    from bench.run import BenchStack, measure, run_client, write_policy
+    from bench.measure import measure, run_client
+    from bench.stack import BenchStack, write_policy
 
     workdir = root / f"policy{len(list(root.iterdir()))}"
     workdir.mkdir(parents=True)
@@ -174,7 +175,7 @@ def through_envoy(rules: list[dict] | None, args: argparse.Namespace, root: Path
         doc = yaml.safe_load(path.read_text())
         doc["guards"] = {"rules": rules}
         path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    stack = BenchStack(path, workdir, variant="sidecar", frames=args.frames, gap_ms=args.gap_ms)
+    stack = BenchStack(path, workdir, variant="meter", frames=args.frames, gap_ms=args.gap_ms)
     stack.start()
     try:
         run_client(stack, "gapped", args.concurrency, args.warmup, workdir / "client.log")

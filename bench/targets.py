@@ -1,0 +1,183 @@
+"""The performance targets (issue 14), evaluated on one run's results: pure functions.
+
+Every target is a ratio or a size taken within one run, so the machine's speed cancels
+out; each is reported met, missed or not measured (with why), never fatal and never a
+timed test. `tests/test_bench.py` feeds these canned results.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+FULL_VS_NOOP = 1.25  # full policy CPU per ext_proc message vs the do-nothing server
+METER_VS_NOOP = 1.1  # metering only vs the do-nothing server
+GUARDS_ON_VS_OFF = 1.15  # full policy vs the same policy without its response guard
+MEMORY_PER_STREAM = 50 * 1024  # bytes of sidecar RSS per open stream, strictly below
+FLATNESS = 1.2  # max / min CPU per message over the concurrency sweep
+WORKERS_EFFICIENCY = 0.8  # messages/s with N workers >= 0.8 * N * (1 worker's)
+ADDED_P99_MS = 1.0  # added p99 per chunk vs Envoy alone, gapped, strictly below
+TARGET_STREAMS = 50
+# Cores the rest of the bench needs beside N sidecar workers: Envoy, the load client
+# and the provider take about one each at saturation.
+OTHER_CORES = 2
+
+
+def cpu_per_message(results: dict[str, Any], setup: str, shape: str) -> float | None:
+    """A main-matrix run's ext_proc CPU per message, None when it did not complete."""
+    run = results.get(setup, {}).get(shape)
+    if run is None or not run["client"]["completed"]:
+        return None
+    return run["extproc_cpu_us_per_message"]
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def memory_per_stream(levels: dict[str, Any]) -> dict[str, Any] | None:
+    """Sidecar RSS per open stream: the slope between the sweep's two highest levels
+    (steady-state medians), so the process's fixed memory cancels out and neither level
+    sits below the high-water mark that the main runs (50 streams) left behind."""
+    points = [
+        (run["memory"]["open_streams"], run["memory"]["rss_bytes"], int(c))
+        for c, run in levels.items()
+        if run.get("memory") and run["memory"]["open_streams"] is not None
+    ]
+    if len(points) < 2:
+        return None
+    points.sort()
+    (s0, m0, c0), (s1, m1, c1) = points[-2], points[-1]
+    if s1 - s0 < 1:
+        return None
+    return {
+        "bytes_per_stream": (m1 - m0) / (s1 - s0),
+        "from_streams": s0,
+        "to_streams": s1,
+        "from_concurrency": c0,
+        "to_concurrency": c1,
+    }
+
+
+def flatness(levels: dict[str, Any]) -> dict[str, Any] | None:
+    """max / min CPU per ext_proc message over the sweep's levels (1.0 = flat)."""
+    cpu = {
+        int(c): run["extproc_cpu_us_per_message"]
+        for c, run in levels.items()
+        if run["client"]["completed"] and run["extproc_cpu_us_per_message"]
+    }
+    if len(cpu) < 2:
+        return None
+    return {"ratio": max(cpu.values()) / min(cpu.values()), "us_per_message": cpu}
+
+
+def workers_scaling(workers: dict[str, Any], cpus: int) -> list[dict[str, Any]]:
+    """Per N > 1: efficiency = (msgs/s at N / msgs/s at 1) / N, and whether the machine
+    has the cores to show it."""
+    base = workers.get("1")
+    base_rate = base and base["extproc_messages_per_s"]
+    out = []
+    for n_text, run in sorted(workers.items(), key=lambda kv: int(kv[0])):
+        n = int(n_text)
+        if n == 1:
+            continue
+        rate = run["extproc_messages_per_s"]
+        efficiency = rate / base_rate / n if rate and base_rate else None
+        out.append({
+            "workers": n, "efficiency": efficiency,
+            "cores_free": cpus >= n + OTHER_CORES,
+        })  # fmt: skip
+    return out
+
+
+def _target(
+    tid: str, name: str, value: float | None, unit: str, op: str, limit: float, note: str = ""
+) -> dict[str, Any]:
+    """One target's record; `pass` is None when it could not be measured. The value is
+    compared at 4 decimals, so a ratio that is the limit up to float noise meets it."""
+    if value is not None:
+        value = round(value, 4)
+    if value is None:
+        passed = None
+    elif op == "<=":
+        passed = value <= limit
+    elif op == "<":
+        passed = value < limit
+    else:  # ">="
+        passed = value >= limit
+    return {
+        "id": tid, "name": name, "value": value, "unit": unit, "op": op, "limit": limit,
+        "pass": passed, "note": note,
+    }  # fmt: skip
+
+
+def evaluate(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every target that the run's setups allow, in a stable order."""
+    meta, results = report["meta"], report["results"]
+    setups, out = set(meta["setups"]), []
+    streams = meta["concurrency"]
+    not50 = "" if streams == TARGET_STREAMS else f"at {streams} streams, not {TARGET_STREAMS}"
+    pairs = (
+        ("full_vs_noop", "full", "noop", FULL_VS_NOOP, "full policy vs no-op"),
+        ("meter_vs_noop", "meter", "noop", METER_VS_NOOP, "metering only vs no-op"),
+        ("guards_on_vs_off", "full", "full-nomask", GUARDS_ON_VS_OFF,
+         "response guard on vs off (full policy)"),
+    )  # fmt: skip
+    for tid, ours, base, limit, label in pairs:
+        if not {ours, base} <= setups:
+            continue
+        for shape in meta["shapes"]:
+            value = ratio(
+                cpu_per_message(results, ours, shape), cpu_per_message(results, base, shape)
+            )
+            out.append(_target(
+                f"{tid}_{shape}", f"CPU per ext_proc message, {label} ({shape})",
+                value, "x", "<=", limit, not50,
+            ))  # fmt: skip
+    if "gapped" in meta["shapes"] and "envoy" in setups:
+        for setup in ("meter", "full"):
+            added = report["derived"].get("gapped", {}).get(setup, {}).get("added_chunk_ms", {})
+            if setup in setups:
+                out.append(_target(
+                    f"added_p99_{setup}", f"added p99 per chunk vs Envoy alone, {setup} "
+                    "(gapped)", added.get("p99"), "ms", "<", ADDED_P99_MS, not50,
+                ))  # fmt: skip
+    sweep = report.get("sweep") or {}
+    if "full" in sweep:
+        mem = memory_per_stream(sweep["full"])
+        out.append(_target(
+            "memory_per_stream", "sidecar memory per open stream (full policy)",
+            mem and mem["bytes_per_stream"] / 1024, "KiB", "<", MEMORY_PER_STREAM / 1024,
+            "" if mem else "needs two sweep levels with open streams",
+        ))  # fmt: skip
+    for setup in ("meter", "full"):
+        if setup in sweep:
+            flat = flatness(sweep[setup])
+            levels = "/".join(str(c) for c in sorted(int(c) for c in sweep[setup]))
+            out.append(_target(
+                f"cpu_flat_{setup}", f"CPU per message over {levels} streams, {setup} "
+                "(max/min)", flat and flat["ratio"], "x", "<=", FLATNESS,
+            ))  # fmt: skip
+    for row in workers_scaling(report.get("workers") or {}, meta["cpus"]):
+        n = row["workers"]
+        note = "" if row["cores_free"] else (
+            f"not judged: {meta['cpus']} cores, needs {n + OTHER_CORES} (Envoy, client)"
+        )  # fmt: skip
+        t = _target(
+            f"workers_{n}", f"messages/s with {n} workers vs {n} x 1 worker",
+            row["efficiency"], "x", ">=", WORKERS_EFFICIENCY, note,
+        )  # fmt: skip
+        if not row["cores_free"]:
+            t["pass"] = None
+        out.append(t)
+    return out
+
+
+def format_target(t: dict[str, Any]) -> str:
+    """`MET   name: 1.12x (target <= 1.25x)` and the like."""
+    unit = t["unit"]
+    fmt = {"x": "{:.2f}x", "ms": "{:+.2f} ms", "KiB": "{:.1f} KiB"}[unit]
+    limit = {"x": "{:g}x", "ms": "{:g} ms", "KiB": "{:g} KiB"}[unit].format(t["limit"])
+    value = "-" if t["value"] is None else fmt.format(t["value"])
+    status = {True: "MET  ", False: "MISSED", None: "N/A  "}[t["pass"]]
+    note = f" [{t['note']}]" if t["note"] else ""
+    return f"  {status} {t['name']}: {value} (target {t['op']} {limit}){note}"

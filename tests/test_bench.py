@@ -1,0 +1,306 @@
+"""The benchmark's pure parts, on canned figures: the results file's schema, the
+targets' met/missed evaluation, the py-spy frame grouping and the quick mode's sizes.
+Nothing here is timed: the figures are made up, the logic is real."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import jsonschema
+import pytest
+
+from bench import profile, targets
+from bench.measure import summarise
+from bench.report import derive, markdown, render
+from bench.run import parse_args
+from bench.schema import SCHEMA_VERSION, validate
+from bench.stack import setup_policy
+from extproc.config import parse_config
+
+
+def client(completed: int = 100, frames: int = 6600, p99: float = 2.0) -> dict[str, Any]:
+    """What `bench.client` prints, with made-up figures."""
+    pct = {"n": frames, "mean": 1.0, "p50": 0.8, "p90": 1.5, "p99": p99, "max": 9.0}
+    return {
+        "concurrency": 50, "shape": "gapped", "duration_s": 10.0, "elapsed_s": 10.4,
+        "completed": completed, "completed_in_window": completed,
+        "requests_per_s": completed / 10, "frames": frames, "errors": {}, "first_error": "",
+        "chunk_ms": pct, "ttfb_ms": {**pct, "n": completed}, "request_ms": pct,
+        "client_cpu_s": 1.5,
+    }  # fmt: skip
+
+
+def run(
+    us_per_msg: float | None,
+    *,
+    p99: float = 2.0,
+    rss: float | None = None,
+    streams: float = 0,
+    msgs_per_s: float | None = None,
+) -> dict[str, Any]:
+    """A run record built by the real `summarise`, with `us_per_msg` of ext_proc CPU."""
+    messages = 7100 if us_per_msg is not None else None
+    extproc_cpu = (us_per_msg or 0) * 7100 / 1e6
+    memory = None
+    if rss is not None:
+        memory = {"rss_bytes": rss, "open_streams": streams, "rss_idle_bytes": 40e6}
+    r = summarise(
+        client(p99=p99), {"envoy": 0.5, "sidecar": extproc_cpu, "mock": 0.2}, 1.5,
+        messages, messages or 0, (0, 0, 0), (150, 200, 700), 10.0,
+        memory=memory, counted_by="ext_proc server", gap_ms=5.0,
+    )  # fmt: skip
+    if msgs_per_s is not None:
+        r["extproc_messages_per_s"] = msgs_per_s
+    return r
+
+
+def report(**cpu: float) -> dict[str, Any]:
+    """A whole report: main runs per setup (µs per message, both shapes), a sweep of
+    the full policy, a workers sweep; targets evaluated by the real code."""
+    setups = ["envoy", "noop", "meter", "full", "full-nomask"]
+    us = {"noop": 100.0, "meter": 105.0, "full": 120.0, "full-nomask": 110.0, **cpu}
+    results = {
+        s: {shape: run(us.get(s), p99=1.5 if s == "envoy" else 2.0)
+            for shape in ("gapped", "coalesced")}
+        for s in setups
+    }  # fmt: skip
+    kib = 1024
+    sweep = {
+        "full": {
+            "10": run(120, rss=60e6, streams=10),
+            "50": run(121, rss=61e6, streams=50),
+            "200": run(125, rss=64e6, streams=200),
+            "500": run(130, rss=64e6 + 300 * 40 * kib, streams=500),
+        }
+    }
+    rep: dict[str, Any] = {
+        "schema": SCHEMA_VERSION,
+        "meta": {
+            "when": "2026-12-01T09:00:00+0000", "commit": "abc1234", "host_desc": "2 x test",
+            "cpus": 2, "cpu_model": "test", "python": "3.11", "envoy_version": "1.40.0",
+            "concurrency": 50, "duration_s": 10.0, "frames": 64, "gap_ms": 5.0,
+            "setups": setups, "shapes": ["gapped", "coalesced"],
+            "sweep_levels": [10, 50, 200, 500], "sweep_frames_per_s": 3000.0,
+            "workers_levels": [1, 2], "quick": False, "wall_s": 1.0,
+        },
+        "results": results,
+        "sweep": sweep,
+        "workers": {"1": run(110, msgs_per_s=5000), "2": run(112, msgs_per_s=9000)},
+        "profiles": {},
+        "failures": {},
+    }  # fmt: skip
+    rep["derived"] = derive(results, sweep)
+    rep["targets"] = targets.evaluate(rep)
+    return rep
+
+
+def by_id(rep: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {t["id"]: t for t in rep["targets"]}
+
+
+# -- the results file ----------------------------------------------------------------
+
+
+def test_a_whole_report_matches_the_schema() -> None:
+    rep = report()
+    validate(rep)
+    assert {t["id"] for t in rep["targets"]} >= {
+        "full_vs_noop_gapped", "full_vs_noop_coalesced", "meter_vs_noop_gapped",
+        "guards_on_vs_off_coalesced", "memory_per_stream", "cpu_flat_full", "workers_2",
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        lambda r: r["meta"].pop("commit"),
+        lambda r: r["results"]["full"]["gapped"].pop("extproc_cpu_us_per_message"),
+        lambda r: r["results"]["noop"]["gapped"]["client"].update(shape="bursty"),
+        lambda r: r["targets"][0].update(unit="%"),
+        lambda r: r["targets"][0].update(extra=1),
+        lambda r: r.update(schema=SCHEMA_VERSION + 1),
+    ],
+    ids=["no-commit", "no-cpu-per-message", "bad-shape", "bad-unit", "extra-key", "version"],
+)
+def test_a_report_of_another_shape_is_refused(spoil) -> None:
+    rep = report()
+    spoil(rep)
+    with pytest.raises(jsonschema.ValidationError):
+        validate(rep)
+
+
+def test_summarise_divides_cpu_by_messages_and_chunks() -> None:
+    r = run(150.0)
+    assert r["extproc_cpu_us_per_message"] == pytest.approx(150.0)
+    assert r["messages_per_request"] == pytest.approx(71.0)
+    # Envoy 0.5 s + ext_proc 1.065 s over 6600 chunks
+    assert r["proxy_cpu_us_per_chunk"] == pytest.approx((0.5 + 1.065) / 6600 * 1e6)
+    assert r["host_busy"] == pytest.approx(0.75)
+
+
+# -- targets ---------------------------------------------------------------------------
+
+
+def test_ratios_within_their_limits_are_met() -> None:
+    t = by_id(report())
+    assert t["full_vs_noop_gapped"]["value"] == pytest.approx(1.2)
+    assert t["full_vs_noop_gapped"]["pass"] is True
+    assert t["meter_vs_noop_coalesced"]["pass"] is True  # 1.05 <= 1.1
+    assert t["guards_on_vs_off_gapped"]["value"] == pytest.approx(120 / 110, abs=1e-4)
+    assert t["guards_on_vs_off_gapped"]["pass"] is True
+
+
+def test_ratios_over_their_limits_are_missed() -> None:
+    t = by_id(report(full=140.0, meter=115.0))
+    assert t["full_vs_noop_gapped"]["pass"] is False  # 1.4 > 1.25
+    assert t["meter_vs_noop_gapped"]["pass"] is False  # 1.15 > 1.1
+    assert t["guards_on_vs_off_coalesced"]["pass"] is False  # 140 / 110 > 1.15
+
+
+def test_the_limit_itself_is_met_for_ratios() -> None:
+    assert by_id(report(full=125.0))["full_vs_noop_gapped"]["pass"] is True
+
+
+def test_an_unmeasured_ratio_is_neither_met_nor_missed() -> None:
+    rep = report()
+    rep["results"]["noop"]["gapped"]["client"]["completed"] = 0
+    t = by_id({**rep, "targets": targets.evaluate(rep)})
+    assert t["full_vs_noop_gapped"]["value"] is None
+    assert t["full_vs_noop_gapped"]["pass"] is None
+    assert t["full_vs_noop_coalesced"]["pass"] is True
+
+
+def test_memory_per_stream_is_the_slope_between_the_highest_levels() -> None:
+    t = by_id(report())["memory_per_stream"]
+    assert t["value"] == pytest.approx(40.0)  # 300 streams more, 300 * 40 KiB more
+    assert t["pass"] is True
+    rep = report()
+    rep["sweep"]["full"]["500"]["memory"]["rss_bytes"] = 64e6 + 300 * 60 * 1024
+    t = by_id({**rep, "targets": targets.evaluate(rep)})["memory_per_stream"]
+    assert t["value"] == pytest.approx(60.0) and t["pass"] is False
+
+
+def test_cpu_per_message_must_stay_flat_over_the_sweep() -> None:
+    t = by_id(report())["cpu_flat_full"]
+    assert t["value"] == pytest.approx(130 / 120, abs=1e-4) and t["pass"] is True
+    rep = report()
+    rep["sweep"]["full"]["500"] = run(160, rss=70e6, streams=500)
+    t = by_id({**rep, "targets": targets.evaluate(rep)})["cpu_flat_full"]
+    assert t["value"] == pytest.approx(160 / 120, abs=1e-4) and t["pass"] is False
+
+
+def test_workers_scaling_is_judged_only_where_cores_are_free() -> None:
+    rep = report()
+    t = by_id(rep)["workers_2"]
+    assert t["value"] == pytest.approx(0.9)
+    assert t["pass"] is None and "needs 4" in t["note"]  # 2 cores: Envoy and the client
+    rep["meta"]["cpus"] = 8
+    t = by_id({**rep, "targets": targets.evaluate(rep)})["workers_2"]
+    assert t["pass"] is True
+    rep["workers"]["2"]["extproc_messages_per_s"] = 6000.0  # 0.6 of linear
+    t = by_id({**rep, "targets": targets.evaluate(rep)})["workers_2"]
+    assert t["pass"] is False
+
+
+def test_targets_print_as_met_missed_or_not_judged() -> None:
+    rep = report(full=140.0)
+    text = render(rep)
+    assert "MET   CPU per ext_proc message, metering only vs no-op (gapped): 1.05x" in text
+    assert "MISSED CPU per ext_proc message, full policy vs no-op (gapped): 1.40x" in text
+    assert "N/A   messages/s with 2 workers" in text
+    md = markdown(rep)
+    assert "| missed |" in md and "commit `abc1234`" in md
+
+
+def test_the_setups_are_valid_policies_that_differ_as_named() -> None:
+    policies = {}
+    for setup in ("meter", "full", "full-nomask"):
+        doc = copy.deepcopy(setup_policy(setup))
+        doc["providers"]["mock"]["url"] = "http://127.0.0.1:9"
+        policies[setup] = parse_config(doc, "bench")
+    full, nomask = policies["full"], policies["full-nomask"]
+    assert [r.phases for r in full.guards.rules] == [("request",), ("response",)]
+    assert [r.phases for r in nomask.guards.rules] == [("request",)]
+    assert full.consumers and full.rate_limits is not None
+    assert not policies["meter"].consumers
+
+
+# -- profile grouping ----------------------------------------------------------------
+
+PROC = 'process 42:"python -m extproc serve --config p.yaml"'
+LOOP = (
+    f"{PROC};_run_module_as_main (<frozen runpy>:198);main (extproc/server.py:361);"
+    "BaseEventLoop._run_once (asyncio/base_events.py:1922);Handle._run (asyncio/events.py:80)"
+)
+CANNED = "\n".join([
+    # gRPC's send path in C, below the unresolved cygrpc frame: charged to cygrpc
+    f"{LOOP};0x7f01 (grpc/_cython/cygrpc.cpython-311-x86_64-linux-gnu.so);sendmsg (libc.so.6) 40",
+    # waiting threads: left out
+    f"{LOOP};EpollSelector.select (selectors.py:468);select_epoll_poll_impl "
+    "(selectmodule.c:1598);epoll_wait (libc.so.6) 500",
+    f"{PROC};thread_run (libpython3.11.so.1.0);Thread.run (threading.py:982);"
+    "PyThread_acquire_lock_timed (thread_pthread.h:1);0x7f02 (libc.so.6) 300",
+    # protobuf: upb's encoder, reached through the interpreter's call machinery
+    f"{LOOP};ExternalProcessor.Process (extproc/server.py:118);encode_message "
+    "(_message.abi3.so);_PyObject_Malloc (obmalloc.c:1) 10",
+    f"{LOOP};Metrics.observe (extproc/metrics.py:90);Histogram.observe "
+    "(prometheus_client/metrics.py:600) 5",
+    f"{LOOP};Exchange._stream_chunk (extproc/exchange.py:300);Scanner._hold "
+    "(extproc/policy/guards/scanner.py:105) 20",
+    f"{LOOP};Exchange._stream_chunk (extproc/exchange.py:300);Scanner._hold "
+    "(extproc/policy/guards/scanner.py:107) 4",
+    f"{LOOP};Exchange._stream_chunk (extproc/exchange.py:300);SSEFramer.feed "
+    "(extproc/sse.py:54) 15",
+    f"{LOOP};Exchange._stream_chunk (extproc/exchange.py:300);_PyEval_EvalFrameDefault "
+    "(python3.11) 6",
+    "not a stack line",
+])  # fmt: skip
+
+
+def test_profile_groups_busy_samples_by_their_top_frame() -> None:
+    summary = profile.group_profile(CANNED)
+    assert summary["idle_samples"] == 800
+    assert summary["samples"] == 100
+    assert summary["groups"] == {
+        "grpc/asyncio": 40, "protobuf": 10, "metrics": 5, "guards": 24, "decoder": 15,
+        "other": 6,
+    }  # fmt: skip
+    top = summary["top"][0]
+    assert top == {"frame": "0x7f01 (grpc/_cython/cygrpc.so) > sendmsg", "group": "grpc/asyncio",
+                   "samples": 40}  # fmt: skip
+    # one function's lines add up; the interpreter's own frame falls to its caller
+    frames = {row["frame"]: row["samples"] for row in summary["top"]}
+    assert frames["Scanner._hold (extproc/policy/guards/scanner.py)"] == 24
+    assert frames["Exchange._stream_chunk (extproc/exchange.py)"] == 6
+    text = profile.render_profile("full gapped", summary)
+    assert "grpc/asyncio 40%" in text and "guards 24%" in text and "800 idle" in text
+
+
+@pytest.mark.parametrize(
+    ("frame", "group"),
+    [
+        ("_unary_response (grpc/aio/_call.py:1)", "grpc/asyncio"),
+        ("ParseFromString (google/protobuf/message.py:1)", "protobuf"),
+        ("<module> (envoy/service/ext_proc/v3/external_processor_pb2.py:1)", "protobuf"),
+        ("Counter.inc (prometheus_client/metrics.py:1)", "metrics"),
+        ("search (re2.py:1)", "guards"),
+        ("OpenAIChatStream.feed (extproc/providers/openai_chat.py:1)", "decoder"),
+        ("Exchange.handle (extproc/exchange.py:1)", "other"),
+    ],
+)
+def test_frames_are_classified_by_file(frame: str, group: str) -> None:
+    assert profile.classify(frame) == group
+
+
+# -- the quick mode's sizes ----------------------------------------------------------
+
+
+def test_quick_mode_runs_every_part_small() -> None:
+    args = parse_args(["--quick", "--workers-sweep", "1,2"])
+    assert (args.concurrency, args.duration, args.sweep_duration) == (10, 2.5, 2.5)
+    assert args.sweep_levels == [10, 50] and args.workers_levels == [1, 2]
+    assert args.setups == ["envoy", "noop", "meter", "full", "full-nomask"]
+    full = parse_args([])
+    assert full.concurrency == 50 and full.sweep_levels == [10, 50, 200, 500]
+    assert parse_args(["--sweep", "none", "--workers-sweep", "none"]).sweep_levels == []
