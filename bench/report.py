@@ -162,7 +162,7 @@ def render(report: dict[str, Any]) -> str:
         for setup, levels in sweep.items():
             for level in sorted(levels, key=int):
                 d = derived.get("sweep", {}).get(setup, {}).get(level, {})
-                lines.append(_row(f"{SETUP_LABEL[setup][:15]} @{level}", levels[level], d))
+                lines.append(_row(f"{setup} @{level}", levels[level], d))
         for setup, mem in derived.get("memory_per_stream", {}).items():
             kib = mem["bytes_per_stream"] / 1024
             lines.append(
@@ -211,12 +211,12 @@ def markdown(report: dict[str, Any]) -> str:
         "|---|---|---|---|",
     ]
     for t in report["targets"]:
-        value = format_target({**t, "note": ""}).split(": ", 1)[1].split(" (target")[0]
+        shown = format_target({**t, "note": ""})
+        value = shown.split(": ", 1)[1].split(" (target")[0]
+        limit = shown.split("(target ", 1)[1].rstrip(")")
         result = {True: "met", False: "missed", None: "not judged"}[t["pass"]]
         note = f" ({t['note']})" if t["note"] else ""
-        lines.append(
-            f"| {t['name']} | {value} | {t['op']} {t['limit']:g} {t['unit']} | {result}{note} |"
-        )
+        lines.append(f"| {t['name']} | {value} | {limit} | {result}{note} |")
     for shape in meta["shapes"]:
         lines += [
             "",
@@ -235,7 +235,37 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{_f(r['extproc_cpu_us_per_message'], '{:.0f}')} | "
                 f"{_f(r['proxy_cpu_us_per_chunk'], '{:.1f}')} |"
             )
+    lines += _markdown_sweep(report)
+    other = max((r["other_cpu_cores"] for _, r in _all_runs(report)), default=0.0)
+    lines += [
+        "",
+        f"Other processes on the machine used up to {other:.2f} CPU cores during the runs.",
+    ]
     return "\n".join(lines) + "\n"
+
+
+def _markdown_sweep(report: dict[str, Any]) -> list[str]:
+    """One row per swept setup: CPU per message and chunk p99 at each level."""
+    sweep, meta = report.get("sweep") or {}, report["meta"]
+    if not sweep:
+        return []
+    levels = meta["sweep_levels"]
+    lines = [
+        "",
+        f"| sweep ({meta['sweep_frames_per_s']:g} frames/s): µs CPU/msg, chunk p99 ms | "
+        + " | ".join(f"{c} streams" for c in levels) + " |",
+        "|---" * (len(levels) + 1) + "|",
+    ]  # fmt: skip
+    for setup, runs in sweep.items():
+        cells = []
+        for c in levels:
+            r = runs.get(str(c))
+            cells.append("-" if r is None else (
+                f"{_f(r['extproc_cpu_us_per_message'], '{:.0f}')}, "
+                f"{_f(r['client']['chunk_ms'].get('p99'), '{:.1f}')}"
+            ))  # fmt: skip
+        lines.append(f"| {SETUP_LABEL[setup].lstrip('+ ')} | " + " | ".join(cells) + " |")
+    return lines
 
 
 # -- the machine and the code -------------------------------------------------------

@@ -160,7 +160,7 @@ def evaluate(report: dict[str, Any]) -> list[dict[str, Any]]:
     for row in workers_scaling(report.get("workers") or {}, meta["cpus"]):
         n = row["workers"]
         note = "" if row["cores_free"] else (
-            f"not judged: {meta['cpus']} cores, needs {n + OTHER_CORES} (Envoy, client)"
+            f"{meta['cpus']} cores: judged from {n + OTHER_CORES} (Envoy and the load need 2)"
         )  # fmt: skip
         t = _target(
             f"workers_{n}", f"messages/s with {n} workers vs {n} x 1 worker",
