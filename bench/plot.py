@@ -56,13 +56,14 @@ def plot(report: dict[str, Any], out: Path) -> Path:
         else:
             ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-    axes[0].legend()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)
     fig.suptitle(
         f"{meta['sweep_frames_per_s']:g} frames/s offered at every level; commit {meta['commit']}, "
         f"{meta['when']}, {meta['host_desc']}",
         fontsize=9,
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=90)
     plt.close(fig)

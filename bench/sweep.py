@@ -4,10 +4,11 @@ worker counts.
 Concurrency sweep: gapped streams at 10/50/200/500 concurrent streams with the *same
 offered load* at every level (`--sweep-rate` frames per second in all: the gap between
 a stream's frames grows with the number of streams), so what changes between levels is
-the number of open streams, not how busy the machine is. A flat CPU per message then
-says that no per-message cost grows with the streams open; the sidecar's resident
-memory at the two highest levels gives its memory per open stream (the slope, so fixed
-memory cancels out; the lower levels come after the main runs' high-water mark).
+the number of open streams, not how busy the machine is. CPU per message that does not
+grow from the lowest level says that no per-message cost grows with the streams open;
+the sidecar's resident memory at the two highest levels gives its memory per open
+stream (the slope, so fixed memory cancels out; the lower levels come after the main
+runs' high-water mark). Each level runs at least 1.5 stream lengths.
 
 Workers sweep: metering only, coalesced streams (the sidecar is the bottleneck) at
 the main concurrency, with 1..N `server.workers`; ext_proc messages per second.
@@ -34,6 +35,12 @@ def level_gap_ms(level: int, rate: float) -> float:
     return level * 1000.0 / rate
 
 
+def level_duration(duration: float, frames: int, gap_ms: float) -> float:
+    """At least one and a half stream lengths, so that the level reaches its steady
+    state (every stream open) and requests complete within the window."""
+    return max(duration, 1.5 * (frames + 2) * gap_ms / 1000)
+
+
 def concurrency_sweep(
     stack: BenchStack,
     args: argparse.Namespace,
@@ -45,9 +52,10 @@ def concurrency_sweep(
     key = setup_api_key(stack.variant, args.api_key)
     for level in args.sweep_levels:
         progress(f" @{level}")
+        gap = level_gap_ms(level, args.sweep_rate)
         out[str(level)] = measure(
-            stack, "gapped", level, args.sweep_duration, workdir, key,
-            gap_ms=level_gap_ms(level, args.sweep_rate),
+            stack, "gapped", level, level_duration(args.sweep_duration, stack.frames, gap),
+            workdir, key, gap_ms=gap,
         )  # fmt: skip
     return out
 

@@ -13,7 +13,7 @@ FULL_VS_NOOP = 1.25  # full policy CPU per ext_proc message vs the do-nothing se
 METER_VS_NOOP = 1.1  # metering only vs the do-nothing server
 GUARDS_ON_VS_OFF = 1.15  # full policy vs the same policy without its response guard
 MEMORY_PER_STREAM = 50 * 1024  # bytes of sidecar RSS per open stream, strictly below
-FLATNESS = 1.2  # max / min CPU per message over the concurrency sweep
+FLATNESS = 1.2  # CPU per message at any sweep level / at the lowest level
 WORKERS_EFFICIENCY = 0.8  # messages/s with N workers >= 0.8 * N * (1 worker's)
 ADDED_P99_MS = 1.0  # added p99 per chunk vs Envoy alone, gapped, strictly below
 TARGET_STREAMS = 50
@@ -59,7 +59,9 @@ def memory_per_stream(levels: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def flatness(levels: dict[str, Any]) -> dict[str, Any] | None:
-    """max / min CPU per ext_proc message over the sweep's levels (1.0 = flat)."""
+    """The most CPU per ext_proc message at any sweep level over the lowest level's
+    (1.0 = never above it). Only growth counts: with more streams open, gRPC handles
+    more messages per loop wake-up and the do-nothing server's cost falls too."""
     cpu = {
         int(c): run["extproc_cpu_us_per_message"]
         for c, run in levels.items()
@@ -67,7 +69,7 @@ def flatness(levels: dict[str, Any]) -> dict[str, Any] | None:
     }
     if len(cpu) < 2:
         return None
-    return {"ratio": max(cpu.values()) / min(cpu.values()), "us_per_message": cpu}
+    return {"ratio": max(cpu.values()) / cpu[min(cpu)], "us_per_message": cpu}
 
 
 def workers_scaling(workers: dict[str, Any], cpus: int) -> list[dict[str, Any]]:
@@ -155,7 +157,8 @@ def evaluate(report: dict[str, Any]) -> list[dict[str, Any]]:
             levels = "/".join(str(c) for c in sorted(int(c) for c in sweep[setup]))
             out.append(_target(
                 f"cpu_flat_{setup}", f"CPU per message over {levels} streams, {setup} "
-                "(max/min)", flat and flat["ratio"], "x", "<=", FLATNESS,
+                f"(highest / at {levels.split('/')[0]})", flat and flat["ratio"], "x", "<=",
+                FLATNESS,
             ))  # fmt: skip
     for row in workers_scaling(report.get("workers") or {}, meta["cpus"]):
         n = row["workers"]
