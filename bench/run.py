@@ -42,6 +42,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script: `python bench/run.py`
     sys.path.insert(0, str(REPO))
 
+from jsonschema import ValidationError  # noqa: E402
+
 from bench import profile as spy  # noqa: E402
 from bench.measure import HarnessError, measure, run_client, sample_busy  # noqa: E402
 from bench.report import commit, cpu_model, derive, host_desc, markdown, render  # noqa: E402
@@ -260,9 +262,16 @@ def build_meta(args: argparse.Namespace, started: float, busy: float) -> dict[st
     }
 
 
-def write_outputs(report: dict[str, Any], args: argparse.Namespace) -> None:
-    """latest.json (+ a dated copy), latest.md and the sweep's PNG."""
-    validate(report)
+def write_outputs(report: dict[str, Any], args: argparse.Namespace) -> bool:
+    """latest.json (+ a dated copy), latest.md and the sweep's PNG; False when the report
+    does not match bench/schema.py (written all the same, for a look)."""
+    try:
+        validate(report)
+        valid = True
+    except ValidationError as exc:
+        print(f"\nbench: the report does not match bench/schema.py: {exc.message} at "
+              f"{'/'.join(map(str, exc.absolute_path))}", file=sys.stderr)  # fmt: skip
+        valid = False
     text = json.dumps(report, indent=2) + "\n"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
@@ -278,6 +287,7 @@ def write_outputs(report: dict[str, Any], args: argparse.Namespace) -> None:
         else:
             written.append(plot(report, args.plot))
     print("\nresults: " + ", ".join(str(p) for p in written), end="")
+    return valid
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -336,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     report["targets"] = evaluate(report)
     print(render(report))
-    write_outputs(report, args)
+    valid = write_outputs(report, args)
     print(f" (wall {report['meta']['wall_s']:.0f} s)")
     broken = sorted(failures) + [
         f"{setup}/{shape}"
@@ -352,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"work dir kept: {root}")
     else:
         shutil.rmtree(root, ignore_errors=True)
-    return 1 if broken else 0
+    return 1 if broken else 0 if valid else 2
 
 
 if __name__ == "__main__":
