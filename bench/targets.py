@@ -163,7 +163,7 @@ def evaluate(report: dict[str, Any]) -> list[dict[str, Any]]:
     for row in workers_scaling(report.get("workers") or {}, meta["cpus"]):
         n = row["workers"]
         note = "" if row["cores_free"] else (
-            f"{meta['cpus']} cores: judged from {n + OTHER_CORES} (Envoy and the load need 2)"
+            f"needs {n + OTHER_CORES} cores, has {meta['cpus']}: Envoy and the load take 2"
         )  # fmt: skip
         t = _target(
             f"workers_{n}", f"messages/s with {n} workers vs {n} x 1 worker",

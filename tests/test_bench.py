@@ -198,7 +198,7 @@ def test_workers_scaling_is_judged_only_where_cores_are_free() -> None:
     rep = report()
     t = by_id(rep)["workers_2"]
     assert t["value"] == pytest.approx(0.9)
-    assert t["pass"] is None and "judged from 4" in t["note"]  # 2 cores: Envoy and the client
+    assert t["pass"] is None and "needs 4 cores" in t["note"]  # 2 cores: Envoy and the client
     rep["meta"]["cpus"] = 8
     t = by_id({**rep, "targets": targets.evaluate(rep)})["workers_2"]
     assert t["pass"] is True
