@@ -11,9 +11,7 @@ from typing import Any
 
 from bench.profile import render_profile
 from bench.stack import REPO_ROOT, SETUP_LABEL
-from bench.targets import format_target, memory_per_stream
-
-OTHER_LOAD_WARN = 0.15  # CPU cores used outside the bench before the results are suspect
+from bench.targets import BUSY_CORES, format_target, memory_per_stream
 
 
 def _usable(runs: dict[str, Any], setup: str, key: str) -> dict | None:
@@ -185,7 +183,7 @@ def render(report: dict[str, Any]) -> str:
     if problems:
         lines += ["", "Problems:", *problems]
     other = max((r["other_cpu_cores"] for _, r in _all_runs(report)), default=0.0)
-    if other > OTHER_LOAD_WARN:
+    if other > BUSY_CORES:
         lines += [
             "",
             f"WARNING: other processes used up to {other:.2f} CPU cores during the runs; "

@@ -17,6 +17,9 @@ FLATNESS = 1.2  # CPU per message at any sweep level / at the lowest level
 WORKERS_EFFICIENCY = 0.8  # messages/s with N workers >= 0.8 * N * (1 worker's)
 ADDED_P99_MS = 1.0  # added p99 per chunk vs Envoy alone, gapped, strictly below
 TARGET_STREAMS = 50
+# CPU cores used by processes outside the bench during a run, above which its latencies
+# say more about the machine than about the gateway: latency targets are not judged.
+BUSY_CORES = 0.15
 # Cores the rest of the bench needs beside N sidecar workers: Envoy, the load client
 # and the provider take about one each at saturation.
 OTHER_CORES = 2
@@ -138,11 +141,22 @@ def evaluate(report: dict[str, Any]) -> list[dict[str, Any]]:
     if "gapped" in meta["shapes"] and "envoy" in setups:
         for setup in ("meter", "full"):
             added = report["derived"].get("gapped", {}).get(setup, {}).get("added_chunk_ms", {})
-            if setup in setups:
-                out.append(_target(
-                    f"added_p99_{setup}", f"added p99 per chunk vs Envoy alone, {setup} "
-                    "(gapped)", added.get("p99"), "ms", "<", ADDED_P99_MS, not50,
-                ))  # fmt: skip
+            if setup not in setups:
+                continue
+            runs = [results.get(s, {}).get("gapped") for s in ("envoy", setup)]
+            busy = max((r["other_cpu_cores"] for r in runs if r), default=0.0)
+            note = (
+                f"machine busy: other processes used {busy:.2f} cores"
+                if busy > BUSY_CORES
+                else not50
+            )
+            t = _target(
+                f"added_p99_{setup}", f"added p99 per chunk vs Envoy alone, {setup} (gapped)",
+                added.get("p99"), "ms", "<", ADDED_P99_MS, note,
+            )  # fmt: skip
+            if busy > BUSY_CORES:
+                t["pass"] = None
+            out.append(t)
     sweep = report.get("sweep") or {}
     if "full" in sweep:
         mem = memory_per_stream(sweep["full"])

@@ -207,6 +207,17 @@ def test_workers_scaling_is_judged_only_where_cores_are_free() -> None:
     assert t["pass"] is False
 
 
+def test_added_latency_is_judged_only_on_a_quiet_machine() -> None:
+    rep = report()
+    for per_shape in rep["results"].values():
+        per_shape["gapped"]["other_cpu_cores"] = 0.05
+    t = by_id({**rep, "targets": targets.evaluate(rep)})["added_p99_full"]
+    assert t["value"] == pytest.approx(0.5) and t["pass"] is True  # 2.0 - 1.5 ms
+    rep["results"]["envoy"]["gapped"]["other_cpu_cores"] = 0.9
+    t = by_id({**rep, "targets": targets.evaluate(rep)})["added_p99_full"]
+    assert t["pass"] is None and "busy" in t["note"]
+
+
 def test_targets_print_as_met_missed_or_not_judged() -> None:
     rep = report(full=140.0)
     text = render(rep)
