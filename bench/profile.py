@@ -17,7 +17,8 @@ memcpy counts for the code that called it). Top frames are grouped by file:
 
 `native` mode (the default) also sees C frames (cygrpc, upb, RE2, orjson) but must
 pause the process for each sample; `python` mode does not pause it but charges C
-code to the Python line that called it.
+code to the Python line that called it (gRPC's poller thread shows as `Thread.run`,
+in "other"): a coarse view, for where native unwinding fails.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ _WAITS = frozenset({
     "pthread_cond_timedwait", "sem_wait", "sem_timedwait", "sem_clockwait",
     "PyThread_acquire_lock_timed", "__futex_abstimed_wait_common",
 })  # fmt: skip
+_SELECT_LEAF = re.compile(r"^\w*Selector\.select \(selectors\.py")
 _FRAME_FILE = re.compile(r"\(([^()]*)\)\s*$")
 _SKIP_PREFIX = ("process ", "thread ")
 
@@ -90,7 +92,10 @@ def classify(frame: str) -> str:
 
 
 def is_idle(frames: list[str]) -> bool:
-    """A sample of a thread that waits (epoll, poll, a lock), not one that runs."""
+    """A sample of a thread that waits (epoll, poll, a lock), not one that runs. In
+    `python` mode the wait is the selector's Python frame itself."""
+    if _SELECT_LEAF.match(frames[-1]):
+        return True
     return any(f.split(" (", 1)[0] in _WAITS for f in frames[-4:])
 
 

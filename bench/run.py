@@ -129,7 +129,7 @@ def profile_run(
     stack: BenchStack, shape: str, args: argparse.Namespace, workdir: Path, key: str | None
 ) -> dict[str, Any]:
     """One load run with py-spy attached (not a measurement); its grouped top frames."""
-    out = RESULTS / f"profile-{stack.variant}-{shape}.txt"
+    out = args.out.parent / f"profile-{stack.variant}-{shape}.txt"
     pid = stack.pid("sidecar")
     if pid is None:
         raise HarnessError("the ext_proc server is not running")
@@ -142,7 +142,7 @@ def profile_run(
     if not out.exists():
         raise HarnessError(f"py-spy wrote no profile: {err[-500:]}")
     summary = spy.group_profile(out.read_text())
-    summary["file"] = str(out.relative_to(REPO))
+    summary["file"] = str(out.relative_to(REPO) if out.is_relative_to(REPO) else out)
     return summary
 
 
@@ -215,6 +215,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bad = [s for s in args.setups if s not in SETUPS] + [s for s in args.shapes if s not in SHAPES]
     if bad:
         p.error(f"unknown setup/shape {bad}; setups {SETUPS}, shapes {SHAPES}")
+    # --policy replaces the built-in policy of meter and full, never of full-nomask.
+    full = [s for s in args.setups if s == "full-nomask" or (s == "full" and not args.policy)]
+    if (args.workers or 1) > 1 and full:
+        p.error(
+            f"--workers {args.workers}: the full policy's token limit counts in process, which "
+            "the sidecar refuses with several workers; leave out "
+            f"{','.join(full)} (--setups) or give a --policy with a Redis store"
+        )
     if args.profile and spy.py_spy() is None:
         p.error("--profile needs py-spy (`.venv/bin/pip install py-spy`; the dev extras have it)")
     return args

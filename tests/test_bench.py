@@ -255,7 +255,8 @@ CANNED = "\n".join([
     f"{LOOP};EpollSelector.select (selectors.py:468);select_epoll_poll_impl "
     "(selectmodule.c:1598);epoll_wait (libc.so.6) 500",
     f"{PROC};thread_run (libpython3.11.so.1.0);Thread.run (threading.py:982);"
-    "PyThread_acquire_lock_timed (thread_pthread.h:1);0x7f02 (libc.so.6) 300",
+    "PyThread_acquire_lock_timed (thread_pthread.h:1);0x7f02 (libc.so.6) 290",
+    f"{LOOP};EpollSelector.select (selectors.py:468) 10",  # python mode: no C frames
     # protobuf: upb's encoder, reached through the interpreter's call machinery
     f"{LOOP};ExternalProcessor.Process (extproc/server.py:118);encode_message "
     "(_message.abi3.so);_PyObject_Malloc (obmalloc.c:1) 10",
