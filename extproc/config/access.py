@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import Field, WrapValidator
+from pydantic import Field, WithJsonSchema, WrapValidator
 
 from extproc.config.base import Loc, Section, describe, fail, section, several
 from extproc.config.types import (
@@ -25,6 +25,7 @@ from extproc.config.types import (
     finish,
     in_file,
     model_names,
+    one_or_list,
     string,
     url,
 )
@@ -63,7 +64,10 @@ class ApiKeyConfig(Section):
     file: OptPath = None
     """A file holding the key (or `sha256:<hex>`), re-read when it changes."""
     disabled: Bool = False
-    expires: checked(expiry, float | None, json_schema_extra={"format": "date-time"}) = None
+    expires: Annotated[
+        checked(expiry, float | None),
+        WithJsonSchema({"type": "string", "format": "date-time"}),
+    ] = None
     """A date (that day at 00:00 UTC) or an ISO 8601 date-time: the key is refused from
     then on (kept as Unix time)."""
 
@@ -156,7 +160,7 @@ class JwtConfig(Section):
     jwks_refresh_seconds: Int(1, 86_400) = 300
     issuer: OptStr = None
     """`iss` must match."""
-    audience: checked(_audience, tuple[str, ...]) = ()
+    audience: Annotated[checked(_audience, tuple[str, ...]), one_or_list({"type": "string"})] = ()
     """`aud` must contain one of these (a string or a list)."""
     algorithms: checked(_algorithms, tuple[Literal[JWT_ALGORITHMS], ...]) = (  # type: ignore[valid-type]
         DEFAULT_JWT_ALGORITHMS
@@ -250,6 +254,9 @@ class AliasConfig(Section):
     model: Str
 
 
+_MODEL_LIST = {"type": "array", "items": {"type": "string"}}
+
+
 def _catalog(value: Any) -> Any:
     """A list (every provider) or provider -> list."""
     if isinstance(value, list | tuple):
@@ -273,6 +280,9 @@ class ModelsConfig(Section):
     catalog: Annotated[
         dict[str, Annotated[tuple[str, ...], in_file(model_names)]],
         in_file(_catalog),
+        WithJsonSchema(
+            {"anyOf": [_MODEL_LIST, {"type": "object", "additionalProperties": _MODEL_LIST}]}
+        ),
     ] = Field(default_factory=dict)
     """Model ids each provider serves as is, by provider name (`"*"`: every provider not
     named; a plain list means `"*"`). A provider with a catalog refuses other names that

@@ -130,6 +130,9 @@ class Section:
     derived: ClassVar[tuple[str, ...]] = ()
     # `server:` with nothing under it means all defaults.
     empty_ok: ClassVar[bool] = False
+    # Keys a file must write although code may leave them out (`limits`, `rules`).
+    required: ClassVar[tuple[str, ...]] = ()
+    missing: ClassVar[str] = "required key is missing"
 
     @classmethod
     def prepare(cls, raw: dict[str, Any]) -> dict[str, Any]:
@@ -159,6 +162,7 @@ def _as_written(model: type[Section], data: Any, handler: Any, info: ValidationI
         result = handler(model.prepare({k: v for k, v in data.items() if k in fields}))
     except ValidationError as exc:
         found += problems_of(exc)
+    found += [((key,), model.missing) for key in model.required if key not in data]
     found += model.checks(data)
     if found:  # in the order the file has them, missing keys last
         found.sort(key=lambda item: order.get(item[0][0], len(order)) if item[0] else -1)
@@ -166,7 +170,25 @@ def _as_written(model: type[Section], data: Any, handler: Any, info: ValidationI
     return result
 
 
-CONFIG = ConfigDict(extra="forbid", use_attribute_docstrings=True, revalidate_instances="never")
+def _as_file_schema(schema: dict[str, Any], cls: type) -> None:
+    """The schema of what a file writes: no derived keys, the file's required keys."""
+    properties = schema.get("properties", {})
+    for name in getattr(cls, "derived", ()):
+        properties.pop(name, None)
+    required = [k for k in schema.get("required", ()) if k in properties]
+    required += [k for k in getattr(cls, "required", ()) if k not in required]
+    if required:
+        schema["required"] = required
+    else:
+        schema.pop("required", None)
+
+
+CONFIG = ConfigDict(
+    extra="forbid",
+    use_attribute_docstrings=True,
+    revalidate_instances="never",
+    json_schema_extra=_as_file_schema,
+)
 
 
 def section(cls: type) -> Any:

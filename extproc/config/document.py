@@ -9,15 +9,13 @@ from pydantic import BeforeValidator, Field
 from pydantic.json_schema import SkipJsonSchema
 
 from extproc.config.access import AuthConfig, ConsumerConfig, ModelsConfig
-from extproc.config.base import Loc, Section, describe, fail, section
+from extproc.config.base import Section, describe, fail, section
 from extproc.config.guards import GuardsConfig
 from extproc.config.limits import RateLimitsConfig, rate_limit_workers
 from extproc.config.routing import ProviderConfig, RouteConfig
 from extproc.config.server import EnvoyConfig, ServerConfig, StreamingConfig
 from extproc.config.types import entries, in_file, name
 from extproc.netaddr import UNIX_PATH_MAX, unix_socket_path, worker_addresses
-
-REQUIRED = ("providers", "routes")
 
 
 def _some(what: str, empty: str) -> BeforeValidator:
@@ -42,6 +40,8 @@ class Config(Section):
     """A policy file: the sidecar's and Envoy's settings, providers, routes and policy."""
 
     derived = ("path",)
+    required = ("providers", "routes")
+    missing = "required section is missing"
 
     path: SkipJsonSchema[str]
     server: ServerConfig = Field(default_factory=ServerConfig)
@@ -66,10 +66,6 @@ class Config(Section):
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     rate_limits: Annotated[RateLimitsConfig | None, in_file(_mapping)] = None
     guards: GuardsConfig = Field(default_factory=GuardsConfig)
-
-    @classmethod
-    def checks(cls, raw: dict[str, Any]) -> list[tuple[Loc, str]]:
-        return [((key,), "required section is missing") for key in REQUIRED if key not in raw]
 
     def route(self, name: str) -> RouteConfig | None:
         for route in self.routes:

@@ -21,6 +21,7 @@ from extproc.config.types import (
     in_file,
     listed,
     name_list,
+    one_or_list,
     string,
     url,
 )
@@ -145,9 +146,15 @@ class GuardConfig(Section):
     name: Name
     """Unique; in metrics, logs and the `x-ai-gateway-guard` header."""
     action: choice(GUARD_ACTIONS, "action") = "mask"
-    phases: checked(_phases, tuple[Literal[GUARD_PHASES], ...]) = ("request", "response")  # type: ignore[valid-type]
+    phases: Annotated[
+        checked(_phases, tuple[Literal[GUARD_PHASES], ...]),  # type: ignore[valid-type]
+        one_or_list({"enum": list(GUARD_PHASES), "type": "string"}),
+    ] = ("request", "response")
     """Where the guard applies (a webhook guard: requests only)."""
-    detectors: checked(_detectors, tuple[str, ...]) = ()
+    detectors: Annotated[
+        checked(_detectors, tuple[str, ...]),
+        one_or_list({"enum": list(BUILTIN_NAMES), "type": "string"}),
+    ] = ()
     """Built-in detectors and aliases (`pii`, `secrets`, `ip_address`), expanded."""
     patterns: Annotated[tuple[GuardPatternConfig, ...], listed("a non-empty list of patterns")] = ()
     keywords: checked(_keywords, tuple[str, ...]) = ()
@@ -210,6 +217,8 @@ def _budget_status(value: Any) -> int:
 class GuardsConfig(Section):
     """Guards and the budget every scan gets."""
 
+    required = ("rules",)
+
     rules: Annotated[tuple[GuardConfig, ...], listed("a non-empty list of guards")] = ()
     """The guards (required when the section is present)."""
     max_holdback_chars: Int(64, 1 << 20) = 16384
@@ -232,11 +241,9 @@ class GuardsConfig(Section):
 
     @classmethod
     def checks(cls, raw: dict[str, Any]) -> list[tuple[Loc, str]]:
-        if "rules" not in raw:
-            return [(("rules",), "required key is missing")]
         found: list[tuple[Loc, str]] = []
         names: dict[str, int] = {}
-        rules = raw["rules"]
+        rules = raw.get("rules")
         for index, rule in enumerate(rules if isinstance(rules, list) else ()):
             name = rule.get("name") if isinstance(rule, dict) else None
             if not isinstance(name, str):

@@ -20,6 +20,7 @@ from extproc.config.types import (
     choice,
     listed,
     name_list,
+    one_or_list,
     url,
 )
 
@@ -97,7 +98,10 @@ class LimitConfig(Section):
     tokens: Int() | None = None
     count: choice(TOKEN_COUNTS, "token count") = "total"
     """Which tokens a token limit counts."""
-    by: checked(_limit_keys, tuple[Literal[LIMIT_KEYS], ...]) = ()  # type: ignore[valid-type]
+    by: Annotated[
+        checked(_limit_keys, tuple[Literal[LIMIT_KEYS], ...]),  # type: ignore[valid-type]
+        one_or_list({"enum": list(LIMIT_KEYS), "type": "string"}),
+    ] = ()
     """One bucket per distinct value of these."""
     match: LimitMatch = Field(default_factory=LimitMatch)
 

@@ -17,6 +17,7 @@ from extproc.config.types import (
     choice,
     in_file,
     name_list,
+    one_or_list,
     string,
     url,
     url_path,
@@ -132,7 +133,9 @@ class RouteConfig(Section):
     ([models.md](models.md))."""
     default_model: OptStr = None
     """The model when a request names none; unset: `models.default`."""
-    passthrough_paths: checked(passthrough_paths, tuple[str, ...]) = ()
+    passthrough_paths: Annotated[
+        checked(passthrough_paths, tuple[str, ...]), one_or_list({"type": "string"})
+    ] = ()
     """Upstream paths (exact, or a prefix ending in `*`) passed through uninspected: not
     metered, guarded or limited. Any other path that is not a model API is 404."""
 

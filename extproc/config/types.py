@@ -12,7 +12,15 @@ from datetime import UTC, date, datetime
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BeforeValidator, Field, Strict, ValidationError, ValidationInfo, WrapValidator
+from pydantic import (
+    BeforeValidator,
+    Field,
+    Strict,
+    ValidationError,
+    ValidationInfo,
+    WithJsonSchema,
+    WrapValidator,
+)
 
 from extproc.config.base import LOADING, Loc, describe, fail, problems_of, several
 from extproc.netaddr import UNIX_PATH_MAX, is_ip_literal, split_host_port, unix_socket_path
@@ -183,7 +191,12 @@ def name_list(value: Any) -> tuple[str, ...]:
     return tuple(out)
 
 
-Names = checked(name_list, tuple[str, ...])
+def one_or_list(items: dict[str, Any]) -> WithJsonSchema:
+    """The schema of a value written as one item or a list of them."""
+    return WithJsonSchema({"anyOf": [items, {"type": "array", "items": items}]})
+
+
+Names = Annotated[checked(name_list, tuple[str, ...]), one_or_list({"type": "string"})]
 
 
 def model_names(value: Any) -> tuple[str, ...]:
