@@ -53,8 +53,8 @@ def sha256_hex(value: Any) -> str:
 class ApiKeyConfig(Section):
     """One API key of a consumer, from exactly one source."""
 
-    name: Name
-    """Shown in logs instead of the key; default `keyN` (its position)."""
+    name: Name = ""
+    """Shown in logs instead of the key; unset: `keyN` (its position)."""
     value: OptStr = Field(default=None, repr=False)
     """The key in clear: local development only."""
     sha256: checked(sha256_hex, str | None) = None

@@ -52,11 +52,12 @@ class Config(Section):
         entries("a mapping of provider name -> settings", name),
         _some("a mapping of provider name -> settings", "expected at least one provider"),
     ] = Field(default_factory=dict)
-    """Upstream LLM APIs, by name (required)."""
+    """Upstream LLM APIs, by name."""
     routes: Annotated[
         tuple[RouteConfig, ...], _some("a list of routes", "expected at least one route")
     ] = ()
-    """Path prefixes on the Envoy listener (required)."""
+    """Path prefixes on the Envoy listener, matched top to bottom: the first match wins,
+    any other path gets a 404 JSON error."""
     consumers: Annotated[
         dict[str, ConsumerConfig],
         entries("a mapping of consumer name -> settings", name, empty_ok=True),

@@ -66,7 +66,8 @@ def parse_config(document: Any, path: str = "<config>") -> Config:
 
 def schema() -> dict[str, Any]:
     """The policy file's JSON Schema, as pydantic derives it from the models."""
-    return _CONFIG.json_schema()
+    derived = _CONFIG.json_schema()
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **derived}
 
 
 class _StrictLoader(yaml.SafeLoader):

@@ -33,6 +33,7 @@ class ServerConfig(Section):
     metrics_listen: ListenAddress = "127.0.0.1:9464"
     """Prometheus `/metrics`."""
     log_level: choice(LOG_LEVELS, "log level") = "info"
+    """The sidecar's log level (secrets never reach a log line)."""
     workers: Int(1, MAX_WORKERS) = 1
     """Processes serving ext_proc, each on its own listener: one Python process handles a
     few thousand messages a second, one per core scales it. Worker N listens on the gRPC
