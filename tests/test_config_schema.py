@@ -14,7 +14,7 @@ import jsonschema
 import pytest
 import yaml
 
-from extproc.config import GuardConfig, ServerConfig, load_config, parse_config, schema
+from extproc.config import ConfigError, GuardConfig, ServerConfig, load_config, parse_config, schema
 from extproc.config.reference import OUT, render
 
 REPO = Path(__file__).resolve().parent.parent
@@ -122,3 +122,35 @@ def test_config_imports_no_policy_stage() -> None:
     assert result.returncode == 0, result.stderr
     loaded = json.loads(result.stdout)
     assert loaded and not [m for m in loaded if m.startswith("extproc.policy")]
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "reason"),
+    [
+        (
+            {"rate_limits": {"limits": [{"name": "a", "window": "1m", "requests": None}]}},
+            "rate_limits.limits[0].requests",
+            "expected an integer, got null (empty)",
+        ),
+        (
+            {"guards": {"rules": [{"name": "g", "webhook": None}]}},
+            "guards.rules[0].webhook",
+            "expected a mapping, got null (empty)",
+        ),
+        (
+            {"routes": [{"name": "r", "prefix": "/r", "provider": "m", "rewrite": None}]},
+            "routes[0].rewrite",
+            "expected a string, got null (empty)",
+        ),
+    ],
+)
+def test_a_key_written_empty_is_refused_not_taken_as_unset(
+    section: dict, key: str, reason: str
+) -> None:
+    base = {
+        "providers": {"m": {"url": "http://127.0.0.1:1"}},
+        "routes": [{"name": "r", "prefix": "/r", "provider": "m"}],
+    }
+    with pytest.raises(ConfigError) as info:
+        parse_config({**base, **section}, "p.yaml")
+    assert (key, reason) in info.value.problems

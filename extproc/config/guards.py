@@ -15,6 +15,7 @@ from extproc.config.types import (
     Int,
     Name,
     Names,
+    Optional,
     OptStr,
     checked,
     choice,
@@ -61,7 +62,7 @@ class GuardPatternConfig(Section):
     """RE2 syntax: linear time whatever it says; must not match the empty string."""
     mask_token: Annotated[str | None, in_file(_mask_token)] = None
     """Overrides the guard's `mask_token` for this pattern."""
-    max_length: Int(1, 1 << 20) | None = None
+    max_length: Optional(Int(1, 1 << 20), "an integer") = None
     """The longest match, when RE2 syntax hides it."""
 
 
@@ -169,7 +170,7 @@ class GuardConfig(Section):
     consumers: Names = ()
     """Empty: everyone (anonymous included)."""
     except_consumers: Names = ()
-    webhook: GuardWebhookConfig | None = None
+    webhook: Optional(GuardWebhookConfig, "a mapping") = None
 
     @classmethod
     def prepare(cls, raw: dict[str, Any]) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from extproc.config.types import (
     Int,
     Name,
     Names,
+    Optional,
     OptPath,
     OptStr,
     Str,
@@ -94,8 +95,8 @@ class LimitConfig(Section):
     name: Name
     window: checked(_window)
     """`30s`, `1m`, `1h30m`, `7d` (at most 366d)."""
-    requests: Int() | None = None
-    tokens: Int() | None = None
+    requests: Optional(Int(), "an integer") = None
+    tokens: Optional(Int(), "an integer") = None
     count: choice(TOKEN_COUNTS, "token count") = "total"
     """Which tokens a token limit counts."""
     by: Annotated[
@@ -168,7 +169,7 @@ class RateLimitsConfig(Section):
     limits: Annotated[tuple[LimitConfig, ...], listed("a non-empty list of limits")]
     store: choice(RATE_LIMIT_STORES, "store") = "local"
     """`local` (this process) or `redis` (shared by replicas and workers)."""
-    redis: RedisConfig | None = None
+    redis: Optional(RedisConfig, "a mapping") = None
     default_max_output_tokens: Int() = 1024
     """Output tokens reserved for a request that names no `max_tokens`."""
 

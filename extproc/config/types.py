@@ -47,6 +47,17 @@ def Int(minimum: int = 1, maximum: int | None = None) -> Any:
     return Annotated[int, Strict(), Field(ge=minimum, le=maximum)]
 
 
+def Optional(kind: Any, expected: str) -> Any:
+    """`kind` or unset (None) in code; in a file, left out or given (never `null`)."""
+
+    def not_null(value: Any) -> Any:
+        if value is None:
+            raise fail(f"expected {expected}, got null (empty)")
+        return value
+
+    return Annotated[kind | None, in_file(not_null)]
+
+
 Bool = Annotated[bool, Strict()]
 
 
