@@ -72,7 +72,7 @@ class ApiKeyConfig(Section):
     then on (kept as Unix time)."""
 
     @classmethod
-    def checks(cls, raw: dict[str, Any]) -> list[tuple[Loc, str]]:
+    def checks(cls, raw: dict[str, Any], refused: set[Any]) -> list[tuple[Loc, str]]:
         if sum(source in raw for source in KEY_SOURCES) != 1:
             return [((), "set exactly one of value, sha256, env, file")]
         return []
@@ -88,9 +88,9 @@ def _keys(value: Any, handler: Any) -> Any:
     for index, raw in enumerate(value):
         if isinstance(raw, dict):
             raw = {"name": f"key{index}", **raw}
-            if raw["name"] in seen:
-                found.append(((index, "name"), f"duplicate key name '{raw['name']}'"))
             if isinstance(raw["name"], str):
+                if raw["name"] in seen:
+                    found.append(((index, "name"), f"duplicate key name '{raw['name']}'"))
                 seen.add(raw["name"])
         named.append(raw)
     return finish(handler, named, found, list(range(len(value))))
@@ -188,7 +188,7 @@ class JwtConfig(Section):
         return raw
 
     @classmethod
-    def checks(cls, raw: dict[str, Any]) -> list[tuple[Loc, str]]:
+    def checks(cls, raw: dict[str, Any], refused: set[Any]) -> list[tuple[Loc, str]]:
         found: list[tuple[Loc, str]] = []
         secret = "shared_secret_env" in raw or "shared_secret_file" in raw
         jwks = "jwks_url" in raw or "jwks_file" in raw
@@ -272,9 +272,11 @@ class ModelsConfig(Section):
 
     empty_ok = True
 
-    aliases: Annotated[dict[str, AliasConfig], entries("a mapping", string)] = Field(
-        default_factory=dict
-    )
+    aliases: Annotated[
+        dict[str, AliasConfig],
+        entries("a mapping", AliasConfig, string),
+        in_file(lambda value: value or {}),  # `aliases: []` (or empty) means none
+    ] = Field(default_factory=dict)
     """`name: {provider: P, model: M}`: the body is rewritten to `M`, and the request
     re-routed when `P` is not the route's provider."""
     catalog: Annotated[
@@ -291,7 +293,7 @@ class ModelsConfig(Section):
     """The model when a request names none."""
 
     @classmethod
-    def checks(cls, raw: dict[str, Any]) -> list[tuple[Loc, str]]:
+    def checks(cls, raw: dict[str, Any], refused: set[Any]) -> list[tuple[Loc, str]]:
         aliases = raw.get("aliases")
         catalog = raw.get("catalog")
         if not isinstance(aliases, dict):
@@ -299,7 +301,8 @@ class ModelsConfig(Section):
         catalog = {"*": catalog} if isinstance(catalog, list) else catalog
         found: list[tuple[Loc, str]] = []
         for provider, names in catalog.items() if isinstance(catalog, dict) else ():
-            for model in sorted(set(names if isinstance(names, list) else ()) & set(aliases)):
+            written = {n for n in names if isinstance(n, str)} if isinstance(names, list) else set()
+            for model in sorted(written & set(aliases)):
                 found.append((("catalog", str(provider)), f"'{model}' is also an alias"))
         return found
 

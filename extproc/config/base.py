@@ -140,8 +140,9 @@ class Section:
         return raw
 
     @classmethod
-    def checks(cls, raw: dict[str, Any]) -> list[tuple[Loc, str]]:
-        """Problems between keys of one mapping as written (relative locations)."""
+    def checks(cls, raw: dict[str, Any], refused: set[Any]) -> list[tuple[Loc, str]]:
+        """Problems between keys of one mapping as written (relative locations);
+        `refused` holds the keys whose own values were already refused."""
         return []
 
 
@@ -163,7 +164,7 @@ def _as_written(model: type[Section], data: Any, handler: Any, info: ValidationI
     except ValidationError as exc:
         found += problems_of(exc)
     found += [((key,), model.missing) for key in model.required if key not in data]
-    found += model.checks(data)
+    found += model.checks(data, {loc[0] for loc, _ in found if loc})
     if found:  # in the order the file has them, missing keys last
         found.sort(key=lambda item: order.get(item[0][0], len(order)) if item[0] else -1)
         raise several(found)
@@ -200,5 +201,5 @@ def section(cls: type) -> Any:
         return _as_written(model, data, handler, info)
 
     cls._as_written = model_validator(mode="wrap")(classmethod(validate))  # type: ignore[attr-defined]
-    model = dataclass(frozen=True, slots=True, config=CONFIG)(cls)
+    model = dataclass(frozen=True, slots=True, kw_only=True, config=CONFIG)(cls)
     return model

@@ -49,7 +49,7 @@ class Config(Section):
     streaming: StreamingConfig = Field(default_factory=StreamingConfig)
     providers: Annotated[
         dict[str, ProviderConfig],
-        entries("a mapping of provider name -> settings", name),
+        entries("a mapping of provider name -> settings", ProviderConfig, name),
         _some("a mapping of provider name -> settings", "expected at least one provider"),
     ] = Field(default_factory=dict)
     """Upstream LLM APIs, by name."""
@@ -60,7 +60,7 @@ class Config(Section):
     any other path gets a 404 JSON error."""
     consumers: Annotated[
         dict[str, ConsumerConfig],
-        entries("a mapping of consumer name -> settings", name, empty_ok=True),
+        entries("a mapping of consumer name -> settings", ConsumerConfig, name, empty_ok=True),
     ] = Field(default_factory=dict)
     """Who may call, by name."""
     auth: AuthConfig = Field(default_factory=AuthConfig)

@@ -179,7 +179,7 @@ class GuardConfig(Section):
         return raw
 
     @classmethod
-    def checks(cls, raw: dict[str, Any]) -> list[tuple[Loc, str]]:
+    def checks(cls, raw: dict[str, Any], refused: set[Any]) -> list[tuple[Loc, str]]:
         found: list[tuple[Loc, str]] = []
         finds = [key for key in ("detectors", "patterns", "keywords") if key in raw]
         if "webhook" in raw:
@@ -241,7 +241,7 @@ class GuardsConfig(Section):
     """413 (too large to check) or 400 (a bad request)."""
 
     @classmethod
-    def checks(cls, raw: dict[str, Any]) -> list[tuple[Loc, str]]:
+    def checks(cls, raw: dict[str, Any], refused: set[Any]) -> list[tuple[Loc, str]]:
         found: list[tuple[Loc, str]] = []
         names: dict[str, int] = {}
         rules = raw.get("rules")

@@ -70,10 +70,14 @@ def _window(value: Any) -> str:
 
 def _limit_keys(value: Any) -> tuple[str, ...]:
     names = name_list(value)
-    for index, key in enumerate(names):
-        if key not in LIMIT_KEYS:
-            at: Loc = (index,) if isinstance(value, list | tuple) else ()
-            raise several([(at, f"unknown key '{key}' (known: {', '.join(LIMIT_KEYS)})")])
+    listed = isinstance(value, list | tuple)
+    bad = [
+        ((index,) if listed else (), f"unknown key '{key}' (known: {', '.join(LIMIT_KEYS)})")
+        for index, key in enumerate(names)
+        if key not in LIMIT_KEYS
+    ]
+    if bad:
+        raise several(bad)
     return names
 
 
@@ -93,12 +97,12 @@ class LimitConfig(Section):
     value of the `by` keys, applied to requests that `match` (unset: every request)."""
 
     name: Name
-    window: checked(_window)
-    """`30s`, `1m`, `1h30m`, `7d` (at most 366d)."""
     requests: Optional(Int(), "an integer") = None
     tokens: Optional(Int(), "an integer") = None
     count: choice(TOKEN_COUNTS, "token count") = "total"
     """Which tokens a token limit counts."""
+    window: checked(_window)
+    """`30s`, `1m`, `1h30m`, `7d` (at most 366d)."""
     by: Annotated[
         checked(_limit_keys, tuple[Literal[LIMIT_KEYS], ...]),  # type: ignore[valid-type]
         one_or_list({"enum": list(LIMIT_KEYS), "type": "string"}),
@@ -107,11 +111,11 @@ class LimitConfig(Section):
     match: LimitMatch = Field(default_factory=LimitMatch)
 
     @classmethod
-    def checks(cls, raw: dict[str, Any]) -> list[tuple[Loc, str]]:
+    def checks(cls, raw: dict[str, Any], refused: set[Any]) -> list[tuple[Loc, str]]:
         found: list[tuple[Loc, str]] = []
         if "requests" not in raw and "tokens" not in raw:
             found.append(((), "set requests, tokens or both (how much per window)"))
-        if "count" in raw and "tokens" not in raw:
+        if "count" in raw.keys() - refused and "tokens" not in raw:
             found.append((("count",), "only meaningful with tokens"))
         return found
 
@@ -156,7 +160,7 @@ class RedisConfig(Section):
     """`open`: admit unchecked while Redis is down; `closed`: 503."""
 
     @classmethod
-    def checks(cls, raw: dict[str, Any]) -> list[tuple[Loc, str]]:
+    def checks(cls, raw: dict[str, Any], refused: set[Any]) -> list[tuple[Loc, str]]:
         if "password_env" in raw and "password_file" in raw:
             return [((), "set password_env or password_file, not both")]
         return []
@@ -166,15 +170,15 @@ class RedisConfig(Section):
 class RateLimitsConfig(Section):
     """Requests and tokens ([rate-limits.md](rate-limits.md#reference))."""
 
-    limits: Annotated[tuple[LimitConfig, ...], listed("a non-empty list of limits")]
     store: choice(RATE_LIMIT_STORES, "store") = "local"
     """`local` (this process) or `redis` (shared by replicas and workers)."""
     redis: Optional(RedisConfig, "a mapping") = None
     default_max_output_tokens: Int() = 1024
     """Output tokens reserved for a request that names no `max_tokens`."""
+    limits: Annotated[tuple[LimitConfig, ...], listed("a non-empty list of limits")]
 
     @classmethod
-    def checks(cls, raw: dict[str, Any]) -> list[tuple[Loc, str]]:
+    def checks(cls, raw: dict[str, Any], refused: set[Any]) -> list[tuple[Loc, str]]:
         found: list[tuple[Loc, str]] = []
         store = raw.get("store", "local")
         if store == "redis" and raw.get("redis") is None:

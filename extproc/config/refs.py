@@ -46,9 +46,13 @@ def check_document(document: dict[str, Any], errors: set[Loc]) -> Problems:
     )
     found: Problems = []
 
-    def provider(loc: Loc, value: Any) -> None:
-        if providers and isinstance(value, str) and value not in providers and not refused(loc):
-            found.append((loc, f"unknown provider '{value}' (known: {', '.join(providers)})"))
+    def provider(loc: Loc, value: Any, empty_too: bool = False) -> None:
+        """A provider name; routes skip the check when providers is empty (reported)."""
+        if not (providers or (empty_too and isinstance(raw_providers, dict))):
+            return
+        if isinstance(value, str) and value not in providers and not refused(loc):
+            known = ", ".join(providers) or "none"
+            found.append((loc, f"unknown provider '{value}' (known: {known})"))
 
     def names(loc: Loc, value: Any, kind: str, known: list[str] | None) -> None:
         if refused(loc) or (kind == "route" and known is None):
@@ -69,8 +73,9 @@ def check_document(document: dict[str, Any], errors: set[Loc]) -> Problems:
     if isinstance(models, dict):
         aliases = models.get("aliases")
         for alias, spec in aliases.items() if isinstance(aliases, dict) else ():
-            if isinstance(spec, dict):
-                provider(("models", "aliases", str(alias), "provider"), spec.get("provider"))
+            at = ("models", "aliases", str(alias))
+            if isinstance(spec, dict) and "model" in spec and not refused((*at, "model")):
+                provider((*at, "provider"), spec.get("provider"), empty_too=True)
         catalog = models.get("catalog")
         for name in (
             catalog if isinstance(catalog, dict) and isinstance(raw_providers, dict) else ()

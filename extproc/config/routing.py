@@ -57,12 +57,13 @@ class ProviderConfig(Section):
     """CA bundle Envoy verifies an `https` provider with; none: the system bundle."""
 
     @classmethod
-    def checks(cls, raw: dict[str, Any]) -> list[tuple[Loc, str]]:
+    def checks(cls, raw: dict[str, Any], refused: set[Any]) -> list[tuple[Loc, str]]:
+        if "url" not in raw or "url" in refused:
+            return []  # an entry without a usable url is reported for that alone
         found: list[tuple[Loc, str]] = []
-        if "api_key_env" in raw and "api_key_file" in raw:
+        if {"api_key_env", "api_key_file"} <= raw.keys() - refused:
             found.append(((), "set api_key_env or api_key_file, not both"))
-        scheme = urlsplit(raw["url"]).scheme if isinstance(raw.get("url"), str) else None
-        if "ca_file" in raw and scheme not in (None, "https"):
+        if "ca_file" in raw and "ca_file" not in refused and not raw["url"].startswith("https:"):
             found.append((("ca_file",), "only meaningful for an https:// url"))
         return found
 
@@ -85,7 +86,7 @@ class ProviderConfig(Section):
         return f"provider_{self.name}"
 
 
-def passthrough_paths(value: Any) -> tuple[str, ...]:
+def _passthrough(value: Any) -> tuple[str, ...]:
     """Upstream paths, each '/...' exact or ending in '*' for a prefix."""
     names = name_list(value)
     for index, item in enumerate(names):
@@ -125,6 +126,11 @@ class RouteConfig(Section):
     rewrite: checked(url_path, str | None) = None
     """Replaces the matched prefix before the request goes upstream (Envoy
     `prefix_rewrite`), so `/openai` can land on the provider's `/v1/chat/completions`."""
+    passthrough_paths: Annotated[
+        checked(_passthrough, tuple[str, ...]), one_or_list({"type": "string"})
+    ] = ()
+    """Upstream paths (exact, or a prefix ending in `*`) passed through uninspected: not
+    metered, guarded or limited. Any other path that is not a model API is 404."""
     auth: Annotated[Literal[AUTH_MODES] | None, in_file(auth_mode)] = None  # type: ignore[valid-type]
     """Who may call: `required`, `optional` or `off`; unset: `required` when `consumers`
     or `auth.jwt` exist, else `off` ([auth.md](auth.md#per-route-auth))."""
@@ -133,11 +139,6 @@ class RouteConfig(Section):
     ([models.md](models.md))."""
     default_model: OptStr = None
     """The model when a request names none; unset: `models.default`."""
-    passthrough_paths: Annotated[
-        checked(passthrough_paths, tuple[str, ...]), one_or_list({"type": "string"})
-    ] = ()
-    """Upstream paths (exact, or a prefix ending in `*`) passed through uninspected: not
-    metered, guarded or limited. Any other path that is not a model API is 404."""
 
 
 def route_covers(earlier: str, later: str) -> bool:

@@ -22,7 +22,7 @@ from pydantic import (
     WrapValidator,
 )
 
-from extproc.config.base import LOADING, Loc, describe, fail, problems_of, several
+from extproc.config.base import LOADING, Loc, describe, fail, problems_of, several, unknown_key
 from extproc.netaddr import UNIX_PATH_MAX, is_ip_literal, split_host_port, unix_socket_path
 
 Check = Callable[[Any], Any]
@@ -123,8 +123,9 @@ UrlPath = checked(url_path)
 
 
 def listen_address(value: Any) -> str:
+    string(value)
     try:
-        split_host_port(string(value))
+        split_host_port(value)
     except ValueError as exc:
         raise fail(f"expected ip:port (e.g. '127.0.0.1:8080'): {exc}") from None
     return value
@@ -246,10 +247,10 @@ def expiry(value: Any) -> float:
 
 
 def entries(
-    expected: str, check: Callable[[Any], Any] | None = None, empty_ok: bool = False
+    expected: str, model: Any, check: Callable[[Any], Any] | None = None, empty_ok: bool = False
 ) -> WrapValidator:
-    """A mapping of name -> settings: each entry's `name` is its key (checked by `check`),
-    and every entry's problems are reported, not just the first."""
+    """A mapping of name -> `model` settings: each entry's `name` is its key (checked by
+    `check`), and every entry's problems are reported, not just the first."""
 
     def wrap(value: Any, handler: Any) -> Any:
         if not isinstance(value, dict):
@@ -264,8 +265,9 @@ def entries(
                 found.append(((str(key),), str(exc)))
                 continue
             if isinstance(raw, dict) and "name" in raw:
-                found.append(((str(key), "name"), "unknown key 'name' (an entry's key names it)"))
-                continue
+                known = [f for f in model.__pydantic_fields__ if f not in model.derived]
+                found.append(((str(key), "name"), unknown_key("name", known)))
+                raw = {k: v for k, v in raw.items() if k != "name"}
             if raw is None and empty_ok:
                 raw = {}
             good[key] = {"name": key, **raw} if isinstance(raw, dict) else raw
