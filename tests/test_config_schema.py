@@ -154,3 +154,20 @@ def test_a_key_written_empty_is_refused_not_taken_as_unset(
     with pytest.raises(ConfigError) as info:
         parse_config({**base, **section}, "p.yaml")
     assert (key, reason) in info.value.problems
+
+
+def test_an_entry_is_named_by_its_key_only() -> None:
+    document = {
+        "providers": {"m": {"name": "other", "url": "ftp://x"}},
+        "routes": [{"name": "r", "prefix": "/r", "provider": "m"}],
+    }
+    with pytest.raises(ConfigError) as info:
+        parse_config(document, "p.yaml")
+    # The rest of the entry is still checked, in the same run.
+    assert info.value.problems == [
+        (
+            "providers.m.name",
+            "unknown key 'name' (known: url, format, api_key_env, api_key_file, ca_file)",
+        ),
+        ("providers.m.url", "expected an http:// or https:// URL, got 'ftp://x'"),
+    ]

@@ -122,7 +122,7 @@ class Section:
     """Base of every config model: frozen, unknown keys refused.
 
     When the loader validates a file, a mapping is checked the way operators expect:
-    unknown keys named with a close match, and `rules` (checks between keys, on what
+    unknown keys named with a close match, and `checks` (between keys, on what
     the file says) reported together with the fields' own problems.
     """
 
