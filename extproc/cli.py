@@ -13,14 +13,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from extproc.config import (
-    MAX_WORKERS,
-    Config,
-    ConfigError,
-    check_workers,
-    load_config,
-    split_host_port,
-)
+from extproc.config import MAX_WORKERS, Config, ConfigError, check_workers, load_config
+from extproc.netaddr import split_host_port
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
 
