@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 CONFIG ?= $(if $(OPENAI_API_KEY),config/openai.yaml,config/dev.yaml)
 
-.PHONY: install run test lint bench check-config envoy-config protos clean
+.PHONY: install run test lint bench check-config config-docs envoy-config protos clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ bench: install
 
 check-config: install
 	$(PY) -m extproc check-config $(CONFIG)
+
+# docs/configuration.md from the policy models' JSON Schema (a test checks it is current).
+config-docs: install
+	$(PY) -m extproc.config.reference
 
 envoy-config: install
 	$(PY) -m extproc envoy-config config/dev.yaml -o envoy/envoy.yaml

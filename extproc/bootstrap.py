@@ -15,18 +15,11 @@ from typing import Any
 
 import yaml
 
-from extproc.config import (
-    INTERNAL_HEADERS,
-    PROVIDER_HEADER,
-    Config,
-    ProviderConfig,
-    RouteConfig,
-    split_host_port,
-    unix_socket_path,
-    worker_addresses,
-)
+from extproc.config import Config, ProviderConfig, RouteConfig
 from extproc.errors import SIDECAR_DETAILS_PREFIX
 from extproc.headerlimits import CODEC_HEADERS_COUNT, CODEC_HEADERS_KB
+from extproc.headers import INTERNAL_HEADERS, PROVIDER_HEADER
+from extproc.netaddr import split_host_port, unix_socket_path, worker_addresses
 
 # Namespace the sidecar writes dynamic metadata into; Envoy drops any other.
 METADATA_NAMESPACE = "ai_gateway"

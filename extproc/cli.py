@@ -13,14 +13,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from extproc.config import (
-    MAX_WORKERS,
-    Config,
-    ConfigError,
-    check_workers,
-    load_config,
-    split_host_port,
-)
+from extproc.config import MAX_WORKERS, Config, ConfigError, check_workers, load_config
+from extproc.netaddr import split_host_port
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
 
@@ -99,6 +93,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    if args.schema:
+        import json
+
+        from extproc.config import schema
+
+        print(json.dumps(schema(), indent=2))
+        return 0
+    if args.file is None:
+        print("check-config: give a FILE, or --schema", file=sys.stderr)
+        return 2
     if _load(args.file) is None:
         return 1
     print(f"{args.file}: OK")
@@ -173,7 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=cmd_run)
 
     check = commands.add_parser("check-config", help="validate a policy file and exit")
-    check.add_argument("file", metavar="FILE")
+    check.add_argument("file", metavar="FILE", nargs="?")
+    check.add_argument(
+        "--schema", action="store_true", help="print the policy file's JSON Schema instead"
+    )
     check.set_defaults(handler=cmd_check_config)
 
     envoy = commands.add_parser("envoy-config", help="print the Envoy bootstrap for a policy")

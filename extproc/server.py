@@ -27,9 +27,10 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_gr
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 
-from extproc.config import Config, ConfigError, load_config, worker_addresses
+from extproc.config import Config, ConfigError, load_config
 from extproc.exchange import Exchange
 from extproc.metrics import Metrics
+from extproc.netaddr import worker_addresses
 from extproc.policy import Policy, Shared, build_policy
 from extproc.reload import (
     POLL_INTERVAL_S,

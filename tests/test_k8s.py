@@ -42,8 +42,9 @@ import pytest
 import yaml
 
 from extproc.bootstrap import bootstrap_yaml
-from extproc.config import load_config, worker_addresses
+from extproc.config import load_config
 from extproc.dev.devstack import grpc_serving
+from extproc.netaddr import worker_addresses
 from tests.conftest import free_port
 from tests.test_bootstrap import validate as envoy_validate
 from tests.test_e2e_running import consecutive_free_ports

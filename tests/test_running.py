@@ -20,8 +20,8 @@ from extproc.config import (
     ConfigError,
     check_workers,
     parse_config,
-    worker_addresses,
 )
+from extproc.netaddr import worker_addresses
 from extproc.reload import PolicyWatcher, referenced_files, restart_needed
 from tests.test_bootstrap import render_to, validate
 
@@ -116,7 +116,7 @@ def one_process_store(monkeypatch: pytest.MonkeyPatch) -> None:
             return [("limits.store", f"an in-process store cannot serve {workers} workers")]
         return []
 
-    monkeypatch.setattr("extproc.config.WORKER_CHECKS", [*WORKER_CHECKS, check])
+    monkeypatch.setattr("extproc.config.document.WORKER_CHECKS", [*WORKER_CHECKS, check])
 
 
 def test_worker_check_hook_refuses_several_workers(one_process_store: None) -> None:

@@ -33,9 +33,10 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extproc.bootstrap import bootstrap_yaml
-from extproc.config import Config, ConfigError, load_config, worker_addresses
+from extproc.config import Config, ConfigError, load_config
 from extproc.dev import ports
 from extproc.envoybin import envoy_binary
+from extproc.netaddr import worker_addresses
 
 MOCK_PROVIDER = "mock"  # a provider of this name is served by the built-in mock
 REPO = Path(__file__).resolve().parents[2]

@@ -15,7 +15,8 @@ import os
 import socket
 from dataclasses import dataclass
 
-from extproc.config import Config, split_host_port, unix_socket_path, worker_addresses
+from extproc.config import Config
+from extproc.netaddr import split_host_port, unix_socket_path, worker_addresses
 
 MOCK_PROVIDER = "mock"
 

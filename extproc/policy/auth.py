@@ -27,14 +27,9 @@ from typing import Any
 
 import jwt
 
-from extproc.config import (
-    CONSUMER_HEADER,
-    INTERNAL_HEADER_PREFIX,
-    Config,
-    ConsumerConfig,
-    JwtConfig,
-)
+from extproc.config import Config, ConsumerConfig, JwtConfig
 from extproc.errors import shown
+from extproc.headers import CONSUMER_HEADER, INTERNAL_HEADER_PREFIX
 from extproc.policy import credentials
 from extproc.policy.jwks import JwksCache
 from extproc.policy.stage import Refusal, RequestContext, Stage

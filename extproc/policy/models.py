@@ -20,14 +20,9 @@ from urllib.parse import unquote
 
 import orjson
 
-from extproc.config import (
-    MODEL_HEADER,
-    PROVIDER_HEADER,
-    AliasConfig,
-    Config,
-    ProviderConfig,
-)
+from extproc.config import AliasConfig, Config, ProviderConfig
 from extproc.errors import shown
+from extproc.headers import MODEL_HEADER, PROVIDER_HEADER
 from extproc.policy import credentials
 from extproc.policy.stage import Refusal, RequestContext, Stage
 

@@ -16,16 +16,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+# Names and RE2 live in a leaf module so the config check needs no guard package.
+from extproc.patterns import ALIASES as ALIASES
+from extproc.patterns import BUILTIN_NAMES as BUILTIN_NAMES
+from extproc.patterns import DETECTORS, PatternError, compile_re2
+from extproc.patterns import expand as expand
 from extproc.policy.guards.prefix import Unsupported, analyse
-
-try:  # google-re2: linear-time matching for operator-supplied patterns
-    import re2 as _re2
-except ImportError:  # pragma: no cover - a declared dependency
-    _re2 = None
-
-
-class PatternError(ValueError):
-    """A pattern that cannot be used; the message says why (shown at config load)."""
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -348,29 +344,13 @@ _BUILTIN: dict[str, tuple[str, str, Callable[[str], int] | None]] = {
     ),
 }
 
-ALIASES: dict[str, tuple[str, ...]] = {
-    "ip_address": ("ipv4", "ipv6"),
-    "secrets": ("aws_access_key", "private_key", "bearer_token", "api_key"),
-    "pii": ("credit_card", "us_ssn", "email", "phone", "iban", "ipv4", "ipv6"),
-}
-BUILTIN_NAMES: tuple[str, ...] = (*_BUILTIN, *ALIASES)
+assert tuple(_BUILTIN) == DETECTORS  # the names config validates against
 
 # Longest lookbehind any pattern uses: the masker keeps this much released text as
 # context in front of what it still scans.
 CONTEXT_CHARS = 32
 
 _CACHE: dict[str, Detector] = {}
-
-
-def expand(names: Iterable[str]) -> list[str]:
-    """Detector names with aliases (`pii`, `secrets`, `ip_address`) expanded, in order,
-    without duplicates."""
-    out: list[str] = []
-    for name in names:
-        for item in ALIASES.get(name, (name,)):
-            if item not in out:
-                out.append(item)
-    return out
 
 
 def builtin(name: str) -> Detector:
@@ -415,25 +395,6 @@ def keywords(words: Iterable[str], *, case_sensitive: bool = False) -> Detector:
         raise PatternError("keyword list is empty")
     flags = 0 if case_sensitive else re.IGNORECASE
     return _python_detector("KEYWORD", "(?:" + "|".join(alternatives) + ")", None, flags)
-
-
-def _re2_options() -> Any:
-    options = _re2.Options()
-    options.log_errors = False  # the reason goes into our error, not to stderr
-    return options
-
-
-def compile_re2(pattern: str) -> Any:
-    """Compile with RE2; PatternError carries RE2's reason."""
-    if _re2 is None:  # pragma: no cover
-        raise PatternError("google-re2 is not installed")
-    try:
-        return _re2.compile(pattern, _re2_options())
-    except Exception as exc:  # re2.error; message is bytes in some versions
-        reason = exc.args[0] if exc.args else exc
-        if isinstance(reason, bytes):
-            reason = reason.decode("utf-8", "replace")
-        raise PatternError(f"RE2 cannot compile it: {reason}") from None
 
 
 def custom(kind: str, pattern: str, max_length: int | None = None) -> Detector:

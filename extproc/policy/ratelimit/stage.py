@@ -57,16 +57,16 @@ class _Limit:
         seconds = float(config.window_seconds)
         self.requests = Rate(config.requests, seconds) if config.requests else None
         self.tokens = Rate(config.tokens, seconds) if config.tokens else None
-        self.models = frozenset(m for m in config.match_models if not m.endswith("*"))
-        self.prefixes = tuple(m[:-1] for m in config.match_models if m.endswith("*"))
+        self.models = frozenset(m for m in config.match.models if not m.endswith("*"))
+        self.prefixes = tuple(m[:-1] for m in config.match.models if m.endswith("*"))
 
     def applies(self, ctx: RequestContext, model: str) -> bool:
         c = self.config
-        if c.match_consumers and ctx.consumer not in c.match_consumers:
+        if c.match.consumers and ctx.consumer not in c.match.consumers:
             return False
-        if c.match_routes and ctx.route.name not in c.match_routes:
+        if c.match.routes and ctx.route.name not in c.match.routes:
             return False
-        if c.match_models and model not in self.models:
+        if c.match.models and model not in self.models:
             return any(model.startswith(p) for p in self.prefixes)
         return True
 

@@ -1,0 +1,93 @@
+"""The sidecar's own listeners, how Envoy's bootstrap is rendered, response inspection."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from extproc.config.base import Section, section
+from extproc.config.types import (
+    AbsPath,
+    Bool,
+    Int,
+    ListenAddress,
+    choice,
+    grpc_address,
+    in_file,
+    target_address,
+)
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+ON_BLOCK_MODES = ("drain", "close")  # streaming.on_block
+MAX_WORKERS = 256
+
+
+@section
+class ServerConfig(Section):
+    """The sidecar's own listeners."""
+
+    empty_ok = True
+
+    grpc_listen: Annotated[str, in_file(grpc_address)] = "127.0.0.1:50051"
+    """Where the ext_proc gRPC server listens and Envoy connects: `ip:port` or
+    `unix:/absolute/path`."""
+    metrics_listen: ListenAddress = "127.0.0.1:9464"
+    """Prometheus `/metrics`."""
+    log_level: choice(LOG_LEVELS, "log level") = "info"
+    """The sidecar's log level (secrets never reach a log line)."""
+    workers: Int(1, MAX_WORKERS) = 1
+    """Processes serving ext_proc, each on its own listener: one Python process handles a
+    few thousand messages a second, one per core scales it. Worker N listens on the gRPC
+    port + N (`unix:/path` becomes `/path.0`, `/path.1`, ...); `extproc serve --workers N`
+    overrides it."""
+    shutdown_grace_seconds: Int(0, 3600) = 30
+    """On SIGTERM: refuse new streams, give open ones this long to finish, then exit."""
+
+
+@section
+class EnvoyConfig(Section):
+    """How the shipped Envoy bootstrap is rendered. Addresses are IP literals: Envoy
+    binds them as is."""
+
+    empty_ok = True
+
+    listen: ListenAddress = "127.0.0.1:8080"
+    """Where clients send requests."""
+    admin: ListenAddress = "127.0.0.1:9901"
+    """Envoy's admin interface; keep it on loopback."""
+    failure_mode_allow: Bool = False
+    """`false`: fail closed, a 500 JSON error when the sidecar is down or fails. `true`:
+    traffic bypasses the policy."""
+    message_timeout_ms: Int(1, 3_600_000) = 2000
+    """How long Envoy waits for the sidecar's answer to one message (Envoy's own 200 ms
+    default is too short for big bodies)."""
+    max_request_bytes: Int(1, 2**32 - 1) = 1 << 20
+    """Request bodies are buffered whole; larger ones get 413 (Envoy's
+    per_connection_buffer_limit_bytes is a uint32)."""
+    access_log: AbsPath = "/dev/stdout"
+    """Absolute path of the JSON access log
+    ([observability.md](observability.md#access-log))."""
+    sidecar_address: Annotated[str | None, in_file(target_address)] = None
+    """Where Envoy reaches the sidecar when it is not beside it on `server.grpc_listen`:
+    `host:port` with an IP or a DNS name (e.g. a headless Service: every pod and worker
+    port becomes an endpoint)."""
+
+
+@section
+class StreamingConfig(Section):
+    """Limits and switches for response inspection."""
+
+    empty_ok = True
+
+    max_frame_bytes: Int() = 1 << 20
+    """One SSE frame larger than this ends the stream with an error event."""
+    ensure_usage: Bool = True
+    """Ask OpenAI-style providers for usage on streams; the extra usage chunk is hidden
+    from clients that did not ask."""
+    max_json_response_bytes: Int() = 8 << 20
+    """Non-streaming JSON responses up to this size are read for their usage."""
+    on_block: choice(ON_BLOCK_MODES, "on_block mode") = "drain"
+    """After the gateway ended a stream (guard block, oversized frame, undecodable
+    stream): `drain` clears the provider's later chunks (the client's stream ends cleanly
+    when the provider finishes); `close` stops the provider at its next chunk (Envoy
+    resets the client's stream after the error event)
+    ([errors.md](errors.md#ending-a-stream-the-gateway-blocked-streamingon_block))."""

@@ -1,0 +1,8 @@
+"""Headers the sidecar sets for Envoy (route choice, ratelimit descriptors); a client's
+copies are stripped, and Envoy removes them before the request goes upstream."""
+
+INTERNAL_HEADER_PREFIX = "x-ai-gateway-"
+PROVIDER_HEADER = "x-ai-gateway-provider"
+CONSUMER_HEADER = "x-ai-gateway-consumer"
+MODEL_HEADER = "x-ai-gateway-model"
+INTERNAL_HEADERS = (PROVIDER_HEADER, CONSUMER_HEADER, MODEL_HEADER)
