@@ -14,6 +14,49 @@ MAX_MESSAGE_CHARS = 1024  # of a whole error message
 SIDECAR_DETAILS_PREFIX = "ai_gateway_"
 
 
+class GatewayError(Exception):
+    """The one family of errors the gateway answers for, as h11's `ProtocolError`
+    carries `error_status_hint`: each says the HTTP status it maps to (`status`, a hint
+    once the response has started) and its `errors_total{kind}` label (`kind`), so the
+    exchange reads both instead of guessing with `getattr`."""
+
+    status: int = 500
+    kind: str = "internal"
+    code: str | None = None  # the error body's `code` (OpenAI's), when it has one
+    param: str | None = None  # the request field at fault, when one is
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class RequestError(GatewayError):
+    """A client request the gateway refuses before it reaches the provider."""
+
+    kind = "bad_request"
+
+    def __init__(
+        self, message: str, code: str | None, param: str | None = None, status: int = 400
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.param = param
+        self.status = status
+
+
+class StreamError(GatewayError):
+    """The response stream cannot be decoded any further (bad CRC, broken framing, a
+    frame over the limit: `sse.FrameTooLarge`).
+
+    Raised by `ResponseDecoder.feed`/`finish`: the caller ends the stream with the
+    format's error event (whose code is `kind`, also the metrics label) and clears the
+    rest. `status` is only a hint: the response has started.
+    """
+
+    status = 502
+    kind = "malformed_stream"
+
+
 def shown(value: object, limit: int = SHOWN_CHARS) -> str:
     """A client-supplied value as an error message or log line may quote it: printable
     characters only (no header or log-line injection) and at most `limit` of them, so

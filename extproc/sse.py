@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from extproc.errors import StreamError
+
 _LINE_END = re.compile(rb"[\r\n]")
 _LINE_SPLIT = re.compile(rb"\r\n|\r|\n")
 
@@ -27,8 +29,10 @@ class Frame:
     retry: int | None = None
 
 
-class FrameTooLarge(Exception):
+class FrameTooLarge(StreamError):
     """An unfinished frame outgrew the limit: the stream must be ended, not buffered."""
+
+    kind = "frame_too_large"
 
 
 class SSEFramer:

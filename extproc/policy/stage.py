@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from extproc.config import ProviderConfig, RouteConfig
+from extproc.errors import GatewayError
 from extproc.providers.base import RequestInfo, ResponseDecoder, StreamEvent, WireFormat
 from extproc.usage import Usage
 
 
-class Refusal(Exception):
+class Refusal(GatewayError):
     """Answer the client now, before anything reaches the provider.
 
     Rendered as an OpenAI-style error body (`{"error": {message, type, param, code}}`)
@@ -36,20 +37,33 @@ class Refusal(Exception):
     ) -> None:
         super().__init__(message)
         self.status = status
-        self.message = message
         self.code = code
         self.kind = kind  # errors_total{kind} label and log keyword
         self.param = param
         self.headers = headers or {}
         self.body = body
 
+    @classmethod
+    def of(cls, error: GatewayError) -> Refusal:
+        """Any error of the family as the answer it hints at (status, code, kind)."""
+        if isinstance(error, Refusal):
+            return error
+        return cls(
+            error.status,
+            error.message,
+            error.code,
+            kind=error.kind,
+            param=error.param,
+        )
 
-class StreamBlocked(Exception):
+
+class StreamBlocked(GatewayError):
     """Raised by a stream filter: end the response with the format's error event."""
+
+    status = 400  # a hint only: the response has started, the error event says it
 
     def __init__(self, message: str, code: str, kind: str = "guard_blocked") -> None:
         super().__init__(message)
-        self.message = message
         self.code = code
         self.kind = kind
 

@@ -18,28 +18,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
+# The error family lives in errors; the decoders and formats raise these two.
+from extproc.errors import RequestError, StreamError  # noqa: F401
 from extproc.usage import Usage
-
-
-class StreamError(Exception):
-    """The response stream cannot be decoded any further (bad CRC, broken framing).
-
-    Raised by `ResponseDecoder.feed`/`finish` like `sse.FrameTooLarge`: the caller ends
-    the stream with `error_event` and clears the rest. `kind` is a metrics label.
-    """
-
-    kind = "malformed_stream"
-
-
-class RequestError(Exception):
-    """A client request the gateway refuses before it reaches the provider."""
-
-    def __init__(self, message: str, code: str, param: str | None = None, status: int = 400):
-        super().__init__(message)
-        self.message = message
-        self.code = code
-        self.param = param
-        self.status = status
 
 
 @dataclass(slots=True)
