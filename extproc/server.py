@@ -28,6 +28,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 
 from extproc.config import Config, ConfigError, load_config
+from extproc.envoy_wire import Response
 from extproc.exchange import Exchange
 from extproc.metrics import Metrics
 from extproc.netaddr import worker_addresses
@@ -107,14 +108,10 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):
                 if request is grpc.aio.EOF:
                     break
                 start = clock()
-                kind = request.WhichOneof("request")
-                if kind == "response_body":  # one message per chunk: no second dispatch
-                    body = request.response_body
-                    response = exchange.on_response_body(body.body, body.end_of_stream, start)
-                elif kind == "request_body":  # the one phase that may wait on I/O
-                    response = await exchange.on_request_body(request.request_body.body, start)
-                else:
-                    response = exchange.handle(request, start)
+                kind = request.WhichOneof("request")  # the phase: dispatch and metric label
+                response = exchange.on(kind, request, start)
+                if response.__class__ is not Response:  # the request body's stages may await
+                    response = await response
                 phase_time[kind].observe(clock() - start)
                 await context.write(response)
                 if exchange.after:

@@ -1,0 +1,245 @@
+"""Envoy's ext_proc vocabulary: the only module that reads and builds Envoy protobufs
+(besides the servicer stubs in `server.py`).
+
+The exchange speaks in decisions (continue, replace or clear a body, refuse, set or
+remove headers, attach metadata, reset); this module turns each into the
+`ProcessingResponse` Envoy expects and reads what the exchange needs out of a
+`ProcessingRequest`. Everything here is a plain function over plain Python values, so
+the exchange never touches a message class.
+
+The per-chunk answers that carry nothing (`CONTINUE_BODY`, `CLEAR_BODY`) are built once
+and shared: the hot path allocates nothing for an untouched chunk. Never mutate them;
+`finished` copies before it attaches the final metadata.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping
+
+from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
+from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
+from envoy.service.ext_proc.v3.external_processor_pb2 import (
+    BodyMutation,
+    BodyResponse,
+    CommonResponse,
+    HeaderMutation,
+    HeadersResponse,
+    ImmediateResponse,
+    ProcessingRequest,
+    ProcessingResponse,
+    TrailersResponse,
+)
+from envoy.type.v3.http_status_pb2 import HttpStatus
+from google.protobuf.struct_pb2 import Struct
+
+__all__ = [
+    "CLEAR_BODY",
+    "CONTINUE_BODY",
+    "METADATA_NAMESPACE",
+    "BodyMode",
+    "Request",
+    "Response",
+    "client_address",
+    "continue_request_body",
+    "continue_request_headers",
+    "continue_response_headers",
+    "continue_trailers",
+    "finished",
+    "header_map",
+    "refuse",
+    "replace_body",
+    "replace_request_body",
+    "reset",
+    "route_name",
+    "with_metadata",
+]
+
+Request = ProcessingRequest
+Response = ProcessingResponse
+
+METADATA_NAMESPACE = "ai_gateway"
+_EXT_PROC_ATTRS = "envoy.filters.http.ext_proc"
+
+CONTINUE_BODY = ProcessingResponse(response_body=BodyResponse())
+CLEAR_BODY = ProcessingResponse(
+    response_body=BodyResponse(response=CommonResponse(body_mutation=BodyMutation(clear_body=True)))
+)
+
+
+class BodyMode(enum.Enum):
+    """What Envoy should do with the bodies after a headers answer."""
+
+    AS_CONFIGURED = 0  # no mode override: the filter's processing mode stands
+    SKIP = 1  # send no body messages (saves a message per chunk)
+    BUFFERED = 2  # send the whole body in one message
+
+
+# -- reading a request ------------------------------------------------------------------
+
+
+def header_map(request: ProcessingRequest) -> dict[str, str]:
+    """The headers of a request- or response-headers message, by name."""
+    kind = request.WhichOneof("request")
+    headers = getattr(request, kind).headers.headers
+    return {
+        h.key: h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value for h in headers
+    }
+
+
+def end_of_stream(request: ProcessingRequest) -> bool:
+    """Request headers with `end_of_stream`: no body message will follow."""
+    return request.request_headers.end_of_stream
+
+
+def _attribute(request: ProcessingRequest, name: str) -> str:
+    attrs = request.attributes.get(_EXT_PROC_ATTRS)
+    if attrs is None:
+        attrs = request.request_headers.attributes.get(_EXT_PROC_ATTRS)
+    if attrs is None:
+        return ""
+    value = attrs.fields.get(name)
+    return value.string_value if value is not None else ""
+
+
+def route_name(request: ProcessingRequest) -> str:
+    """The name of the route Envoy matched (`xds.route_name`), "" when not sent."""
+    return _attribute(request, "xds.route_name")
+
+
+def client_address(request: ProcessingRequest, headers: Mapping[str, str]) -> str:
+    """Envoy's view of the peer (`source.address`), else the first X-Forwarded-For hop."""
+    address = _attribute(request, "source.address")
+    if address:
+        host, sep, port = address.rpartition(":")
+        return host.strip("[]") if sep and port.isdigit() else address
+    return headers.get("x-forwarded-for", "").split(",")[0].strip()
+
+
+# -- decisions --------------------------------------------------------------------------
+
+
+def _header(key: str, value: str) -> HeaderValueOption:
+    # Envoy reads only raw_value in mutations.
+    return HeaderValueOption(header=HeaderValue(key=key, raw_value=value.encode()))
+
+
+def _mutation(set_headers: Mapping[str, str], remove: Iterable[str] = ()) -> HeaderMutation:
+    mutation = HeaderMutation(remove_headers=remove)
+    for name, value in set_headers.items():
+        mutation.set_headers.append(_header(name, value))
+    return mutation
+
+
+def continue_request_headers(
+    set_headers: Mapping[str, str] | None,
+    remove: Iterable[str] = (),
+    *,
+    clear_route_cache: bool = False,
+    skip_bodies: bool,
+) -> ProcessingResponse:
+    """Let the request headers go on, changed as given (`None`: no mutation at all);
+    `skip_bodies` when nothing will be inspected (neither body is sent to us)."""
+    mutation = None if set_headers is None else _mutation(set_headers, remove)
+    response = ProcessingResponse(
+        request_headers=HeadersResponse(response=CommonResponse(header_mutation=mutation))
+    )
+    response.request_headers.response.clear_route_cache = clear_route_cache
+    if skip_bodies:
+        response.mode_override.request_body_mode = ProcessingMode.NONE
+        response.mode_override.response_body_mode = ProcessingMode.NONE
+    return response
+
+
+def continue_request_body() -> ProcessingResponse:
+    """The request body goes on untouched."""
+    return ProcessingResponse(request_body=BodyResponse())
+
+
+def replace_request_body(
+    body: bytes | None,
+    set_headers: Mapping[str, str],
+    remove: Iterable[str],
+    *,
+    clear_route_cache: bool,
+) -> ProcessingResponse:
+    """The buffered request body goes on, replaced when `body` is given; the request
+    headers may still change here (the model in the body may pick route and path)."""
+    common = CommonResponse(clear_route_cache=clear_route_cache)
+    if body is not None:
+        common.body_mutation.body = body
+    if set_headers or remove:
+        common.header_mutation.CopyFrom(_mutation(set_headers, remove))
+    return ProcessingResponse(request_body=BodyResponse(response=common))
+
+
+def continue_response_headers(
+    set_headers: Mapping[str, str] | None,
+    remove: Iterable[str] = (),
+    *,
+    body: BodyMode = BodyMode.AS_CONFIGURED,
+) -> ProcessingResponse:
+    """Let the response headers go on to the client, changed as given."""
+    mutation = None if set_headers is None else _mutation(set_headers, remove)
+    response = ProcessingResponse(
+        response_headers=HeadersResponse(response=CommonResponse(header_mutation=mutation))
+    )
+    if body is BodyMode.SKIP:
+        response.mode_override.response_body_mode = ProcessingMode.NONE
+    elif body is BodyMode.BUFFERED:
+        response.mode_override.response_body_mode = ProcessingMode.BUFFERED
+    return response
+
+
+def continue_trailers(*, request: bool) -> ProcessingResponse:
+    """Trailers are not requested in our processing mode; answered anyway."""
+    if request:
+        return ProcessingResponse(request_trailers=TrailersResponse())
+    return ProcessingResponse(response_trailers=TrailersResponse())
+
+
+def replace_body(body: bytes) -> ProcessingResponse:
+    """This response chunk becomes `body` (empty: cleared)."""
+    if not body:
+        return CLEAR_BODY
+    response = ProcessingResponse()  # attribute paths: a quarter of nested constructors
+    response.response_body.response.body_mutation.body = body
+    return response
+
+
+def refuse(
+    status: int, headers: Mapping[str, str], body: bytes, details: str
+) -> ProcessingResponse:
+    """Answer the client now with `status` and a JSON `body`; `details` is Envoy's
+    response-code details (access logs, local-reply matching)."""
+    mutation = HeaderMutation(set_headers=[_header("content-type", "application/json")])
+    for name, value in headers.items():
+        mutation.set_headers.append(_header(name, value))
+    return ProcessingResponse(
+        immediate_response=ImmediateResponse(
+            status=HttpStatus(code=status), headers=mutation, body=body, details=details
+        )
+    )
+
+
+def reset(status: int, details: str) -> ProcessingResponse:
+    """An immediate response after the response started: Envoy resets the stream (and
+    closes the provider's connection)."""
+    return ProcessingResponse(
+        immediate_response=ImmediateResponse(status=HttpStatus(code=status), details=details)
+    )
+
+
+def with_metadata(response: ProcessingResponse, values: dict[str, object]) -> ProcessingResponse:
+    """Attach `values` as dynamic metadata (namespace `ai_gateway`) to a fresh response."""
+    fields = Struct()
+    fields.update(values)
+    response.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value.CopyFrom(fields)
+    return response
+
+
+def finished(response: ProcessingResponse, values: dict[str, object]) -> ProcessingResponse:
+    """A copy of `response` (maybe a shared constant) carrying the final metadata."""
+    final = ProcessingResponse()
+    final.CopyFrom(response)
+    return with_metadata(final, values)

@@ -1,0 +1,180 @@
+"""`Exchange`: the state of one request/response pair and the one dispatch on the kind
+of each ext_proc message (the server calls `on`, tests and benchmarks `handle`)."""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Protocol
+
+from extproc import envoy_wire as wire
+from extproc.envoy_wire import Request, Response
+from extproc.errors import SIDECAR_DETAILS_PREFIX, bounded, error_body, shown
+from extproc.exchange import request as request_phase
+from extproc.exchange import response as response_phase
+from extproc.exchange import settle
+from extproc.metrics import Metrics
+from extproc.policy import Policy, Refusal, RequestContext
+from extproc.usage import Usage
+
+if TYPE_CHECKING:
+    from extproc.providers.base import ResponseDecoder
+
+log = logging.getLogger("extproc.exchange")
+
+
+class Flow(Protocol):
+    """What happens after the request headers: inspected (`request.INSPECTED`) or passed
+    through untouched (`PASS_THROUGH`, the null object). `metered`: usage is counted."""
+
+    metered: bool
+
+    async def request_body(self, ex: Exchange, body: bytes, now: float) -> Response: ...
+
+    def response_headers(self, ex: Exchange, headers: dict[str, str]) -> Response: ...
+
+
+class BodyPhase(Protocol):
+    """Answers one response chunk; swapped as the response goes (pass, stream, JSON,
+    ended). `paced`: a per-token pace (tpot) means something for this answer."""
+
+    paced: bool
+
+    def feed(self, ex: Exchange, chunk: bytes, end: bool, now: float) -> Response: ...
+
+
+class Exchange:
+    """State for one request/response pair, fed by one ext_proc `Process` stream."""
+
+    def __init__(self, policy: Policy, metrics: Metrics, now: float) -> None:
+        self.policy = policy
+        self.metrics = metrics
+        self.started = now
+        self.ctx: RequestContext | None = None
+        self.route_name = "unknown"
+        self.model = ""
+        self.status = 0
+        self.usage = Usage()
+        self.finish_reason: str | None = None
+        self.error_kind = ""
+        self.after: list[Awaitable[None]] = []  # I/O the server runs after answering
+        self.flow: Flow = request_phase.PASS_THROUGH  # until an inspected API is routed
+        self.body: BodyPhase = response_phase.PASS_BODY
+        self.hide_usage = False
+        self.decoder: ResponseDecoder | None = None
+        self.inflate: zlib._Decompress | None = None
+        self.json: bytearray | None = None  # a whole JSON answer, kept (bounded) to meter
+        self.first_frame_at = 0.0
+        self.closed = False
+        self.upstream_closed = False
+        self.answered = False  # response headers came (the provider's, or Envoy's)
+        metrics.active.inc()
+
+    @property
+    def consumer(self) -> str:
+        return self.ctx.consumer if self.ctx else ""
+
+    # -- dispatch -------------------------------------------------------------------
+
+    def handle(self, request: Request, now: float) -> Response:
+        """Every phase but the request body, which may wait on I/O (`on_request_body`)."""
+        return self.on(request.WhichOneof("request"), request, now)  # type: ignore[return-value]
+
+    def on(self, kind: str, request: Request, now: float) -> Response | Awaitable[Response]:
+        """The one dispatch on the message kind. Only the request body's answer is an
+        awaitable (its stages may wait on I/O); every other one is a `Response`."""
+        return _PHASES.get(kind, _response_trailers)(self, request, now)
+
+    async def on_request_body(self, body: bytes, now: float) -> Response:
+        return await self.flow.request_body(self, body, now)
+
+    # -- answers shared by the phases ---------------------------------------------------
+
+    def identity(self) -> dict[str, object]:
+        ctx = self.ctx
+        if ctx is None:
+            return {}
+        return {"consumer": ctx.consumer, **ctx.metadata}
+
+    def refuse(self, refusal: Refusal) -> Response:
+        """Answer the client now, in its own API's error shape."""
+        self.status = refusal.status
+        if refusal.status >= 400:
+            self.error_kind = refusal.kind
+            self.metrics.errors.labels(refusal.kind).inc()
+            log.warning(
+                "refused route=%s path=%s consumer=%s status=%d code=%s: %s",
+                self.route_name,
+                shown(self.ctx.path, 256) if self.ctx else "",  # query credentials stripped
+                shown(self.consumer or "-"),
+                refusal.status,
+                refusal.code,
+                bounded(refusal.message),
+            )
+        headers = dict(refusal.headers)
+        if self.ctx is not None:
+            headers = {**self.ctx.response_headers, **headers}
+        body = refusal.body
+        if body is None:  # in the caller's own API shape, so its SDK raises its usual error
+            render = self.ctx.format.error_body if self.ctx is not None else error_body
+            body = render(refusal.status, bounded(refusal.message), refusal.code, refusal.param)
+        details = f"{SIDECAR_DETAILS_PREFIX}{refusal.code or refusal.status}"
+        # The access log names who was refused and why.
+        return wire.with_metadata(
+            wire.refuse(refusal.status, headers, body, details),
+            {
+                "route": self.route_name,
+                "model": shown(self.model),
+                "refused": refusal.code or refusal.kind,
+                **self.identity(),
+            },
+        )
+
+    def finish(self, response: Response, now: float) -> Response:
+        """Last response chunk: settle usage and hand the figures to Envoy."""
+        settle.settle(self, now, complete=True)
+        return wire.finished(response, settle.final_metadata(self))
+
+    def close(self, now: float) -> None:
+        """The ext_proc stream is over (normally, or the client/provider went away)."""
+        if not self.closed:
+            settle.settle(self, now, complete=False)
+
+
+# -- the dispatch table -----------------------------------------------------------------
+
+
+def _request_headers(ex: Exchange, request: Request, now: float) -> Response:
+    return request_phase.request_headers(ex, request)
+
+
+def _request_body(ex: Exchange, request: Request, now: float) -> Awaitable[Response]:
+    return ex.flow.request_body(ex, request.request_body.body, now)
+
+
+def _response_headers(ex: Exchange, request: Request, now: float) -> Response:
+    return response_phase.response_headers(ex, request)
+
+
+def _response_body(ex: Exchange, request: Request, now: float) -> Response:
+    body = request.response_body  # the hot path: one message per chunk
+    return ex.body.feed(ex, body.body, body.end_of_stream, now)
+
+
+def _request_trailers(ex: Exchange, request: Request, now: float) -> Response:
+    return wire.continue_trailers(request=True)
+
+
+def _response_trailers(ex: Exchange, request: Request, now: float) -> Response:
+    return wire.continue_trailers(request=False)
+
+
+_PHASES: dict[str, Callable[[Exchange, Request, float], Response | Awaitable[Response]]] = {
+    "request_headers": _request_headers,
+    "request_body": _request_body,
+    "response_headers": _response_headers,
+    "response_body": _response_body,
+    "request_trailers": _request_trailers,
+    "response_trailers": _response_trailers,
+}

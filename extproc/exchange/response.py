@@ -1,0 +1,289 @@
+"""The response phases: the headers choose how the body is read (`BodyPhase`: passed,
+streamed and framed, kept as JSON, ended), then each chunk gets exactly one answer.
+
+`ex.body` is swapped as the response goes, so the hot path is one call to the current
+phase's `feed`, and a chunk of whole, untouched frames costs no allocation
+(`CONTINUE_BODY` is shared)."""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from typing import TYPE_CHECKING
+
+from extproc import envoy_wire as wire
+from extproc.envoy_wire import CLEAR_BODY, CONTINUE_BODY, BodyMode, Request, Response
+from extproc.errors import StreamError, shown
+from extproc.exchange import settle
+from extproc.policy import Refusal, StreamBlocked, StreamFilter
+from extproc.providers import decoder_label, response_decoder
+from extproc.providers.base import ResponseDecoder, StreamEvent
+
+if TYPE_CHECKING:
+    from extproc.exchange.core import BodyPhase, Exchange
+
+log = logging.getLogger("extproc.exchange")
+
+
+def response_headers(ex: Exchange, request: Request) -> Response:
+    """The provider's (or Envoy's own) status and headers; the stages add theirs."""
+    headers = wire.header_map(request)
+    try:
+        ex.status = int(headers.get(":status", "0"))
+    except ValueError:
+        ex.status = 0
+    ctx = ex.ctx
+    if ctx is None:  # e.g. Envoy's own 413 before any request phase reached us
+        return wire.continue_response_headers(None, body=BodyMode.SKIP)
+    ctx.status = ex.status
+    ex.answered = True
+    for stage in ex.policy.stages:
+        stage.on_response_headers(ctx)
+    return ex.flow.response_headers(ex, headers)
+
+
+def inspect_response(ex: Exchange, headers: dict[str, str]) -> Response:
+    """An inspected API answered: choose the body phase (decoder, filters, inflation)."""
+    ctx = ex.ctx
+    assert ctx is not None
+    set_headers = ctx.response_headers
+    remove: list[str] = []
+    if ex.status == 0:
+        return wire.continue_response_headers(set_headers, body=BodyMode.SKIP)
+    if ex.status >= 400:
+        ex.error_kind = "upstream_error"
+        ex.metrics.errors.labels("upstream_error").inc()
+        log.warning(
+            "provider answered %d route=%s model=%s", ex.status, ex.route_name, shown(ex.model)
+        )
+        return wire.continue_response_headers(set_headers, body=BodyMode.SKIP)
+    encoding = headers.get("content-encoding", "identity").strip().lower()
+    if encoding in ("gzip", "x-gzip", "deflate"):
+        # The provider ignored accept-encoding: decode incrementally (linear) and
+        # send identity on, so the client and our inspection see the same bytes.
+        ex.inflate = zlib.decompressobj(47)  # 32 + 15: gzip or zlib header
+        remove.extend(("content-encoding", "content-length"))
+    elif encoding != "identity":
+        log.warning("cannot inspect content-encoding %r; passing through", shown(encoding))
+        ex.error_kind = "decode_error"
+        ex.metrics.errors.labels("decode_error").inc()
+        return wire.continue_response_headers(set_headers, body=BodyMode.SKIP)
+    content_type = headers.get("content-type", "")
+    decoder = ex.decoder = response_decoder(
+        ctx.format,
+        content_type,
+        stream=ctx.info.stream if ctx.info else False,
+        hide_usage=ex.hide_usage,
+        max_frame_bytes=ex.policy.config.streaming.max_frame_bytes,
+    )
+    if decoder is not None or "json" in content_type:
+        ex.metrics.decoders.labels(decoder_label(ctx.format, decoder)).inc()
+    inflated = ex.inflate is not None
+    mode = BodyMode.AS_CONFIGURED
+    body: BodyPhase = INFLATED_PASS if inflated else PASS_BODY
+    if decoder is not None:
+        ctx.decoder = decoder  # filters read and rewrite its events
+        filters = [f for stage in ex.policy.stages if (f := stage.stream_filter(ctx)) is not None]
+        body = StreamBody(decoder, filters, inflated)
+        if "content-length" in headers and (ex.hide_usage or filters):
+            remove.append("content-length")
+    elif "json" in content_type:
+        ex.json = bytearray()
+        body = JsonBody(inflated)
+        if ctx.buffer_response:
+            # A stage must see the whole answer before the client gets any of it.
+            mode = BodyMode.BUFFERED
+    ex.body = Inflating(body) if inflated else body
+    return wire.continue_response_headers(set_headers, remove, body=mode)
+
+
+# -- body phases ------------------------------------------------------------------------
+
+
+class PassBody:
+    """The null object: chunks go on as they came (identity: untouched, or inflated)."""
+
+    paced = True
+
+    def __init__(self, inflated: bool) -> None:
+        self.inflated = inflated
+
+    def feed(self, ex: Exchange, chunk: bytes, end: bool, now: float) -> Response:
+        response = wire.replace_body(chunk) if self.inflated else CONTINUE_BODY
+        return ex.finish(response, now) if end else response
+
+
+PASS_BODY = PassBody(inflated=False)
+INFLATED_PASS = PassBody(inflated=True)
+
+
+class Inflating:
+    """The provider ignored accept-encoding: inflate, then let the inner phase read."""
+
+    __slots__ = ("inner", "paced")
+
+    def __init__(self, inner: BodyPhase) -> None:
+        self.inner = inner
+        self.paced = inner.paced
+
+    def feed(self, ex: Exchange, chunk: bytes, end: bool, now: float) -> Response:
+        inflate = ex.inflate
+        assert inflate is not None
+        try:
+            chunk = inflate.decompress(chunk) + (inflate.flush() if end else b"")
+        except zlib.error as exc:
+            return end_stream(
+                ex, f"could not decode the provider's gzip stream: {exc}", "decode_error", now, end
+            )
+        return self.inner.feed(ex, chunk, end, now)
+
+
+class Ended:
+    """The gateway ended the stream: clear what still comes, or close the provider's
+    stream (`streaming.on_block: close`)."""
+
+    paced = True
+
+    def feed(self, ex: Exchange, chunk: bytes, end: bool, now: float) -> Response:
+        if end:
+            return ex.finish(CLEAR_BODY, now)
+        if ex.policy.config.streaming.on_block == "close":
+            return close_upstream(ex, now)
+        return CLEAR_BODY
+
+
+ENDED = Ended()
+
+
+class JsonBody:
+    """A whole JSON answer: kept (bounded) to meter, or buffered for a stage to see."""
+
+    paced = False
+
+    def __init__(self, inflated: bool) -> None:
+        self.inflated = inflated
+
+    def feed(self, ex: Exchange, chunk: bytes, end: bool, now: float) -> Response:
+        limit = ex.policy.config.streaming.max_json_response_bytes
+        kept = ex.json
+        if kept is not None:
+            if len(kept) + len(chunk) <= limit:
+                kept += chunk
+            else:
+                kept = ex.json = None  # too big to keep; usage will be estimated
+        if not ex.first_frame_at and chunk:
+            ex.first_frame_at = now
+        ctx = ex.ctx
+        if end and ctx is not None and ctx.buffer_response and kept is not None:
+            body = bytes(kept)
+            try:
+                for stage in ex.policy.stages:
+                    body = stage.on_completion(ctx, body) or body
+            except Refusal as refusal:
+                settle.settle(ex, now, complete=True)
+                return ex.refuse(refusal)
+            if body != kept:
+                ex.json = bytearray(body)
+                return ex.finish(wire.replace_body(body), now)
+        response = wire.replace_body(chunk) if self.inflated else CONTINUE_BODY
+        return ex.finish(response, now) if end else response
+
+
+class StreamBody:
+    """An event stream: framed and decoded, filtered when a stage asked, forwarded as
+    whole frames (an unfinished one waits for its end)."""
+
+    __slots__ = ("decoder", "filters", "held", "inflated")
+    paced = True
+
+    def __init__(self, decoder: ResponseDecoder, filters: list[StreamFilter], inflated: bool):
+        self.decoder = decoder
+        self.filters = filters
+        self.inflated = inflated
+        self.held = False
+
+    def feed(self, ex: Exchange, chunk: bytes, end: bool, now: float) -> Response:
+        decoder = self.decoder
+        inflated = self.inflated
+        if not self.filters and not inflated:
+            whole = decoder.feed_whole(chunk)
+            if whole is not None:  # whole frames, nothing to read: no events needed
+                if not ex.first_frame_at:
+                    ex.first_frame_at = now
+                response = CONTINUE_BODY if whole is chunk else wire.replace_body(whole)
+                return ex.finish(response, now) if end else response
+        try:
+            events = decoder.feed(chunk)
+            if end:
+                events += decoder.finish()
+        except StreamError as exc:  # FrameTooLarge included
+            return end_stream(ex, str(exc), exc.kind, now, end)
+        if events and not ex.first_frame_at:
+            ex.first_frame_at = now
+        held = decoder.buffered > 0
+        changed = inflated or held or self.held
+        self.held = held
+        if self.filters:
+            passed = events
+            try:
+                for stream_filter in self.filters:
+                    passed = stream_filter.process(passed, end)
+            except StreamBlocked as blocked:
+                first = events[0] if events else None
+                return end_stream(
+                    ex, blocked.message, blocked.code, now, end, blocked.kind, before=first
+                )
+            if passed is not events:
+                changed = True
+                events = passed
+        out = []
+        for event in events:
+            if event.out is not event.raw:
+                changed = True
+            out.append(event.out)
+        response = wire.replace_body(b"".join(out)) if changed else CONTINUE_BODY
+        return ex.finish(response, now) if end else response
+
+
+def end_stream(
+    ex: Exchange,
+    message: str,
+    code: str,
+    now: float,
+    end: bool,
+    kind: str | None = None,
+    before: StreamEvent | None = None,
+) -> Response:
+    """Too late for a status: end the stream with the format's error event
+    (`before`: the first event it replaces, which some framings need to know)."""
+    kind = kind or code
+    log.warning("ending stream route=%s model=%s: %s", ex.route_name, shown(ex.model), message)
+    ex.error_kind = kind
+    ex.metrics.errors.labels(kind).inc()
+    ex.body = ENDED
+    # A JSON answer that already started can get nothing well-formed after it.
+    tail = ex.decoder.error_event(message, code, before=before) if ex.decoder else b""
+    response = wire.replace_body(tail)
+    return ex.finish(response, now) if end else response
+
+
+def close_upstream(ex: Exchange, now: float) -> Response:
+    """`streaming.on_block: close`: the error event went out with an earlier chunk,
+    and this one shows the provider is still generating (and billing). Once the
+    response has started, Envoy answers an ImmediateResponse by resetting the stream:
+    the provider's connection is closed, and the client, which already has the whole
+    error event (and `[DONE]`), sees its HTTP stream end without a clean end (HTTP/1:
+    the connection closes before the last chunk; HTTP/2: RST_STREAM). Waiting for
+    this chunk rather than sending it with the error event gives the error event a
+    chunk's time to leave Envoy before the reset."""
+    kind = ex.error_kind or "stream_ended"
+    ex.metrics.upstream_closed.labels(kind).inc()
+    log.info(
+        "closing provider stream route=%s model=%s after %s (streaming.on_block: close)",
+        ex.route_name,
+        shown(ex.model or "unknown"),
+        kind,
+    )
+    ex.upstream_closed = True
+    reset = wire.reset(ex.status or 200, "ai_gateway_upstream_closed")
+    return ex.finish(reset, now)

@@ -1,0 +1,116 @@
+"""The end of an exchange: usage metered (reported, else estimated), the metrics and the
+log line, the stages' settlement (their I/O goes to `ex.after`), and the figures the
+last answer hands Envoy as dynamic metadata (access log, ratelimit `hits_addend`)."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from extproc.errors import shown
+from extproc.usage import estimate_prompt_tokens
+
+if TYPE_CHECKING:
+    from extproc.exchange.core import Exchange
+
+log = logging.getLogger("extproc.exchange")
+
+
+def final_metadata(ex: Exchange) -> dict[str, object]:
+    usage = ex.usage
+    return {
+        "route": ex.route_name,
+        "model": ex.model,
+        **ex.identity(),
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+        "cached_tokens": usage.cached_tokens,
+        "reasoning_tokens": usage.reasoning_tokens,
+        "usage_estimated": usage.estimated,
+        "finish_reason": ex.finish_reason or "",
+        **({"upstream_closed": True} if ex.upstream_closed else {}),
+    }
+
+
+def settle(ex: Exchange, now: float, complete: bool) -> None:
+    """Once per exchange (`complete` false: the stream was cut short)."""
+    if ex.closed:
+        return
+    ex.closed = True
+    m = ex.metrics
+    m.active.dec()
+    named = ex.model or "unknown"
+    metered = ex.flow.metered and ex.model and 0 < ex.status < 400
+    labels = ex.policy.labels
+    # As a label: known to the policy, or a name that a provider without a catalog
+    # took (it answered, and not "no such model": 400/404), learned up to a bound;
+    # else "other".
+    took = ex.answered and ex.status not in (400, 404) and ex.ctx is not None
+    model = labels.model(named, learn=took and ex.ctx.provider.name in labels.open_providers)
+    if metered:
+        if not complete and not ex.error_kind:
+            ex.error_kind = "stream_aborted"
+            m.errors.labels("stream_aborted").inc()
+            log.warning(
+                "stream ended early route=%s model=%s (client hung up or provider cut it)",
+                ex.route_name,
+                shown(named),
+            )
+        _meter(ex, now, model)
+    if ex.ctx is not None:
+        for stage in ex.policy.stages:
+            pending = stage.on_complete(ex.ctx, ex.usage, complete)
+            if pending is not None:
+                ex.after.append(pending)
+    status = str(ex.status) if ex.status else "none"
+    m.requests.labels(ex.route_name, model, status).inc()
+    log.info(
+        "exchange route=%s consumer=%s model=%s status=%s prompt=%d completion=%d "
+        "estimated=%s duration_ms=%.1f%s",
+        ex.route_name,
+        shown(ex.consumer or "-"),
+        shown(named),
+        status,
+        ex.usage.prompt_tokens,
+        ex.usage.completion_tokens,
+        ex.usage.estimated,
+        (now - ex.started) * 1000,
+        f" error={ex.error_kind}" if ex.error_kind else "",
+    )
+
+
+def _meter(ex: Exchange, now: float, model: str) -> None:
+    m = ex.metrics
+    ctx = ex.ctx
+    assert ctx is not None
+    decoder = ex.decoder
+    if decoder is not None:
+        ex.usage = decoder.usage
+        ex.finish_reason = decoder.finish_reason
+        content_events = decoder.content_events
+    else:
+        content_events = 0
+        if ex.json:
+            body = bytes(ex.json)
+            ex.usage = ctx.format.completion_usage(body) or ex.usage
+            ex.finish_reason = ctx.format.completion_finish_reason(body)
+    usage = ex.usage
+    if not usage.reported:
+        texts = ctx.info.prompt_texts if ctx.info else []
+        usage.set_estimated(estimate_prompt_tokens(texts), content_events)
+        m.usage_estimated.labels(model).inc()
+    consumer = ex.policy.labels.consumer(ex.consumer or "anonymous")
+    m.tokens.labels(model, consumer, "prompt").inc(usage.prompt_tokens)
+    m.tokens.labels(model, consumer, "completion").inc(usage.completion_tokens)
+    if usage.cached_tokens:
+        m.tokens.labels(model, consumer, "cached").inc(usage.cached_tokens)
+    if usage.reasoning_tokens:
+        m.tokens.labels(model, consumer, "reasoning").inc(usage.reasoning_tokens)
+    m.stream_duration.labels(ex.route_name, model).observe(now - ex.started)
+    if ex.first_frame_at:
+        m.ttft.labels(ex.route_name, model).observe(ex.first_frame_at - ex.started)
+        if usage.completion_tokens > 1 and ex.body.paced:
+            m.tpot.labels(ex.route_name, model).observe(
+                (now - ex.first_frame_at) / (usage.completion_tokens - 1)
+            )
