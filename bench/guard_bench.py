@@ -140,8 +140,7 @@ def in_process(rules: list[dict] | None, shape: str, n: int, streams: int) -> di
         doc["guards"] = {"rules": rules}
     config = parse_config(doc, "bench")
     metrics = Metrics()
-    shared = Shared()
-    shared.get("metrics", lambda: metrics)
+    shared = Shared(metrics)
     policy = build_policy(config, shared, {})
     body = frames(n, planted=shape == "planted")
     chunks = [b"".join(body)] if shape == "coalesced" else body

@@ -180,8 +180,8 @@ class Worker:
         self._snapshot_data = snapshot_data
         self.listen = worker_addresses(config.server.grpc_listen, count)[index]
         self.metrics = Metrics()
-        self.shared = Shared()  # outlives reloads: counters, caches, connections
-        self.shared.get("metrics", lambda: self.metrics)  # stages count into this worker's
+        # Outlives reloads: counters, caches, connections; stages count into our metrics.
+        self.shared = Shared(self.metrics)
         self.processor = ExternalProcessor(
             build_policy(config, self.shared), self.metrics, worker=index
         )

@@ -34,8 +34,7 @@ class Clock:
 
 def guarded(*rules: GuardConfig, step: float = 0.0, **budget) -> Run:
     run = Run()
-    shared = Shared()
-    shared.get("metrics", lambda: run.metrics)
+    shared = Shared(run.metrics)
     config = replace(CONFIG, guards=GuardsConfig(rules=rules, **budget))
     stage = guards_module.build(config, shared, {})
     assert stage is not None

@@ -33,8 +33,7 @@ class Consumer(Stage):
 
 def guarded(*rules: GuardConfig) -> Run:
     run = Run()
-    shared = Shared()
-    shared.get("metrics", lambda: run.metrics)
+    shared = Shared(run.metrics)
     config = replace(CONFIG, guards=GuardsConfig(rules=rules))
     stage = guards_module.build(config, shared, {})
     assert stage is not None

@@ -92,8 +92,7 @@ async def grpc_checker():
 class Harness:
     def __init__(self, *rules: GuardConfig, environ: dict[str, str] | None = None) -> None:
         self.metrics = Metrics()
-        self.shared = Shared()
-        self.shared.get("metrics", lambda: self.metrics)
+        self.shared = Shared(self.metrics)
         config = replace(CONFIG, guards=GuardsConfig(rules=rules))
         self.stage = guards_module.build(config, self.shared, environ or {})
         self.config = config
@@ -116,7 +115,7 @@ class Harness:
         return ctx
 
     async def close(self) -> None:
-        session = self.shared._items.get("guards.http")
+        session = self.shared.guards_http
         if session is not None:
             await session.close()
 

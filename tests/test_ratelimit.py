@@ -810,7 +810,7 @@ async def test_unreachable_redis_fails_open_or_closed_as_configured(mode):
         document(redis_limits(url, mode, [{"name": "l", "requests": 5, "window": "1m"}]))
     )
     shared = Shared()
-    metrics = shared.get("metrics", Metrics)
+    metrics = shared.metrics
     stage = build(config, shared, {})
     assert stage is not None
     ctx = context(config)

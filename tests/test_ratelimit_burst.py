@@ -47,7 +47,7 @@ def burst_stage(url: str, **redis: object):
     config = parse_config(document(section))
     stage = build(config, shared, {})
     assert stage is not None
-    return stage, config, shared.get("metrics", Metrics)
+    return stage, config, shared.metrics
 
 
 async def run_burst(stage, config, n: int) -> list[object]:

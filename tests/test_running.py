@@ -357,7 +357,7 @@ async def test_readiness_checks_drive_grpc_health(tmp_path: Path) -> None:
         async def readiness_check(self) -> str | None:
             return None if self.reachable else "redis unreachable"
 
-    store = worker.shared.get("store", Store)
+    store = worker.shared.ratelimit_redis = Store()  # type: ignore[assignment]
     started = asyncio.Event()
     task = asyncio.create_task(worker.run(started))
     await started.wait()

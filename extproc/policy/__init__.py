@@ -13,10 +13,11 @@ import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from extproc.config import Config
 from extproc.labels import MetricLabels
+from extproc.metrics import Metrics
 from extproc.policy.stage import Refusal, RequestContext, Stage, StreamBlocked, StreamFilter
 
 __all__ = [
@@ -31,28 +32,44 @@ __all__ = [
     "stage_builders",
 ]
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    import aiohttp
+
+    from extproc._gen.guard_pb2_grpc import GuardServiceStub
+    from extproc.policy.jwks import JwksCache
+    from extproc.policy.ratelimit import RateLimitRedis
+    from extproc.policy.ratelimit.local import LocalStore
+
 log = logging.getLogger("extproc.policy")
 
 
 class Shared:
-    """Process-wide objects that survive policy reloads, made on first use."""
+    """Process-wide objects that survive policy reloads, one typed field per kind.
 
-    def __init__(self) -> None:
-        self._items: dict[str, Any] = {}
+    A stage reads the field it needs and fills it on first use. There are no string
+    keys: a missing or misspelt one used to make a second object silently (a second
+    `Metrics` nobody scrapes). The worker passes its own `Metrics`, so every stage
+    counts into the registry it serves; made alone (tests, benchmarks), it has its own.
+    """
 
-    def get(self, key: str, factory: Callable[[], T]) -> T:
-        if key not in self._items:
-            self._items[key] = factory()
-        return self._items[key]
+    def __init__(self, metrics: Metrics | None = None) -> None:
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.ratelimit_local: LocalStore | None = None  # rate_limits.store: local
+        self.ratelimit_redis: RateLimitRedis | None = None  # the Redis store's slot
+        self.guards_http: aiohttp.ClientSession | None = None  # HTTP guard webhooks
+        self.guards_grpc: dict[tuple[bool, str], GuardServiceStub] = {}  # by (TLS, target)
+        self.jwks: dict[tuple[str | None, str | None, str | None], JwksCache] = {}  # by source
 
     def values(self) -> list[Any]:
-        return list(self._items.values())
+        """Everything held (the readiness probe looks for `readiness_check` on each)."""
+        single = (self.metrics, self.ratelimit_local, self.ratelimit_redis, self.guards_http)
+        held = [item for item in single if item is not None]
+        return [*held, *self.guards_grpc.values(), *self.jwks.values()]
 
     async def aclose(self) -> None:
         """At shutdown: close what holds connections (HTTP sessions, gRPC channels,
         Redis pools), each whichever way it offers."""
-        for item in self._items.values():
+        for item in self.values():
             for name in ("aclose", "close"):
                 close = getattr(item, name, None)
                 if close is None:

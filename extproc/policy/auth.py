@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jwt
 
@@ -33,6 +33,9 @@ from extproc.headers import CONSUMER_HEADER, INTERNAL_HEADER_PREFIX
 from extproc.policy import credentials
 from extproc.policy.jwks import JwksCache
 from extproc.policy.stage import Refusal, RequestContext, Stage
+
+if TYPE_CHECKING:
+    from extproc.policy import Shared
 
 log = logging.getLogger("extproc.policy.auth")
 
@@ -442,7 +445,7 @@ class AuthStage(Stage):
         return Refusal(failure.status, failure.message, failure.code, kind=kind, headers=headers)
 
 
-def build(config: Config, shared: Any, environ: Mapping[str, str]) -> AuthStage:
+def build(config: Config, shared: Shared, environ: Mapping[str, str]) -> AuthStage:
     """Always a stage: even with no consumers it strips spoofed internal headers and
     client credentials, and sets the provider's key."""
     keys = build_keystore(config.consumers, environ)
@@ -456,25 +459,21 @@ def build(config: Config, shared: Any, environ: Mapping[str, str]) -> AuthStage:
     return AuthStage(config, keys, verifier, credentials.provider_keys(config, environ))
 
 
-def shared_jwks(shared: Any, config: JwtConfig) -> JwksCache:
+def shared_jwks(shared: Shared, config: JwtConfig) -> JwksCache:
     """One cache per key set and process, kept across reloads; loaded once at start-up
     (blocking, before requests), then refreshed in the background."""
-    from extproc.metrics import Metrics
-
-    ident = ("jwks", config.jwks_url, config.jwks_file, config.jwks_ca_file)
-
-    def make() -> JwksCache:
+    source = (config.jwks_url, config.jwks_file, config.jwks_ca_file)
+    cache = shared.jwks.get(source)
+    if cache is None:
         cache = JwksCache(
             url=config.jwks_url,
             path=config.jwks_file,
             ca_file=config.jwks_ca_file,
             refresh_seconds=config.jwks_refresh_seconds,
-            metrics=shared.get("metrics", Metrics),
+            metrics=shared.metrics,
         )
-        cache.load_now()
-        return cache
-
-    cache = shared.get(repr(ident), make)
+        cache.load_now()  # kept only once loaded: a failed start-up load is retried
+        shared.jwks[source] = cache
     cache.refresh_seconds = config.jwks_refresh_seconds
     cache.start()
     return cache

@@ -40,8 +40,7 @@ YIELD_SECONDS = 0.01  # a long request scan lets other streams run this often
 def build(config: Config, shared: Shared, environ: Mapping[str, str]) -> Stage | None:
     if not config.guards.rules:
         return None
-    metrics = shared.get("metrics", Metrics)
-    return GuardStage(GuardSet(config.guards), metrics, shared, environ)
+    return GuardStage(GuardSet(config.guards), shared.metrics, shared, environ)
 
 
 class GuardStage(Stage):

@@ -98,7 +98,9 @@ class Webhook:
             raise WebhookError(self._late(), "timeout") from None
 
     async def _check_http(self, payload: dict[str, Any]) -> Verdict:
-        session = self._shared.get("guards.http", _new_session)
+        session = self._shared.guards_http
+        if session is None:
+            session = self._shared.guards_http = _new_session()
         headers = {"content-type": "application/json"}
         if self._key:
             headers["authorization"] = f"Bearer {self._key}"
@@ -118,7 +120,9 @@ class Webhook:
         return verdict_from(answer, len(payload["texts"]))
 
     async def _check_grpc(self, payload: dict[str, Any]) -> Verdict:
-        stub = self._shared.get(f"guards.grpc.{self._tls}.{self._target}", self._new_stub)
+        stub = self._shared.guards_grpc.get((self._tls, self._target))
+        if stub is None:
+            stub = self._shared.guards_grpc[(self._tls, self._target)] = self._new_stub()
         metadata = (("authorization", f"Bearer {self._key}"),) if self._key else None
         try:
             answer = await stub.Check(

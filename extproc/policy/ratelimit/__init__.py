@@ -32,14 +32,15 @@ def build(config: Config, shared: Shared, environ: Mapping[str, str]) -> RateLim
     section = config.rate_limits
     if section is None or not section.limits:
         return None
-    # The server puts its Metrics in Shared; alone (tests), make one.
-    metrics = shared.get("metrics", Metrics)
+    metrics = shared.metrics
     store: Store
     if section.store == "redis":
         assert section.redis is not None
         store = _redis_store(section.redis, shared, environ, metrics)
     else:
-        store = shared.get("ratelimit.store.local", LocalStore)
+        if shared.ratelimit_local is None:
+            shared.ratelimit_local = LocalStore()
+        store = shared.ratelimit_local
     return RateLimitStage(section, store, metrics)
 
 
@@ -92,7 +93,9 @@ def _redis_store(
         f"|{redis.timeout_ms}|{redis.retry_interval_ms}|{redis.max_connections}"
         f"|{redis.max_pending}"
     )
-    slot = shared.get("ratelimit.redis", RateLimitRedis)
+    if shared.ratelimit_redis is None:
+        shared.ratelimit_redis = RateLimitRedis()
+    slot = shared.ratelimit_redis
     if slot.store is None or slot.identity != identity:
         # Streams still running under the old policy keep (and settle through) the old
         # store; it is closed when they and it are gone.
