@@ -84,6 +84,9 @@ class Exchange:
     def on(self, kind: str, request: Request, now: float) -> Response | Awaitable[Response]:
         """The one dispatch on the message kind. Only the request body's answer is an
         awaitable (its stages may wait on I/O); every other one is a `Response`."""
+        if kind == "response_body":  # the hot path (one message per chunk): no table
+            body = request.response_body
+            return self.body.feed(self, body.body, body.end_of_stream, now)
         return _PHASES.get(kind, _response_trailers)(self, request, now)
 
     async def on_request_body(self, body: bytes, now: float) -> Response:
@@ -157,11 +160,6 @@ def _response_headers(ex: Exchange, request: Request, now: float) -> Response:
     return response_phase.response_headers(ex, request)
 
 
-def _response_body(ex: Exchange, request: Request, now: float) -> Response:
-    body = request.response_body  # the hot path: one message per chunk
-    return ex.body.feed(ex, body.body, body.end_of_stream, now)
-
-
 def _request_trailers(ex: Exchange, request: Request, now: float) -> Response:
     return wire.continue_trailers(request=True)
 
@@ -174,7 +172,6 @@ _PHASES: dict[str, Callable[[Exchange, Request, float], Response | Awaitable[Res
     "request_headers": _request_headers,
     "request_body": _request_body,
     "response_headers": _response_headers,
-    "response_body": _response_body,
     "request_trailers": _request_trailers,
     "response_trailers": _response_trailers,
 }
