@@ -46,6 +46,12 @@ def test_only_envoy_wire_builds_envoy_protobufs():
     assert importers["server.py"] == ["envoy.service.ext_proc.v3"]
 
 
+def test_metadata_goes_to_the_namespace_the_bootstrap_lets_through():
+    from extproc.bootstrap import METADATA_NAMESPACE
+
+    assert envoy_wire.METADATA_NAMESPACE == METADATA_NAMESPACE
+
+
 def test_no_exchange_module_outgrows_the_budget():
     for path in [EXTPROC / "envoy_wire.py", *(EXTPROC / "exchange").glob("*.py")]:
         assert len(path.read_text().splitlines()) <= 500, path.name
