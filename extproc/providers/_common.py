@@ -1,14 +1,12 @@
 """Pieces every wire format needs: strict JSON body parsing with the gateway's error
-codes, text slots (where a text lives in a parsed body, to read it and write it back
-in place), an SSE decoder skeleton, SSE frame re-encoding, credential headers, and
-`JSONWireFormat`, the `WireFormat` methods that differ between formats only by where
-things live (a hook or class attribute each)."""
+codes (in `_json`, re-exported here), text slots (where a text lives in a parsed body,
+to read it and write it back in place), an SSE decoder skeleton, SSE frame
+re-encoding, credential headers, and `JSONWireFormat`, the `WireFormat` methods that
+differ between formats only by where things live (a hook or class attribute each)."""
 
 from __future__ import annotations
 
-import json
 import re
-import unicodedata
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, ClassVar
 from urllib.parse import parse_qs, urlsplit
@@ -16,124 +14,21 @@ from urllib.parse import parse_qs, urlsplit
 import orjson
 
 from extproc.errors import error_body as openai_error_body
-from extproc.providers.base import RequestError, RequestInfo, StreamEvent, TextDelta
+
+# The JSON helpers live in `_json`; the formats import them from here with the rest.
+from extproc.providers._json import (  # noqa: F401
+    loads,
+    optional_bool,
+    optional_int,
+    parse_json_object,
+    reject_duplicate_keys,
+    request_model,
+    require_string,
+    uint,
+)
+from extproc.providers.base import RequestInfo, StreamEvent, TextDelta
 from extproc.sse import Frame, SSEFramer
 from extproc.usage import Usage
-
-# --------------------------------------------------------------------------- JSON
-
-
-def loads(data: bytes | str | None) -> Any:
-    """Parsed JSON, or None when it is not JSON (a decoder never raises on content)."""
-    if data is None:
-        return None
-    try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return None
-
-
-def uint(value: Any) -> int:
-    """A token count as reported: non-negative int, anything else counts as 0."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
-
-
-def parse_json_object(body: bytes, expected: str) -> dict[str, Any]:
-    """The request body as a JSON object, or the RequestError a client can act on."""
-    if not body.strip():
-        raise RequestError(f"The request body is empty; expected {expected}.", "missing_body")
-    try:
-        obj = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        try:
-            body.decode("utf-8")
-        except UnicodeDecodeError:
-            raise RequestError("The request body is not valid UTF-8.", "invalid_encoding") from None
-        raise RequestError(
-            f"We could not parse the JSON body of your request ({exc}).", "invalid_json"
-        ) from None
-    if not isinstance(obj, dict):
-        raise RequestError("The request body must be a JSON object.", "invalid_type")
-    reject_duplicate_keys(body)
-    return obj
-
-
-class _DuplicateKey(ValueError):
-    pass
-
-
-def _fold(key: str) -> str:
-    # Go's encoding/json matches field names case-insensitively with Unicode folding
-    # (the long s in "\u017ftream" reads as "stream", the Kelvin sign as "k"); NFKC +
-    # casefold covers both.
-    return key.lower() if key.isascii() else unicodedata.normalize("NFKC", key).casefold()
-
-
-def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj = dict(pairs)
-    if len(obj) != len(pairs) or (len(obj) > 1 and len({_fold(k) for k in obj}) != len(obj)):
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if _fold(key) in seen:
-                raise _DuplicateKey(key)
-            seen.add(_fold(key))
-    return obj
-
-
-def reject_duplicate_keys(body: bytes) -> None:
-    """Refuse a body whose objects repeat a key (exactly, or in another letter case or
-    Unicode form) at any depth: parsers disagree on which copy wins, so the provider
-    could act on a value the policy never checked."""
-    try:
-        json.loads(body, object_pairs_hook=_unique_pairs)
-    except _DuplicateKey as exc:
-        key = str(exc)
-        shown = (
-            key
-            if len(key) <= 64 and key.isprintable()
-            else key[:64].encode("ascii", "backslashreplace").decode() + "..."
-        )
-        raise RequestError(
-            f"The request body repeats the key '{shown}' in one object (also in another "
-            "letter case or Unicode form); send each key once.",
-            "duplicate_key",
-        ) from None
-
-
-def require_string(obj: Mapping[str, Any], name: str) -> str:
-    value = obj.get(name)
-    if value is None:
-        raise RequestError(
-            f"You must provide a {name} parameter.", "missing_required_parameter", name
-        )
-    if not isinstance(value, str) or not value:
-        raise RequestError(f"Invalid '{name}': expected a non-empty string.", "invalid_type", name)
-    return value
-
-
-def request_model(obj: Mapping[str, Any], default: str | None = None) -> str:
-    """The body's `model`; "" when absent, so a policy default can still fill it (the
-    exchange refuses a request that is still without one after the policy stages)."""
-    value = obj.get("model")
-    if value is None:
-        return default or ""
-    if not isinstance(value, str) or not value:
-        raise RequestError("Invalid 'model': expected a non-empty string.", "invalid_type", "model")
-    return value
-
-
-def optional_bool(obj: Mapping[str, Any], name: str) -> bool:
-    value = obj.get(name)
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise RequestError(f"Invalid type for '{name}': expected a boolean.", "invalid_type", name)
-    return value
-
-
-def optional_int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
 
 # --------------------------------------------------------------------------- text slots
 
