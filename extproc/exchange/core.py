@@ -19,7 +19,7 @@ from extproc.policy import Policy, Refusal, RequestContext
 from extproc.usage import Usage
 
 if TYPE_CHECKING:
-    from extproc.providers.base import ResponseDecoder
+    from extproc.providers.base import ResponseDecoder, StreamEvent
 
 log = logging.getLogger("extproc.exchange")
 
@@ -133,6 +133,30 @@ class Exchange:
                 **self.identity(),
             },
         )
+
+    def end_stream(
+        self,
+        message: str,
+        code: str,
+        now: float,
+        end: bool,
+        kind: str | None = None,
+        before: StreamEvent | None = None,
+    ) -> Response:
+        """Too late for a status: end the stream with the format's error event
+        (`before`: the first event it replaces, which some framings need to know);
+        later chunks get the `ENDED` phase."""
+        kind = kind or code
+        log.warning(
+            "ending stream route=%s model=%s: %s", self.route_name, shown(self.model), message
+        )
+        self.error_kind = kind
+        self.metrics.errors.labels(kind).inc()
+        self.body = response_phase.ENDED
+        # A JSON answer that already started can get nothing well-formed after it.
+        tail = self.decoder.error_event(message, code, before=before) if self.decoder else b""
+        response = wire.replace_body(tail)
+        return self.finish(response, now) if end else response
 
     def finish(self, response: Response, now: float) -> Response:
         """Last response chunk: settle usage and hand the figures to Envoy."""

@@ -17,7 +17,7 @@ from extproc.errors import StreamError, shown
 from extproc.exchange import settle
 from extproc.policy import Refusal, StreamBlocked, StreamFilter
 from extproc.providers import decoder_label, response_decoder
-from extproc.providers.base import ResponseDecoder, StreamEvent
+from extproc.providers.base import ResponseDecoder
 
 if TYPE_CHECKING:
     from extproc.exchange.core import BodyPhase, Exchange
@@ -132,8 +132,8 @@ class Inflating:
         try:
             chunk = inflate.decompress(chunk) + (inflate.flush() if end else b"")
         except zlib.error as exc:
-            return end_stream(
-                ex, f"could not decode the provider's gzip stream: {exc}", "decode_error", now, end
+            return ex.end_stream(
+                f"could not decode the provider's gzip stream: {exc}", "decode_error", now, end
             )
         return self.inner.feed(ex, chunk, end, now)
 
@@ -217,7 +217,7 @@ class StreamBody:
             if end:
                 events += decoder.finish()
         except StreamError as exc:  # FrameTooLarge included
-            return end_stream(ex, str(exc), exc.kind, now, end)
+            return ex.end_stream(str(exc), exc.kind, now, end)
         if events and not ex.first_frame_at:
             ex.first_frame_at = now
         held = decoder.buffered > 0
@@ -230,8 +230,8 @@ class StreamBody:
                     passed = stream_filter.process(passed, end)
             except StreamBlocked as blocked:
                 first = events[0] if events else None
-                return end_stream(
-                    ex, blocked.message, blocked.code, now, end, blocked.kind, before=first
+                return ex.end_stream(
+                    blocked.message, blocked.code, now, end, blocked.kind, before=first
                 )
             if passed is not events:
                 changed = True
@@ -243,28 +243,6 @@ class StreamBody:
             out.append(event.out)
         response = wire.replace_body(b"".join(out)) if changed else CONTINUE_BODY
         return ex.finish(response, now) if end else response
-
-
-def end_stream(
-    ex: Exchange,
-    message: str,
-    code: str,
-    now: float,
-    end: bool,
-    kind: str | None = None,
-    before: StreamEvent | None = None,
-) -> Response:
-    """Too late for a status: end the stream with the format's error event
-    (`before`: the first event it replaces, which some framings need to know)."""
-    kind = kind or code
-    log.warning("ending stream route=%s model=%s: %s", ex.route_name, shown(ex.model), message)
-    ex.error_kind = kind
-    ex.metrics.errors.labels(kind).inc()
-    ex.body = ENDED
-    # A JSON answer that already started can get nothing well-formed after it.
-    tail = ex.decoder.error_event(message, code, before=before) if ex.decoder else b""
-    response = wire.replace_body(tail)
-    return ex.finish(response, now) if end else response
 
 
 def close_upstream(ex: Exchange, now: float) -> Response:
