@@ -2,7 +2,7 @@
 
 The kinds are found in the source, not in a list kept by hand: every string that can
 reach the `kind` label, read with `ast` from the places a kind is born (`Refusal(...,
-kind=)`, `StreamBlocked(...)`, `_end_stream(...)`, `errors.labels(...)`, a
+kind=)`, `StreamBlocked(...)`, `end_stream(...)`, `errors.labels(...)`, a
 `StreamError` subclass's `kind`, `getattr(exc, "kind", default)`), with module
 constants and `{status: kind}` tables resolved. Refusals with a status below 400 (a
 model list the gateway answers itself) are not counted, so they are not kinds.
@@ -129,7 +129,7 @@ class _Kinds:
         elif name == "StreamBlocked":
             kind = argument(2, "kind")
             self.found |= self.resolve(kind) if kind else {_default(StreamBlocked, "kind")}
-        elif name == "_end_stream":
+        elif name in ("_end_stream", "end_stream"):  # `Exchange.end_stream` since issue 15
             kind = argument(4, "kind")  # (message, code, now, end, kind=None): kind or code
             self.found |= self.resolve(kind) if kind else self.resolve(argument(1, "code"))
         elif (
@@ -175,8 +175,8 @@ def test_the_scan_finds_kinds_by_every_route_a_kind_takes() -> None:
         "auth_unavailable",  # kind=_KINDS.get(status, "auth") (a table)
         "auth",  # the table's default
         "malformed_stream",  # class CorruptEventStream(StreamError): kind = "..."
-        "frame_too_large",  # getattr(exc, "kind", "frame_too_large")
-        "decode_error",  # _end_stream(message, "decode_error", ...): the code is the kind
+        "frame_too_large",  # class FrameTooLarge(StreamError): kind = "..."
+        "decode_error",  # end_stream(message, "decode_error", ...): the code is the kind
     } <= found
     assert "models" not in found  # Refusal(200, ...): answered, not an error
 
