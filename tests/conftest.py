@@ -27,6 +27,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def consecutive_free_ports(count: int) -> int:
+    """A loopback port p with p .. p+count-1 all free (one per worker)."""
+    for _ in range(100):
+        sockets = []
+        try:
+            first = socket.socket()
+            first.bind(("127.0.0.1", 0))
+            sockets.append(first)
+            port = first.getsockname()[1]
+            for offset in range(1, count):
+                s = socket.socket()
+                sockets.append(s)
+                s.bind(("127.0.0.1", port + offset))
+            return port
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+    raise RuntimeError("no run of free ports")
+
+
 def write_config(directory: Path, **sections: dict) -> Path:
     """The dev policy with fresh loopback ports, plus overrides per section."""
     config = yaml.safe_load(DEV_CONFIG.read_text())

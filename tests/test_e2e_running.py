@@ -13,7 +13,6 @@ import base64
 import os
 import re
 import signal
-import socket
 import threading
 import time
 import uuid
@@ -28,7 +27,7 @@ import pytest
 import yaml
 
 from extproc.dev.devstack import Stack, grpc_serving
-from tests.conftest import DEV_API_KEY, metric, wait_for, write_config
+from tests.conftest import DEV_API_KEY, consecutive_free_ports, metric, wait_for, write_config
 from tests.redis_server import RedisServer
 
 AUTH = {"authorization": f"Bearer {DEV_API_KEY}"}  # the dev policy's consumer key
@@ -37,28 +36,6 @@ SEED = {
     "model": "gpt-3.5-turbo",
     "messages": [{"role": "user", "content": "Name my first repository."}],
 }
-
-
-def consecutive_free_ports(count: int) -> int:
-    """A loopback port p with p .. p+count-1 all free (one per worker)."""
-    for _ in range(100):
-        sockets = []
-        try:
-            first = socket.socket()
-            first.bind(("127.0.0.1", 0))
-            sockets.append(first)
-            port = first.getsockname()[1]
-            for offset in range(1, count):
-                s = socket.socket()
-                sockets.append(s)
-                s.bind(("127.0.0.1", port + offset))
-            return port
-        except OSError:
-            continue
-        finally:
-            for s in sockets:
-                s.close()
-    raise RuntimeError("no run of free ports")
 
 
 class ConfigMapDir:

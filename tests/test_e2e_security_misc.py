@@ -17,7 +17,13 @@ import orjson
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from tests.conftest import DEV_API_KEY, mock_exchange, start_stack, wait_for
+from tests.conftest import (
+    DEV_API_KEY,
+    consecutive_free_ports,
+    mock_exchange,
+    start_stack,
+    wait_for,
+)
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 AUTH = {"authorization": f"Bearer {DEV_API_KEY}"}
@@ -206,7 +212,8 @@ def burst_stack(tmp_path_factory) -> Iterator:
     }
     stack = None
     try:
-        stack = start_stack(tmp / "stack", server={"workers": 2}, rate_limits=limits)
+        server = {"workers": 2, "grpc_listen": f"127.0.0.1:{consecutive_free_ports(2)}"}
+        stack = start_stack(tmp / "stack", server=server, rate_limits=limits)
         yield stack
     finally:
         if stack is not None:
