@@ -108,10 +108,10 @@ def test_settle_refunds_or_charges_extra_exactly_in_micro_dollars():
     checks = planner.checks(ALICE)
     for _ in range(1000):
         store.reserve_now(checks, 7_000)  # worst case
-        store.settle(checks, 3 - 7_000)  # exact cost: 3 micro-dollars
+        store.settle_now(checks, 3 - 7_000)  # exact cost: 3 micro-dollars
     assert store.spent(checks[0]) == 3_000
     store.reserve_now(checks, 10)
-    out = store.settle(checks, 90)  # cost more than reserved: charged anyway
+    out = store.settle_now(checks, 90)  # cost more than reserved: charged anyway
     assert out.spent == [3_100]
 
 
@@ -121,7 +121,7 @@ def test_settle_after_the_period_ended_moves_nothing():
     checks = planner.checks(ALICE)
     store.reserve_now(checks, 100)
     clock.now = at(2026, 5, 7)  # the key expired with its period (+ an hour)
-    assert store.settle(checks, -100).spent == [0]
+    assert store.settle_now(checks, -100).spent == [0]
     assert store.spent(planner.checks(ALICE)[0]) == 0
 
 
@@ -133,8 +133,8 @@ def test_soft_limit_fires_once_per_period():
         checks = planner.checks(ALICE)
         out = store.reserve_now(checks, 100)
         fired += out.soft_crossed
-        store.settle(checks, -50)  # refunds let it fall below and cross again
-        fired += store.settle(checks, 50).soft_crossed
+        store.settle_now(checks, -50)  # refunds let it fall below and cross again
+        fired += store.settle_now(checks, 50).soft_crossed
     assert fired == [0]
     clock.now = at(2026, 5, 6, 10)
     checks = planner.checks(ALICE)
@@ -163,7 +163,13 @@ def test_durations_and_budget_settings():
             "timezone": "America/New_York",
             "items": [
                 {"name": "a", "scope": "consumer", "limit_usd": "12.5", "period": "month"},
-                {"name": "b", "scope": "global", "limit_usd": 100, "window": "7d", "soft_limit": 0.8},
+                {
+                    "name": "b",
+                    "scope": "global",
+                    "limit_usd": 100,
+                    "window": "7d",
+                    "soft_limit": 0.8,
+                },
             ],
         }
     )
@@ -173,8 +179,16 @@ def test_durations_and_budget_settings():
     for bad in (
         {"timezone": "Mars/Olympus"},
         {"items": [{"name": "a", "scope": "consumer", "limit_usd": 1}]},  # no span
-        {"items": [{"name": "a", "scope": "team", "limit_usd": 1, "period": "day", "window": "1d"}]},
-        {"items": [{"name": "a", "scope": "global", "limit_usd": 1, "period": "day", "match": "x"}]},
+        {
+            "items": [
+                {"name": "a", "scope": "team", "limit_usd": 1, "period": "day", "window": "1d"}
+            ]
+        },
+        {
+            "items": [
+                {"name": "a", "scope": "global", "limit_usd": 1, "period": "day", "match": "x"}
+            ]
+        },
         {"items": [{"name": "a", "scope": "user", "limit_usd": 1, "period": "day"}]},
         {"items": [{"name": "a", "scope": "global", "limit_usd": 0, "period": "day"}]},
         {"items": [{"name": "a", "scope": "global", "limit_usd": 1, "window": "1w"}]},

@@ -11,7 +11,7 @@ The arithmetic is the same in both stores: keep `_reserve_one` and the Lua in st
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -27,7 +27,7 @@ class BudgetStore(Protocol):
         """Reserve in every check or none; raise StoreUnavailable or StoreBusy."""
         ...
 
-    def settle(self, checks: Sequence[Check], delta: int) -> Awaitable[Outcome] | Outcome:
+    async def settle(self, checks: Sequence[Check], delta: int) -> Outcome:
         """Refund (< 0) or charge (> 0) each check's reservation slot. Never raises."""
         ...
 
@@ -80,7 +80,10 @@ class LocalBudgetStore:
     async def reserve(self, checks: Sequence[Check], amount: int) -> Outcome:
         return self.reserve_now(checks, amount)
 
-    def settle(self, checks: Sequence[Check], delta: int) -> Outcome:
+    async def settle(self, checks: Sequence[Check], delta: int) -> Outcome:
+        return self.settle_now(checks, delta)
+
+    def settle_now(self, checks: Sequence[Check], delta: int) -> Outcome:
         spent, crossed = [], []
         now = self._clock()
         for i, c in enumerate(checks):
