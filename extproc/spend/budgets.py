@@ -151,6 +151,14 @@ class Planner:
         self.budgets = tuple(budgets)
         self.zone = ZoneInfo(timezone)
         self.clock = clock or time.time
+        self._periods: dict[str, tuple[float, float, str]] = {}  # the current ones
+
+    def _period(self, period: str, now: float) -> tuple[float, float, str]:
+        """period_bounds, computed once per period (zoneinfo costs microseconds)."""
+        hit = self._periods.get(period)
+        if hit is None or not hit[0] <= now < hit[1]:
+            hit = self._periods[period] = period_bounds(period, now, self.zone)
+        return hit
 
     def checks(self, subject: Subject, now: float | None = None) -> list[Check]:
         now = self.clock() if now is None else now
@@ -163,7 +171,7 @@ class Planner:
     def _check(self, budget: Budget, value: str, now: float) -> Check:
         soft = int(budget.limit_micros * budget.soft_limit) if budget.soft_limit else 0
         if budget.period is not None:
-            _, end, label = period_bounds(budget.period, now, self.zone)
+            _, end, label = self._period(budget.period, now)
             return Check(
                 budget=budget,
                 subject=value,

@@ -22,11 +22,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import operator
 import os
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import astuple, dataclass, fields
+from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path
 from typing import Protocol
@@ -61,10 +62,11 @@ class Row:
     reason: str = ""  # finish reason (stop, length, ...) or why it was cut
 
     def values(self) -> tuple:
-        return astuple(self)
+        return _VALUES(self)
 
 
 COLUMNS = tuple(f.name for f in fields(Row))
+_VALUES = operator.attrgetter(*COLUMNS)  # astuple() deep-copies: 10x slower
 
 
 class LedgerUnavailable(Exception):
