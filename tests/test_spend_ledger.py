@@ -220,3 +220,16 @@ async def test_kill_9_mid_load_then_restart_loses_and_doubles_nothing(ledger_url
     # Every completed exchange is there once; at most the one in flight besides.
     assert requests in (last + 1, last + 2)
     assert cost == sum(100 + n for n in range(requests))
+
+
+def test_ledger_settings_and_urls():
+    from pydantic import ValidationError
+
+    from extproc.spend.settings import LedgerSettings
+
+    assert LedgerSettings().url == "sqlite:///data/ledger.sqlite3"
+    for bad in ({"url": "mysql://x"}, {"batch_size": 0}, {"spool": "x"}, {"spool_max_bytes": 10}):
+        with pytest.raises(ValidationError):
+            LedgerSettings.model_validate(bad)
+    with pytest.raises(ValueError, match="expected sqlite"):
+        open_backend("mysql://u:secret@h/db")

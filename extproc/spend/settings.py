@@ -138,13 +138,15 @@ class BudgetsSettings(_Frozen):
 
 
 class LedgerSettings(_Frozen):
-    """`ledger:`: where rows go (sqlite:///path or postgresql://...), batching, spool."""
+    """`ledger:`: where rows go (sqlite:///path or postgresql://...), batching, and the
+    journal directory that doubles as the outage spool."""
 
     url: str = "sqlite:///data/ledger.sqlite3"
     batch_size: Annotated[int, Field(ge=1, le=10_000)] = 500
     flush_interval_s: Annotated[float, Field(gt=0, le=60)] = 1.0
     queue_limit: Annotated[int, Field(ge=1, le=10_000_000)] = 100_000
-    spool_path: str = "data/ledger.spool"
+    journal_dir: str = "data/ledger-journal"
+    retry_interval_s: Annotated[float, Field(gt=0, le=300)] = 2.0
     spool_max_bytes: Annotated[int, Field(ge=1 << 16)] = 256 << 20
     pool_size: Annotated[int, Field(ge=1, le=64)] = 4
 
