@@ -331,6 +331,7 @@ class Ledger:
         try:
             await asyncio.to_thread(self.backend.write, [row for row, _ in batch])
         except LedgerUnavailable as exc:
+            self.stats.lost += sum(1 for _, seq in batch if seq is None)  # the rest: journal
             self._failed(exc)
             return
         self.stats.batches += 1

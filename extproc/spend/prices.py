@@ -41,7 +41,8 @@ CATALOG_PROVIDERS = {
     "vertex": "google",
     "bedrock": "aws",
 }
-MAX_CACHED_MISSES = 4096  # model names come from clients: never an unbounded cache
+MAX_CACHED = 65536  # model names come from clients: never an unbounded cache
+MAX_LOGGED = 4096
 
 
 class Unpriced(LookupError):
@@ -182,7 +183,6 @@ class PriceBook:
     _cache: dict[tuple[str, str, str], tuple[Price | None, Status, str]] = field(
         default_factory=dict
     )
-    _misses: int = 0
     _logged: set[tuple[str, str]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
@@ -206,8 +206,7 @@ class PriceBook:
         hit = self._cache.get(key)
         if hit is None:
             hit = self._resolve(provider, model, wire_format)
-            if hit[1] == "priced" or self._misses < MAX_CACHED_MISSES:
-                self._misses += hit[1] != "priced"
+            if len(self._cache) < MAX_CACHED:
                 self._cache[key] = hit
         found, status, priced_as = hit
         self.lookups[status] += 1
@@ -240,7 +239,7 @@ class PriceBook:
         found = self._find(provider, model, wire_format)
         if found is not None:
             return found, "priced", model
-        if (provider, model) not in self._logged and len(self._logged) < MAX_CACHED_MISSES:
+        if (provider, model) not in self._logged and len(self._logged) < MAX_LOGGED:
             self._logged.add((provider, model))
             log.warning(
                 "no price for model %r of provider %r: unpriced policy %r applies",
