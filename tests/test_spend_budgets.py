@@ -8,8 +8,8 @@ from datetime import datetime
 from zoneinfo import ZoneInfo
 
 import pytest
-from pydantic import ValidationError
 
+from extproc.config.base import ConfigError
 from extproc.spend.budgets import (
     SLOTS,
     Budget,
@@ -20,7 +20,7 @@ from extproc.spend.budgets import (
     refusal,
     remaining_micros,
 )
-from extproc.spend.settings import BudgetsSettings
+from extproc.spend.settings import BudgetsConfig, validate
 from extproc.spend.store import LocalBudgetStore
 
 PARIS = ZoneInfo("Europe/Paris")
@@ -153,52 +153,53 @@ def test_scopes_match_and_subjects():
     assert planner.checks(Subject()) == []
 
 
+ONE_SPAN = "set exactly one of period (day, month) or window (e.g. 7d)"
+
+
 def test_durations_and_budget_settings():
     assert parse_duration("7d") == 7 * 86400 and parse_duration("90s") == 90
     for bad in ("7", "0m", "400d", "1w", ""):
         with pytest.raises(ValueError):
             parse_duration(bad)
-    settings = BudgetsSettings.model_validate(
+    settings = validate(
+        BudgetsConfig,
         {
             "timezone": "America/New_York",
-            "items": [
-                {"name": "a", "scope": "consumer", "limit_usd": "12.5", "period": "month"},
-                {
-                    "name": "b",
-                    "scope": "global",
-                    "limit_usd": 100,
-                    "window": "7d",
-                    "soft_limit": 0.8,
-                },
-            ],
-        }
+            "items": {
+                "a": {"scope": "consumer", "limit_usd": "12.5", "period": "month"},
+                "b": {"scope": "global", "limit_usd": 100, "window": "7d", "soft_limit": 0.8},
+            },
+        },
     )
-    a, b = (item.budget() for item in settings.items)
-    assert a.limit_micros == 12_500_000 and a.period == "month"
+    a, b = (item.budget() for item in settings.items.values())
+    assert (a.name, a.limit_micros, a.period) == ("a", 12_500_000, "month")
     assert b.window == 7 * 86400 and b.soft_limit == 0.8
-    for bad in (
-        {"timezone": "Mars/Olympus"},
-        {"items": [{"name": "a", "scope": "consumer", "limit_usd": 1}]},  # no span
-        {
-            "items": [
-                {"name": "a", "scope": "team", "limit_usd": 1, "period": "day", "window": "1d"}
-            ]
-        },
-        {
-            "items": [
-                {"name": "a", "scope": "global", "limit_usd": 1, "period": "day", "match": "x"}
-            ]
-        },
-        {"items": [{"name": "a", "scope": "user", "limit_usd": 1, "period": "day"}]},
-        {"items": [{"name": "a", "scope": "global", "limit_usd": 0, "period": "day"}]},
-        {"items": [{"name": "a", "scope": "global", "limit_usd": 1, "window": "1w"}]},
-        {"items": [{"name": "a", "scope": "global", "limit_usd": 1, "period": "week"}]},
-        {
-            "items": [
-                {"name": "a", "scope": "global", "limit_usd": 1, "period": "day"},
-                {"name": "a", "scope": "global", "limit_usd": 2, "period": "day"},
-            ]
-        },
-    ):
-        with pytest.raises(ValidationError):
-            BudgetsSettings.model_validate(bad)
+    assert validate(BudgetsConfig, {}).items == {}
+    with pytest.raises(ConfigError) as refused:
+        validate(
+            BudgetsConfig,
+            {
+                "timezone": "Mars/Olympus",
+                "over_budget_status": 403,
+                "items": {
+                    "no-span": {"scope": "consumer", "limit_usd": 1},
+                    "both": {"scope": "team", "limit_usd": 1, "period": "day", "window": "1d"},
+                    "g": {"scope": "global", "limit_usd": 0, "period": "week", "match": "x"},
+                    "u": {"scope": "user", "limit_usd": 1, "window": "1w"},
+                },
+            },
+            key="budgets",
+        )
+    assert refused.value.lines() == [
+        "<policy>: budgets.timezone: unknown IANA time zone 'Mars/Olympus' (e.g. Europe/Paris)",
+        "<policy>: budgets.over_budget_status: Input should be 429 or 402",
+        f"<policy>: budgets.items.no-span: {ONE_SPAN}",
+        f"<policy>: budgets.items.both: {ONE_SPAN}",
+        "<policy>: budgets.items.g.limit_usd: a zero budget admits nothing; expected > 0",
+        "<policy>: budgets.items.g.period: unknown period 'week' (known: day, month)",
+        "<policy>: budgets.items.g.match: a global budget matches everything: remove match",
+        "<policy>: budgets.items.u.scope: unknown scope 'user' "
+        "(known: consumer, team, route, model, global)",
+        "<policy>: budgets.items.u.window: window '1w': "
+        "expected a number and s, m, h or d (e.g. 7d)",
+    ]

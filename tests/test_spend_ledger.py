@@ -223,13 +223,16 @@ async def test_kill_9_mid_load_then_restart_loses_and_doubles_nothing(ledger_url
 
 
 def test_ledger_settings_and_urls():
-    from pydantic import ValidationError
+    from extproc.config.base import ConfigError
+    from extproc.spend.settings import LedgerConfig, validate
 
-    from extproc.spend.settings import LedgerSettings
-
-    assert LedgerSettings().url == "sqlite:///data/ledger.sqlite3"
-    for bad in ({"url": "mysql://x"}, {"batch_size": 0}, {"spool": "x"}, {"spool_max_bytes": 10}):
-        with pytest.raises(ValidationError):
-            LedgerSettings.model_validate(bad)
+    assert validate(LedgerConfig, None).url == "sqlite:///data/ledger.sqlite3"
+    with pytest.raises(ConfigError) as refused:
+        validate(LedgerConfig, {"url": "mysql://x", "batch_size": 0, "spool": "x"}, key="ledger")
+    assert [line.split(": ", 2)[1] for line in refused.value.lines()] == [
+        "ledger.url",
+        "ledger.batch_size",
+        "ledger.spool",
+    ]
     with pytest.raises(ValueError, match="expected sqlite"):
         open_backend("mysql://u:secret@h/db")

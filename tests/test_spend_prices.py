@@ -9,6 +9,7 @@ from decimal import Decimal
 
 import pytest
 
+from extproc.config.base import ConfigError
 from extproc.spend.prices import (
     Cost,
     Override,
@@ -20,7 +21,7 @@ from extproc.spend.prices import (
     cost_of,
     picos,
 )
-from extproc.spend.settings import PricesSettings
+from extproc.spend.settings import PricesConfig, validate
 from extproc.usage import Usage
 from tests import (
     test_providers_anthropic as anthropic,
@@ -178,7 +179,8 @@ def test_worst_case_is_never_below_the_exact_cost():
 
 
 def test_settings_build_the_book_and_refuse_bad_prices():
-    settings = PricesSettings.model_validate(
+    settings = validate(
+        PricesConfig,
         {
             "unpriced": "refuse",
             "models": [
@@ -189,19 +191,37 @@ def test_settings_build_the_book_and_refuse_bad_prices():
                     "tiers": [{"above_prompt_tokens": 100000, "input": 1, "output": 3}],
                 }
             ],
-        }
+        },
     )
     book = settings.book()
     usage = Usage()
     usage.set_reported(100_001, 10)
     assert book.cost("any", "house-llm", usage).picos == 100_001 * picos(1) + 10 * picos(3)
-    from pydantic import ValidationError
-
-    for bad in (
-        {"models": [{"model": "m", "input": -1, "output": 1}]},
-        {"models": [{"model": "m", "input": 1, "output": 1, "typo": 1}]},
-        {"models": [{"model": "m", "input": "0.0000001", "output": 1}]},
-        {"unpriced": "sometimes"},
-    ):
-        with pytest.raises(ValidationError):
-            PricesSettings.model_validate(bad)
+    with pytest.raises(Unpriced):
+        book.cost("any", "gpt-4o-unknown-xyz", usage)
+    with pytest.raises(ConfigError) as refused:
+        validate(
+            PricesConfig,
+            {
+                "unpriced": "sometimes",
+                "models": [
+                    {"model": "m", "input": -1, "output": 1, "typo": 1},
+                    {"model": "m", "input": "0.0000001", "output": True},
+                    {"model": "m", "input": 1, "output": 1, "tiers": [
+                        {"above_prompt_tokens": 9, "input": 1, "output": 1},
+                        {"above_prompt_tokens": 2, "input": 1, "output": 1},
+                    ]},
+                ],
+            },
+            key="prices",
+        )  # fmt: skip
+    assert refused.value.lines() == [
+        "<policy>: prices.unpriced: expected refuse, zero or estimate-from: <model>, "
+        "got 'sometimes'",
+        "<policy>: prices.models[0].input: expected an amount >= 0, got -1",
+        "<policy>: prices.models[0].typo: unknown key 'typo' (known: model, provider, input, "
+        "output, cached_input, cache_write, reasoning, tiers)",
+        "<policy>: prices.models[1].input: at most 6 decimals, got 0.0000001",
+        "<policy>: prices.models[1].output: expected an amount in USD, got true",
+        "<policy>: prices.models[2].tiers: above_prompt_tokens must be distinct and ascending",
+    ]
