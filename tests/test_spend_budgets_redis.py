@@ -123,6 +123,7 @@ async def test_redis_and_local_agree_on_a_random_sequence(redis_server):
     base = shared(redis_server.url, f"t{uuid.uuid4().hex[:8]}:")
     remote = RedisBudgetStore(base, clock)
     rng = random.Random(7)
+    refused = crossed = 0
     try:
         for _ in range(300):
             clock.now += rng.choice([0, 1, 30, 200])
@@ -135,10 +136,13 @@ async def test_redis_and_local_agree_on_a_random_sequence(redis_server):
                 b.blocked,
                 b.soft_crossed,
             )
+            refused += not a.admitted
+            crossed += len(a.soft_crossed)
             if a.admitted:
                 delta = rng.randint(-amount, 100)
                 a, b = local.settle_now(checks, delta), await remote.settle(checks, delta)
                 assert (a.spent, a.soft_crossed) == (b.spent, b.soft_crossed)
+        assert refused and crossed  # the sequence did reach the limits
     finally:
         await base.close()
 
