@@ -22,6 +22,14 @@ from tests.postgres_server import PostgresServer
 REPO = Path(__file__).resolve().parent.parent
 
 
+async def until(condition, what: str, patience: float = 120.0) -> None:
+    """Wait for a state (never a timing claim): fail instead of hanging forever."""
+    deadline = time.monotonic() + patience
+    while not condition():
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        await asyncio.sleep(0.05)
+
+
 def row(i: int, **extra) -> Row:
     values = dict(
         request_id=f"req-{i:06d}",
@@ -129,13 +137,13 @@ async def test_postgres_down_for_seconds_is_spooled_then_replayed_exactly(
     await ledger.start()
     for i in range(200):
         ledger.record(row(i))
-    while ledger.stats.written < 200:
-        await asyncio.sleep(0.05)
+    await until(lambda: ledger.stats.written >= 200, "the first rows written")
     await asyncio.to_thread(postgres.stop, True)  # crash it: connections drop
     try:
         down_until = time.monotonic() + 3
         i = 200
         while time.monotonic() < down_until or ledger.stats.failures == 0:
+            assert time.monotonic() < down_until + 120, "no batch failed with the database down"
             ledger.record(row(i))
             i += 1
             await asyncio.sleep(0.005)
@@ -145,8 +153,7 @@ async def test_postgres_down_for_seconds_is_spooled_then_replayed_exactly(
     for _ in range(100):
         ledger.record(row(i))
         i += 1
-    while ledger.backlog or ledger.journal.closed:
-        await asyncio.sleep(0.05)
+    await until(lambda: not ledger.backlog and not ledger.journal.closed, "the journal replayed")
     await ledger.close()
     assert ledger.stats.replayed > 0 and ledger.stats.lost == 0
     assert count(pg_url) == (i, sum(100 + n for n in range(i)))
