@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from datetime import datetime
 from pathlib import Path
 
 import psycopg
@@ -243,3 +244,44 @@ def test_ledger_settings_and_urls():
     ]
     with pytest.raises(ValueError, match="expected sqlite"):
         open_backend("mysql://u:secret@h/db")
+
+
+async def test_in_process_budgets_are_rebuilt_from_the_ledger(ledger_url, tmp_path):
+    """A restart without Redis: each budget's period or window spend comes back."""
+    from zoneinfo import ZoneInfo
+
+    from extproc.spend.budgets import Budget, Planner, Subject
+    from extproc.spend.rebuild import rebuild
+    from extproc.spend.store import LocalBudgetStore
+
+    paris = ZoneInfo("Europe/Paris")
+    now = datetime(2026, 3, 10, 12, tzinfo=paris).timestamp()
+    at = lambda *p: int(datetime(*p, tzinfo=paris).timestamp() * 1000)  # noqa: E731
+    ledger = Ledger(open_backend(ledger_url), tmp_path / "journal")
+    await ledger.start()
+    for i, (ts, consumer, cost) in enumerate(
+        [
+            (at(2026, 2, 28, 23, 59), "alice", 1_000),  # last month
+            (at(2026, 3, 1, 0, 0), "alice", 20),  # this month from its first instant
+            (at(2026, 3, 10, 11, 30), "alice", 300),  # inside the last hour
+            (at(2026, 3, 10, 10, 59), "bob", 4_000),  # this month, before the hour
+            (at(2026, 3, 10, 11, 1), "bob", 5),
+        ]
+    ):
+        ledger.record(Row(f"r{i}", ts, consumer=consumer, cost_micros=cost))
+    await ledger.close()
+    month = Budget("month", "consumer", 5_000, period="month")
+    hour = Budget("hour", "global", 400, window=3600.0)
+    planner = Planner([month, hour], "Europe/Paris", lambda: now)
+    store = LocalBudgetStore(lambda: now)
+    backend = open_backend(ledger_url)
+    try:
+        seeded = rebuild(store, planner, backend, now)
+    finally:
+        backend.close()
+    assert seeded == (20 + 300 + 4_000 + 5) + (300 + 5)
+    alice, bob = planner.checks(Subject("alice")), planner.checks(Subject("bob"))
+    assert [store.spent(c) for c in alice] == [320, 305]
+    assert [store.spent(c) for c in bob] == [4_005, 305]
+    assert not store.reserve_now(alice, 100).admitted  # the hour has 95 left
+    assert store.reserve_now(alice, 95).admitted

@@ -165,10 +165,11 @@ class Planner:
         out: list[Check] = []
         for budget in self.budgets:
             for value in _subjects(budget, subject):
-                out.append(self._check(budget, value, now))
+                out.append(self.check(budget, value, now))
         return out
 
-    def _check(self, budget: Budget, value: str, now: float) -> Check:
+    def check(self, budget: Budget, value: str, now: float) -> Check:
+        """The check of one budget for one subject value ("*" for global)."""
         soft = int(budget.limit_micros * budget.soft_limit) if budget.soft_limit else 0
         if budget.period is not None:
             _, end, label = self._period(budget.period, now)

@@ -88,6 +88,12 @@ class Backend(Protocol):
 
     def totals(self, by: str, since_ms: int) -> list[dict]: ...
 
+    def sums(
+        self, column: str | None, since_ms: int, until_ms: int, slot_ms: int
+    ) -> list[tuple[str, int, int]]:
+        """(subject, slot, micro-dollars) spent in [since, until): see sums_sql."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -110,6 +116,19 @@ def totals_sql(by: str, placeholder: str) -> str:
         "SUM(cached_tokens), SUM(cache_write_tokens), SUM(reasoning_tokens), SUM(cost_micros) "
         f"FROM spend_ledger WHERE ts_ms >= {placeholder} GROUP BY {by} "
         "ORDER BY SUM(cost_micros) DESC, key"
+    )
+
+
+def sums_sql(column: str | None, slot_ms: int, placeholder: str) -> str:
+    """Spend since a time by subject (a column, or everything) and by slot of
+    `slot_ms` (0: one slot), to rebuild budget counters."""
+    if column is not None and column not in BY:
+        raise ValueError(f"not a ledger dimension: {column!r}")
+    subject = column or "'*'"
+    slot = f"ts_ms / {int(slot_ms)}" if slot_ms else "0"
+    return (
+        f"SELECT {subject}, {slot}, SUM(cost_micros) FROM spend_ledger "
+        f"WHERE ts_ms >= {placeholder} AND ts_ms < {placeholder} GROUP BY 1, 2"
     )
 
 

@@ -21,6 +21,7 @@ from extproc.spend.ledger import (
     LedgerUnavailable,
     Row,
     migrations,
+    sums_sql,
     totals_sql,
 )
 
@@ -96,6 +97,17 @@ class PostgresBackend:
             rows = conn.execute(totals_sql(by, "%s"), (since_ms,)).fetchall()
             conn.rollback()
             return [dict(zip(TOTAL_FIELDS, map(_plain, r), strict=True)) for r in rows]
+
+        return self._run(query)
+
+    def sums(
+        self, column: str | None, since_ms: int, until_ms: int, slot_ms: int
+    ) -> list[tuple[str, int, int]]:
+        def query(conn: psycopg.Connection) -> list[tuple[str, int, int]]:
+            sql = sums_sql(column, slot_ms, "%s")
+            rows = conn.execute(sql, (since_ms, until_ms)).fetchall()
+            conn.rollback()
+            return [(str(a), int(b), int(c)) for a, b, c in rows]
 
         return self._run(query)
 

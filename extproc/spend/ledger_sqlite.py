@@ -19,6 +19,7 @@ from extproc.spend.ledger import (
     LedgerUnavailable,
     Row,
     migrations,
+    sums_sql,
     totals_sql,
 )
 
@@ -97,6 +98,13 @@ class SqliteBackend:
             conn = self._connect()
             cur = conn.execute(totals_sql(by, "?"), (since_ms,))
             return [dict(zip(TOTAL_FIELDS, r, strict=True)) for r in cur.fetchall()]
+
+    def sums(
+        self, column: str | None, since_ms: int, until_ms: int, slot_ms: int
+    ) -> list[tuple[str, int, int]]:
+        with self._lock:
+            cur = self._connect().execute(sums_sql(column, slot_ms, "?"), (since_ms, until_ms))
+            return [(str(a), int(b), int(c)) for a, b, c in cur.fetchall()]
 
     def close(self) -> None:
         with self._lock:

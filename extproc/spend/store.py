@@ -59,6 +59,12 @@ class LocalBudgetStore:
         counter = self._live(check.key)
         return _sum(counter, check.lo) if counter else 0
 
+    def seed(self, check: Check, slot: int, amount: int) -> None:
+        """Add spend recorded elsewhere (the ledger, at start) to one slot."""
+        counter = self._counter(check)
+        if slot >= check.lo:
+            counter.slots[slot] = counter.slots.get(slot, 0) + amount
+
     def reserve_now(self, checks: Sequence[Check], amount: int) -> Outcome:
         counters = [self._live(c.key) for c in checks]
         spent = [_sum(k, c.lo) if k else 0 for k, c in zip(counters, checks, strict=True)]
