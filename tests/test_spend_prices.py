@@ -4,8 +4,10 @@ bundled snapshot and never touches the network; unpriced models follow the polic
 
 from __future__ import annotations
 
-import socket
+import subprocess
+import sys
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 
@@ -39,6 +41,8 @@ from tests import (
     test_providers_openai_responses as openai_responses,
 )
 from tests.providers_helpers import replay
+
+REPO = Path(__file__).resolve().parent.parent
 
 # Distinct rates per kind ($ per 1M tokens), so a kind priced at the wrong rate shows.
 RATES = {"input": "3", "cached": "0.3", "cache_write": "3.75", "output": "15", "reasoning": "20"}
@@ -115,17 +119,32 @@ def test_catalog_tiers_apply_to_every_token_past_the_threshold():
     assert cost_of(big, price) == 200_001 * picos("2.5") + 1000 * picos("15")
 
 
-def test_the_catalog_never_reaches_the_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("the price catalog tried to open a connection")
+NO_NETWORK = """
+import socket
+def refuse(*args, **kwargs):
+    raise SystemExit("the price catalog tried to open a connection")
+socket.socket.connect = socket.socket.connect_ex = refuse
+socket.create_connection = socket.getaddrinfo = refuse
+from extproc.spend.prices import PriceBook
+from extproc.usage import Usage
+from genai_prices import data_snapshot
+usage = Usage()
+usage.set_reported(1000, 1000)
+book = PriceBook()
+for model in ("gpt-4o", "o3", "claude-sonnet-4-5", "gemini-2.5-pro"):
+    assert book.cost("p", model, usage).status == "priced", model
+assert data_snapshot.get_snapshot().from_auto_update is False
+print("offline")
+"""
 
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    from genai_prices import data_snapshot
 
-    data_snapshot._bundled_snapshot.cache_clear()
-    assert catalog_price("openai", "o3", "openai") is not None
-    assert data_snapshot.get_snapshot().from_auto_update is False
+def test_the_catalog_never_reaches_the_network():
+    """From a fresh interpreter whose sockets refuse: import, load, price."""
+    out = subprocess.run(
+        [sys.executable, "-c", NO_NETWORK], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "offline"
 
 
 def test_overrides_win_over_the_catalog_and_may_name_one_provider():
