@@ -29,7 +29,8 @@ lint: install
 # Through the real Envoy: Envoy alone vs a do-nothing ext_proc vs the sidecar (metering,
 # full policy), a concurrency sweep, a workers sweep, the targets met or missed; then the
 # guards' cost per chunk, the limiters' cost per request, each decoder's cost per frame,
-# each guard detector's cost per character on hostile text. `make bench BENCH_ARGS=--quick`
+# each guard detector's cost per character on hostile text, pricing + budget checks per
+# request and the spend ledger's rows/s. `make bench BENCH_ARGS=--quick`
 # for a short check of bench/run.py, `BENCH_ARGS=--profile` for py-spy's top frames.
 BENCH_ARGS ?=
 bench: install
@@ -38,6 +39,7 @@ bench: install
 	$(PY) bench/adversarial_bench.py
 	$(PY) bench/limiter_bench.py
 	$(PY) bench/decoder_bench.py
+	$(PY) bench/spend_bench.py
 
 check-config: install
 	$(PY) -m extproc check-config $(CONFIG)

@@ -132,6 +132,12 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_spend(args: argparse.Namespace) -> int:
+    from extproc.spend import report  # lazy: only this command reads the ledger
+
+    return report.main(args.by, args.since, args.format, args.ledger)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="extproc", description="Envoy ext_proc sidecar that makes Envoy an AI gateway."
@@ -187,6 +193,22 @@ def build_parser() -> argparse.ArgumentParser:
     envoy.add_argument("file", metavar="FILE")
     envoy.add_argument("-o", "--output", metavar="OUT", help="write to OUT instead of stdout")
     envoy.set_defaults(handler=cmd_envoy_config)
+
+    spend = commands.add_parser("spend", help="who spent what, from the spend ledger")
+    spend.add_argument(
+        "--by", choices=("consumer", "team", "model", "route", "provider"), default="consumer"
+    )
+    spend.add_argument(
+        "--since", default="7d", metavar="WHEN", help="7d, 24h, 30m or an ISO date (default 7d)"
+    )
+    spend.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    spend.add_argument(
+        "--ledger",
+        default="sqlite:///data/ledger.sqlite3",
+        metavar="URL",
+        help="sqlite:///PATH or postgresql://... (default sqlite:///data/ledger.sqlite3)",
+    )
+    spend.set_defaults(handler=cmd_spend)
     return parser
 
 

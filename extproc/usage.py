@@ -23,6 +23,9 @@ class Usage:
     total_tokens: int = 0
     cached_tokens: int = 0
     reasoning_tokens: int = 0
+    # Cache writes (Anthropic, Bedrock), already counted in prompt_tokens like cache
+    # reads; apart so pricing can charge them at the cache-write rate.
+    cache_write_tokens: int = 0
     reported: bool = False  # the provider sent figures (else they are estimates or zero)
     estimated: bool = False
 
@@ -33,6 +36,7 @@ class Usage:
         total: int | None = None,
         cached: int = 0,
         reasoning: int = 0,
+        cache_write: int = 0,
     ) -> None:
         """Set, never add: providers report cumulative figures."""
         self.prompt_tokens = prompt
@@ -40,6 +44,7 @@ class Usage:
         self.total_tokens = total if total is not None else prompt + completion
         self.cached_tokens = cached
         self.reasoning_tokens = reasoning
+        self.cache_write_tokens = cache_write
         self.reported = True
         self.estimated = False
 

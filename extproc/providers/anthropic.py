@@ -162,7 +162,13 @@ class _Counts:
     def usage(self) -> Usage:
         result = Usage()
         prompt = self.input + self.cache_write + self.cache_read
-        result.set_reported(prompt, self.output, prompt + self.output, cached=self.cache_read)
+        result.set_reported(
+            prompt,
+            self.output,
+            prompt + self.output,
+            cached=self.cache_read,
+            cache_write=self.cache_write,
+        )
         return result
 
 

@@ -234,10 +234,13 @@ class BedrockStream(EventDecoder):
 
 def _usage_from(usage: dict[str, Any]) -> Usage:
     cache_read = uint(usage.get("cacheReadInputTokens"))
-    prompt = uint(usage.get("inputTokens")) + cache_read + uint(usage.get("cacheWriteInputTokens"))
+    cache_write = uint(usage.get("cacheWriteInputTokens"))
+    prompt = uint(usage.get("inputTokens")) + cache_read + cache_write
     completion = uint(usage.get("outputTokens"))
     result = Usage()
-    result.set_reported(prompt, completion, prompt + completion, cached=cache_read)
+    result.set_reported(
+        prompt, completion, prompt + completion, cached=cache_read, cache_write=cache_write
+    )
     return result
 
 

@@ -227,6 +227,36 @@ class RedisStore:
             return
         self._recovered()
 
+    @property
+    def key_prefix(self) -> str:
+        return self._prefix
+
+    async def run_script(
+        self,
+        script: str,
+        sha: str,
+        keys: Sequence[str],
+        args: Sequence[str | float],
+        *,
+        op: str,
+        bounded: bool = True,
+    ) -> object:
+        """One more script through this store's batcher and breaker, for other state
+        kept in the same Redis (the spend budgets): one client, one pool, one outage
+        view. Raises StoreUnavailable or StoreBusy as `acquire` does."""
+        self._check_breaker(op)
+        try:
+            pending = self._batch.submit(script, sha, keys, args, bounded=bounded)
+        except StoreBusy:
+            self._count_error(f"{op}_busy")
+            raise
+        try:
+            reply = await pending
+        except (RedisError, OSError) as exc:
+            raise self._failed(op, exc) from None
+        self._recovered()
+        return reply
+
     async def ping(self) -> str | None:
         """None when Redis answers a PING, else why not (for readiness; it also notices
         a recovery when no request comes by)."""
