@@ -33,6 +33,8 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
 from envoy.type.v3.http_status_pb2 import HttpStatus
 from google.protobuf.struct_pb2 import Struct
 
+from extproc.headers import METADATA_NAMESPACE
+
 __all__ = [
     "CLEAR_BODY",
     "CONTINUE_BODY",
@@ -58,7 +60,6 @@ __all__ = [
 Request = ProcessingRequest
 Response = ProcessingResponse
 
-METADATA_NAMESPACE = "ai_gateway"
 _EXT_PROC_ATTRS = "envoy.filters.http.ext_proc"
 
 CONTINUE_BODY = ProcessingResponse(response_body=BodyResponse())

@@ -1,5 +1,9 @@
-"""Headers the sidecar sets for Envoy (route choice, ratelimit descriptors); a client's
-copies are stripped, and Envoy removes them before the request goes upstream."""
+"""Names the sidecar and Envoy's bootstrap share: headers the sidecar sets for Envoy
+(route choice, ratelimit descriptors; a client's copies are stripped, and Envoy removes
+them before the request goes upstream) and the dynamic-metadata namespace."""
+
+# Namespace the sidecar writes dynamic metadata into; Envoy drops any other.
+METADATA_NAMESPACE = "ai_gateway"
 
 INTERNAL_HEADER_PREFIX = "x-ai-gateway-"
 PROVIDER_HEADER = "x-ai-gateway-provider"

@@ -47,7 +47,7 @@ def test_only_envoy_wire_builds_envoy_protobufs():
 
 
 def test_metadata_goes_to_the_namespace_the_bootstrap_lets_through():
-    from extproc.bootstrap import METADATA_NAMESPACE
+    from extproc.bootstrap import METADATA_NAMESPACE  # re-exported from extproc.headers
 
     assert envoy_wire.METADATA_NAMESPACE == METADATA_NAMESPACE
 
