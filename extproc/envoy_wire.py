@@ -48,6 +48,7 @@ __all__ = [
     "continue_response_headers",
     "continue_trailers",
     "finished",
+    "header_entries",
     "header_map",
     "refuse",
     "replace_body",
@@ -79,13 +80,20 @@ class BodyMode(enum.Enum):
 # -- reading a request ------------------------------------------------------------------
 
 
-def header_map(request: ProcessingRequest) -> dict[str, str]:
-    """The headers of a request- or response-headers message, by name."""
+def header_entries(request: ProcessingRequest) -> list[tuple[str, str]]:
+    """The headers of a request- or response-headers message, each entry as sent (a name
+    repeated is several entries: limits must count them all)."""
     kind = request.WhichOneof("request")
     headers = getattr(request, kind).headers.headers
-    return {
-        h.key: h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value for h in headers
-    }
+    return [
+        (h.key, h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value) for h in headers
+    ]
+
+
+def header_map(request: ProcessingRequest) -> dict[str, str]:
+    """The headers of a request- or response-headers message, by name (the last entry of
+    a repeated name)."""
+    return dict(header_entries(request))
 
 
 def end_of_stream(request: ProcessingRequest) -> bool:

@@ -12,7 +12,7 @@ either protocol. Pseudo-headers (`:path`...) do not count; Envoy's own additions
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable
 
 MAX_HEADER_BYTES = 60 * 1024  # names + values
 MAX_HEADERS = 100
@@ -21,10 +21,11 @@ CODEC_HEADERS_KB = 2 * MAX_HEADER_BYTES // 1024
 CODEC_HEADERS_COUNT = 2 * MAX_HEADERS
 
 
-def header_problem(headers: Mapping[str, str]) -> str | None:
-    """Why these request headers are refused (a message for the client), or None."""
+def header_problem(headers: Iterable[tuple[str, str]]) -> str | None:
+    """Why these request headers are refused (a message for the client), or None. Every
+    entry counts, a repeated name too."""
     count = size = 0
-    for name, value in headers.items():
+    for name, value in headers:
         if name.startswith(":"):
             continue
         count += 1

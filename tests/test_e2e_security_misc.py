@@ -163,6 +163,14 @@ def test_oversized_headers_get_a_json_431(stack, http2, extra):
     assert error["type"] == "invalid_request_error"
 
 
+def test_one_header_name_repeated_counts_every_time(stack):
+    """120 entries of one name are 120 headers, not one (the map keeps only the last)."""
+    headers = [(k, v) for k, v in AUTH.items()] + [("x-same", f"v{i}") for i in range(120)]
+    r = httpx.post(stack.base_url + "/v1/chat/completions", json=CHAT, headers=headers, timeout=30)
+    assert r.status_code == 431
+    assert r.json()["error"]["code"] == "request_header_fields_too_large"
+
+
 def test_headers_within_the_limits_pass(stack):
     extra = {f"x-h{i}": "v" * 500 for i in range(80)}  # 80 headers, ~40 KB
     r = httpx.post(

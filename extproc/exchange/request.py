@@ -55,8 +55,9 @@ INSPECTED = Inspected()
 
 def request_headers(ex: Exchange, request: Request) -> Response:
     """Route, path and method checks, the header stages; choose the flow."""
-    headers = wire.header_map(request)
-    problem = header_problem(headers)
+    entries = wire.header_entries(request)
+    problem = header_problem(entries)
+    headers = dict(entries)
     if problem is not None:  # before any route or stage: nothing else reads them
         return ex.refuse(
             Refusal(431, problem, "request_header_fields_too_large", kind="bad_request")
