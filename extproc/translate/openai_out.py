@@ -150,29 +150,34 @@ class DecoderToOpenAI:
     oversized upstream frame ends the stream with an error frame, never an exception."""
 
     content_type: ClassVar[str] = "text/event-stream"
-    __slots__ = ("_done", "decoder", "writer")
+    __slots__ = ("_broken", "_done", "decoder", "writer")
 
     def __init__(self, decoder: ResponseDecoder, *, created: int, include_usage: bool) -> None:
         self.decoder = decoder
         self.writer = ChunkWriter(created=created, include_usage=include_usage)
         self._done = False
+        self._broken = False  # the decoder failed: it is fed nothing more
 
     @property
     def buffered(self) -> int:
         return self.decoder.buffered
 
     def feed(self, chunk: bytes) -> bytes:
+        if self._broken:
+            return b""
         try:
             events = self.decoder.feed(chunk)
         except (StreamError, FrameTooLarge) as exc:
-            return self._fail(f"The upstream stream could not be read: {exc}", "malformed_stream")
+            return self._broke(exc)
         return self._run(events)
 
     def finish(self) -> bytes:
+        if self._broken:
+            return b""
         try:
             events = self.decoder.finish()
         except (StreamError, FrameTooLarge) as exc:
-            return self._fail(f"The upstream stream could not be read: {exc}", "malformed_stream")
+            return self._broke(exc)
         out = self._run(events)
         if not self._done:
             out += self._end_of_stream()
@@ -193,6 +198,10 @@ class DecoderToOpenAI:
         except StreamError as exc:
             out.append(self._fail(str(exc), "malformed_stream"))
         return b"".join(out)
+
+    def _broke(self, exc: Exception) -> bytes:
+        self._broken = True
+        return self._fail(f"The upstream stream could not be read: {exc}", "malformed_stream")
 
     def _fail(self, message: str, code: str, kind: str = "server_error") -> bytes:
         if self._done:
