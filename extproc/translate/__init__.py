@@ -1,7 +1,8 @@
 """Client API <-> upstream API translation, request whole and response chunk by chunk
 (sans-I/O; not wired into the exchange yet: docs/translation.md).
 
-One module per pair: `chat_to_anthropic` (OpenAI chat client, Anthropic upstream).
+One module per pair: `chat_to_anthropic` (OpenAI chat client, Anthropic upstream),
+`messages_to_chat` (Anthropic Messages client, OpenAI chat upstream).
 The contract is in `base`; `openai_out` writes OpenAI chunks for every `* -> OpenAI`
 pair.
 """
@@ -16,10 +17,13 @@ from extproc.translate.base import (
     client_status,
 )
 from extproc.translate.chat_to_anthropic import AnthropicToOpenAI, ChatToAnthropic
+from extproc.translate.messages_to_chat import ChatToMessages, MessagesToChat
 
 __all__ = [
     "AnthropicToOpenAI",
     "ChatToAnthropic",
+    "ChatToMessages",
+    "MessagesToChat",
     "RequestTranslator",
     "ResponseTranslator",
     "TranslatedError",
