@@ -59,8 +59,11 @@ class ToolCallStart:
     them to emit another format's tool-call header; metering and guards do not."""
 
     channel: int
-    id: str
+    id: str  # "" where the format gives calls no id (Gemini, mostly)
     name: str
+    # The whole arguments as JSON, for formats that send a call in one piece (Gemini);
+    # None when they follow as deltas.
+    arguments: str | None = None
 
 
 @dataclass(slots=True)

@@ -158,6 +158,14 @@ def refuse(message: str, param: str, code: str = "unsupported_parameter") -> Req
     return RequestError(message, code, param)
 
 
+def data_url(url: str) -> tuple[str, str] | None:
+    """`data:<type>;base64,<data>` -> (type, data); None for anything else."""
+    head, comma, data = url.partition(",")
+    if not comma or not head.startswith("data:") or not head.endswith(";base64"):
+        return None
+    return head[5:-7].lower(), data
+
+
 def usage_json(usage: Usage) -> dict[str, Any]:
     """The neutral usage in OpenAI Chat's shape (always with both details objects)."""
     return {

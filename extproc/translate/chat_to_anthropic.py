@@ -28,6 +28,7 @@ from extproc.providers.base import RequestError, StreamEvent
 from extproc.translate.base import (
     TranslatedError,
     UpstreamRequest,
+    data_url,
     openai_error,
     refuse,
 )
@@ -270,21 +271,13 @@ def _user_blocks(content: Any, where: str) -> list[dict[str, Any]]:
     return blocks
 
 
-def _data_url(url: str) -> tuple[str, str] | None:
-    """`data:<type>;base64,<data>` -> (type, data)."""
-    head, comma, data = url.partition(",")
-    if not comma or not head.startswith("data:") or not head.endswith(";base64"):
-        return None
-    return head[5:-7].lower(), data
-
-
 def _image(image: Any, at: str) -> dict[str, Any]:
     url = image.get("url") if isinstance(image, dict) else None
     if not isinstance(url, str) or not url:
         raise refuse(f"Invalid '{at}.image_url.url': expected a URL.", f"{at}.image_url.url")
     if url.startswith(("https://", "http://")):
         return {"type": "image", "source": {"type": "url", "url": url}}
-    found = _data_url(url)
+    found = data_url(url)
     if found is None or found[0] not in _IMAGE_TYPES:
         raise refuse(
             f"Invalid '{at}.image_url.url': expected an http(s) URL or a base64 data URL of "
@@ -297,7 +290,7 @@ def _image(image: Any, at: str) -> dict[str, Any]:
 
 def _document(file: Any, at: str) -> dict[str, Any]:
     data = file.get("file_data") if isinstance(file, dict) else None
-    found = _data_url(data) if isinstance(data, str) else None
+    found = data_url(data) if isinstance(data, str) else None
     if found is None or found[0] != "application/pdf":
         raise refuse(
             f"Invalid '{at}.file': only inline PDF files (file_data as a base64 data URL) "
