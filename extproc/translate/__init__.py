@@ -5,7 +5,8 @@ One module per pair: `chat_to_anthropic` (OpenAI chat client, Anthropic upstream
 `messages_to_chat` (Anthropic Messages client, OpenAI chat upstream), `chat_to_gemini`,
 `chat_to_bedrock` (OpenAI chat client, Gemini / Bedrock Converse upstream).
 The contract is in `base`; `openai_out` writes OpenAI chunks for every `* -> OpenAI`
-pair.
+pair; `openai_from_anthropic` and `anthropic_from_openai` hold the response halves of
+the two Anthropic pairs.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ Nothing here is wired into the exchange yet (docs/translation.md).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 from extproc.errors import bounded
@@ -46,8 +46,6 @@ class UpstreamRequest:
     headers: tuple[tuple[str, str], ...] = ()
     # The client asked for the usage chunk (OpenAI's `stream_options.include_usage`).
     include_usage: bool = False
-    # Anything the response side needs to know about the request (tool names...).
-    notes: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,8 +95,10 @@ class RequestTranslator(Protocol):
     source: ClassVar[str]  # client API, e.g. "openai_chat" (a metrics label)
     target: ClassVar[str]  # upstream API, e.g. "anthropic_messages"
 
-    def request(self, body: dict[str, Any]) -> UpstreamRequest:
-        """The upstream request, or RequestError (400 naming the refused part)."""
+    def request(self, body: dict[str, Any], model: str | None = None) -> UpstreamRequest:
+        """The upstream request, or RequestError (400 naming the refused part).
+        `body` is the client's as its WireFormat parsed it; `model` the upstream's
+        model name when an alias renamed it."""
         ...
 
     def response(self, upstream: UpstreamRequest, *, created: int) -> ResponseTranslator:
