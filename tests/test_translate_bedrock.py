@@ -213,6 +213,7 @@ def test_request_mapping() -> None:
     ("extra", "param"),
     [
         ({"n": 2}, "n"),
+        ({"modalities": ["text", "audio"]}, "modalities"),
         ({"response_format": {"type": "json_object"}}, "response_format"),
         ({"messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]},

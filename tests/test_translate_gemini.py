@@ -249,6 +249,7 @@ def test_request_mapping() -> None:
     ("extra", "param"),
     [
         ({"n": 3}, "n"),
+        ({"modalities": ["text", "audio"]}, "modalities"),
         ({"logprobs": True}, "logprobs"),
         ({"messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]},

@@ -93,6 +93,8 @@ def _translate(body: Mapping[str, Any]) -> dict[str, Any]:
     for name in _REFUSED:
         if body.get(name) not in _NEUTRAL:
             raise refuse(f"'{name}' is not supported by this model's provider.", name)
+    if body.get("modalities") not in (None, ["text"]):
+        raise refuse("Only text output is supported by this model's provider.", "modalities")
     system, messages, history_tools = _messages(body.get("messages") or [])
     if not messages:
         raise refuse("Invalid 'messages': at least one user message is required.", "messages")

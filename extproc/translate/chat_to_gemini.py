@@ -91,6 +91,8 @@ def _translate(body: Mapping[str, Any]) -> dict[str, Any]:
     for name in _REFUSED:
         if body.get(name) not in (None, False):
             raise refuse(f"'{name}' is not supported by this model's provider.", name)
+    if body.get("modalities") not in (None, ["text"]):
+        raise refuse("Only text output is supported by this model's provider.", "modalities")
     out: dict[str, Any] = {}
     system, contents = _contents(body.get("messages") or [])
     if not contents:
