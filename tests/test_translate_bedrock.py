@@ -131,7 +131,8 @@ def test_whole_answer() -> None:
     assert answer.usage.completion_tokens == 3
 
 
-def test_exception_mid_stream_is_raised_by_the_sdk() -> None:
+@pytest.mark.parametrize("points", [None, []], ids=["frame by frame", "one chunk"])
+def test_exception_mid_stream_is_raised_by_the_sdk(points: list[int] | None) -> None:
     frames = mock.build_bedrock_stream(
         {"messages": [{"role": "user", "content": [{"text": "hi"}]}]}, MODEL
     )
@@ -140,13 +141,19 @@ def test_exception_mid_stream_is_raised_by_the_sdk() -> None:
          (":message-type", "exception")],
         b'{"message":"Too many tokens"}',
     )  # fmt: skip
-    cut_frames = [*frames[:4], exception, *frames[4:]]
-    stream = sdk(lambda upstream: (200, {}, cut_frames)).chat.completions.create(
+    # After contentBlockStop: in one chunk the decoder has seen the exception before
+    # the translator reads the events ahead of it, which must still pass untouched.
+    cut_frames = [*frames[:-2], exception]
+    seen: list[str] = []
+    stream = sdk(lambda upstream: (200, {}, cut_frames), points).chat.completions.create(
         model=MODEL, messages=MESSAGES, stream=True
     )
     with pytest.raises(openai.APIError, match="Too many tokens") as info:
-        list(stream)
+        for chunk in stream:
+            seen.append(chunk.choices[0].delta.content or "")
     assert info.value.code == "throttlingException"
+    whole = mock.build_bedrock({"messages": [{"role": "user", "content": [{"text": "hi"}]}]}, MODEL)
+    assert "".join(seen) == whole["output"]["message"]["content"][0]["text"]
 
 
 def test_refusal_status_and_exception_name() -> None:

@@ -37,6 +37,11 @@ from extproc.translate.base import (
 from extproc.translate.openai_out import DecoderToOpenAI, completion, tool_call
 
 MAX_FRAME_BYTES = 1 << 20
+# ConverseStream's event types; any other name is an exception (`:exception-type`).
+_EVENTS = frozenset(
+    {"messageStart", "contentBlockStart", "contentBlockDelta", "contentBlockStop",
+     "messageStop", "metadata"}
+)  # fmt: skip
 _IMAGE_FORMATS = {
     "image/png": "png",
     "image/jpeg": "jpeg",
@@ -277,7 +282,7 @@ class BedrockToOpenAI(DecoderToOpenAI):
             out.append(self.writer.finish(self.decoder.finish_reason))
         elif name == "metadata":
             out.append(self._complete())
-        elif self.decoder.finish_reason == "error" and name not in (None, "messageStart"):
+        elif name is not None and name not in _EVENTS:  # an exception message
             obj = loads(event.data)
             message = obj.get("message") if isinstance(obj, dict) else None
             text = message if isinstance(message, str) else "The upstream stream failed."

@@ -39,6 +39,8 @@ from extproc.translate.base import (
 from extproc.translate.openai_out import DecoderToOpenAI, completion, tool_call
 
 MAX_FRAME_BYTES = 1 << 20
+_FINISH_KEY = b'"finishReason"'
+_BLOCKED_KEY = b'"blockReason"'
 _LEVELS = {"minimal": "MINIMAL", "low": "LOW", "medium": "MEDIUM", "high": "HIGH"}
 _LEVELS["xhigh"] = "XHIGH"
 _REFUSED = ("logprobs", "top_logprobs", "logit_bias", "audio", "prediction", "functions")
@@ -331,8 +333,12 @@ class GeminiToOpenAI(DecoderToOpenAI):
             ident = call.id or f"call_{self._calls}"
             out.append(writer.tool_start(where, ident, call.name))
             out.append(writer.text(TextDelta(where, call.arguments or "{}", "tool_arguments")))
-        if self.decoder.finish_reason is not None:
-            out.append(writer.finish(self.decoder.finish_reason))
+        data = event.data
+        if _FINISH_KEY in data or _BLOCKED_KEY in data:
+            # This element's own reason: the decoder's is already the whole chunk's.
+            reason = Gemini.completion_finish_reason(data)
+            if reason is not None:
+                out.append(writer.finish(reason))
 
     def _upstream_error(self, error: Any) -> bytes:
         message = error.get("message") if isinstance(error, dict) else None

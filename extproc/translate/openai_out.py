@@ -147,7 +147,11 @@ class ChunkWriter:
 class DecoderToOpenAI:
     """A `ResponseTranslator` skeleton: runs the upstream decoder over each chunk and
     hands every event to `_event`, which appends the client's bytes. A broken or
-    oversized upstream frame ends the stream with an error frame, never an exception."""
+    oversized upstream frame ends the stream with an error frame, never an exception.
+
+    The decoder's `finish_reason` and `usage` are its state after the whole chunk, not
+    after the event at hand: a decision about one event (is this the finish? an
+    exception?) reads the event itself, or the bytes would depend on the chunking."""
 
     content_type: ClassVar[str] = "text/event-stream"
     __slots__ = ("_broken", "_done", "decoder", "writer")
