@@ -290,3 +290,30 @@ def test_refused_parts_name_themselves(extra: dict, param: str) -> None:
     with pytest.raises(RequestError) as caught:
         MessagesToChat().request(info.body)
     assert caught.value.param == param and caught.value.status == 400
+
+
+def test_an_openai_refusal_is_text_with_stop_reason_refusal() -> None:
+    frames = [
+        chunk({"role": "assistant", "content": "", "refusal": None}),
+        chunk({"refusal": "I can't"}),
+        chunk({"refusal": " help with that."}),
+        chunk({}, "stop"),
+        b"data: " + USAGE + b"\n\n",
+        b"data: [DONE]\n\n",
+    ]
+    with sdk(frames_answer(frames)).messages.stream(
+        model="m", max_tokens=10, messages=MESSAGES
+    ) as stream:
+        message = stream.get_final_message()
+    assert [(b.type, b.text) for b in message.content] == [("text", "I can't help with that.")]
+    assert message.stop_reason == "refusal"
+
+    whole = orjson.dumps(
+        {"id": "c", "object": "chat.completion", "created": 1, "model": "m",
+         "choices": [{"index": 0, "finish_reason": "stop", "message": {
+             "role": "assistant", "content": None, "refusal": "No."}}], "usage": COUNTS}
+    )  # fmt: skip
+    message = sdk(frames_answer([whole])).messages.create(
+        model="m", max_tokens=10, messages=MESSAGES
+    )
+    assert message.content[0].text == "No." and message.stop_reason == "refusal"

@@ -32,6 +32,20 @@ def _event(name: str, payload: dict[str, Any]) -> bytes:
     return b"event: " + name.encode() + b"\ndata: " + body + b"\n\n"
 
 
+_REFUSAL = b'"refusal":"'
+
+
+def _refusals(obj: Any) -> list[str]:
+    """Non-empty `delta.refusal` texts of a chunk."""
+    texts = []
+    for choice in dicts(obj.get("choices") if isinstance(obj, dict) else None):
+        delta = choice.get("delta")
+        text = delta.get("refusal") if isinstance(delta, dict) else None
+        if isinstance(text, str) and text:
+            texts.append(text)
+    return texts
+
+
 def anthropic_usage(usage: Usage) -> dict[str, int]:
     """Neutral usage in Anthropic's terms: input excludes the cache reads."""
     return {
@@ -59,7 +73,16 @@ class ChatToMessages:
     calls one after the other): the stream ends with an error event."""
 
     content_type: ClassVar[str] = "text/event-stream"
-    __slots__ = ("_block", "_broken", "_done", "_index", "_started", "_tools", "decoder")
+    __slots__ = (
+        "_block",
+        "_broken",
+        "_done",
+        "_index",
+        "_refused",
+        "_started",
+        "_tools",
+        "decoder",
+    )
 
     def __init__(self, *, max_frame_bytes: int) -> None:
         self.decoder = OpenAIChatStream(hide_usage=False, max_frame_bytes=max_frame_bytes)
@@ -69,6 +92,7 @@ class ChatToMessages:
         self._index = -1  # of the open block
         self._block: tuple[str, int] | None = None  # (kind, channel) of the open block
         self._tools: set[int] = set()  # channels of tool calls opened so far
+        self._refused = False  # the model refused (OpenAI's `delta.refusal`)
 
     @property
     def buffered(self) -> int:
@@ -159,6 +183,12 @@ class ChatToMessages:
             self._open(("tool", call.channel), block, out)
         for delta in decoder.texts(event):
             self._delta(delta, out)
+        if _REFUSAL in event.data:  # type: ignore[operator]
+            # OpenAI streams a refusal in its own field: Anthropic's clients read it as
+            # text, and the stop reason says `refusal`.
+            for text in _refusals(loads(event.data)):
+                self._refused = True
+                self._delta(TextDelta(0, text), out)
 
     def _open(self, key: tuple[str, int], block: dict[str, Any], out: list[bytes]) -> None:
         self._close(out)
@@ -195,7 +225,8 @@ class ChatToMessages:
             self._start(StreamEvent(b"", b""), out)
         self._close(out)
         self._done = True
-        delta = {"stop_reason": stop_reason(self.decoder.finish_reason), "stop_sequence": None}
+        reason = "refusal" if self._refused else stop_reason(self.decoder.finish_reason)
+        delta = {"stop_reason": reason, "stop_sequence": None}
         usage = anthropic_usage(self.decoder.usage)
         out.append(_event("message_delta", {"delta": delta, "usage": usage}))
         out.append(_event("message_stop", {}))
@@ -213,6 +244,9 @@ class ChatToMessages:
             content.append({"type": "thinking", "thinking": reasoning, "signature": ""})
         if isinstance(message.get("content"), str) and message["content"]:
             content.append({"type": "text", "text": message["content"]})
+        refusal = message.get("refusal")
+        if isinstance(refusal, str) and refusal:
+            content.append({"type": "text", "text": refusal})
         for call in dicts(message.get("tool_calls")):
             function = call.get("function") if isinstance(call.get("function"), dict) else {}
             arguments = loads(function.get("arguments") or "{}")
@@ -233,7 +267,9 @@ class ChatToMessages:
                 "role": "assistant",
                 "model": str(obj.get("model", "")),
                 "content": content,
-                "stop_reason": stop_reason(choice.get("finish_reason")),
+                "stop_reason": "refusal"
+                if isinstance(refusal, str) and refusal
+                else stop_reason(choice.get("finish_reason")),
                 "stop_sequence": None,
                 "usage": anthropic_usage(usage),
             }

@@ -85,7 +85,7 @@ class ChunkWriter:
         )
         usage = b',"usage":null' if self._include_usage else b""
         self._finish_suffix = b"}]" + usage + b"}\n\n"
-        return self._chunk(b'{"role":"assistant","content":""}')
+        return self._chunk(b'{"role":"assistant","content":"","refusal":null}')
 
     def _chunk(self, delta: bytes, finish: bytes = b"null") -> bytes:
         return (
