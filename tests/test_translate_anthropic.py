@@ -23,7 +23,7 @@ from extproc.dev.mock.anthropic import anthropic_job
 from extproc.providers import OpenAIChat
 from extproc.translate import ChatToAnthropic, client_status
 from extproc.translate.base import UpstreamRequest
-from tests.providers_helpers import REPLAY, cut, cuts
+from tests.providers_helpers import CARD, MASK, REPLAY, cut, cuts, mask_cards
 
 CREATED = 1_700_000_123
 MESSAGES = [
@@ -355,3 +355,40 @@ def test_an_oversized_upstream_frame_ends_the_stream_with_an_error() -> None:
     held = translator.buffered
     assert translator.feed(b"y" * 4096 + b"\n\n") == b"" and translator.finish() == b""
     assert translator.buffered == held  # a broken stream is fed nothing more
+
+
+def test_a_guard_masks_the_upstream_text_before_it_is_translated() -> None:
+    """The exchange's path: decode, let a guard replace an event's texts, emit."""
+    frames = [
+        START,
+        sse("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}),
+        delta(0, "text_delta", "text", f"Card {CARD} on file"),
+        sse("content_block_start", {"index": 1, "content_block": {
+            "type": "tool_use", "id": "toolu_1", "name": "pay", "input": {}}}),
+        delta(1, "input_json_delta", "partial_json", f'{{"card":"{CARD}"}}'),
+        stop("tool_use", 9),
+        sse("message_stop", {}),
+    ]  # fmt: skip
+    upstream, _ = translate({"model": "claude-x", "messages": MESSAGES, "stream": True})
+    translator = ChatToAnthropic().response(upstream, created=CREATED)
+    body = b""
+    for frame in frames:
+        events = translator.decoder.feed(frame)
+        texts = [[mask_cards(d.text) for d in translator.decoder.texts(e)] for e in events]
+        body += translator.emit(events, texts)
+    body += translator.finish()
+    assert CARD.encode() not in body
+
+    def served(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body)
+
+    client = openai.OpenAI(
+        api_key="k",
+        base_url="http://gateway.test/v1",
+        http_client=httpx.Client(transport=httpx.MockTransport(served)),
+    )
+    final, _ = assembled(
+        client.chat.completions.create(model="claude-x", messages=MESSAGES, stream=True)
+    )
+    assert final.choices[0].message.content == f"Card {MASK} on file"
+    assert final.choices[0].message.tool_calls[0].function.arguments == f'{{"card":"{MASK}"}}'

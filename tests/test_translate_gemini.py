@@ -263,3 +263,16 @@ def test_refusals_name_the_part(extra: dict, param: str) -> None:
     with pytest.raises(RequestError) as caught:
         ChatToGemini().request(info.body)
     assert caught.value.param == param
+
+
+def test_a_guards_version_of_whole_call_arguments_is_what_the_client_gets() -> None:
+    upstream = UpstreamRequest("/x", b"{}", True, "g", include_usage=False)
+    translator = ChatToGemini().response(upstream, created=1)
+    frame = element(
+        [{"functionCall": {"name": "pay", "args": {"card": "4111 1111 1111 1111"}}}], "STOP"
+    )
+    events = translator.decoder.feed(frame)
+    texts = [[d.text.replace("4111 1111 1111 1111", "[card]") for d in translator.decoder.texts(e)]
+             for e in events]  # fmt: skip
+    body = translator.emit(events, texts) + translator.finish()
+    assert b"4111" not in body and b'{\\"card\\":\\"[card]\\"}' in body

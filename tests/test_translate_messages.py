@@ -317,3 +317,27 @@ def test_an_openai_refusal_is_text_with_stop_reason_refusal() -> None:
         model="m", max_tokens=10, messages=MESSAGES
     )
     assert message.content[0].text == "No." and message.stop_reason == "refusal"
+
+
+def test_a_guard_masks_the_upstream_text_before_it_is_translated() -> None:
+    card = "4111 1111 1111 1111"
+    frames = [
+        chunk({"role": "assistant", "content": ""}),
+        chunk({"content": f"Card {card}."}),
+        chunk({}, "stop"),
+        b"data: " + USAGE + b"\n\n",
+        b"data: [DONE]\n\n",
+    ]
+    translator = MessagesToChat().response(UPSTREAM_STREAM, created=1)
+    body = b""
+    for frame in frames:
+        events = translator.decoder.feed(frame)
+        texts = [
+            [d.text.replace(card, "[card]") for d in translator.decoder.texts(e)] for e in events
+        ]
+        body += translator.emit(events, texts)
+    assert card.encode() not in body and b"Card [card]." in body
+    assert body.endswith(b'event: message_stop\ndata: {"type":"message_stop"}\n\n')
+
+
+UPSTREAM_STREAM = UpstreamRequest("/v1/chat/completions", b"{}", True, "m", include_usage=True)

@@ -15,7 +15,12 @@ from extproc.providers.anthropic import ERROR_TYPES
 from extproc.providers.base import StreamError, StreamEvent, TextDelta
 from extproc.providers.openai_chat import OpenAIChat, OpenAIChatStream
 from extproc.sse import FrameTooLarge
-from extproc.translate.base import TranslatedError, client_status, kept_headers
+from extproc.translate.base import (
+    TranslatedError,
+    client_status,
+    kept_headers,
+    replaced_texts,
+)
 from extproc.usage import Usage
 
 _STOP = {
@@ -80,6 +85,7 @@ class ChatToMessages:
         "_index",
         "_refused",
         "_started",
+        "_texts",
         "_tools",
         "decoder",
     )
@@ -93,6 +99,7 @@ class ChatToMessages:
         self._block: tuple[str, int] | None = None  # (kind, channel) of the open block
         self._tools: set[int] = set()  # channels of tool calls opened so far
         self._refused = False  # the model refused (OpenAI's `delta.refusal`)
+        self._texts: list[str] | None = None  # a guard's texts for the event at hand
 
     @property
     def buffered(self) -> int:
@@ -105,7 +112,7 @@ class ChatToMessages:
             events = self.decoder.feed(chunk)
         except (StreamError, FrameTooLarge) as exc:
             return self._broke(exc)
-        return self._run(events)
+        return self.emit(events)
 
     def finish(self) -> bytes:
         if self._broken:
@@ -114,7 +121,7 @@ class ChatToMessages:
             events = self.decoder.finish()
         except (StreamError, FrameTooLarge) as exc:
             return self._broke(exc)
-        out = self._run(events)
+        out = self.emit(events)
         if not self._done:
             if self.decoder.finish_reason is not None:  # finished, only [DONE] missing
                 out += self._complete()
@@ -132,11 +139,13 @@ class ChatToMessages:
         self._done = True
         return error_event(message, kind)
 
-    def _run(self, events: list[StreamEvent]) -> bytes:
+    def emit(self, events: list[StreamEvent], texts: list[list[str] | None] | None = None) -> bytes:
+        """See `base.ResponseTranslator.emit`."""
         out: list[bytes] = []
-        for event in events:
+        for i, event in enumerate(events):
             if self._done:
                 continue
+            self._texts = texts[i] if texts is not None else None
             if event.is_done:
                 out.append(self._complete())
             elif event.data is not None and event.data.lstrip().startswith(b'{"error"'):
@@ -146,6 +155,7 @@ class ChatToMessages:
                     self._chunk(event, out)
                 except StreamError as exc:
                     out.append(self._fail(str(exc)))
+        self._texts = None
         return b"".join(out)
 
     def _upstream_error(self, data: bytes) -> bytes:
@@ -181,7 +191,7 @@ class ChatToMessages:
             self._tools.add(call.channel)
             block = {"type": "tool_use", "id": call.id, "name": call.name, "input": {}}
             self._open(("tool", call.channel), block, out)
-        for delta in decoder.texts(event):
+        for delta in replaced_texts(decoder, event, self._texts):
             self._delta(delta, out)
         if _REFUSAL in event.data:  # type: ignore[operator]
             # OpenAI streams a refusal in its own field: Anthropic's clients read it as

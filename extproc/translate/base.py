@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Protocol
 
 from extproc.errors import bounded
 from extproc.errors import error_body as openai_error_body
-from extproc.providers.base import RequestError, ResponseDecoder
+from extproc.providers.base import RequestError, ResponseDecoder, StreamEvent, TextDelta
 from extproc.usage import Usage
 
 __all__ = [
@@ -73,7 +73,15 @@ class ResponseTranslator(Protocol):
         ...
 
     def feed(self, chunk: bytes) -> bytes:
-        """The client's bytes for this upstream chunk (b"" while a frame is incomplete)."""
+        """The client's bytes for this upstream chunk (b"" while a frame is incomplete):
+        `emit(decoder.feed(chunk))`."""
+        ...
+
+    def emit(self, events: list[StreamEvent], texts: list[list[str] | None] | None = None) -> bytes:
+        """The client's bytes for events the caller took from `decoder.feed` itself,
+        so a guard could read them first: `texts[i]`, when given, replaces the texts
+        of `events[i]` (same order and count as `decoder.texts(events[i])`), and the
+        client gets the masked words, as with native traffic."""
         ...
 
     def finish(self) -> bytes:
@@ -156,6 +164,18 @@ def openai_error(
 def refuse(message: str, param: str, code: str = "unsupported_parameter") -> RequestError:
     """The 400 for a part of the request the target cannot take."""
     return RequestError(message, code, param)
+
+
+def replaced_texts(
+    decoder: ResponseDecoder, event: StreamEvent, texts: list[str] | None
+) -> list[TextDelta]:
+    """`decoder.texts(event)`, with a guard's replacements when it gave any."""
+    deltas = decoder.texts(event)
+    if texts is None:
+        return deltas
+    if len(texts) != len(deltas):
+        raise ValueError(f"expected {len(deltas)} texts, got {len(texts)}")
+    return [TextDelta(d.channel, t, d.kind, d.final) for d, t in zip(deltas, texts, strict=True)]
 
 
 def data_url(url: str) -> tuple[str, str] | None:

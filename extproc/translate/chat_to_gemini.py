@@ -325,14 +325,18 @@ class GeminiToOpenAI(DecoderToOpenAI):
             out.append(self._upstream_error(obj.get("error") if isinstance(obj, dict) else {}))
             return
         writer = self.writer
-        for delta in self.decoder.texts(event):
+        texts = self.texts(event)
+        for delta in texts:
             out.append(writer.text(delta))
-        for call in self.decoder.tool_calls(event):
+        # A call's arguments are a whole (final) text: a guard's version wins.
+        arguments = [d.text for d in texts if d.kind == "tool_arguments" and d.final]
+        for k, call in enumerate(self.decoder.tool_calls(event)):
             where = -1 - self._calls  # apart from the text channels (candidate indexes)
             self._calls += 1
             ident = call.id or f"call_{self._calls}"
+            whole = arguments[k] if k < len(arguments) else call.arguments or "{}"
             out.append(writer.tool_start(where, ident, call.name))
-            out.append(writer.text(TextDelta(where, call.arguments or "{}", "tool_arguments")))
+            out.append(writer.text(TextDelta(where, whole, "tool_arguments")))
         data = event.data
         if _FINISH_KEY in data or _BLOCKED_KEY in data:
             # This element's own reason: the decoder's is already the whole chunk's.

@@ -26,7 +26,7 @@ import orjson
 from extproc.errors import bounded
 from extproc.providers.base import ResponseDecoder, StreamError, StreamEvent, TextDelta
 from extproc.sse import FrameTooLarge
-from extproc.translate.base import TranslatedError, usage_json
+from extproc.translate.base import TranslatedError, replaced_texts, usage_json
 from extproc.usage import Usage
 
 DONE = b"data: [DONE]\n\n"
@@ -154,13 +154,14 @@ class DecoderToOpenAI:
     exception?) reads the event itself, or the bytes would depend on the chunking."""
 
     content_type: ClassVar[str] = "text/event-stream"
-    __slots__ = ("_broken", "_done", "decoder", "writer")
+    __slots__ = ("_broken", "_done", "_texts", "decoder", "writer")
 
     def __init__(self, decoder: ResponseDecoder, *, created: int, include_usage: bool) -> None:
         self.decoder = decoder
         self.writer = ChunkWriter(created=created, include_usage=include_usage)
         self._done = False
         self._broken = False  # the decoder failed: it is fed nothing more
+        self._texts: list[str] | None = None  # a guard's texts for the event at hand
 
     @property
     def buffered(self) -> int:
@@ -173,7 +174,7 @@ class DecoderToOpenAI:
             events = self.decoder.feed(chunk)
         except (StreamError, FrameTooLarge) as exc:
             return self._broke(exc)
-        return self._run(events)
+        return self.emit(events)
 
     def finish(self) -> bytes:
         if self._broken:
@@ -182,26 +183,34 @@ class DecoderToOpenAI:
             events = self.decoder.finish()
         except (StreamError, FrameTooLarge) as exc:
             return self._broke(exc)
-        out = self._run(events)
+        out = self.emit(events)
         if not self._done:
             out += self._end_of_stream()
         return out
 
-    def _run(self, events: list[StreamEvent]) -> bytes:
+    def emit(self, events: list[StreamEvent], texts: list[list[str] | None] | None = None) -> bytes:
+        """See `base.ResponseTranslator.emit`."""
         if self._done:
             for event in events:  # still metered by the decoder; nothing more to send
                 self._after_done(event)
             return b""
         out: list[bytes] = []
         try:
-            for event in events:
+            for i, event in enumerate(events):
                 if self._done:
                     self._after_done(event)
                 else:
+                    self._texts = texts[i] if texts is not None else None
                     self._event(event, out)
         except StreamError as exc:
             out.append(self._fail(str(exc), "malformed_stream"))
+        finally:
+            self._texts = None
         return b"".join(out)
+
+    def texts(self, event: StreamEvent) -> list[TextDelta]:
+        """The event's texts as the client gets them (a guard's, when it gave any)."""
+        return replaced_texts(self.decoder, event, self._texts)
 
     def _broke(self, exc: Exception) -> bytes:
         self._broken = True
@@ -242,7 +251,7 @@ class DecoderToOpenAI:
             out.append(self._start_if_needed())
         for call in decoder.tool_calls(event):
             out.append(writer.tool_start(call.channel, call.id, call.name))
-        for delta in decoder.texts(event):
+        for delta in self.texts(event):
             out.append(writer.text(delta))
 
     def error(self, status: int, headers: Mapping[str, str], body: bytes) -> TranslatedError:
