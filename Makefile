@@ -30,7 +30,8 @@ lint: install
 # full policy), a concurrency sweep, a workers sweep, the targets met or missed; then the
 # guards' cost per chunk, the limiters' cost per request, each decoder's cost per frame,
 # each guard detector's cost per character on hostile text, pricing + budget checks per
-# request and the spend ledger's rows/s. `make bench BENCH_ARGS=--quick`
+# request, the spend ledger's rows/s, and translation's cost per frame (Anthropic ->
+# OpenAI) against the decoder alone. `make bench BENCH_ARGS=--quick`
 # for a short check of bench/run.py, `BENCH_ARGS=--profile` for py-spy's top frames.
 BENCH_ARGS ?=
 bench: install
@@ -40,6 +41,7 @@ bench: install
 	$(PY) bench/limiter_bench.py
 	$(PY) bench/decoder_bench.py
 	$(PY) bench/spend_bench.py
+	$(PY) bench/translate_bench.py
 
 check-config: install
 	$(PY) -m extproc check-config $(CONFIG)

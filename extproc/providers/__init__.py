@@ -21,6 +21,7 @@ from extproc.providers.base import (
     StreamError,
     StreamEvent,
     TextDelta,
+    ToolCallStart,
     WireFormat,
 )
 from extproc.providers.bedrock import BedrockConverse
@@ -43,6 +44,7 @@ __all__ = [
     "StreamError",
     "StreamEvent",
     "TextDelta",
+    "ToolCallStart",
     "Vertex",
     "WireFormat",
     "decoder_label",

@@ -26,7 +26,7 @@ from extproc.providers._json import (  # noqa: F401
     require_string,
     uint,
 )
-from extproc.providers.base import RequestInfo, StreamEvent, TextDelta
+from extproc.providers.base import RequestInfo, StreamEvent, TextDelta, ToolCallStart
 from extproc.sse import Frame, SSEFramer
 from extproc.usage import Usage
 
@@ -211,6 +211,10 @@ class EventDecoder:
         if event.data is None:
             return []
         return read_slots(self._parsed(event)[1])
+
+    def tool_calls(self, event: StreamEvent) -> list[ToolCallStart]:
+        """Formats that translation reads override this; the others open none."""
+        return []
 
     def rewrite(self, event: StreamEvent, texts: list[str]) -> bytes:
         if event.data is None:

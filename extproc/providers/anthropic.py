@@ -40,7 +40,7 @@ from extproc.providers._common import (
     uint,
 )
 from extproc.providers._fields import anthropic_extras
-from extproc.providers.base import RequestError, RequestInfo, StreamEvent
+from extproc.providers.base import RequestError, RequestInfo, StreamEvent, ToolCallStart
 from extproc.sse import Frame
 from extproc.usage import Usage
 
@@ -243,6 +243,19 @@ class AnthropicStream(SSEDecoder):
             if isinstance(message, dict):
                 return list(_blocks_slots(message.get("content")))
         return []
+
+    def tool_calls(self, event: StreamEvent) -> list[ToolCallStart]:
+        """A `content_block_start` of a `tool_use` block: its id and name."""
+        if event.name != "content_block_start" or event.data is None:
+            return []
+        obj = self._parsed(event)[0]
+        block = obj.get("content_block") if isinstance(obj, dict) else None
+        if not isinstance(block, dict) or block.get("type") != "tool_use":
+            return []
+        ident, name = block.get("id"), block.get("name")
+        if not isinstance(ident, str) or not isinstance(name, str):
+            return []
+        return [ToolCallStart(index_of(obj, "index", 0), ident, name)]
 
     def error_event(self, message: str, code: str, *, before: StreamEvent | None = None) -> bytes:
         """An `error` event: the Anthropic SDKs raise APIStatusError on it."""

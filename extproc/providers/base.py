@@ -52,6 +52,20 @@ class TextDelta:
     final: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class ToolCallStart:
+    """A tool call opens in this event: its id and function name (the arguments follow
+    as `TextDelta`s of kind `tool_arguments` on the same `channel`). Translation needs
+    them to emit another format's tool-call header; metering and guards do not."""
+
+    channel: int
+    id: str  # "" where the format gives calls no id (Gemini, mostly)
+    name: str
+    # The whole arguments as JSON, for formats that send a call in one piece (Gemini);
+    # None when they follow as deltas.
+    arguments: str | None = None
+
+
 @dataclass(slots=True)
 class StreamEvent:
     """One provider message on the wire (SSE frame, JSON array element, eventstream
@@ -97,6 +111,10 @@ class ResponseDecoder(Protocol):
 
     def texts(self, event: StreamEvent) -> list[TextDelta]:
         """Generated text in this event (parses it; call only when a policy needs it)."""
+        ...
+
+    def tool_calls(self, event: StreamEvent) -> list[ToolCallStart]:
+        """Tool calls this event opens (parses it, sharing the parse with `texts`)."""
         ...
 
     def rewrite(self, event: StreamEvent, texts: list[str]) -> bytes:

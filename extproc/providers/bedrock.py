@@ -40,7 +40,7 @@ from extproc.providers._common import (
     uint,
 )
 from extproc.providers._fields import bedrock_extras
-from extproc.providers.base import RequestError, RequestInfo, StreamEvent
+from extproc.providers.base import RequestError, RequestInfo, StreamEvent, ToolCallStart
 from extproc.providers.eventstream import (
     EventStreamSplitter,
     Message,
@@ -213,6 +213,20 @@ class BedrockStream(EventDecoder):
         if slot is None and isinstance(delta.get("reasoningContent"), dict):
             slot = string_slot(delta["reasoningContent"], "text", channel=index, kind="reasoning")
         return [slot] if slot is not None else []
+
+    def tool_calls(self, event: StreamEvent) -> list[ToolCallStart]:
+        """A `contentBlockStart` of a tool use: its id and name."""
+        if event.name != "contentBlockStart":
+            return []
+        obj = self._parsed(event)[0]
+        start = obj.get("start") if isinstance(obj, dict) else None
+        tool = start.get("toolUse") if isinstance(start, dict) else None
+        if not isinstance(tool, dict):
+            return []
+        ident, name = tool.get("toolUseId"), tool.get("name")
+        if not isinstance(ident, str) or not isinstance(name, str):
+            return []
+        return [ToolCallStart(index_of(obj, "contentBlockIndex", 0), ident, name)]
 
     def _encode(self, event: StreamEvent, obj: Any) -> bytes:
         raw = event.raw

@@ -32,6 +32,7 @@ from extproc.providers._common import (
     JSONWireFormat,
     Slot,
     SSEDecoder,
+    channel,
     dicts,
     index_of,
     loads,
@@ -43,7 +44,7 @@ from extproc.providers._common import (
     uint,
 )
 from extproc.providers._fields import gemini_extras
-from extproc.providers.base import RequestError, RequestInfo, StreamEvent
+from extproc.providers.base import RequestError, RequestInfo, StreamEvent, ToolCallStart
 from extproc.providers.jsonarray import JSONArraySplitter, Piece, State
 from extproc.sse import Frame
 from extproc.usage import Usage
@@ -244,6 +245,29 @@ class _GeminiEvents:
 
     def _slots(self, event: StreamEvent, obj: Any) -> list[Slot]:
         return list(_response_slots(obj, final=False))
+
+    def tool_calls(self, event: StreamEvent) -> list[ToolCallStart]:
+        """Function calls of this element, whole (name and arguments in one part);
+        `channel` is (candidate, position among the element's calls)."""
+        if event.data is None or _CALL not in event.data:
+            return []
+        obj = self._parsed(event)[0]  # type: ignore[attr-defined]
+        starts = []
+        for position, candidate in enumerate(dicts(obj.get("candidates"))):
+            content = candidate.get("content")
+            parts = content.get("parts") if isinstance(content, dict) else None
+            calls = [
+                p["functionCall"] for p in dicts(parts) if isinstance(p.get("functionCall"), dict)
+            ]
+            for k, call in enumerate(calls):
+                if not isinstance(call.get("name"), str):
+                    continue
+                args = call.get("args")
+                arguments = orjson.dumps(args if isinstance(args, dict) else {}).decode()
+                ident = call.get("id") if isinstance(call.get("id"), str) else ""
+                where = channel(index_of(candidate, "index", position), k)
+                starts.append(ToolCallStart(where, ident, call["name"], arguments))
+        return starts
 
     def _element(self, data: bytes) -> bool:
         """Note what one GenerateContentResponse carries; True if it has output."""

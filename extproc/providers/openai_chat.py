@@ -37,7 +37,7 @@ from extproc.providers._common import (
     uint,
 )
 from extproc.providers._fields import chat_extras
-from extproc.providers.base import RequestError, RequestInfo, StreamEvent
+from extproc.providers.base import RequestError, RequestInfo, StreamEvent, ToolCallStart
 from extproc.sse import Frame
 from extproc.usage import Usage
 
@@ -240,6 +240,29 @@ class OpenAIChatStream(SSEDecoder):
 
     def _slots(self, event: StreamEvent, obj: Any) -> list[Slot]:
         return list(_choice_slots(obj, "delta", final=False))
+
+    def tool_calls(self, event: StreamEvent) -> list[ToolCallStart]:
+        """Tool calls whose first delta (the one with `id` and `function.name`) is
+        in this chunk; `channel` as for their arguments in `texts`."""
+        if event.data is None or b'"tool_calls"' not in event.data:
+            return []
+        obj = self._parsed(event)[0]
+        starts = []
+        for position, choice in enumerate(
+            dicts(obj.get("choices") if isinstance(obj, dict) else None)
+        ):
+            delta = choice.get("delta")
+            if not isinstance(delta, dict):
+                continue
+            index = index_of(choice, "index", position)
+            for tpos, call in enumerate(dicts(delta.get("tool_calls"))):
+                function = call.get("function")
+                name = function.get("name") if isinstance(function, dict) else None
+                ident = call.get("id")
+                if isinstance(ident, str) and ident and isinstance(name, str):
+                    where = channel(index, index_of(call, "index", tpos))
+                    starts.append(ToolCallStart(where, ident, name))
+        return starts
 
     def _encode(self, event: StreamEvent, obj: Any) -> bytes:
         if self._hide_usage and isinstance(obj, dict) and obj.get("usage", 0) is None:

@@ -1,0 +1,93 @@
+"""Per-frame cost of translating an Anthropic stream into OpenAI chat chunks, in
+process (no Envoy), against the plain Anthropic decoder alone.
+
+The stream is the mock provider's (the bytes the tests see), fed one frame per chunk
+as a slow provider sends them, then all in one chunk as a fast one does. Prints
+microseconds per upstream frame and the ratio: what translation adds on top of the
+metering every streamed chunk already pays.
+
+    .venv/bin/python bench/translate_bench.py [--tokens 64] [--rounds 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import orjson
+
+from extproc.dev import mock
+from extproc.providers.anthropic import AnthropicStream
+from extproc.translate import ChatToAnthropic
+
+CHAT = {
+    "model": "claude-x",
+    "stream": True,
+    "stream_options": {"include_usage": True},
+    "messages": [{"role": "user", "content": "Tell me about gateways."}],
+}
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"query": {"type": "string"}, "page": {"type": "integer"}},
+}
+TOOL = {"name": "lookup", "input_schema": SCHEMA}
+
+
+def decode_only(chunks: list[bytes]) -> None:
+    decoder = AnthropicStream(1 << 20)
+    for chunk in chunks:
+        decoder.feed(chunk)
+    decoder.finish()
+
+
+def translate(chunks: list[bytes], translator: ChatToAnthropic, upstream) -> None:
+    response = translator.response(upstream, created=1_700_000_000)
+    for chunk in chunks:
+        response.feed(chunk)
+    response.finish()
+
+
+def per_frame_us(
+    run: Callable[[list[bytes]], None], chunks: list[bytes], frames: int, rounds: int
+) -> float:
+    start = time.perf_counter()
+    for _ in range(rounds):
+        run(chunks)
+    return (time.perf_counter() - start) / rounds / frames * 1e6
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=300)
+    args = parser.parse_args()
+    translator = ChatToAnthropic()
+    upstream = translator.request(CHAT)
+    cases = [
+        ("text", mock.MockOptions(tokens=args.tokens)),
+        ("tool call", mock.MockOptions(tokens=args.tokens, tool_call=True)),
+    ]
+    print(
+        f"{'anthropic -> openai':22} {'frames':>6} {'chunking':>15} "
+        f"{'decoder µs/frame':>17} {'translated µs/frame':>20} {'ratio':>6}"
+    )
+    for label, options in cases:
+        request = {**orjson.loads(upstream.body), "tools": [TOOL]}
+        frames = mock.build_anthropic_stream(request, options)
+        for chunking, chunks in (("frame by frame", frames), ("one chunk", [b"".join(frames)])):
+            plain = per_frame_us(decode_only, chunks, len(frames), args.rounds)
+            full = per_frame_us(
+                lambda c: translate(c, translator, upstream), chunks, len(frames), args.rounds
+            )
+            print(
+                f"{label:22} {len(frames):>6} {chunking:>15} "
+                f"{plain:>17.2f} {full:>20.2f} {full / plain:>6.2f}"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,340 @@
+"""OpenAI Chat Completions client -> Bedrock Converse / ConverseStream upstream.
+
+Request: system/developer messages become `system` text blocks; user parts text,
+base64 images (png, jpeg, gif, webp) and PDF files become `text` / `image` /
+`document` blocks (Bedrock takes no image URL: refused); assistant tool calls
+`toolUse` blocks and `tool` messages `toolResult` blocks in a user turn; tools and
+tool_choice `toolConfig`; max tokens, temperature, top_p and stop `inferenceConfig`.
+What Converse has no field for is refused (`n > 1`, response_format, penalties,
+logprobs, reasoning_effort, tool_choice none while tools are in the history).
+
+Response: the binary event stream (decoded and metered by
+`providers.bedrock.BedrockStream`) becomes chat chunks: `messageStop` gives the
+finish chunk, the `metadata` event after it the usage chunk and `[DONE]`; an
+exception message ends the stream with an error the SDK raises. Requests are not
+signed here (SigV4 lands with the wiring).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any, ClassVar
+from urllib.parse import quote
+
+import orjson
+
+from extproc.providers._common import dicts, loads
+from extproc.providers.base import StreamEvent
+from extproc.providers.bedrock import BedrockConverse, BedrockStream
+from extproc.translate.base import (
+    TranslatedError,
+    UpstreamRequest,
+    data_url,
+    openai_error,
+    refuse,
+)
+from extproc.translate.openai_out import DecoderToOpenAI, completion, tool_call
+
+MAX_FRAME_BYTES = 1 << 20
+# ConverseStream's event types; any other name is an exception (`:exception-type`).
+_EVENTS = frozenset(
+    {"messageStart", "contentBlockStart", "contentBlockDelta", "contentBlockStop",
+     "messageStop", "metadata"}
+)  # fmt: skip
+_IMAGE_FORMATS = {
+    "image/png": "png",
+    "image/jpeg": "jpeg",
+    "image/gif": "gif",
+    "image/webp": "webp",
+}
+_REFUSED = (
+    "logprobs", "top_logprobs", "logit_bias", "audio", "prediction", "functions",
+    "response_format", "presence_penalty", "frequency_penalty", "reasoning_effort",
+)  # fmt: skip
+_NEUTRAL = (None, False, 0, {"type": "text"})
+_NAME = re.compile(r"[^A-Za-z0-9 \-()\[\]]")  # Bedrock's allowed document-name characters
+
+
+class ChatToBedrock:
+    """The translator (settings only)."""
+
+    source: ClassVar[str] = "openai_chat"
+    target: ClassVar[str] = "bedrock_converse"
+
+    def __init__(self, *, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
+        self.max_frame_bytes = max_frame_bytes
+
+    def request(self, body: dict[str, Any], model: str | None = None) -> UpstreamRequest:
+        name = model or str(body.get("model") or "")
+        stream = body.get("stream") is True
+        options = body.get("stream_options")
+        wants_usage = isinstance(options, dict) and options.get("include_usage") is True
+        return UpstreamRequest(
+            path=f"/model/{quote(name, safe='')}/{'converse-stream' if stream else 'converse'}",
+            body=orjson.dumps(_translate(body)),
+            stream=stream,
+            model=name,
+            headers=(("content-type", "application/json"),),
+            include_usage=stream and wants_usage,
+        )
+
+    def response(self, upstream: UpstreamRequest, *, created: int) -> BedrockToOpenAI:
+        return BedrockToOpenAI(
+            created=created,
+            include_usage=upstream.include_usage,
+            max_frame_bytes=self.max_frame_bytes,
+            model=upstream.model,
+        )
+
+
+# --------------------------------------------------------------------------- request
+
+
+def _translate(body: Mapping[str, Any]) -> dict[str, Any]:
+    n = body.get("n")
+    if n is not None and n != 1:
+        raise refuse("Invalid 'n': send n=1 (one choice per request here).", "n")
+    for name in _REFUSED:
+        if body.get(name) not in _NEUTRAL:
+            raise refuse(f"'{name}' is not supported by this model's provider.", name)
+    if body.get("modalities") not in (None, ["text"]):
+        raise refuse("Only text output is supported by this model's provider.", "modalities")
+    system, messages, history_tools = _messages(body.get("messages") or [])
+    if not messages:
+        raise refuse("Invalid 'messages': at least one user message is required.", "messages")
+    out: dict[str, Any] = {"messages": messages}
+    if system:
+        out["system"] = system
+    inference: dict[str, Any] = {}
+    cap = body.get("max_completion_tokens", body.get("max_tokens"))
+    if cap is not None:
+        inference["maxTokens"] = cap
+    for source, target in (("temperature", "temperature"), ("top_p", "topP")):
+        if body.get(source) is not None:
+            inference[target] = body[source]
+    stop = body.get("stop")
+    if stop is not None:
+        inference["stopSequences"] = [stop] if isinstance(stop, str) else stop
+    if inference:
+        out["inferenceConfig"] = inference
+    config = _tool_config(body.get("tools"), body.get("tool_choice"), history_tools)
+    if config is not None:
+        out["toolConfig"] = config
+    return out
+
+
+def _messages(messages: list[Any]) -> tuple[list[dict], list[dict], bool]:
+    """(system blocks, messages, whether the history holds tool use)."""
+    system: list[dict[str, Any]] = []
+    out: list[dict[str, Any]] = []
+    tools = False
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        role = message.get("role") if isinstance(message, dict) else None
+        if role in ("system", "developer"):
+            system += _blocks(message.get("content"), f"{where}.content", text_only=True)
+            continue
+        if role == "user":
+            turn, blocks = "user", _blocks(message.get("content"), f"{where}.content")
+        elif role == "assistant":
+            turn, blocks = "assistant", _assistant(message, where)
+        elif role == "tool":
+            turn, blocks = "user", [_tool_result(message, where)]
+        else:
+            raise refuse(f"Invalid '{where}.role': {role!r} cannot be sent here.", f"{where}.role")
+        tools = tools or any("toolUse" in b or "toolResult" in b for b in blocks)
+        if not blocks:
+            continue
+        if out and out[-1]["role"] == turn:
+            out[-1]["content"].extend(blocks)
+        else:
+            out.append({"role": turn, "content": blocks})
+    return system, out, tools
+
+
+def _blocks(content: Any, where: str, *, text_only: bool = False) -> list[dict[str, Any]]:
+    if isinstance(content, str):
+        return [{"text": content}] if content else []
+    if content is None:
+        return []
+    if not isinstance(content, list):
+        raise refuse(f"Invalid '{where}': expected a string or parts.", where, "invalid_type")
+    blocks = []
+    for j, part in enumerate(content):
+        at = f"{where}[{j}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            if part["text"]:
+                blocks.append({"text": part["text"]})
+        elif kind == "refusal" and text_only:
+            continue
+        elif text_only:
+            raise refuse(f"Invalid '{at}': only text parts are accepted here.", at)
+        elif kind == "image_url":
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else None
+            found = data_url(url) if isinstance(url, str) else None
+            if found is None or found[0] not in _IMAGE_FORMATS:
+                raise refuse(
+                    f"Invalid '{at}.image_url.url': this model's provider takes images as "
+                    "base64 data URLs (png, jpeg, gif, webp) only.",
+                    f"{at}.image_url.url",
+                )
+            source = {"bytes": found[1]}
+            blocks.append({"image": {"format": _IMAGE_FORMATS[found[0]], "source": source}})
+        elif kind == "file":
+            blocks.append(_document(part.get("file"), at))
+        else:
+            raise refuse(f"Invalid '{at}': a {kind!r} part cannot be sent here.", at)
+    return blocks
+
+
+def _document(file: Any, at: str) -> dict[str, Any]:
+    data = file.get("file_data") if isinstance(file, dict) else None
+    found = data_url(data) if isinstance(data, str) else None
+    if found is None or found[0] != "application/pdf":
+        raise refuse(f"Invalid '{at}.file': only inline PDF file_data is accepted.", f"{at}.file")
+    filename = file.get("filename") if isinstance(file.get("filename"), str) else "document"
+    name = _NAME.sub(" ", filename.removesuffix(".pdf")).strip() or "document"
+    return {"document": {"format": "pdf", "name": name, "source": {"bytes": found[1]}}}
+
+
+def _assistant(message: Mapping[str, Any], where: str) -> list[dict[str, Any]]:
+    blocks = _blocks(message.get("content"), f"{where}.content", text_only=True)
+    for j, call in enumerate(message.get("tool_calls") or ()):
+        at = f"{where}.tool_calls[{j}]"
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise refuse(f"Invalid '{at}': expected a function call with a name.", at)
+        args = loads(function.get("arguments") or "{}")
+        if not isinstance(args, dict):
+            raise refuse(
+                f"Invalid '{at}.function.arguments': expected a JSON object in a string.",
+                f"{at}.function.arguments",
+            )
+        use = {"toolUseId": str(call.get("id", "")), "name": function["name"], "input": args}
+        blocks.append({"toolUse": use})
+    return blocks
+
+
+def _tool_result(message: Mapping[str, Any], where: str) -> dict[str, Any]:
+    ident = message.get("tool_call_id")
+    if not isinstance(ident, str) or not ident:
+        raise refuse(f"Missing '{where}.tool_call_id'.", f"{where}.tool_call_id")
+    content = _blocks(message.get("content"), f"{where}.content", text_only=True)
+    return {"toolResult": {"toolUseId": ident, "content": content or [{"text": ""}]}}
+
+
+def _tool_config(tools: Any, choice: Any, history: bool) -> dict[str, Any] | None:
+    specs = []
+    for i, tool in enumerate(tools or ()):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if tool.get("type", "function") != "function" or not isinstance(function, dict):
+            raise refuse(f"Invalid 'tools[{i}]': only function tools can be sent.", f"tools[{i}]")
+        spec: dict[str, Any] = {"name": function.get("name")}
+        if isinstance(function.get("description"), str):
+            spec["description"] = function["description"]
+        schema = function.get("parameters") or {"type": "object", "properties": {}}
+        spec["inputSchema"] = {"json": schema}
+        specs.append({"toolSpec": spec})
+    if choice == "none":
+        if history:
+            raise refuse(
+                "tool_choice 'none' cannot be sent with tool calls in the history here.",
+                "tool_choice",
+            )
+        return None
+    if not specs:
+        return None
+    config: dict[str, Any] = {"tools": specs}
+    if choice == "required":
+        config["toolChoice"] = {"any": {}}
+    elif isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+        config["toolChoice"] = {"tool": {"name": choice["function"].get("name")}}
+    elif choice not in (None, "auto"):
+        raise refuse("Invalid 'tool_choice'.", "tool_choice")
+    return config
+
+
+# --------------------------------------------------------------------------- response
+
+
+class BedrockToOpenAI(DecoderToOpenAI):
+    """A Converse answer (event stream or whole JSON) for an OpenAI chat client."""
+
+    __slots__ = ("_created", "_model")
+
+    def __init__(self, *, created: int, include_usage: bool, max_frame_bytes: int, model: str):
+        super().__init__(
+            BedrockStream(max_frame_bytes), created=created, include_usage=include_usage
+        )
+        self._created = created
+        self._model = model
+
+    def _event(self, event: StreamEvent, out: list[bytes]) -> None:
+        name = event.name
+        if not self.writer.started:
+            out.append(self.writer.start("chatcmpl-bedrock", self._model))
+        if name == "contentBlockDelta" or name == "contentBlockStart":
+            self._deltas(event, out)
+        elif name == "messageStop":
+            out.append(self.writer.finish(self.decoder.finish_reason))
+        elif name == "metadata":
+            out.append(self._complete())
+        elif name is not None and name not in _EVENTS:  # an exception message
+            obj = loads(event.data)
+            message = obj.get("message") if isinstance(obj, dict) else None
+            text = message if isinstance(message, str) else "The upstream stream failed."
+            out.append(self._fail(text, name or "upstream_error"))
+
+    def _end_of_stream(self) -> bytes:
+        """Metadata missing after messageStop: complete (usage as far as known)."""
+        if self.writer.finished:
+            return self._complete()
+        return super()._end_of_stream()
+
+    def whole(self, body: bytes) -> bytes:
+        obj = loads(body)
+        obj = obj if isinstance(obj, dict) else {}
+        output = obj.get("output") if isinstance(obj.get("output"), dict) else {}
+        message = output.get("message") if isinstance(output.get("message"), dict) else {}
+        texts: list[str] = []
+        thoughts: list[str] = []
+        calls: list[dict[str, Any]] = []
+        for block in dicts(message.get("content")):
+            if isinstance(block.get("text"), str):
+                texts.append(block["text"])
+            use = block.get("toolUse")
+            if isinstance(use, dict):
+                ident, name = str(use.get("toolUseId", "")), str(use.get("name", ""))
+                calls.append(tool_call(ident, name, use.get("input") or {}))
+            reasoning = block.get("reasoningContent")
+            text = reasoning.get("reasoningText") if isinstance(reasoning, dict) else None
+            if isinstance(text, dict) and isinstance(text.get("text"), str):
+                thoughts.append(text["text"])
+        return completion(
+            ident="chatcmpl-bedrock",
+            created=self._created,
+            model=self._model,
+            content="".join(texts) if texts or not calls else None,
+            reasoning="".join(thoughts) or None,
+            tool_calls=calls,
+            finish=BedrockConverse.completion_finish_reason(body),
+            usage=BedrockConverse.completion_usage(body) or self.decoder.usage,
+        )
+
+    def error(self, status: int, headers: Mapping[str, str], body: bytes) -> TranslatedError:
+        """`{"message"}` -> OpenAI's error; the exception name (from `x-amzn-ErrorType`
+        or `__type`) is the `code`."""
+        obj = loads(body)
+        obj = obj if isinstance(obj, dict) else {}
+        lowered = {k.lower(): v for k, v in headers.items()}
+        kind = lowered.get("x-amzn-errortype", "").split(":", 1)[0] or obj.get("__type")
+        message = obj.get("message", obj.get("Message"))
+        return openai_error(
+            status,
+            headers,
+            message if isinstance(message, str) else None,
+            kind if isinstance(kind, str) and kind else None,
+        )

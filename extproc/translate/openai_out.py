@@ -1,0 +1,301 @@
+"""The OpenAI side of every `* -> OpenAI chat` translation: `chat.completion.chunk`
+SSE bytes from neutral pieces, and the driver that feeds an upstream decoder.
+
+The chunks are what OpenAI sends: a role chunk first, one chunk per content,
+reasoning or tool-call delta (a tool call's first chunk carries `index`, `id`,
+`type` and `function.name` with empty arguments, later ones only `index` and
+`function.arguments`), a finish chunk with an empty delta, then (only when the client
+asked with `stream_options.include_usage`) a `choices: []` usage chunk, and
+`data: [DONE]`. While usage is asked every other chunk carries `"usage":null`, as
+OpenAI's do. Reasoning goes out as `delta.reasoning_content`, the field DeepSeek and
+vLLM use (the openai SDK keeps it as an extra field; clients that do not know it
+ignore it).
+
+Each chunk is one `orjson.dumps` of the delta between a prefix and a suffix built
+once per stream: the stream's cost is the decoder's plus about one small dump per
+upstream delta.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import orjson
+
+from extproc.errors import bounded
+from extproc.providers.base import ResponseDecoder, StreamError, StreamEvent, TextDelta
+from extproc.sse import FrameTooLarge
+from extproc.translate.base import TranslatedError, replaced_texts, usage_json
+from extproc.usage import Usage
+
+DONE = b"data: [DONE]\n\n"
+# Finish reasons an OpenAI client knows; the decoders already speak OpenAI's words.
+FINISH_REASONS = frozenset({"stop", "length", "tool_calls", "content_filter"})
+MAX_TOOL_CALLS = 1024  # per stream: the index map stays small whatever the upstream sends
+
+
+def finish_reason(reason: str | None) -> str:
+    """A decoder's finish reason as one of OpenAI's; anything else (Anthropic's
+    `pause_turn`, an unknown new reason) reads as `stop`."""
+    return reason if reason in FINISH_REASONS else "stop"
+
+
+def error_frame(message: str, code: str, kind: str = "server_error") -> bytes:
+    """An error frame then `[DONE]`: the openai SDK raises APIError on the former."""
+    body = orjson.dumps({"error": {"message": bounded(message), "type": kind, "code": code}})
+    return b"data: " + body + b"\n\n" + DONE
+
+
+class ChunkWriter:
+    """Bytes of one `chat.completion.chunk` stream (one choice, index 0)."""
+
+    __slots__ = (
+        "_created",
+        "_finish_suffix",
+        "_head",
+        "_include_usage",
+        "_tools",
+        "finished",
+        "started",
+    )
+
+    def __init__(self, *, created: int, include_usage: bool) -> None:
+        self._created = created
+        self._include_usage = include_usage
+        self._head = b""
+        self._finish_suffix = b""
+        self._tools: dict[int, int] = {}  # upstream channel -> OpenAI tool-call index
+        self.started = False
+        self.finished = False
+
+    def start(self, ident: str, model: str) -> bytes:
+        """The role chunk (and the prefix every later chunk shares)."""
+        if self.started:
+            return b""
+        self.started = True
+        self._head = (
+            b'data: {"id":'
+            + orjson.dumps(ident)
+            + b',"object":"chat.completion.chunk","created":'
+            + str(self._created).encode()
+            + b',"model":'
+            + orjson.dumps(model)
+            + b',"choices":[{"index":0,"delta":'
+        )
+        usage = b',"usage":null' if self._include_usage else b""
+        self._finish_suffix = b"}]" + usage + b"}\n\n"
+        return self._chunk(b'{"role":"assistant","content":"","refusal":null}')
+
+    def _chunk(self, delta: bytes, finish: bytes = b"null") -> bytes:
+        return (
+            self._head + delta + b',"logprobs":null,"finish_reason":' + finish + self._finish_suffix
+        )
+
+    def text(self, delta: TextDelta) -> bytes:
+        """One upstream text delta (content, reasoning or tool arguments)."""
+        if not delta.text or delta.final:
+            return b""
+        if delta.kind == "content":
+            return self._chunk(b'{"content":' + orjson.dumps(delta.text) + b"}")
+        if delta.kind == "reasoning":
+            return self._chunk(b'{"reasoning_content":' + orjson.dumps(delta.text) + b"}")
+        index = self._tools.get(delta.channel)
+        head = b""
+        if index is None:  # arguments without a start: open the call (no name known)
+            head = self.tool_start(delta.channel, f"call_{delta.channel}", "")
+            index = self._tools[delta.channel]
+        arguments = orjson.dumps(delta.text)
+        return head + self._chunk(
+            b'{"tool_calls":[{"index":%d,"function":{"arguments":%b}}]}' % (index, arguments)
+        )
+
+    def tool_start(self, channel: int, ident: str, name: str) -> bytes:
+        """A tool call's first chunk: index, id, type, name, empty arguments."""
+        if channel in self._tools:
+            return b""
+        if len(self._tools) >= MAX_TOOL_CALLS:
+            raise StreamError(f"more than {MAX_TOOL_CALLS} tool calls in one answer")
+        index = self._tools[channel] = len(self._tools)
+        call = {"index": index, "id": ident, "type": "function"}
+        call["function"] = {"name": name, "arguments": ""}  # type: ignore[assignment]
+        return self._chunk(b'{"tool_calls":[' + orjson.dumps(call) + b"]}")
+
+    @property
+    def tool_calls(self) -> int:
+        return len(self._tools)
+
+    def finish(self, reason: str | None) -> bytes:
+        """The finish chunk (once)."""
+        if self.finished:
+            return b""
+        self.finished = True
+        mapped = finish_reason(reason)
+        if mapped == "stop" and self._tools:
+            mapped = "tool_calls"  # an upstream that says STOP after a call (Gemini)
+        return self._chunk(b"{}", b'"' + mapped.encode() + b'"')
+
+    def end(self, usage: Usage, reason: str | None) -> bytes:
+        """Finish chunk if still due, the usage chunk if asked, `[DONE]`."""
+        out = self.finish(reason)
+        if self._include_usage:
+            head = self._head[: self._head.rindex(b'"choices"')]
+            out += head + b'"choices":[],"usage":' + orjson.dumps(usage_json(usage)) + b"}\n\n"
+        return out + DONE
+
+
+class DecoderToOpenAI:
+    """A `ResponseTranslator` skeleton: runs the upstream decoder over each chunk and
+    hands every event to `_event`, which appends the client's bytes. A broken or
+    oversized upstream frame ends the stream with an error frame, never an exception.
+
+    The decoder's `finish_reason` and `usage` are its state after the whole chunk, not
+    after the event at hand: a decision about one event (is this the finish? an
+    exception?) reads the event itself, or the bytes would depend on the chunking."""
+
+    content_type: ClassVar[str] = "text/event-stream"
+    __slots__ = ("_broken", "_done", "_texts", "decoder", "writer")
+
+    def __init__(self, decoder: ResponseDecoder, *, created: int, include_usage: bool) -> None:
+        self.decoder = decoder
+        self.writer = ChunkWriter(created=created, include_usage=include_usage)
+        self._done = False
+        self._broken = False  # the decoder failed: it is fed nothing more
+        self._texts: list[str] | None = None  # a guard's texts for the event at hand
+
+    @property
+    def buffered(self) -> int:
+        return self.decoder.buffered
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self._broken:
+            return b""
+        try:
+            events = self.decoder.feed(chunk)
+        except (StreamError, FrameTooLarge) as exc:
+            return self._broke(exc)
+        return self.emit(events)
+
+    def finish(self) -> bytes:
+        if self._broken:
+            return b""
+        try:
+            events = self.decoder.finish()
+        except (StreamError, FrameTooLarge) as exc:
+            return self._broke(exc)
+        out = self.emit(events)
+        if not self._done:
+            out += self._end_of_stream()
+        return out
+
+    def emit(self, events: list[StreamEvent], texts: list[list[str] | None] | None = None) -> bytes:
+        """See `base.ResponseTranslator.emit`."""
+        if self._done:
+            for event in events:  # still metered by the decoder; nothing more to send
+                self._after_done(event)
+            return b""
+        out: list[bytes] = []
+        try:
+            for i, event in enumerate(events):
+                if self._done:
+                    self._after_done(event)
+                else:
+                    self._texts = texts[i] if texts is not None else None
+                    self._event(event, out)
+        except StreamError as exc:
+            out.append(self._fail(str(exc), "malformed_stream"))
+        finally:
+            self._texts = None
+        return b"".join(out)
+
+    def texts(self, event: StreamEvent) -> list[TextDelta]:
+        """The event's texts as the client gets them (a guard's, when it gave any)."""
+        return replaced_texts(self.decoder, event, self._texts)
+
+    def _broke(self, exc: Exception) -> bytes:
+        self._broken = True
+        return self._fail(f"The upstream stream could not be read: {exc}", "malformed_stream")
+
+    def _fail(self, message: str, code: str, kind: str = "server_error") -> bytes:
+        if self._done:
+            return b""
+        self._done = True
+        return self._start_if_needed() + error_frame(message, code, kind)
+
+    def _start_if_needed(self) -> bytes:
+        return b"" if self.writer.started else self.writer.start("chatcmpl-gateway", "")
+
+    def _complete(self) -> bytes:
+        """The normal end: finish (if not sent), usage (if asked), [DONE]."""
+        self._done = True
+        decoder = self.decoder
+        return self._start_if_needed() + self.writer.end(decoder.usage, decoder.finish_reason)
+
+    def _end_of_stream(self) -> bytes:
+        """The upstream closed without its end marker: an error the SDK raises."""
+        return self._fail("The upstream stream ended before its end marker.", "upstream_truncated")
+
+    # ------------------------------------------------------------------ hooks
+
+    def _event(self, event: StreamEvent, out: list[bytes]) -> None:
+        raise NotImplementedError
+
+    def _after_done(self, event: StreamEvent) -> None:
+        """An upstream event after the client's stream ended (metering only)."""
+
+    def _deltas(self, event: StreamEvent, out: list[bytes]) -> None:
+        """Tool-call starts, then texts, of one event, through the writer."""
+        decoder = self.decoder
+        writer = self.writer
+        if not writer.started:
+            out.append(self._start_if_needed())
+        for call in decoder.tool_calls(event):
+            out.append(writer.tool_start(call.channel, call.id, call.name))
+        for delta in self.texts(event):
+            out.append(writer.text(delta))
+
+    def error(self, status: int, headers: Mapping[str, str], body: bytes) -> TranslatedError:
+        raise NotImplementedError
+
+    def whole(self, body: bytes) -> bytes:
+        raise NotImplementedError
+
+
+def completion(
+    *,
+    ident: str,
+    created: int,
+    model: str,
+    content: str | None,
+    reasoning: str | None,
+    tool_calls: list[dict[str, Any]],
+    finish: str | None,
+    usage: Usage,
+) -> bytes:
+    """A whole `chat.completion` (non-streaming answers), usage always included."""
+    message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
+    if reasoning:
+        message["reasoning_content"] = reasoning
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    reason = finish_reason(finish)
+    if reason == "stop" and tool_calls:
+        reason = "tool_calls"
+    return orjson.dumps(
+        {
+            "id": ident,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": [
+                {"index": 0, "message": message, "logprobs": None, "finish_reason": reason}
+            ],
+            "usage": usage_json(usage),
+        }
+    )
+
+
+def tool_call(ident: str, name: str, arguments: Any) -> dict[str, Any]:
+    """One whole tool call; object arguments become the JSON string OpenAI sends."""
+    text = arguments if isinstance(arguments, str) else orjson.dumps(arguments).decode()
+    return {"id": ident, "type": "function", "function": {"name": name, "arguments": text}}
