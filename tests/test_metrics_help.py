@@ -33,8 +33,11 @@ class _Kinds:
     def __init__(self, trees: list[ast.Module]) -> None:
         self.trees = trees
         self.constants: dict[str, set[str]] = {}  # NAME -> values (module level)
-        self.tables: dict[str, ast.Dict] = {}  # NAME -> {...} (module level)
+        self.tables: dict[str, ast.Dict] = {}  # NAME -> {...} (the module being read)
+        # Tables by module: two modules may each have a private `_KINDS`.
+        self.module_tables: dict[int, dict[str, ast.Dict]] = {}
         for tree in trees:
+            own = self.module_tables[id(tree)] = {}
             for node in tree.body:
                 if isinstance(node, ast.Assign) and len(node.targets) == 1:
                     target = node.targets[0]
@@ -44,7 +47,7 @@ class _Kinds:
                     if isinstance(value, ast.Constant) and isinstance(value.value, str):
                         self.constants.setdefault(target.id, set()).add(value.value)
                     elif isinstance(value, ast.Dict):
-                        self.tables[target.id] = value
+                        own[target.id] = value
         self.found: set[str] = set()
         self.local: dict[str, list[ast.expr]] = {}  # the function being read: name -> values
         self._resolving: set[str] = set()
@@ -83,6 +86,7 @@ class _Kinds:
 
     def collect(self) -> set[str]:
         for tree in self.trees:
+            self.tables = self.module_tables[id(tree)]
             scopes: list[ast.AST] = [tree]
             scopes += [
                 n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)

@@ -104,7 +104,7 @@ class Outcome:
 
 
 @dataclass(frozen=True, slots=True)
-class Refusal:
+class OverBudget:
     """Why a request was refused: the budget to name and when it resets."""
 
     budget: str
@@ -128,13 +128,13 @@ def remaining_micros(checks: Sequence[Check], spent: Sequence[int]) -> int | Non
     return max(0, min(left)) if left else None
 
 
-def refusal(checks: Sequence[Check], outcome: Outcome) -> Refusal | None:
+def refusal(checks: Sequence[Check], outcome: Outcome) -> OverBudget | None:
     """The first budget that blocked, named for the 429/402 body; None if admitted."""
     if outcome.admitted or not outcome.blocked:
         return None
     i = outcome.blocked[0]
     c = checks[i]
-    return Refusal(c.budget.name, c.subject, c.limit, outcome.spent[i], c.resets_at)
+    return OverBudget(c.budget.name, c.subject, c.limit, outcome.spent[i], c.resets_at)
 
 
 class Planner:

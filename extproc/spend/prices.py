@@ -292,7 +292,7 @@ def catalog_price(provider: str, model: str, wire_format: str = "") -> Price | N
     return None
 
 
-_KINDS = {
+_CATALOG_FIELDS = {
     "input": "input_mtok",
     "output": "output_mtok",
     "cached": "cache_read_mtok",
@@ -304,7 +304,7 @@ _KINDS = {
 def _from_catalog(model_price: object) -> Price | None:
     """A catalog ModelPrice (Decimals or TieredPrices per kind) -> Price, its tiers
     flattened: one full set of rates per threshold any kind has."""
-    values = {kind: getattr(model_price, key, None) for kind, key in _KINDS.items()}
+    values = {kind: getattr(model_price, key, None) for kind, key in _CATALOG_FIELDS.items()}
     if values["input"] is None or values["output"] is None:
         return None  # priced per request, per image, per second: not a token model
 
