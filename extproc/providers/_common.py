@@ -186,6 +186,13 @@ class EventDecoder:
         self.content_events = 0
         self._cache: tuple[StreamEvent, Any, list[Slot]] | None = None
 
+    def _delta(self, raw: bytes, data: bytes, content: bool, name: str | None) -> StreamEvent:
+        """A delta event, counted in `content_events` only when it carries text (an
+        empty delta, or a signature, is not content)."""
+        if content:
+            self.content_events += 1
+        return StreamEvent(raw, raw, data, is_content=content, name=name)
+
     def feed_whole(self, chunk: bytes) -> bytes | None:
         """Fast path for a chunk that no stream filter reads: meter it without making
         events and return the bytes to forward (`chunk` itself when untouched), or
@@ -287,6 +294,13 @@ def leading_type(data: bytes) -> bytes | None:
     return data[start:end] if end > start else None
 
 
+def event_kind(frame: Frame, data: bytes) -> tuple[bytes | None, str | None]:
+    """A typed SSE frame's type: as bytes for the hot path's comparisons, and as the
+    str `StreamEvent.name` carries. The `event:` line names it, else the leading type."""
+    kind = frame.event if frame.event is not None else leading_type(data)
+    return kind, kind.decode("utf-8", "replace") if kind is not None else None
+
+
 # --------------------------------------------------------------------------- HTTP bits
 
 
@@ -338,6 +352,9 @@ class JSONWireFormat:
     credential_headers: ClassVar[tuple[str, ...]] = ("authorization",)
     # The content type of a streamed answer (`response_decoder` reads it).
     stream_content_type: ClassVar[str] = "text/event-stream"
+    # The end of the API paths the format inspects (the inherited `handles` reads it);
+    # formats whose paths carry more (Gemini's model, Bedrock's) override `handles`.
+    path_suffix: ClassVar[str]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -376,6 +393,31 @@ class JSONWireFormat:
         return orjson.dumps(obj)
 
     # ------------------------------------------------------------------ derived
+
+    @classmethod
+    def handles(cls, upstream_path: str) -> bool:
+        return path_only(upstream_path).rstrip("/").endswith(cls.path_suffix)
+
+    @classmethod
+    def _request_info(
+        cls,
+        obj: dict[str, Any],
+        *,
+        model: str,
+        stream: bool,
+        max_output_tokens: int | None,
+        client_wants_usage: bool = True,
+    ) -> RequestInfo:
+        """A checked request's RequestInfo, its `prompt_texts` read through
+        `_prompt_slots`: the same walk `replace_request_texts` writes back through."""
+        return RequestInfo(
+            model=model,
+            stream=stream,
+            body=obj,
+            prompt_texts=[slot.get() for slot in cls._prompt_slots(obj)],
+            client_wants_usage=client_wants_usage,
+            max_output_tokens=max_output_tokens,
+        )
 
     @classmethod
     def replace_request_texts(cls, info: RequestInfo, texts: list[str]) -> bytes:

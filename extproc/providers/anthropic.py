@@ -26,15 +26,14 @@ from extproc.providers._common import (
     SSEDecoder,
     content_slots,
     dicts,
+    event_kind,
     index_of,
-    leading_type,
     loads,
     normalize_finish,
     object_slot,
     optional_bool,
     optional_int,
     parse_json_object,
-    path_only,
     request_model,
     string_slot,
     uint,
@@ -80,13 +79,10 @@ class AnthropicMessages(JSONWireFormat):
 
     name = "anthropic_messages"
     key_header = "x-api-key"
+    path_suffix = "/v1/messages"
 
-    @staticmethod
-    def handles(upstream_path: str) -> bool:
-        return path_only(upstream_path).rstrip("/").endswith("/v1/messages")
-
-    @staticmethod
-    def parse_request(body: bytes, path: str = "") -> RequestInfo:
+    @classmethod
+    def parse_request(cls, body: bytes, path: str = "") -> RequestInfo:
         obj = parse_json_object(body, "a JSON object with 'model', 'max_tokens' and 'messages'")
         model = request_model(obj)
         messages = obj.get("messages")
@@ -101,12 +97,10 @@ class AnthropicMessages(JSONWireFormat):
                 "invalid_type",
                 "system",
             )
-        return RequestInfo(
+        return cls._request_info(
+            obj,
             model=model,
             stream=optional_bool(obj, "stream"),
-            body=obj,
-            prompt_texts=[slot.get() for slot in _request_slots(obj)],
-            client_wants_usage=True,
             max_output_tokens=optional_int(obj.get("max_tokens")),
         )
 
@@ -187,13 +181,10 @@ class AnthropicStream(SSEDecoder):
         data = frame.data
         if data is None:
             return StreamEvent(raw, raw)
-        kind = frame.event if frame.event is not None else leading_type(data)
-        name = kind.decode("utf-8", "replace") if kind is not None else None
+        kind, name = event_kind(frame, data)
         if kind == b"content_block_delta":
             content = b"signature_delta" not in data and not data.rstrip().endswith(b':""}}')
-            if content:
-                self.content_events += 1
-            return StreamEvent(raw, raw, data, is_content=content, name=name)
+            return self._delta(raw, data, content, name)
         if kind == b"message_start" or kind == b"message_delta":
             obj = loads(data)
             if isinstance(obj, dict):

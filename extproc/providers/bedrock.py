@@ -94,8 +94,8 @@ class BedrockConverse(JSONWireFormat):
     def handles(upstream_path: str) -> bool:
         return _PATH.search(path_only(upstream_path)) is not None
 
-    @staticmethod
-    def parse_request(body: bytes, path: str = "") -> RequestInfo:
+    @classmethod
+    def parse_request(cls, body: bytes, path: str = "") -> RequestInfo:
         obj = parse_json_object(body, "a JSON object with 'messages'")
         match = _PATH.search(path_only(path))
         if match is None:
@@ -114,12 +114,10 @@ class BedrockConverse(JSONWireFormat):
             )
         config = obj.get("inferenceConfig")
         max_out = config.get("maxTokens") if isinstance(config, dict) else None
-        return RequestInfo(
+        return cls._request_info(
+            obj,
             model=unquote(match.group(1)),
             stream=match.group(2) == "converse-stream",
-            body=obj,
-            prompt_texts=[slot.get() for slot in _request_slots(obj)],
-            client_wants_usage=True,
             max_output_tokens=max_out if isinstance(max_out, int) else None,
         )
 
@@ -186,10 +184,7 @@ class BedrockStream(EventDecoder):
         name = name if isinstance(name, str) else None
         payload = msg.payload
         if name == "contentBlockDelta":
-            content = _EMPTY_TEXT not in payload
-            if content:
-                self.content_events += 1
-            return StreamEvent(raw, raw, payload, is_content=content, name=name)
+            return self._delta(raw, payload, _EMPTY_TEXT not in payload, name)
         if name == "metadata":
             obj = loads(payload)
             if isinstance(obj, dict) and isinstance(obj.get("usage"), dict):

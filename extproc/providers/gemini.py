@@ -123,8 +123,8 @@ class Gemini(JSONWireFormat):
     def handles(upstream_path: str) -> bool:
         return model_and_action(upstream_path) is not None
 
-    @staticmethod
-    def parse_request(body: bytes, path: str = "") -> RequestInfo:
+    @classmethod
+    def parse_request(cls, body: bytes, path: str = "") -> RequestInfo:
         obj = parse_json_object(body, "a JSON object with 'contents'")
         found = model_and_action(path)
         model = found[0] if found else obj.get("model")
@@ -154,12 +154,10 @@ class Gemini(JSONWireFormat):
         if isinstance(config, dict):
             value = config.get("maxOutputTokens", config.get("max_output_tokens"))
             max_out = value if isinstance(value, int) and not isinstance(value, bool) else None
-        return RequestInfo(
+        return cls._request_info(
+            obj,
             model=model,
             stream=found is not None and found[1] == "streamGenerateContent",
-            body=obj,
-            prompt_texts=[slot.get() for slot in _request_slots(obj)],
-            client_wants_usage=True,
             max_output_tokens=max_out,
         )
 

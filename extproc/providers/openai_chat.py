@@ -55,11 +55,7 @@ class OpenAIChat(JSONWireFormat):
     """The OpenAI Chat Completions wire format."""
 
     name = "openai_chat"
-
-    @staticmethod
-    def handles(upstream_path: str) -> bool:
-        path = path_only(upstream_path).rstrip("/")
-        return path.endswith("/chat/completions")
+    path_suffix = "/chat/completions"
 
     @staticmethod
     def parse_request(body: bytes, path: str = "") -> RequestInfo:
@@ -152,11 +148,10 @@ def _parse_chat(body: bytes, default_model: str | None) -> RequestInfo:
             "stream_options",
         )
     max_out = obj.get("max_completion_tokens", obj.get("max_tokens"))
-    return RequestInfo(
+    return OpenAIChat._request_info(
+        obj,
         model=model,
         stream=stream,
-        body=obj,
-        prompt_texts=[slot.get() for slot in _request_slots(obj)],
         client_wants_usage=bool(options and options.get("include_usage") is True),
         max_output_tokens=max_out if isinstance(max_out, int) else None,
     )

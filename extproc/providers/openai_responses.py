@@ -26,13 +26,12 @@ from extproc.providers._common import (
     channel,
     content_slots,
     dicts,
+    event_kind,
     index_of,
-    leading_type,
     loads,
     optional_bool,
     optional_int,
     parse_json_object,
-    path_only,
     request_model,
     string_slot,
 )
@@ -72,13 +71,10 @@ class OpenAIResponses(JSONWireFormat):
     `ensure_usage` has nothing to switch on)."""
 
     name = "openai_responses"
+    path_suffix = "/responses"
 
-    @staticmethod
-    def handles(upstream_path: str) -> bool:
-        return path_only(upstream_path).rstrip("/").endswith("/responses")
-
-    @staticmethod
-    def parse_request(body: bytes, path: str = "") -> RequestInfo:
+    @classmethod
+    def parse_request(cls, body: bytes, path: str = "") -> RequestInfo:
         obj = parse_json_object(body, "a JSON object with 'model' and 'input'")
         model = request_model(obj)
         value = obj.get("input")
@@ -95,12 +91,10 @@ class OpenAIResponses(JSONWireFormat):
                 "invalid_type",
                 "instructions",
             )
-        return RequestInfo(
+        return cls._request_info(  # usage is always reported: nothing to hide
+            obj,
             model=model,
             stream=optional_bool(obj, "stream"),
-            body=obj,
-            prompt_texts=[slot.get() for slot in _request_slots(obj)],
-            client_wants_usage=True,  # always reported, nothing to hide
             max_output_tokens=optional_int(obj.get("max_output_tokens")),
         )
 
@@ -147,8 +141,7 @@ class OpenAIResponsesStream(SSEDecoder):
         data = frame.data
         if data is None:
             return StreamEvent(raw, raw)
-        kind = frame.event if frame.event is not None else leading_type(data)
-        name = kind.decode("utf-8", "replace") if kind is not None else None
+        kind, name = event_kind(frame, data)
         at = data.find(_SEQ)
         if at >= 0:
             digits = data[at + len(_SEQ) : at + len(_SEQ) + 20].lstrip()
@@ -158,10 +151,7 @@ class OpenAIResponsesStream(SSEDecoder):
             if end:
                 self._sequence = int(digits[:end])
         if kind in _DELTAS:
-            content = _EMPTY_DELTA not in data
-            if content:
-                self.content_events += 1
-            return StreamEvent(raw, raw, data, is_content=content, name=name)
+            return self._delta(raw, data, _EMPTY_DELTA not in data, name)
         if kind in _TERMINAL:
             obj = loads(data)
             response = obj.get("response") if isinstance(obj, dict) else None
