@@ -108,6 +108,15 @@ def migrations(dialect: str) -> list[tuple[str, str]]:
     return found
 
 
+def insert_sql(placeholder: str) -> str:
+    """One row's INSERT, a replayed request id kept once (`placeholder`: the driver's)."""
+    return (
+        f"INSERT INTO spend_ledger ({', '.join(COLUMNS)}) "
+        f"VALUES ({', '.join([placeholder] * len(COLUMNS))}) "
+        "ON CONFLICT (request_id) DO NOTHING"
+    )
+
+
 def totals_sql(by: str, placeholder: str) -> str:
     if by not in BY:
         raise ValueError(f"--by: one of {', '.join(BY)}")

@@ -16,19 +16,16 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from extproc.policy.ratelimit.redis import redacted
 from extproc.spend.ledger import (
-    COLUMNS,
     TOTAL_FIELDS,
     LedgerUnavailable,
     Row,
+    insert_sql,
     migrations,
     sums_sql,
     totals_sql,
 )
 
-INSERT = (
-    f"INSERT INTO spend_ledger ({', '.join(COLUMNS)}) "
-    f"VALUES ({', '.join(['%s'] * len(COLUMNS))}) ON CONFLICT (request_id) DO NOTHING"
-)
+INSERT = insert_sql("%s")
 MIGRATION_LOCK = 0x5E7D_1ED6  # pg_advisory_xact_lock key: one migrator at a time
 
 

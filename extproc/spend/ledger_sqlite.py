@@ -14,19 +14,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from extproc.spend.ledger import (
-    COLUMNS,
     TOTAL_FIELDS,
     LedgerUnavailable,
     Row,
+    insert_sql,
     migrations,
     sums_sql,
     totals_sql,
 )
 
-INSERT = (
-    f"INSERT INTO spend_ledger ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))}) "
-    "ON CONFLICT (request_id) DO NOTHING"
-)
+INSERT = insert_sql("?")
 
 
 class SqliteBackend:

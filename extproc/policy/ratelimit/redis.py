@@ -47,13 +47,17 @@ GENERATION_KEY = "generation"  # after the prefix; bucket keys always hold ":r:"
 # Times are milliseconds as doubles (the Redis clock is ~1.7e12 ms: precise to ~0.25
 # microseconds). Numbers go back as strings: Redis truncates Lua numbers to integers.
 # Keep the arithmetic identical to gcra.acquire/fits (SLACK included).
-ACQUIRE_LUA = """
+# Both scripts start the same: the caller's clock when it sends one, else Redis's.
+_NOW_LUA = """
 local now = tonumber(ARGV[1])
 if now == nil then
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 end
-local slack = tonumber(ARGV[2])
+"""
+ACQUIRE_LUA = (
+    _NOW_LUA
+    + """local slack = tonumber(ARGV[2])
 -- The last key is the store's generation: written once, never expiring. Gone means
 -- Redis restarted without persistence or was flushed, and every bucket is full again.
 local n = #KEYS - 1
@@ -92,15 +96,12 @@ end
 out[#out + 1] = table.concat(blocked, ',')
 return out
 """
+)
 
 # Settle: move each bucket by delta units (refund < 0, charge > 0), never above full.
-SETTLE_LUA = """
-local now = tonumber(ARGV[1])
-if now == nil then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-end
-for i = 1, #KEYS do
+SETTLE_LUA = (
+    _NOW_LUA
+    + """for i = 1, #KEYS do
   local b = 2 * i
   local interval, delta = tonumber(ARGV[b]), tonumber(ARGV[b + 1])
   local tat = tonumber(redis.call('GET', KEYS[i])) or now
@@ -115,6 +116,7 @@ for i = 1, #KEYS do
 end
 return 1
 """
+)
 
 
 def redacted(url: str) -> str:
