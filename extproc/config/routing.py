@@ -14,6 +14,7 @@ from extproc.config.types import (
     OptStr,
     Str,
     checked,
+    checked_items,
     choice,
     in_file,
     name_list,
@@ -89,12 +90,7 @@ class ProviderConfig(Section):
 def _passthrough(value: Any) -> tuple[str, ...]:
     """Upstream paths, each '/...' exact or ending in '*' for a prefix."""
     names = name_list(value)
-    for index, item in enumerate(names):
-        at: Loc = (index,) if isinstance(value, list | tuple) else ()
-        try:
-            url_path(item)
-        except Exception as exc:
-            raise several([(at, str(exc))]) from None
+    for at, item in checked_items(value, names, url_path):
         if "*" in item[:-1] or "%" in item:
             raise several(
                 [(at, f"a '*' may only end the path, and no '%' encoding, got {describe(item)}")]

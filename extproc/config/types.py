@@ -7,7 +7,7 @@ not be empty; an explicit `null` is refused wherever a value is expected.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, date, datetime
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -185,18 +185,25 @@ def url(
     return check
 
 
+def checked_items(value: Any, items: Sequence[Any], check: Check) -> Iterator[tuple[Loc, Any]]:
+    """The items of a one-or-list `value`, each with where it stands (its index; none
+    when written as one), after `check`: a refusal is reported at that place."""
+    for index, item in enumerate(items):
+        at: Loc = (index,) if isinstance(value, list | tuple) else ()
+        try:
+            check(item)
+        except Exception as exc:
+            raise several([(at, str(exc))]) from None
+        yield at, item
+
+
 def name_list(value: Any) -> tuple[str, ...]:
     """One name or a list of names (no duplicates)."""
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list | tuple) or not items:
         raise fail(f"expected a name or a non-empty list, got {describe(value)}")
     out: list[str] = []
-    for index, item in enumerate(items):
-        at: Loc = (index,) if isinstance(value, list | tuple) else ()
-        try:
-            string(item)
-        except Exception as exc:
-            raise several([(at, str(exc))]) from None
+    for at, item in checked_items(value, items, string):
         if item in out:
             raise several([(at, f"'{item}' is listed twice")])
         out.append(item)
