@@ -11,12 +11,11 @@ from extproc.bootstrap.common import (
     _TYPE,
     EXTPROC_CLUSTER,
     _grpc_target,
-    _is_ip,
     _socket_address,
     system_ca_bundle,
 )
 from extproc.config import Config, ProviderConfig
-from extproc.netaddr import worker_addresses
+from extproc.netaddr import is_ip_literal, worker_addresses
 
 
 def _protocol_options(http: dict[str, Any]) -> dict[str, Any]:
@@ -40,7 +39,7 @@ def _load_assignment(name: str, *addresses: dict[str, Any]) -> dict[str, Any]:
 def _sidecar_target(text: str) -> dict[str, Any]:
     """`envoy.sidecar_address`: an IP as `_grpc_target`, or a DNS name as is."""
     host, _, port = text.rpartition(":")
-    if host.startswith("[") or _is_ip(host):
+    if host.startswith("[") or is_ip_literal(host):
         return _grpc_target(text)
     return _socket_address(host, int(port))
 
@@ -58,7 +57,7 @@ def _extproc_cluster(config: Config) -> dict[str, Any]:
     if config.envoy.sidecar_address is not None:
         addresses = worker_addresses(config.envoy.sidecar_address, workers)
         targets = [_sidecar_target(a) for a in addresses]
-        dns = not _is_ip(config.envoy.sidecar_address.rpartition(":")[0].strip("[]"))
+        dns = not is_ip_literal(config.envoy.sidecar_address.rpartition(":")[0].strip("[]"))
     else:
         addresses = worker_addresses(config.server.grpc_listen, workers)
         targets = [_grpc_target(a) for a in addresses]
@@ -113,7 +112,7 @@ def _provider_cluster(provider: ProviderConfig) -> dict[str, Any]:
         "name": provider.cluster,
         "connect_timeout": "5s",
     }
-    if _is_ip(provider.host):
+    if is_ip_literal(provider.host):
         cluster["type"] = "STATIC"
     else:
         # LOGICAL_DNS: one connection target per lookup, as Envoy advises for large
@@ -138,7 +137,7 @@ def _provider_cluster(provider: ProviderConfig) -> dict[str, Any]:
                         "trusted_ca": {"filename": provider.ca_file or system_ca_bundle()},
                         "match_typed_subject_alt_names": [
                             {
-                                "san_type": "IP_ADDRESS" if _is_ip(provider.host) else "DNS",
+                                "san_type": "IP_ADDRESS" if is_ip_literal(provider.host) else "DNS",
                                 "matcher": {"exact": provider.host},
                             }
                         ],

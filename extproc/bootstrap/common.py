@@ -85,14 +85,6 @@ def _grpc_target(text: str) -> dict[str, Any]:
     return _socket_address(host, port)
 
 
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
 def _authority(provider: ProviderConfig) -> str:
     """Host header for the provider: host, plus the port when it is not the default."""
     host = f"[{provider.host}]" if ":" in provider.host else provider.host
