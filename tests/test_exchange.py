@@ -412,3 +412,31 @@ def test_whole_frame_fast_path_and_frame_path_agree(seed):
         results.append((client, md["completion_tokens"], md["finish_reason"]))
     assert results[0] == results[1] == results[2]
     assert results[0][1] == 7 and results[0][2] == "stop"
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["whole-frames", "split-frames"])
+def test_hangup_right_after_done_is_complete_and_its_chunk_carries_the_figures(fast):
+    """The `openai` SDK closes its connection right after `data: [DONE]`, so Envoy's
+    end of stream may never come: the end marker (with the usage before it) completes
+    the exchange, and the answer to its chunk carries the access-log figures."""
+    run = Run()
+    run.request({**CHAT, "stream": True})
+    run.send(headers_msg({":status": "200", "content-type": "text/event-stream"}, response=True))
+    frames = stream_frames(5, usage=True)
+    if not fast:  # split inside frames: the per-event path
+        joined = b"".join(frames)
+        frames = [joined[i : i + 7] for i in range(0, len(joined), 7)]
+    answers = [run.send(body_msg(f, end=False, response=True)) for f in frames]
+    figures = metadata(answers[-1])
+    assert figures["completion_tokens"] == 5 and figures["prompt_tokens"] == 11
+    assert figures["usage_estimated"] is False
+    assert all(not a.HasField("dynamic_metadata") for a in answers[:-1])
+    run.ex.close(2.0)  # the hang-up
+    assert run.metric("ai_gateway_errors_total", {"kind": "stream_aborted"}) == 0
+    assert run.metric("ai_gateway_active_streams") == 0
+    tokens = {"consumer": "anonymous", "kind": "completion"}
+    assert (
+        run.metric("ai_gateway_tokens_total", {"model": "other", **tokens})
+        + run.metric("ai_gateway_tokens_total", {"model": "gpt-3.5-turbo", **tokens})
+        == 5
+    )

@@ -64,7 +64,10 @@ def test_an_untouched_chunk_is_answered_with_the_shared_constant():
     run.send(headers_msg({":status": "200", "content-type": "text/event-stream"}, response=True))
     frames = stream_frames(3, usage=True)
     answers = [run.send(body_msg(f, end=False, response=True)) for f in frames]
-    assert all(answer is envoy_wire.CONTINUE_BODY for answer in answers)
+    assert all(answer is envoy_wire.CONTINUE_BODY for answer in answers[:-1])
+    # `data: [DONE]` completes the answer: its chunk carries the final metadata (a copy).
+    assert answers[-1] is not envoy_wire.CONTINUE_BODY
+    assert answers[-1].HasField("dynamic_metadata")
     last = run.send(body_msg(b"", end=True, response=True))
     assert last is not envoy_wire.CONTINUE_BODY  # a copy carries the final metadata
     assert not envoy_wire.CONTINUE_BODY.HasField("dynamic_metadata")  # left untouched

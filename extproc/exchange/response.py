@@ -211,7 +211,7 @@ class StreamBody:
                 if not ex.first_frame_at:
                     ex.first_frame_at = now
                 response = CONTINUE_BODY if whole is chunk else wire.replace_body(whole)
-                return ex.finish(response, now) if end else response
+                return ex.finish(response, now) if end or _just_done(ex, decoder) else response
         try:
             events = decoder.feed(chunk)
             if end:
@@ -242,7 +242,15 @@ class StreamBody:
                 changed = True
             out.append(event.out)
         response = wire.replace_body(b"".join(out)) if changed else CONTINUE_BODY
-        return ex.finish(response, now) if end else response
+        return ex.finish(response, now) if end or _just_done(ex, decoder) else response
+
+
+def _just_done(ex: Exchange, decoder: ResponseDecoder) -> bool:
+    """The end marker (and usage before it) passed with this chunk: settle and send the
+    metadata now. The `openai` SDK closes its connection right after `data: [DONE]`,
+    so Envoy's end of stream often never reaches us; later chunks (the empty last one)
+    still get their answers, and the figures go again with the last (unchanged)."""
+    return decoder.done and not ex.closed
 
 
 def close_upstream(ex: Exchange, now: float) -> Response:

@@ -178,12 +178,13 @@ class EventDecoder:
     payload live) and `_encode` (the payload back into the wire frame)."""
 
     name: ClassVar[str] = "events"
-    __slots__ = ("_cache", "content_events", "finish_reason", "usage")
+    __slots__ = ("_cache", "content_events", "done", "finish_reason", "usage")
 
     def __init__(self) -> None:
         self.usage = Usage()
         self.finish_reason: str | None = None
         self.content_events = 0
+        self.done = False  # the format's end marker passed: the answer is complete
         self._cache: tuple[StreamEvent, Any, list[Slot]] | None = None
 
     def _delta(self, raw: bytes, data: bytes, content: bool, name: str | None) -> StreamEvent:

@@ -190,6 +190,7 @@ class AnthropicStream(SSEDecoder):
             if isinstance(obj, dict):
                 self._read(obj)
         elif kind == b"message_stop":
+            self.done = True
             return StreamEvent(raw, raw, data, is_done=True, name=name)
         elif kind == b"error":
             self.finish_reason = "error"

@@ -92,6 +92,9 @@ class ResponseDecoder(Protocol):
     usage: Usage
     finish_reason: str | None
     content_events: int
+    # The format's end marker passed (usage, where sent, comes before it): the answer
+    # is complete even if the client hangs up before Envoy's end of stream reaches us.
+    done: bool
 
     @property
     def buffered(self) -> int:

@@ -348,6 +348,7 @@ class GeminiArrayStream(_GeminiEvents, EventDecoder):
                 event = StreamEvent(raw, raw, raw, is_content=self._element(raw))
             else:
                 event = StreamEvent(raw, raw, is_done=piece.state == State.END)
+                self.done = self.done or event.is_done
             events.append(event)
             before[id(event)] = state
             state = piece.state

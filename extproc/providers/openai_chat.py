@@ -49,6 +49,7 @@ _ARGUMENTS = b'"arguments":"'
 _REASONING = b'"reasoning_content":"'
 _REASONING_OLLAMA = b'"reasoning":"'
 _DONE = b"[DONE]"
+_DONE_FRAME = b"[DONE]\n\n"  # JSON escapes newlines: only the end marker ends so
 
 
 class OpenAIChat(JSONWireFormat):
@@ -201,6 +202,8 @@ class OpenAIChatStream(SSEDecoder):
         """Meter whole frames that carry no usage figure; the bytes the client gets
         (without the `"usage":null` it did not ask for)."""
         self.content_events += _text_deltas(frames)
+        if _DONE_FRAME in frames:
+            self.done = True
         at = frames.rfind(_FINISH)
         if at >= 0:
             start = at + len(_FINISH)
@@ -214,6 +217,7 @@ class OpenAIChatStream(SSEDecoder):
         if data is None:
             return StreamEvent(raw, raw)
         if data == _DONE:
+            self.done = True
             return StreamEvent(raw, raw, data, is_done=True)
         out = raw
         at = data.find(_USAGE_KEY)

@@ -161,6 +161,7 @@ class OpenAIResponsesStream(SSEDecoder):
                 self.finish_reason = _finish_of(response)
             # The whole output again: guards must see it, or what they masked in the
             # deltas would reach the client here.
+            self.done = True
             return StreamEvent(raw, raw, data, is_done=True, is_content=True, name=name)
         if kind is not None and kind.endswith(b".done"):  # a whole text repeated
             return StreamEvent(raw, raw, data, is_content=True, name=name)
