@@ -147,6 +147,13 @@ class Metrics:
             ["limit", "phase"],
             registry=r,
         )
+        self.ratelimit_leases_expired = Counter(
+            "ai_gateway_ratelimit_leases_expired",
+            "Reservations a dead worker left, settled once its lease expired: from the "
+            "usage it had metered, or at their reservation (estimated)",
+            ["store", "settled"],
+            registry=r,
+        )
         self.ratelimit_store_errors = Counter(
             "ai_gateway_ratelimit_store_errors",
             "Failed calls to the rate-limit store by operation (acquire, settle, ping; "

@@ -158,6 +158,8 @@ class RedisConfig(Section):
     """Checks queued for the store; beyond: 503, never admitted."""
     failure_mode: choice(FAILURE_MODES, "failure mode") = "open"
     """`open`: admit unchecked while Redis is down; `closed`: 503."""
+    lease_seconds: Int(1, 3600) = 30
+    """A worker's reservations outlive it by this much, then another settles them."""
 
     @classmethod
     def checks(cls, raw: dict[str, Any], refused: set[Any]) -> list[tuple[Loc, str]]:

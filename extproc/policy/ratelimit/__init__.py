@@ -66,11 +66,15 @@ class RateLimitRedis:
     `readiness_check` is found by the worker's readiness probe: it pings Redis once a
     second (which also notices a recovery when no request comes by) and reports the
     worker not ready while Redis is unreachable, under `failure_mode: closed` only.
+    The same tick keeps the reservation leases (`RedisStore.maintain`): it renews this
+    worker's, and settles those of a worker that died. A store replaced by a reload
+    keeps being maintained while reservations of its streams are open.
     """
 
     def __init__(self) -> None:
         self.identity = ""
         self.store: RedisStore | None = None
+        self.retired: list[RedisStore] = []
         self.fail_closed = False
 
     async def readiness_check(self) -> str | None:
@@ -78,6 +82,9 @@ class RateLimitRedis:
         if store is None:
             return None
         reason = await store.ping()
+        self.retired = [old for old in self.retired if old.open_leases]
+        for each in (store, *self.retired):
+            await each.maintain()
         return reason if self.fail_closed else None
 
 
@@ -91,7 +98,7 @@ def _redis_store(
     identity = (
         f"{redis.url}|{redis.username}|{fingerprint}|{redis.key_prefix}"
         f"|{redis.timeout_ms}|{redis.retry_interval_ms}|{redis.max_connections}"
-        f"|{redis.max_pending}"
+        f"|{redis.max_pending}|{redis.lease_seconds}"
     )
     if shared.ratelimit_redis is None:
         shared.ratelimit_redis = RateLimitRedis()
@@ -99,6 +106,8 @@ def _redis_store(
     if slot.store is None or slot.identity != identity:
         # Streams still running under the old policy keep (and settle through) the old
         # store; it is closed when they and it are gone.
+        if slot.store is not None:
+            slot.retired.append(slot.store)
         slot.store = RedisStore(
             redis.url,
             username=redis.username,
@@ -109,6 +118,7 @@ def _redis_store(
             max_connections=redis.max_connections,
             max_pending=redis.max_pending,
             metrics=metrics,
+            lease_seconds=redis.lease_seconds,
         )
         slot.identity = identity
     slot.fail_closed = redis.failure_mode == "closed"

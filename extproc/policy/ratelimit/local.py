@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 from extproc.policy.ratelimit import gcra
 from extproc.policy.ratelimit.gcra import Rate
-from extproc.policy.ratelimit.store import Outcome
+from extproc.policy.ratelimit.store import Lease, Outcome
 
 # Sweep after this many writes, or after as many writes as keys survived the last
 # sweep, whichever is larger: a sweep is O(keys), so its cost per write stays O(1).
@@ -53,11 +53,21 @@ class LocalStore:
         return Outcome(False, now, after, blocked)
 
     async def acquire(
-        self, keys: Sequence[str], rates: Sequence[Rate], costs: Sequence[float]
+        self,
+        keys: Sequence[str],
+        rates: Sequence[Rate],
+        costs: Sequence[float],
+        lease: Lease | None = None,
     ) -> Outcome:
-        return self.acquire_now(keys, rates, costs)
+        return self.acquire_now(keys, rates, costs)  # no lease: the counters die with us
 
-    def settle(self, keys: Sequence[str], rates: Sequence[Rate], deltas: Sequence[float]) -> None:
+    def settle(
+        self,
+        keys: Sequence[str],
+        rates: Sequence[Rate],
+        deltas: Sequence[float],
+        lease: str | None = None,
+    ) -> None:
         now = self._clock()
         tats = self._tats
         for key, rate, delta in zip(keys, rates, deltas, strict=True):

@@ -26,23 +26,30 @@ and counted in `ai_gateway_ratelimit_store_restarts_total`.
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from extproc.metrics import Metrics
 from extproc.policy.ratelimit.batch import ScriptBatcher
 from extproc.policy.ratelimit.gcra import SLACK, Rate
-from extproc.policy.ratelimit.store import Outcome, StoreBusy, StoreUnavailable
+from extproc.policy.ratelimit.store import Lease, Outcome, StoreBusy, StoreUnavailable
 
 log = logging.getLogger("extproc.ratelimit")
 GENERATION_KEY = "generation"  # after the prefix; bucket keys always hold ":r:" or ":t:"
+OWNERS_KEY = "leases"  # the set of lease hashes, one per store instance (worker)
 
 # Times are milliseconds as doubles (the Redis clock is ~1.7e12 ms: precise to ~0.25
 # microseconds). Numbers go back as strings: Redis truncates Lua numbers to integers.
@@ -58,9 +65,13 @@ end
 ACQUIRE_LUA = (
     _NOW_LUA
     + """local slack = tonumber(ARGV[2])
--- The last key is the store's generation: written once, never expiring. Gone means
--- Redis restarted without persistence or was flushed, and every bucket is full again.
-local n = #KEYS - 1
+-- KEYS: the buckets, the store's generation, then (leased) the owner's lease hash and
+-- the set of owners. ARGV: now, slack, 3 per bucket, then (leased) the lease's field,
+-- its record and the owner's lease in ms.
+local n, leased = #KEYS - 1, false
+if #ARGV ~= 3 * n + 2 then n, leased = #KEYS - 3, true end
+-- The generation key is written once, never expiring. Gone means Redis restarted
+-- without persistence or was flushed, and every bucket is full again.
 local gen = redis.call('GET', KEYS[n + 1])
 if not gen then
   local t = redis.call('TIME')
@@ -94,6 +105,12 @@ for i = 1, n do
   out[#out + 1] = string.format('%.6f', tat)
 end
 out[#out + 1] = table.concat(blocked, ',')
+if ok == 1 and leased then
+  local leases, owners, b = KEYS[n + 2], KEYS[n + 3], 3 * n + 3
+  redis.call('HSET', leases, ARGV[b], ARGV[b + 1])
+  redis.call('SADD', owners, leases)
+  redis.call('SET', leases .. ':alive', '1', 'PX', ARGV[b + 2])
+end
 return out
 """
 )
@@ -101,7 +118,13 @@ return out
 # Settle: move each bucket by delta units (refund < 0, charge > 0), never above full.
 SETTLE_LUA = (
     _NOW_LUA
-    + """for i = 1, #KEYS do
+    + """local n = math.floor((#ARGV - 1) / 2)
+-- Leased: the last key is the owner's lease hash and the last ARGV the lease's field.
+-- A lease already gone was settled by a sweep (its owner looked dead): not again.
+if #ARGV > 1 + 2 * n and redis.call('HDEL', KEYS[n + 1], ARGV[#ARGV]) == 0 then
+  return 0
+end
+for i = 1, n do
   local b = 2 * i
   local interval, delta = tonumber(ARGV[b]), tonumber(ARGV[b + 1])
   local tat = tonumber(redis.call('GET', KEYS[i])) or now
@@ -117,6 +140,56 @@ end
 return 1
 """
 )
+
+# Leases of owners whose `:alive` key expired (a worker killed, a host gone): each one
+# settled from the usage its worker last recorded, else left at its reservation (the
+# estimate). KEYS[1]: the set of owners. Returns leases settled: metered, estimated.
+SWEEP_LUA = r"""
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local metered, estimated = 0, 0
+for _, owner in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if redis.call('EXISTS', owner .. ':alive') == 0 then
+    local all = redis.call('HGETALL', owner)
+    for i = 2, #all, 2 do
+      local recorded = false
+      local line = '([^\t\n]+)\t([^\t]+)\t([^\t]+)\t([^\t\n]*)'
+      for key, interval, cost, actual in string.gmatch(all[i], line) do
+        if actual ~= '' then
+          recorded = true
+          local delta = tonumber(actual) - tonumber(cost)
+          local tat = tonumber(redis.call('GET', key)) or now
+          if tat < now then tat = now end
+          tat = tat + delta * tonumber(interval)
+          if tat > now then
+            redis.call('SET', key, string.format('%.6f', tat),
+                       'PX', string.format('%d', math.ceil(tat - now) + 1000))
+          else
+            redis.call('DEL', key)
+          end
+        end
+      end
+      if recorded then metered = metered + 1 else estimated = estimated + 1 end
+    end
+    redis.call('DEL', owner)
+    redis.call('SREM', KEYS[1], owner)
+  end
+end
+return {metered, estimated}
+"""
+
+# The owner is alive for another lease; each lease still open gets its progress (the
+# usage its stream metered so far). KEYS[1]: the lease hash; ARGV: lease ms, then
+# field/record pairs. A field already settled (or swept) is not written back.
+RENEW_LUA = """
+redis.call('SET', KEYS[1] .. ':alive', '1', 'PX', ARGV[1])
+for i = 2, #ARGV, 2 do
+  if redis.call('HEXISTS', KEYS[1], ARGV[i]) == 1 then
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  end
+end
+return 1
+"""
 
 
 def redacted(url: str) -> str:
@@ -145,10 +218,20 @@ class RedisStore:
         max_pending: int = 10_000,
         metrics: Metrics | None = None,
         clock: Callable[[], float] | None = None,
+        lease_seconds: float = 30.0,
     ) -> None:
         """`clock` (seconds) replaces the Redis server's clock: for tests only."""
         self.where = redacted(url)
         self._prefix = key_prefix
+        # Leases: this store's open reservations, in one hash that lives while `maintain`
+        # renews it (see `maintain`).
+        self._lease_ms = max(1, round(lease_seconds * 1000))
+        self._lease_key = f"{key_prefix}lease:{uuid.uuid4().hex}"
+        self._owners_key = key_prefix + OWNERS_KEY
+        self._leases: dict[str, _Open] = {}
+        self._lease_ids = itertools.count(1)
+        self._renewed = 0.0
+        self._orphans: set[asyncio.Future] = set()
         self._retry_interval = retry_interval
         self._clock = clock
         self._down_since = 0.0
@@ -173,6 +256,8 @@ class RedisStore:
         self.client = aioredis.Redis(connection_pool=pool)
         self._acquire = self.client.register_script(ACQUIRE_LUA)
         self._settle = self.client.register_script(SETTLE_LUA)
+        self._sweep = self.client.register_script(SWEEP_LUA)
+        self._renew = self.client.register_script(RENEW_LUA)
         self._batch = ScriptBatcher(self.client, max_connections, max_pending)
         if metrics is not None:
             metrics.ratelimit_store_up.labels(self.name).set(1)
@@ -185,21 +270,39 @@ class RedisStore:
         return "" if self._clock is None else f"{self._clock() * 1000:.6f}"
 
     async def acquire(
-        self, keys: Sequence[str], rates: Sequence[Rate], costs: Sequence[float]
+        self,
+        keys: Sequence[str],
+        rates: Sequence[Rate],
+        costs: Sequence[float],
+        lease: Lease | None = None,
     ) -> Outcome:
         self._check_breaker("acquire")
         args: list[str | float] = [self._now_arg(), SLACK]
         for rate, cost in zip(rates, costs, strict=True):
             args += (rate.interval * 1000, rate.window * 1000, cost)
         n = len(keys)
-        keys = [*(self._prefix + k for k in keys), self._prefix + GENERATION_KEY]
+        full = [self._prefix + k for k in keys]
+        script_keys = [*full, self._prefix + GENERATION_KEY]
+        field = None
+        if lease is not None and lease.buckets:
+            field = str(next(self._lease_ids))
+            leased = _Open([full[i] for i in lease.buckets], [rates[i] for i in lease.buckets])
+            leased.costs = [costs[i] for i in lease.buckets]
+            leased.progress = lease.progress
+            script_keys += (self._lease_key, self._owners_key)
+            args += (field, leased.record(None), self._lease_ms)
         try:
-            pending = self._batch.submit(self._acquire.script, self._acquire.sha, keys, args)
+            pending = self._batch.submit(self._acquire.script, self._acquire.sha, script_keys, args)
         except StoreBusy:
             self._count_error("acquire_busy")
             raise
         try:
-            reply = await pending
+            # Shielded: a caller that goes away (the client hung up) must not leave a
+            # reservation the script may already have made; `_orphaned` undoes it.
+            reply = await asyncio.shield(pending)
+        except asyncio.CancelledError:
+            pending.add_done_callback(lambda done: self._orphaned(done, full, rates, costs, field))
+            raise
         except (RedisError, OSError) as exc:
             raise self._failed("acquire", exc) from None
         self._recovered()
@@ -207,15 +310,99 @@ class RedisStore:
         now = float(reply[1]) / 1000
         tats = [float(t) / 1000 for t in reply[3 : 3 + n]]
         blocked = [int(i) for i in reply[-1].split(b",") if i]
-        return Outcome(bool(reply[0]), now, tats, blocked)
+        admitted = bool(reply[0])
+        if admitted and field is not None:
+            self._leases[field] = leased
+        return Outcome(admitted, now, tats, blocked, lease=field if admitted else None)
+
+    def _orphaned(
+        self,
+        done: asyncio.Future,
+        keys: list[str],
+        rates: Sequence[Rate],
+        costs: Sequence[float],
+        field: str | None,
+    ) -> None:
+        """The caller of an acquire went away: refund what the script reserved."""
+        if done.cancelled() or done.exception() is not None or not done.result()[0]:
+            return
+        args: list[str | float] = [self._now_arg()]
+        for rate, cost in zip(rates, costs, strict=True):
+            args += (rate.interval * 1000, -cost)
+        if field is not None:
+            keys = [*keys, self._lease_key]
+            args.append(field)
+        task = asyncio.ensure_future(self._run_settle(keys, args))
+        self._orphans.add(task)
+        task.add_done_callback(self._orphans.discard)
 
     def settle(
-        self, keys: Sequence[str], rates: Sequence[Rate], deltas: Sequence[float]
+        self,
+        keys: Sequence[str],
+        rates: Sequence[Rate],
+        deltas: Sequence[float],
+        lease: str | None = None,
     ) -> Awaitable[None]:
         args: list[str | float] = [self._now_arg()]
         for rate, delta in zip(rates, deltas, strict=True):
             args += (rate.interval * 1000, delta)
-        return self._run_settle([self._prefix + k for k in keys], args)
+        script_keys = [self._prefix + k for k in keys]
+        if lease is not None:
+            self._leases.pop(lease, None)
+            script_keys.append(self._lease_key)
+            args.append(lease)
+        return self._run_settle(script_keys, args)
+
+    @property
+    def open_leases(self) -> int:
+        """Reservations of this store not settled yet."""
+        return len(self._leases)
+
+    async def outstanding(self) -> int:
+        """Leased reservations in Redis not settled yet, every owner's (for operators
+        and tests: after a fault, every one must be settled once its lease expires)."""
+        owners = await self.client.smembers(self._owners_key)
+        return sum([await self.client.hlen(owner) for owner in owners])
+
+    async def maintain(self) -> None:
+        """Once a second (the worker's readiness tick): every third of a lease, renew
+        this store's lease with the progress of its open reservations; then settle
+        what owners whose lease expired left (a worker killed with streams open).
+        Never raises: an unreachable store is the breaker's business."""
+        now = time.monotonic()
+        try:
+            if now - self._renewed >= self._lease_ms / 3000:
+                args: list[str | float] = [self._lease_ms]
+                for field, leased in self._leases.items():
+                    args += (field, leased.record(leased.progress()))
+                script = self._renew
+                await self._batch.submit(
+                    script.script, script.sha, [self._lease_key], args, bounded=False
+                )
+                self._renewed = now
+            script = self._sweep
+            metered, estimated = await self._batch.submit(
+                script.script, script.sha, [self._owners_key], [], bounded=False
+            )
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            log.debug("lease upkeep failed: %s", exc)  # an outage: the breaker tells
+            return
+        except RedisError as exc:  # the server refused a script: say so
+            log.warning("rate-limit store %s: lease upkeep failed: %s", self.where, exc)
+            return
+        if metered or estimated:
+            log.warning(
+                "rate-limit store %s: settled %d reservations a dead worker left "
+                "(%d from its metered usage, %d at their estimate)",
+                self.where,
+                metered + estimated,
+                metered,
+                estimated,
+            )
+            if self._metrics is not None:
+                expired = self._metrics.ratelimit_leases_expired
+                expired.labels(self.name, "metered").inc(metered)
+                expired.labels(self.name, "estimated").inc(estimated)
 
     async def _run_settle(self, keys: list[str], args: list[str | float]) -> None:
         try:
@@ -271,6 +458,8 @@ class RedisStore:
         return None
 
     async def close(self) -> None:
+        if self._orphans:
+            await asyncio.wait(set(self._orphans), timeout=1.0)
         await self._batch.close()
         await self.client.aclose()
         await self.client.connection_pool.disconnect()
@@ -328,3 +517,23 @@ class RedisStore:
     def _count_error(self, op: str) -> None:
         if self._metrics is not None:
             self._metrics.ratelimit_store_errors.labels(self.name, op).inc()
+
+
+@dataclass(slots=True)
+class _Open:
+    """A reservation this store leased: its buckets, and where its progress comes from."""
+
+    keys: list[str]
+    rates: list[Rate]
+    costs: list[float] | None = None
+    progress: Callable[[], list[int] | None] | None = None
+
+    def record(self, used: list[int] | None) -> str:
+        """One line per bucket: key, interval (ms), reserved, used so far ('' unknown)."""
+        assert self.costs is not None
+        return "\n".join(
+            f"{key}\t{rate.interval * 1000!r}\t{cost!r}\t{'' if used is None else used[i]}"
+            for i, (key, rate, cost) in enumerate(
+                zip(self.keys, self.rates, self.costs, strict=True)
+            )
+        )

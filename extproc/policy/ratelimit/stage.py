@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +24,7 @@ from extproc.errors import shown
 from extproc.metrics import Metrics
 from extproc.policy.ratelimit import gcra
 from extproc.policy.ratelimit.gcra import Rate
-from extproc.policy.ratelimit.store import Outcome, Store, StoreBusy, StoreUnavailable
+from extproc.policy.ratelimit.store import Lease, Outcome, Store, StoreBusy, StoreUnavailable
 from extproc.policy.stage import Refusal, RequestContext, Stage
 from extproc.providers.base import RequestInfo
 from extproc.usage import Usage, estimate_prompt_tokens
@@ -103,6 +103,7 @@ class Reservation:
     buckets: list[_Bucket]
     prompt: int
     output: int
+    lease: str | None = None  # a shared store's record of it, so a dead worker's is settled
 
 
 @dataclass(slots=True)
@@ -180,9 +181,17 @@ class RateLimitStage(Stage):
         for bucket in buckets:
             if bucket.cost > bucket.rate.limit:
                 raise self._too_large(bucket, estimate)
+        leased = [i for i, b in enumerate(buckets) if b.kind == TOKENS]
+        lease = None
+        if leased:
+            assert estimate is not None
+            lease = Lease(leased, _progress(ctx, [buckets[i] for i in leased], estimate))
         try:
             outcome = await self.store.acquire(
-                [b.key for b in buckets], [b.rate for b in buckets], [b.cost for b in buckets]
+                [b.key for b in buckets],
+                [b.rate for b in buckets],
+                [b.cost for b in buckets],
+                lease,
             )
         except StoreUnavailable:  # an outage: the configured failure mode applies
             self._store_down(buckets)
@@ -204,7 +213,9 @@ class RateLimitStage(Stage):
                 count("ratelimit_tokens", b.limit.config.name, "reserved").inc(b.cost)
         if tokens:
             assert estimate is not None
-            ctx.scratch[SCRATCH] = Reservation(tokens, estimate.prompt, estimate.output)
+            ctx.scratch[SCRATCH] = Reservation(
+                tokens, estimate.prompt, estimate.output, outcome.lease
+            )
 
     def _estimate(self, info: RequestInfo | None) -> _Estimate:
         if info is None:
@@ -332,9 +343,29 @@ class RateLimitStage(Stage):
                 keys.append(b.key)
                 rates.append(b.rate)
                 deltas.append(actual - b.cost)
-        if not keys:
+        if not keys and reservation.lease is None:
             return None
-        return self.store.settle(keys, rates, deltas)
+        return self.store.settle(keys, rates, deltas, reservation.lease)
+
+
+def _progress(
+    ctx: RequestContext, buckets: list[_Bucket], estimate: _Estimate
+) -> Callable[[], list[int] | None]:
+    """What each leased bucket has used so far, read when the lease is renewed: the
+    prompt (reported, else estimated) and the output metered so far (reported, else
+    one per content event). None before the answer streams: the estimate stands."""
+
+    def used() -> list[int] | None:
+        decoder = ctx.decoder
+        if decoder is None:
+            return None
+        usage = decoder.usage
+        prompt = usage.prompt_tokens or estimate.prompt
+        output = max(usage.completion_tokens, decoder.content_events)
+        counts = {"input": prompt, "output": output, "total": prompt + output}
+        return [counts[b.limit.config.count] for b in buckets]
+
+    return used
 
 
 def _per(b: _Bucket) -> str:
