@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
+from grpc._cython.cygrpc import BaseError as GrpcCallError  # ExecuteBatchError, UsageError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 
@@ -43,6 +44,9 @@ from extproc.reload import (
 
 log = logging.getLogger("extproc.server")
 SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
+# How long before the end of the shutdown grace the streams still open are ended with an
+# error event (at most a quarter of the grace): a token stream sends a chunk far sooner.
+END_BEFORE_GRACE_S = 2.0
 
 
 # ------------------------------------------------------------------------ readiness
@@ -93,6 +97,7 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):
         self.metrics = metrics
         self._background: set[asyncio.Future] = set()
         self.open_streams = 0
+        self.exchanges: set[Exchange] = set()  # open ones, for the end of the grace period
         self.draining = False
         self._taken = metrics.worker_streams.labels(str(worker))
 
@@ -102,6 +107,7 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):
         phase_time = self.metrics.phase_time
         self._taken.inc()
         self.open_streams += 1
+        self.exchanges.add(exchange)
         try:
             while True:
                 request = await context.read()
@@ -118,12 +124,18 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):
                     self._run_after(exchange)
         except asyncio.CancelledError:
             raise  # Envoy or the client went away; `finally` settles the exchange
+        except GrpcCallError as exc:
+            # The RPC ended under a read or write (`ExecuteBatchError`: the client hung
+            # up between our read and our answer): a hang-up like a cancellation, not a
+            # failure of ours. `finally` settles the exchange.
+            log.debug("ext_proc stream ended under us route=%s: %r", exchange.route_name, exc)
         except Exception:
             self.metrics.errors.labels("internal").inc()
             log.exception("ext_proc stream failed route=%s", exchange.route_name)
             raise
         finally:
             self.open_streams -= 1
+            self.exchanges.discard(exchange)
             exchange.close(clock())
             if exchange.after:
                 self._run_after(exchange)
@@ -326,11 +338,28 @@ class Worker:
             grace,
         )
         watch = asyncio.create_task(self._report_cut(grace))
+        ending = asyncio.create_task(self._end_streams(grace))
         await server.stop(grace=grace)  # returns once every stream ended, or at the deadline
         watch.cancel()
+        ending.cancel()
         await self.processor.settle(timeout=5.0)
         await self.shared.aclose()
         log.info("worker %d: stopped", self.index)
+
+    async def _end_streams(self, grace: float) -> None:
+        """Shortly before the grace period ends, the streams still open are ended by
+        the gateway: each one's next chunk becomes the format's error event (+ `[DONE]`),
+        so the client sees a clean end rather than a truncated body (Envoy can only
+        change a chunk it sends us: a stream with no chunk in that time is cut)."""
+        await asyncio.sleep(max(0.0, grace - min(END_BEFORE_GRACE_S, grace / 4)))
+        now = time.perf_counter()
+        ended = sum(ex.end_for_shutdown(now) for ex in list(self.processor.exchanges))
+        if ended:
+            log.warning(
+                "worker %d: ending %d streams with an error event: the grace period ends",
+                self.index,
+                ended,
+            )
 
     async def _report_cut(self, grace: float) -> None:
         await asyncio.sleep(grace)

@@ -27,7 +27,14 @@ import pytest
 import yaml
 
 from extproc.dev.devstack import Stack, grpc_serving
-from tests.conftest import DEV_API_KEY, consecutive_free_ports, metric, wait_for, write_config
+from tests.conftest import (
+    DEV_API_KEY,
+    consecutive_free_ports,
+    metric,
+    sse_payloads,
+    wait_for,
+    write_config,
+)
 from tests.redis_server import RedisServer
 
 AUTH = {"authorization": f"Bearer {DEV_API_KEY}"}  # the dev policy's consumer key
@@ -335,7 +342,9 @@ def test_sigterm_lets_open_streams_finish(tmp_path: Path) -> None:
 
 
 def test_grace_period_bounds_the_shutdown(tmp_path: Path) -> None:
-    """A single worker (no supervisor): streams longer than the grace period are cut."""
+    """A single worker (no supervisor): streams longer than the grace period are ended
+    by the gateway before it goes, with the format's error event and `[DONE]` (issue 17
+    item 5), not left truncated."""
     stack, _ = start(tmp_path, workers=1, server={"shutdown_grace_seconds": 1})
     try:
         results, _, stopped, join = open_streams(stack, count=2, tokens=400, delay_ms=50)
@@ -344,9 +353,13 @@ def test_grace_period_bounds_the_shutdown(tmp_path: Path) -> None:
         stopped.set()
         assert sidecar.wait(timeout=30) == 0
         join()
-        for result in results:  # cut: no clean end
-            assert result.error is not None or not result.body.endswith(b"data: [DONE]\n\n")
-        assert "2 streams cut at the end of the grace period" in stack.log("sidecar")
+        for result in results:  # ended early, but cleanly: the last event is the error
+            payloads = [p for p in sse_payloads(result.body) if p.strip()]
+            assert payloads[-1] == b"[DONE]", result.body[-300:]
+            error = orjson.loads(payloads[-2])["error"]
+            assert error["code"] == "gateway_shutdown" and "shutting down" in error["message"]
+            assert len(payloads) < 400  # it did not run to its end
+        assert "ending 2 streams with an error event" in stack.log("sidecar")
     finally:
         stack.stop()
 

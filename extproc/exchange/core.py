@@ -158,6 +158,19 @@ class Exchange:
         response = wire.replace_body(tail)
         return self.finish(response, now) if end else response
 
+    def end_for_shutdown(self, now: float) -> bool:
+        """The worker's grace period ends: the next chunk of an inspected event stream
+        becomes the format's error event (+ `[DONE]`), and the one after closes the
+        provider's stream (a closed ext_proc stream would let it through unfiltered).
+        False when there is no such stream to end (nothing streamed yet, already
+        ended, a JSON answer or an untouched body)."""
+        if self.closed or self.decoder is None or self.body is response_phase.ENDED:
+            return False
+        if isinstance(self.body, response_phase.ShutdownEnding):
+            return False
+        self.body = response_phase.ShutdownEnding()
+        return True
+
     def finish(self, response: Response, now: float) -> Response:
         """Last response chunk: settle usage and hand the figures to Envoy."""
         settle.settle(self, now, complete=True)

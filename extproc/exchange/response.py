@@ -154,6 +154,37 @@ class Ended:
 
 ENDED = Ended()
 
+SHUTDOWN_MESSAGE = (
+    "The gateway is shutting down and ended this stream before it finished; retry the request."
+)
+
+
+class ShutdownEnding:
+    """The worker's grace period ends (`Exchange.end_for_shutdown`): this chunk becomes
+    the error event, the next one closes the provider's stream."""
+
+    paced = True
+
+    def feed(self, ex: Exchange, chunk: bytes, end: bool, now: float) -> Response:
+        response = ex.end_stream(SHUTDOWN_MESSAGE, "gateway_shutdown", now, end, "shutdown_ended")
+        if not end:
+            ex.body = CLOSING
+        return response
+
+
+class Closing:
+    """After the gateway's own error event: close the provider's stream."""
+
+    paced = True
+
+    def feed(self, ex: Exchange, chunk: bytes, end: bool, now: float) -> Response:
+        if end:
+            return ex.finish(CLEAR_BODY, now)
+        return close_upstream(ex, now)
+
+
+CLOSING = Closing()
+
 
 class JsonBody:
     """A whole JSON answer: kept (bounded) to meter, or buffered for a stage to see."""
