@@ -301,6 +301,8 @@ class RedisStore:
             # reservation the script may already have made; `_orphaned` undoes it.
             reply = await asyncio.shield(pending)
         except asyncio.CancelledError:
+            self._orphans.add(pending)  # until its reply, then its refund, are in
+            pending.add_done_callback(self._orphans.discard)
             pending.add_done_callback(lambda done: self._orphaned(done, full, rates, costs, field))
             raise
         except (RedisError, OSError) as exc:
