@@ -9,11 +9,13 @@ stays active."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 
 import grpc
 import orjson
+import pytest
 from grpc._cython.cygrpc import ExecuteBatchError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -23,7 +25,8 @@ from extproc.metrics import Metrics
 from extproc.policy import Shared, build_policy
 from extproc.server import ExternalProcessor
 from tests.test_exchange import CHAT, body_msg, headers_msg, stream_frames
-from tests.test_ratelimit import document, redis_server  # noqa: F401 (a fixture)
+from tests.redis_server import RedisServer
+from tests.test_ratelimit import document
 
 FRAMES = stream_frames(6, usage=True)
 MESSAGES = [
@@ -36,6 +39,13 @@ MESSAGES = [
     *(body_msg(f, end=False, response=True) for f in FRAMES),
     body_msg(b"", end=True, response=True),
 ]
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory):
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
 
 
 class FakeEnvoy:
@@ -100,10 +110,8 @@ async def one_exchange(url: str, how: str, at: int) -> None:
             for _ in range(at):
                 await asyncio.sleep(0)
             task.cancel()
-        try:
+        with contextlib.suppress(asyncio.CancelledError):
             await task
-        except asyncio.CancelledError:
-            pass
         for _ in range(500):  # settlement beside the stream, refunds of orphaned acquires
             if not processor._background and not store._orphans:
                 break
