@@ -24,8 +24,8 @@ from extproc.config import parse_config
 from extproc.metrics import Metrics
 from extproc.policy import Shared, build_policy
 from extproc.server import ExternalProcessor
-from tests.test_exchange import CHAT, body_msg, headers_msg, stream_frames
 from tests.redis_server import RedisServer
+from tests.test_exchange import CHAT, body_msg, headers_msg, stream_frames
 from tests.test_ratelimit import document
 
 FRAMES = stream_frames(6, usage=True)
