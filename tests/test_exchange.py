@@ -440,3 +440,16 @@ def test_hangup_right_after_done_is_complete_and_its_chunk_carries_the_figures(f
         + run.metric("ai_gateway_tokens_total", {"model": "gpt-3.5-turbo", **tokens})
         == 5
     )
+
+
+@pytest.mark.parametrize("marker", [True, False], ids=["with-done", "truncated"])
+def test_a_stream_the_provider_ends_without_its_end_marker_is_counted(marker):
+    """Envoy cannot append to the client's body once the provider ended it; the
+    gateway counts the truncated answer (`upstream_truncated`) and lets it pass."""
+    run = Run()
+    run.request({**CHAT, "stream": True})
+    frames = stream_frames(4, usage=True)
+    client = run.respond(frames if marker else frames[:-2])
+    truncated = run.metric("ai_gateway_errors_total", {"kind": "upstream_truncated"})
+    assert truncated == (0 if marker else 1)
+    assert client.endswith(b"data: [DONE]\n\n") == marker

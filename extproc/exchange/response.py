@@ -241,12 +241,15 @@ class StreamBody:
             if whole is not None:  # whole frames, nothing to read: no events needed
                 if not ex.first_frame_at:
                     ex.first_frame_at = now
+                if end:
+                    _check_end(ex, decoder)
                 response = CONTINUE_BODY if whole is chunk else wire.replace_body(whole)
                 return ex.finish(response, now) if end or _just_done(ex, decoder) else response
         try:
             events = decoder.feed(chunk)
             if end:
                 events += decoder.finish()
+                _check_end(ex, decoder)
         except StreamError as exc:  # FrameTooLarge included
             return ex.end_stream(str(exc), exc.kind, now, end)
         if events and not ex.first_frame_at:
@@ -274,6 +277,19 @@ class StreamBody:
             out.append(event.out)
         response = wire.replace_body(b"".join(out)) if changed else CONTINUE_BODY
         return ex.finish(response, now) if end or _just_done(ex, decoder) else response
+
+
+def _check_end(ex: Exchange, decoder: ResponseDecoder) -> None:
+    """The provider ended its stream without the format's end marker: the client has
+    a truncated answer (passed on as it came), counted as `upstream_truncated`."""
+    if decoder.has_end_marker and not decoder.done and not ex.error_kind:
+        ex.error_kind = "upstream_truncated"
+        ex.metrics.errors.labels("upstream_truncated").inc()
+        log.warning(
+            "provider ended its stream without its end marker route=%s model=%s",
+            ex.route_name,
+            shown(ex.model),
+        )
 
 
 def _just_done(ex: Exchange, decoder: ResponseDecoder) -> bool:

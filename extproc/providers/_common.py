@@ -178,6 +178,9 @@ class EventDecoder:
     payload live) and `_encode` (the payload back into the wire frame)."""
 
     name: ClassVar[str] = "events"
+    # The format has an explicit end marker (`done` turns true): an end without it is
+    # a truncated answer.
+    has_end_marker: ClassVar[bool] = False
     __slots__ = ("_cache", "content_events", "done", "finish_reason", "usage")
 
     def __init__(self) -> None:

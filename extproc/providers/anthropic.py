@@ -170,6 +170,7 @@ class AnthropicStream(SSEDecoder):
     """Decoder for one Messages event stream."""
 
     name = "anthropic_sse"
+    has_end_marker = True
     __slots__ = ("_counts",)
 
     def __init__(self, max_frame_bytes: int) -> None:

@@ -95,6 +95,7 @@ class ResponseDecoder(Protocol):
     # The format's end marker passed (usage, where sent, comes before it): the answer
     # is complete even if the client hangs up before Envoy's end of stream reaches us.
     done: bool
+    has_end_marker: ClassVar[bool]  # the format has one (Gemini's SSE, Bedrock's: no)
 
     @property
     def buffered(self) -> int:

@@ -320,6 +320,7 @@ class GeminiArrayStream(_GeminiEvents, EventDecoder):
     """`:streamGenerateContent` without alt=sse: one JSON array, element by element."""
 
     name = "gemini_json_stream"
+    has_end_marker = True
     __slots__ = ("_before", "_sent", "_splitter", "_tool_call", "_usage", "_usage_src")
 
     def __init__(self, max_frame_bytes: int) -> None:

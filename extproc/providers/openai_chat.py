@@ -162,6 +162,7 @@ class OpenAIChatStream(SSEDecoder):
     """Decoder for one `chat.completion.chunk` SSE stream."""
 
     name = "openai_chat_sse"
+    has_end_marker = True
     __slots__ = ("_hide_usage",)
 
     def __init__(self, *, hide_usage: bool, max_frame_bytes: int) -> None:

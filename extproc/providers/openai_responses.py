@@ -130,6 +130,7 @@ class OpenAIResponsesStream(SSEDecoder):
     """Decoder for one Responses API event stream."""
 
     name = "openai_responses_sse"
+    has_end_marker = True
     __slots__ = ("_sequence",)
 
     def __init__(self, max_frame_bytes: int) -> None:
