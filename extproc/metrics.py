@@ -37,6 +37,8 @@ ERROR_KINDS = (
     "ratelimit_busy",  # too many checks already wait for the store (503)
     "upstream_error",  # the provider answered 4xx/5xx
     "stream_aborted",  # the stream ended before its end marker
+    "upstream_truncated",  # the provider ended its stream without its end marker
+    "shutdown_ended",  # the shutdown grace ran out: ended with an error event
     "frame_too_large",  # a response frame over the framer's bound
     "decode_error",  # a response encoding that cannot be read (passed on uninspected)
     "malformed_stream",  # broken framing (bad CRC, not the promised JSON)
