@@ -164,9 +164,10 @@ class Exchange:
         provider's stream (a closed ext_proc stream would let it through unfiltered).
         False when there is no such stream to end (nothing streamed yet, already
         ended, a JSON answer or an untouched body)."""
-        if self.closed or self.decoder is None or self.body is response_phase.ENDED:
+        body = self.body
+        if self.closed or self.decoder is None or body is response_phase.ENDED:
             return False
-        if isinstance(self.body, response_phase.ShutdownEnding):
+        if body is response_phase.CLOSING or isinstance(body, response_phase.ShutdownEnding):
             return False
         self.body = response_phase.ShutdownEnding()
         return True

@@ -284,11 +284,15 @@ class RedisStore:
         full = [self._prefix + k for k in keys]
         script_keys = [*full, self._prefix + GENERATION_KEY]
         field = None
+        leased: _Open | None = None
         if lease is not None and lease.buckets:
             field = str(next(self._lease_ids))
-            leased = _Open([full[i] for i in lease.buckets], [rates[i] for i in lease.buckets])
-            leased.costs = [costs[i] for i in lease.buckets]
-            leased.progress = lease.progress
+            leased = _Open(
+                [full[i] for i in lease.buckets],
+                [rates[i] for i in lease.buckets],
+                [costs[i] for i in lease.buckets],
+                lease.progress,
+            )
             script_keys += (self._lease_key, self._owners_key)
             args += (field, leased.record(None), self._lease_ms)
         try:
@@ -313,7 +317,7 @@ class RedisStore:
         tats = [float(t) / 1000 for t in reply[3 : 3 + n]]
         blocked = [int(i) for i in reply[-1].split(b",") if i]
         admitted = bool(reply[0])
-        if admitted and field is not None:
+        if admitted and field is not None and leased is not None:
             self._leases[field] = leased
         return Outcome(admitted, now, tats, blocked, lease=field if admitted else None)
 
@@ -527,12 +531,11 @@ class _Open:
 
     keys: list[str]
     rates: list[Rate]
-    costs: list[float] | None = None
-    progress: Callable[[], list[int] | None] | None = None
+    costs: list[float]
+    progress: Callable[[], list[int] | None]
 
     def record(self, used: list[int] | None) -> str:
         """One line per bucket: key, interval (ms), reserved, used so far ('' unknown)."""
-        assert self.costs is not None
         return "\n".join(
             f"{key}\t{rate.interval * 1000!r}\t{cost!r}\t{'' if used is None else used[i]}"
             for i, (key, rate, cost) in enumerate(
