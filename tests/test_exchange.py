@@ -453,3 +453,27 @@ def test_a_stream_the_provider_ends_without_its_end_marker_is_counted(marker):
     truncated = run.metric("ai_gateway_errors_total", {"kind": "upstream_truncated"})
     assert truncated == (0 if marker else 1)
     assert client.endswith(b"data: [DONE]\n\n") == marker
+
+
+def test_the_end_of_the_shutdown_grace_ends_a_stream_with_the_error_event():
+    """`end_for_shutdown`: the next chunk becomes the format's error event + [DONE],
+    the one after closes the provider's stream (an ImmediateResponse reset)."""
+    run = Run()
+    run.request({**CHAT, "stream": True})
+    run.send(headers_msg({":status": "200", "content-type": "text/event-stream"}, response=True))
+    frames = stream_frames(6, usage=True)
+    client = b"".join(
+        apply_body(run.send(body_msg(f, end=False, response=True)), f) for f in frames[:2]
+    )
+    assert run.ex.end_for_shutdown(1.0) is True
+    assert run.ex.end_for_shutdown(1.0) is False  # once
+    ended = run.send(body_msg(frames[2], end=False, response=True))
+    client += apply_body(ended, frames[2])
+    payloads = [p for p in client.split(b"\n") if p.startswith(b"data: ")]
+    assert payloads[-1] == b"data: [DONE]"
+    assert orjson.loads(payloads[-2][6:])["error"]["code"] == "gateway_shutdown"
+    closed = run.send(body_msg(frames[3], end=False, response=True))
+    assert closed.WhichOneof("response") == "immediate_response"
+    assert run.metric("ai_gateway_errors_total", {"kind": "shutdown_ended"}) == 1
+    assert run.metric("ai_gateway_errors_total", {"kind": "stream_aborted"}) == 0
+    assert run.metric("ai_gateway_active_streams") == 0
