@@ -42,6 +42,7 @@ ERROR_KINDS = (
     "frame_too_large",  # a response frame over the framer's bound
     "decode_error",  # a response encoding that cannot be read (passed on uninspected)
     "malformed_stream",  # broken framing (bad CRC, not the promised JSON)
+    "overloaded",  # shed by admission control: the worker is over its limits (503)
     "internal",  # the sidecar's own failure
 )
 
@@ -233,5 +234,25 @@ class Metrics:
             "<format>_json...)",
             ["decoder"],
             registry=r,
+        )
+        self.shed = Counter(
+            "ai_gateway_shed",
+            "Requests refused by admission control (503 overloaded, before the provider), "
+            "by the limit that was reached (open_streams, queued_requests, queue_delay)",
+            ["reason"],
+            registry=r,
+        )
+        self.queue_time = Histogram(
+            "ai_gateway_extproc_queue_seconds",
+            "Event-loop lag: how late a ready ext_proc message is handled (probed every "
+            "50 ms); admission sheds while it is over server.max_queue_delay_ms",
+            buckets=(*_MESSAGE, 0.1, 0.25, 0.5, 1, 2, 5),
+            registry=r,
+        )
+        self.saturated = Gauge(
+            "ai_gateway_worker_saturated",
+            "1 while a worker is over its admission limits (readiness NOT_SERVING)",
+            registry=r,
+            multiprocess_mode="livemax",
         )
         self.phase_time = {p: self.message_time.labels(p) for p in PHASES}

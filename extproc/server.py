@@ -28,6 +28,7 @@ from grpc._cython.cygrpc import BaseError as GrpcCallError  # ExecuteBatchError,
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 
+from extproc.admission import Admission, Limits, shed_response
 from extproc.config import Config, ConfigError, load_config
 from extproc.envoy_wire import Response
 from extproc.exchange import Exchange
@@ -100,24 +101,50 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):
         self.exchanges: set[Exchange] = set()  # open ones, for the end of the grace period
         self.draining = False
         self._taken = metrics.worker_streams.labels(str(worker))
+        self.admission = Admission(limits_of(policy.config))
+        self._shed = shed_response()
 
     async def Process(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
         clock = time.perf_counter
+        admission = self.admission
+        try:
+            first = await context.read()
+            if first is grpc.aio.EOF:
+                return
+            # Only a client's request is shed (an Envoy local reply starts at response
+            # headers).
+            if first.WhichOneof("request") == "request_headers":
+                reason = admission.admit()
+                if reason is not None:
+                    await self._refuse_overloaded(context, reason)
+                    return
+            else:
+                admission.open += 1  # counted like any stream, never refused
+        except GrpcCallError as exc:  # a hang-up before the exchange began: nothing to settle
+            log.debug("ext_proc stream ended before its first answer: %r", exc)
+            return
         exchange = Exchange(self.policy, self.metrics, clock())
         phase_time = self.metrics.phase_time
         self._taken.inc()
         self.open_streams += 1
         self.exchanges.add(exchange)
         try:
+            request = first
             while True:
-                request = await context.read()
-                if request is grpc.aio.EOF:
-                    break
+                if request is None:
+                    request = await context.read()
+                    if request is grpc.aio.EOF:
+                        break
                 start = clock()
                 kind = request.WhichOneof("request")  # the phase: dispatch and metric label
                 response = exchange.on(kind, request, start)
+                request = None
                 if response.__class__ is not Response:  # the request body's stages may await
-                    response = await response
+                    admission.wait_started()
+                    try:
+                        response = await response
+                    finally:
+                        admission.wait_ended()
                 phase_time[kind].observe(clock() - start)
                 await context.write(response)
                 if exchange.after:
@@ -136,9 +163,20 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):
         finally:
             self.open_streams -= 1
             self.exchanges.discard(exchange)
+            admission.release()
             exchange.close(clock())
             if exchange.after:
                 self._run_after(exchange)
+
+    async def _refuse_overloaded(self, context: grpc.aio.ServicerContext, reason: str) -> None:
+        """503 `overloaded` at once; no Exchange, no stage, nothing reaches the provider.
+        Not logged per request (a flood would be logged as one): counted, and readiness
+        says so."""
+        self.metrics.errors.labels("overloaded").inc()
+        self.metrics.shed.labels(reason).inc()
+        await context.write(self._shed)
+        while await context.read() is not grpc.aio.EOF:  # Envoy ends the stream
+            pass
 
     def _run_after(self, exchange: Exchange) -> None:
         """Settlement I/O (e.g. Redis) runs beside the stream, never in its way, and
@@ -159,6 +197,30 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):
         """Shutdown: let settlement work of finished streams complete (bounded)."""
         if self._background:
             await asyncio.wait(set(self._background), timeout=timeout)
+
+
+def limits_of(config: Config) -> Limits:
+    server = config.server
+    return Limits(
+        server.max_open_streams, server.max_queued_requests, server.max_queue_delay_ms / 1000
+    )
+
+
+LAG_PROBE_S = 0.05
+
+
+async def probe_lag(admission: Admission, metrics: Metrics, interval: float = LAG_PROBE_S) -> None:
+    """How late the loop wakes a timer is how late it handles any ready message: the
+    queue time of this worker, fed to admission control and the histogram."""
+    loop = asyncio.get_running_loop()
+    observe = metrics.queue_time.observe
+    while True:
+        due = loop.time() + interval
+        await asyncio.sleep(interval)
+        lag = max(0.0, loop.time() - due)
+        observe(lag)
+        admission.observe_lag(lag)
+        metrics.saturated.set(1 if admission.saturated else 0)
 
 
 def _bind(server: grpc.aio.Server, listen: str) -> None:
@@ -198,6 +260,7 @@ class Worker:
             build_policy(config, self.shared), self.metrics, worker=index
         )
         self.readiness = Readiness(self.shared)
+        self.readiness.add("admission", self._admission_check)
         self.health = health.aio.HealthServicer()
         self.watcher = PolicyWatcher(config.path, config) if snapshot is None else None
         self._serving: bool | None = None
@@ -208,10 +271,14 @@ class Worker:
     def policy(self) -> Policy:
         return self.processor.policy
 
+    async def _admission_check(self) -> str | None:
+        return self.processor.admission.readiness()
+
     def apply(self, config: Config) -> None:
         """Swap in a validated config: new streams get it, open ones keep theirs."""
         policy = build_policy(config, self.shared)  # re-reads api_key_file (rotated Secrets)
         self.processor.policy = policy
+        self.processor.admission.limits = limits_of(config)
         logging.getLogger().setLevel(config.server.log_level.upper())
 
     async def reload_from_snapshot(self) -> None:
@@ -320,9 +387,11 @@ class Worker:
         if ready is not None:
             ready.set()
         tick = asyncio.create_task(self._tick(stop, reload))
+        lag = asyncio.create_task(probe_lag(self.processor.admission, self.metrics))
         await stop.wait()
         await self.shutdown(server)
         tick.cancel()
+        lag.cancel()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
 
