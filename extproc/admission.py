@@ -52,6 +52,7 @@ class Admission:
         reason = self._over()
         if reason is None:
             self.open += 1
+            self._update()  # reaching a limit saturates before the next one is shed
         else:
             self.saturated = True
         return reason

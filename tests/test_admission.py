@@ -13,8 +13,11 @@ LIMITS = Limits(max_open_streams=10, max_queued_requests=5, max_queue_delay=0.5)
 
 def test_admits_up_to_the_open_limit_then_sheds():
     a = Admission(LIMITS)
-    assert [a.admit() for _ in range(10)] == [None] * 10
+    assert [a.admit() for _ in range(9)] == [None] * 9
+    assert not a.saturated
+    assert a.admit() is None
     assert a.open == 10
+    assert a.saturated  # at the limit: readiness says so before anything is shed
     assert a.admit() == "open_streams"
     assert a.open == 10  # a shed stream is not counted open
     assert a.saturated
