@@ -137,7 +137,13 @@ async def one(host: str, port: int, head: bytes, tally: Tally, hangup: float | N
 
 
 async def load(
-    base: str, streams: int, seconds: float, frames: int, gap_ms: float, hangups: float = 0.0
+    base: str,
+    streams: int,
+    seconds: float,
+    frames: int,
+    gap_ms: float,
+    hangups: float = 0.0,
+    ramp: float = 5.0,
 ) -> Tally:
     """`streams` clients, each posting streams back to back until `seconds` passed."""
     host, port = base.removeprefix("http://").rsplit(":", 1)
@@ -151,7 +157,7 @@ async def load(
     deadline = time.monotonic() + seconds
 
     async def client(index: int) -> None:
-        await asyncio.sleep(random.random() * min(1.0, seconds / 10))  # a short ramp
+        await asyncio.sleep(random.random() * min(ramp, seconds / 4))  # starts spread
         while time.monotonic() < deadline:
             hangup = random.random() if random.random() < hangups else None
             wait = await one(host, int(port), head, tally, hangup)
@@ -196,6 +202,8 @@ class Soak:
         config["server"]["log_level"] = "warning"
         if args.max_open_streams:
             config["server"]["max_open_streams"] = args.max_open_streams
+        if args.max_queue_delay_ms is not None:
+            config["server"]["max_queue_delay_ms"] = args.max_queue_delay_ms
         policy.write_text(yaml.safe_dump(config, sort_keys=False))
         self.policy = policy
         self.stack = BenchStack(
@@ -254,7 +262,9 @@ class Soak:
         if phase not in ("baseline", "overload", "soak", "hangup"):
             fault = asyncio.create_task(self.fault(phase, seconds / 3))
         t0 = time.monotonic()
-        tally = await load(self.stack.base_url, streams, seconds, a.frames, a.gap_ms, hangups)
+        tally = await load(
+            self.stack.base_url, streams, seconds, a.frames, a.gap_ms, hangups, a.ramp
+        )
         elapsed = time.monotonic() - t0
         sampler.cancel()
         if fault is not None:
@@ -272,6 +282,7 @@ class Soak:
             "outcomes": dict(sorted(tally.outcomes.items())),
             "ttfb_ms_p50": _ms(ttfb50),
             "ttfb_ms_p99": _ms(ttfb99),
+            "shed_ms_p50": _ms(pct(tally.shed_s, 50)),
             "shed_ms_p99": _ms(pct(tally.shed_s, 99)),
             "served_tokens": tally.served_tokens,
             "metered_tokens": int(metered),
@@ -326,6 +337,8 @@ def main() -> int:
     parser.add_argument("--gap-ms", type=float, default=20.0, help="between tokens")
     parser.add_argument("--max-open-streams", type=int, default=0,
                         help="server.max_open_streams (0: the product default)")  # fmt: skip
+    parser.add_argument("--max-queue-delay-ms", type=int, default=None)
+    parser.add_argument("--ramp", type=float, default=5.0, help="clients start within this")
     return asyncio.run(main_async(parser.parse_args()))
 
 

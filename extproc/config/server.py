@@ -41,17 +41,17 @@ class ServerConfig(Section):
     overrides it."""
     shutdown_grace_seconds: Int(0, 3600) = 30
     """On SIGTERM: refuse new streams, give open ones this long to finish, then exit."""
-    max_open_streams: Int(1, 1_000_000) = 128
+    max_open_streams: Int(1, 1_000_000) = 64
     """Admission control, per worker: past this many open exchanges a new request gets
     an immediate 503 `overloaded` with `Retry-After` before anything reaches the
-    provider; open streams are never cut. The default is about one worker's capacity for
-    streams of 50 tokens a second with mask guards (one message per token, ~200 us each;
-    [operations.md](operations.md#overload-and-admission-control)); raise it for slower
-    or coalesced streams."""
+    provider; open streams are never cut. The default is from the overload benchmark
+    (streams of 50 tokens 20 ms apart, full policy with mask guards, one message per
+    token: [operations.md](operations.md#overload-and-admission-control)); raise it for
+    slower or coalesced streams, lower it for faster ones."""
     max_queued_requests: Int(1, 1_000_000) = 64
     """Admission control, per worker: past this many request bodies waiting on their
     stages (a slow rate-limit store or guard webhook), new requests are shed."""
-    max_queue_delay_ms: Int(0, 60_000) = 500
+    max_queue_delay_ms: Int(0, 60_000) = 250
     """Admission control, per worker: while the event loop is this late handling ready
     messages (measured every 50 ms), new requests are shed; `0` turns the check off.
     Keep it well below `envoy.message_timeout_ms`, past which Envoy answers 504."""
