@@ -103,6 +103,7 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):
         self._taken = metrics.worker_streams.labels(str(worker))
         self.admission = Admission(limits_of(policy.config))
         self._shed = shed_response()
+        self._shed_requests = metrics.requests.labels("unknown", "", "503")
 
     async def Process(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
         clock = time.perf_counter
@@ -174,6 +175,7 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):
         says so."""
         self.metrics.errors.labels("overloaded").inc()
         self.metrics.shed.labels(reason).inc()
+        self._shed_requests.inc()  # in the 5xx ratio: no route or model was read
         await context.write(self._shed)
         while await context.read() is not grpc.aio.EOF:  # Envoy ends the stream
             pass
