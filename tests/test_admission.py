@@ -3,10 +3,15 @@ saturation (what readiness reports), and the shed answer Envoy gets."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import orjson
 
 from extproc.admission import Admission, Limits, shed_response
 from extproc.errors import SIDECAR_DETAILS_PREFIX
+from extproc.metrics import Metrics
+from extproc.server import probe_lag
 
 LIMITS = Limits(max_open_streams=10, max_queued_requests=5, max_queue_delay=0.5)
 
@@ -96,3 +101,22 @@ def test_shed_answer_is_an_openai_style_503_with_retry_after():
     assert error["code"] == "overloaded"
     assert error["type"] == "server_error"
     assert immediate.details == f"{SIDECAR_DETAILS_PREFIX}overloaded"
+
+
+async def test_the_lag_probe_sees_a_blocked_loop_and_saturates():
+    """A handler that holds the loop (here 300 ms of blocking) delays every ready message
+    by as much: the probe reports at least the block minus one probe interval."""
+    metrics = Metrics()
+    admission = Admission(Limits(10, 5, 0.2))
+    probe = asyncio.create_task(probe_lag(admission, metrics, interval=0.05))
+    await asyncio.sleep(0.06)  # the probe is asleep, due within 50 ms
+    time.sleep(0.3)
+    for _ in range(1000):  # let the probe wake (late); nothing awaits after it did
+        await asyncio.sleep(0)
+        if admission.lag >= 0.1:
+            break
+    probe.cancel()
+    assert admission.lag >= 0.3 - 0.05
+    assert admission.saturated
+    assert admission.admit() == "queue_delay"
+    assert metrics.queue_time.collect()[0].samples  # observed into the histogram
