@@ -12,7 +12,9 @@ each chunk and a final usage chunk when `stream_options.include_usage` is true, 
 
 Per request headers: `x-bench-shape: gapped|coalesced`, `x-bench-frames: N` (content
 frames), `x-bench-gap-ms: G`. Gapped: one write per frame, G ms apart; coalesced: all
-frames in one write.
+frames in one write. Faults (bench/soak.py): `x-bench-status: 5xx` answers that status
+with an OpenAI-style error; `x-bench-cut-after: K` closes the connection after K frames
+(gapped streams), with no end marker.
 
 Run: `python -m bench.provider --port 9000 [--frames 64] [--gap-ms 5]`.
 """
@@ -119,6 +121,7 @@ class _Conn(asyncio.Protocol):
         self.pending: list[bytes] = []
         self.index = 0
         self.gap = 0.0
+        self.cut_after = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -202,6 +205,12 @@ class _Conn(asyncio.Protocol):
                 _plain(400, b'{"error":{"message":"bench streams only"}}', b"application/json")
             )
             return self._done()
+        fail = headers.get("x-bench-status")
+        if fail:
+            error = b'{"error":{"message":"bench failure","type":"server_error","code":null}}'
+            self._write(_plain(int(fail), error, b"application/json"))
+            return self._done()
+        self.cut_after = int(headers.get("x-bench-cut-after", "0") or 0)
         frames = int(headers.get("x-bench-frames", self.server.frames))
         gap = float(headers.get("x-bench-gap-ms", self.server.gap_ms)) / 1000.0
         self.pending = frame_templates(model, include_usage, frames)
@@ -223,6 +232,10 @@ class _Conn(asyncio.Protocol):
             return
         template = self.pending[self.index]
         self.index += 1
+        if self.cut_after and self.index > self.cut_after:
+            if self.transport is not None:
+                self.transport.close()  # mid-stream: no last chunk, no [DONE]
+            return
         last = self.index == len(self.pending)
         if last:  # [DONE], no timestamp
             self._write(prefix + _chunked(template) + b"0\r\n\r\n")

@@ -12,6 +12,7 @@ Phases (`--phases`, in order; each bounded):
   hangup    a third of the clients hang up at a random byte of the answer
   sigterm   one worker gets SIGTERM mid-run (the supervisor starts it again)
   reload    the policy file changes mid-run (a live reload)
+  provider  a quarter of the answers are provider 500s, a quarter are cut mid-stream
 
 Each phase prints completed / shed / failed by kind, TTFB p50/p99, the shed answers'
 latency, metered vs served completion tokens, the active streams after, and RSS per
@@ -48,7 +49,9 @@ from bench.measure import open_streams, process_tree, rss_bytes
 from bench.stack import BENCH_KEY, BenchStack, write_policy
 from tests.redis_server import RedisServer
 
-PHASES = ("baseline", "overload", "soak", "kill9", "redis", "hangup", "sigterm", "reload")
+PHASES = (
+    "baseline", "overload", "soak", "kill9", "redis", "hangup", "sigterm", "reload", "provider",
+)  # fmt: skip
 CONTENT = b'"delta":{"content":" '
 BODY = json.dumps(
     {
@@ -144,15 +147,21 @@ async def load(
     gap_ms: float,
     hangups: float = 0.0,
     ramp: float = 5.0,
+    faults: bool = False,
 ) -> Tally:
     """`streams` clients, each posting streams back to back until `seconds` passed."""
     host, port = base.removeprefix("http://").rsplit(":", 1)
-    head = (
-        f"POST /v1/chat/completions HTTP/1.1\r\nhost: {host}:{port}\r\n"
-        f"content-type: application/json\r\nauthorization: Bearer {BENCH_KEY}\r\n"
-        f"x-bench-frames: {frames}\r\nx-bench-gap-ms: {gap_ms}\r\n"
-        f"content-length: {len(BODY)}\r\nconnection: close\r\n\r\n"
-    ).encode() + BODY
+
+    def head(extra: str = "") -> bytes:
+        return (
+            f"POST /v1/chat/completions HTTP/1.1\r\nhost: {host}:{port}\r\n"
+            f"content-type: application/json\r\nauthorization: Bearer {BENCH_KEY}\r\n"
+            f"x-bench-frames: {frames}\r\nx-bench-gap-ms: {gap_ms}\r\n{extra}"
+            f"content-length: {len(BODY)}\r\nconnection: close\r\n\r\n"
+        ).encode() + BODY
+
+    plain = head()
+    failing = head("x-bench-status: 500\r\n")
     tally = Tally()
     deadline = time.monotonic() + seconds
 
@@ -160,7 +169,12 @@ async def load(
         await asyncio.sleep(random.random() * min(ramp, seconds / 4))  # starts spread
         while time.monotonic() < deadline:
             hangup = random.random() if random.random() < hangups else None
-            wait = await one(host, int(port), head, tally, hangup)
+            request, dice = plain, random.random()
+            if faults and dice < 0.25:
+                request = failing
+            elif faults and dice < 0.5:
+                request = head(f"x-bench-cut-after: {random.randint(1, frames)}\r\n")
+            wait = await one(host, int(port), request, tally, hangup)
             if wait:
                 await asyncio.sleep(wait)
 
@@ -259,12 +273,13 @@ class Soak:
 
         sampler = asyncio.create_task(sample())
         fault = None
-        if phase not in ("baseline", "overload", "soak", "hangup"):
+        if phase not in ("baseline", "overload", "soak", "hangup", "provider"):
             fault = asyncio.create_task(self.fault(phase, seconds / 3))
         t0 = time.monotonic()
         tally = await load(
-            self.stack.base_url, streams, seconds, a.frames, a.gap_ms, hangups, a.ramp
-        )
+            self.stack.base_url, streams, seconds, a.frames, a.gap_ms, hangups, a.ramp,
+            faults=phase == "provider",
+        )  # fmt: skip
         elapsed = time.monotonic() - t0
         sampler.cancel()
         if fault is not None:
