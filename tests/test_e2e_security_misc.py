@@ -220,7 +220,14 @@ def burst_stack(tmp_path_factory) -> Iterator:
     }
     stack = None
     try:
-        server = {"workers": 2, "grpc_listen": f"127.0.0.1:{consecutive_free_ports(2)}"}
+        server = {
+            "workers": 2,
+            "grpc_listen": f"127.0.0.1:{consecutive_free_ports(2)}",
+            # This tests the limiter: admission control must not shed any of the burst.
+            "max_open_streams": 1000,
+            "max_queued_requests": 1000,
+            "max_queue_delay_ms": 0,
+        }
         stack = start_stack(tmp / "stack", server=server, rate_limits=limits)
         yield stack
     finally:
