@@ -14,8 +14,8 @@ from extproc.providers._common import dicts, loads
 from extproc.providers.anthropic import ERROR_TYPES
 from extproc.providers.base import StreamError, StreamEvent, TextDelta
 from extproc.providers.openai_chat import OpenAIChat, OpenAIChatStream
-from extproc.sse import FrameTooLarge
 from extproc.translate.base import (
+    DecoderDriven,
     TranslatedError,
     client_status,
     kept_headers,
@@ -69,7 +69,7 @@ def error_event(message: str, kind: str = "api_error") -> bytes:
     return _event("error", {"error": {"type": kind, "message": bounded(message)}})
 
 
-class ChatToMessages:
+class ChatToMessages(DecoderDriven):
     """An OpenAI chat answer (stream or whole) for an Anthropic Messages client.
 
     Anthropic streams one content block at a time: a change of kind (reasoning ->
@@ -101,33 +101,10 @@ class ChatToMessages:
         self._refused = False  # the model refused (OpenAI's `delta.refusal`)
         self._texts: list[str] | None = None  # a guard's texts for the event at hand
 
-    @property
-    def buffered(self) -> int:
-        return self.decoder.buffered
-
-    def feed(self, chunk: bytes) -> bytes:
-        if self._broken:
-            return b""
-        try:
-            events = self.decoder.feed(chunk)
-        except (StreamError, FrameTooLarge) as exc:
-            return self._broke(exc)
-        return self.emit(events)
-
-    def finish(self) -> bytes:
-        if self._broken:
-            return b""
-        try:
-            events = self.decoder.finish()
-        except (StreamError, FrameTooLarge) as exc:
-            return self._broke(exc)
-        out = self.emit(events)
-        if not self._done:
-            if self.decoder.finish_reason is not None:  # finished, only [DONE] missing
-                out += self._complete()
-            else:
-                out += self._fail("The upstream stream ended before its end marker.")
-        return out
+    def _end_of_stream(self) -> bytes:
+        if self.decoder.finish_reason is not None:  # finished, only [DONE] missing
+            return self._complete()
+        return self._fail("The upstream stream ended before its end marker.")
 
     def _broke(self, exc: Exception) -> bytes:
         self._broken = True

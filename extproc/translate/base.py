@@ -19,7 +19,14 @@ from typing import Any, ClassVar, Protocol
 
 from extproc.errors import bounded
 from extproc.errors import error_body as openai_error_body
-from extproc.providers.base import RequestError, ResponseDecoder, StreamEvent, TextDelta
+from extproc.providers.base import (
+    RequestError,
+    ResponseDecoder,
+    StreamError,
+    StreamEvent,
+    TextDelta,
+)
+from extproc.sse import FrameTooLarge
 from extproc.usage import Usage
 
 __all__ = [
@@ -95,6 +102,53 @@ class ResponseTranslator(Protocol):
     def error(self, status: int, headers: Mapping[str, str], body: bytes) -> TranslatedError:
         """An upstream error response (before any stream) for the client."""
         ...
+
+
+class DecoderDriven:
+    """What every `ResponseTranslator` does with its upstream decoder: feed it each chunk
+    and `emit` the events; a broken or oversized upstream frame ends the stream through
+    `_broke` (never an exception), and an upstream that ends without its end marker
+    through `_end_of_stream`. Subclasses define `emit`, `_broke`, `_end_of_stream` and
+    the `decoder`, `_broken`, `_done` slots."""
+
+    __slots__ = ()
+    decoder: ResponseDecoder
+    _broken: bool
+    _done: bool
+
+    @property
+    def buffered(self) -> int:
+        return self.decoder.buffered
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self._broken:
+            return b""
+        try:
+            events = self.decoder.feed(chunk)
+        except (StreamError, FrameTooLarge) as exc:
+            return self._broke(exc)
+        return self.emit(events)
+
+    def finish(self) -> bytes:
+        if self._broken:
+            return b""
+        try:
+            events = self.decoder.finish()
+        except (StreamError, FrameTooLarge) as exc:
+            return self._broke(exc)
+        out = self.emit(events)
+        if not self._done:
+            out += self._end_of_stream()
+        return out
+
+    def emit(self, events: list[StreamEvent], texts: list[list[str] | None] | None = None) -> bytes:
+        raise NotImplementedError
+
+    def _broke(self, exc: Exception) -> bytes:
+        raise NotImplementedError
+
+    def _end_of_stream(self) -> bytes:
+        raise NotImplementedError
 
 
 class RequestTranslator(Protocol):

@@ -25,8 +25,7 @@ import orjson
 
 from extproc.errors import bounded
 from extproc.providers.base import ResponseDecoder, StreamError, StreamEvent, TextDelta
-from extproc.sse import FrameTooLarge
-from extproc.translate.base import TranslatedError, replaced_texts, usage_json
+from extproc.translate.base import DecoderDriven, TranslatedError, replaced_texts, usage_json
 from extproc.usage import Usage
 
 DONE = b"data: [DONE]\n\n"
@@ -144,7 +143,7 @@ class ChunkWriter:
         return out + DONE
 
 
-class DecoderToOpenAI:
+class DecoderToOpenAI(DecoderDriven):
     """A `ResponseTranslator` skeleton: runs the upstream decoder over each chunk and
     hands every event to `_event`, which appends the client's bytes. A broken or
     oversized upstream frame ends the stream with an error frame, never an exception.
@@ -162,31 +161,6 @@ class DecoderToOpenAI:
         self._done = False
         self._broken = False  # the decoder failed: it is fed nothing more
         self._texts: list[str] | None = None  # a guard's texts for the event at hand
-
-    @property
-    def buffered(self) -> int:
-        return self.decoder.buffered
-
-    def feed(self, chunk: bytes) -> bytes:
-        if self._broken:
-            return b""
-        try:
-            events = self.decoder.feed(chunk)
-        except (StreamError, FrameTooLarge) as exc:
-            return self._broke(exc)
-        return self.emit(events)
-
-    def finish(self) -> bytes:
-        if self._broken:
-            return b""
-        try:
-            events = self.decoder.finish()
-        except (StreamError, FrameTooLarge) as exc:
-            return self._broke(exc)
-        out = self.emit(events)
-        if not self._done:
-            out += self._end_of_stream()
-        return out
 
     def emit(self, events: list[StreamEvent], texts: list[list[str] | None] | None = None) -> bytes:
         """See `base.ResponseTranslator.emit`."""
