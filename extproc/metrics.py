@@ -71,14 +71,15 @@ class Metrics:
         )
         self.ttft = Histogram(
             "ai_gateway_time_to_first_token_seconds",
-            "Request headers to first response frame",
+            "Streams only: request headers to the first content delta (text, tool call or "
+            "reasoning)",
             ["route", "model"],
             buckets=_LATENCY,
             registry=r,
         )
         self.tpot = Histogram(
             "ai_gateway_time_per_output_token_seconds",
-            "Mean gap between output tokens",
+            "Streams only: mean gap between output tokens after the first content delta",
             ["route", "model"],
             buckets=_PER_TOKEN,
             registry=r,
@@ -254,5 +255,12 @@ class Metrics:
             "1 while a worker is over its admission limits (readiness NOT_SERVING)",
             registry=r,
             multiprocess_mode="livemax",
+        )
+        self.trace_spans_dropped = Counter(
+            "ai_gateway_trace_spans_dropped",
+            "Exchange spans not exported (telemetry:): queue_full (the collector is slow or "
+            "down), export_failed (it refused or was unreachable)",
+            ["reason"],
+            registry=r,
         )
         self.phase_time = {p: self.message_time.labels(p) for p in PHASES}

@@ -28,6 +28,7 @@ from grpc._cython.cygrpc import BaseError as GrpcCallError  # ExecuteBatchError,
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 
+from extproc import logcontext
 from extproc.admission import Admission, Limits, shed_response
 from extproc.config import Config, ConfigError, load_config
 from extproc.envoy_wire import Response
@@ -125,6 +126,7 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):
             log.debug("ext_proc stream ended before its first answer: %r", exc)
             return
         exchange = Exchange(self.policy, self.metrics, clock())
+        exchange.traceparent = _traceparent(context)  # Envoy's span of this ext_proc call
         phase_time = self.metrics.phase_time
         self._taken.inc()
         self.open_streams += 1
@@ -223,6 +225,13 @@ async def probe_lag(admission: Admission, metrics: Metrics, interval: float = LA
         observe(lag)
         admission.observe_lag(lag)
         metrics.saturated.set(1 if admission.saturated else 0)
+
+
+def _traceparent(context: grpc.aio.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == "traceparent":
+            return value if isinstance(value, str) else ""
+    return ""
 
 
 def _bind(server: grpc.aio.Server, listen: str) -> None:
@@ -447,15 +456,12 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
     await Worker(config).run(ready)
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
-    )
+def configure_logging(level: str, log_format: str = "text") -> None:
+    logcontext.configure(level, log_format)
 
 
 def main(config: Config) -> int:
-    configure_logging(config.server.log_level)
+    configure_logging(config.server.log_level, config.server.log_format)
     asyncio.run(serve(config))
     return 0
 
@@ -470,7 +476,7 @@ def worker_main(config_path: str, index: int, count: int) -> int:
         for line in exc.lines():
             print(line, file=sys.stderr)
         return 1
-    configure_logging(config.server.log_level)
+    configure_logging(config.server.log_level, config.server.log_format)
     worker = Worker(config, index=index, count=count, snapshot=snapshot, snapshot_data=data)
     asyncio.run(worker.run())
     return 0

@@ -34,6 +34,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+from extproc import logcontext
 from extproc.config import Config, ConfigError, load_config
 from extproc.reload import POLL_INTERVAL_S, SNAPSHOT_ENV, PolicyWatcher, read_file, report_reload
 
@@ -232,10 +233,7 @@ class Supervisor:
 
 
 def main(config: Config, workers: int) -> int:
-    logging.basicConfig(  # as server.configure_logging, without importing grpc here
-        level=config.server.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
-    )
+    logcontext.configure(config.server.log_level, config.server.log_format)
     return Supervisor(config, workers).run()
 
 

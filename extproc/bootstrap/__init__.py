@@ -31,6 +31,7 @@ from extproc.bootstrap.common import (
 )
 from extproc.bootstrap.listener import _dispatch_providers, _listener
 from extproc.bootstrap.replies import local_reply_config
+from extproc.bootstrap.tracing import otlp_cluster
 from extproc.config import Config
 from extproc.headers import METADATA_NAMESPACE
 
@@ -60,6 +61,9 @@ def render_bootstrap(config: Config) -> dict[str, Any]:
     )
     clusters = [_extproc_cluster(config)]
     clusters += [_provider_cluster(config.providers[name]) for name in used]
+    otlp = otlp_cluster(config)
+    if otlp is not None:
+        clusters.append(otlp)
     return {
         "node": {"id": "ai-gateway", "cluster": "ai-gateway"},
         "admin": {"address": _listen_address(config.envoy.admin)},

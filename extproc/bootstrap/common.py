@@ -17,7 +17,12 @@ METADATA_KEYS = (
     "prompt_tokens",
     "completion_tokens",
     "total_tokens",
+    "cached_tokens",
+    "reasoning_tokens",
     "usage_estimated",
+    "finish_reason",
+    "refused",
+    "reason",
 )
 EXTPROC_CLUSTER = "extproc"
 EXTPROC_FILTER = "envoy.filters.http.ext_proc"

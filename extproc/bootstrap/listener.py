@@ -19,6 +19,7 @@ from extproc.bootstrap.common import (
     openai_error,
 )
 from extproc.bootstrap.replies import local_reply_config
+from extproc.bootstrap.tracing import tracing
 from extproc.config import Config, ProviderConfig, RouteConfig
 from extproc.headerlimits import CODEC_HEADERS_COUNT, CODEC_HEADERS_KB
 from extproc.headers import INTERNAL_HEADERS, METADATA_NAMESPACE, PROVIDER_HEADER
@@ -41,6 +42,7 @@ def _access_log(config: Config) -> list[dict[str, Any]]:
         "upstream_host": "%UPSTREAM_HOST%",
         "route_name": "%ROUTE_NAME%",
         "request_id": "%REQ(X-REQUEST-ID)%",
+        "trace_id": "%TRACE_ID%",
         "user_agent": "%REQ(USER-AGENT)%",
     }
     for key in METADATA_KEYS:
@@ -213,6 +215,9 @@ def _listener(config: Config) -> dict[str, Any]:
             },
         ],
     }
+    traced = tracing(config)
+    if traced is not None:
+        hcm["tracing"] = traced
     return {
         "name": "ai_gateway",
         "address": _listen_address(config.envoy.listen),

@@ -14,6 +14,7 @@ from extproc.config.guards import GuardsConfig
 from extproc.config.limits import RateLimitsConfig, rate_limit_workers
 from extproc.config.routing import ProviderConfig, RouteConfig
 from extproc.config.server import EnvoyConfig, ServerConfig, StreamingConfig
+from extproc.config.telemetry import TelemetryConfig
 from extproc.config.types import entries, in_file, name
 from extproc.netaddr import UNIX_PATH_MAX, unix_socket_path, worker_addresses
 
@@ -67,6 +68,7 @@ class Config(Section):
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     rate_limits: Annotated[RateLimitsConfig | None, in_file(_mapping)] = None
     guards: GuardsConfig = Field(default_factory=GuardsConfig)
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
 
     def route(self, name: str) -> RouteConfig | None:
         for route in self.routes:

@@ -17,6 +17,7 @@ from extproc.config.types import (
 )
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+LOG_FORMATS = ("text", "json")
 ON_BLOCK_MODES = ("drain", "close")  # streaming.on_block
 MAX_WORKERS = 256
 
@@ -34,6 +35,9 @@ class ServerConfig(Section):
     """Prometheus `/metrics`."""
     log_level: choice(LOG_LEVELS, "log level") = "info"
     """The sidecar's log level (secrets never reach a log line)."""
+    log_format: choice(LOG_FORMATS, "log format") = "text"
+    """`text` lines, or `json`: one object per line. Either way a line logged for an
+    exchange carries its `request_id` (Envoy's `x-request-id`) and `trace_id`."""
     workers: Int(1, MAX_WORKERS) = 1
     """Processes serving ext_proc, each on its own listener: one Python process handles a
     few thousand messages a second, one per core scales it. Worker N listens on the gRPC

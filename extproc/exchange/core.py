@@ -69,6 +69,13 @@ class Exchange:
         self.closed = False
         self.upstream_closed = False
         self.answered = False  # response headers came (the provider's, or Envoy's)
+        self.request_id = ""  # Envoy's x-request-id
+        self.traceparent = ""  # W3C: Envoy's span of the ext_proc call, else the request's
+        self.trace_id = ""
+        self.refused = ""  # the refusal's code, when the gateway answered
+        self.report_at = settle.REPORT_EVERY  # content events at which a stream's figures
+        # go to Envoy next (so a stream cut short still has them in the access log)
+        self.prompt_estimate = -1  # computed once, for those figures
         metrics.active.inc()
 
     @property
@@ -95,14 +102,18 @@ class Exchange:
     # -- answers shared by the phases ---------------------------------------------------
 
     def identity(self) -> dict[str, object]:
+        """Who and which request, for every metadata answer (the access log joins the
+        sidecar's log lines and the trace on `request_id` and `trace_id`)."""
+        ids: dict[str, object] = {"request_id": self.request_id, "trace_id": self.trace_id}
         ctx = self.ctx
         if ctx is None:
-            return {}
-        return {"consumer": ctx.consumer, **ctx.metadata}
+            return ids
+        return {**ids, "consumer": ctx.consumer, **ctx.metadata}
 
     def refuse(self, refusal: Refusal) -> Response:
         """Answer the client now, in its own API's error shape."""
         self.status = refusal.status
+        self.refused = refusal.code or refusal.kind
         if refusal.status >= 400:
             self.error_kind = refusal.kind
             self.metrics.errors.labels(refusal.kind).inc()
@@ -130,6 +141,7 @@ class Exchange:
                 "route": self.route_name,
                 "model": shown(self.model),
                 "refused": refusal.code or refusal.kind,
+                "reason": refusal.kind,
                 **self.identity(),
             },
         )

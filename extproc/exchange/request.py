@@ -14,6 +14,7 @@ from extproc.envoy_wire import BodyMode, Request, Response
 from extproc.errors import shown
 from extproc.exchange import response as response_phase
 from extproc.headerlimits import header_problem
+from extproc.logcontext import MAX_ID, set_exchange, trace_id_of
 from extproc.paths import METHOD_OVERRIDE_HEADERS, PathRefused, canonical, looks_like_api, matches
 from extproc.policy import Refusal, RequestContext
 from extproc.policy.credentials import strip_query_credentials
@@ -56,8 +57,13 @@ INSPECTED = Inspected()
 def request_headers(ex: Exchange, request: Request) -> Response:
     """Route, path and method checks, the header stages; choose the flow."""
     entries = wire.header_entries(request)
-    problem = header_problem(entries)
     headers = dict(entries)
+    ex.request_id = headers.get("x-request-id", "")[:MAX_ID]
+    if not trace_id_of(ex.traceparent):  # no span of Envoy's: the client's own, if any
+        ex.traceparent = headers.get("traceparent", "")
+    ex.trace_id = trace_id_of(ex.traceparent)
+    set_exchange(ex.request_id, ex.trace_id)  # every log line of this stream names them
+    problem = header_problem(entries)
     if problem is not None:  # before any route or stage: nothing else reads them
         return ex.refuse(
             Refusal(431, problem, "request_header_fields_too_large", kind="bad_request")

@@ -68,7 +68,7 @@ def inspect_response(ex: Exchange, headers: dict[str, str]) -> Response:
         ex.error_kind = "decode_error"
         ex.metrics.errors.labels("decode_error").inc()
         return wire.continue_response_headers(set_headers, body=BodyMode.SKIP)
-    content_type = headers.get("content-type", "")
+    content_type = ctx.content_type = headers.get("content-type", "")
     decoder = ex.decoder = response_decoder(
         ctx.format,
         content_type,
@@ -94,7 +94,14 @@ def inspect_response(ex: Exchange, headers: dict[str, str]) -> Response:
             # A stage must see the whole answer before the client gets any of it.
             mode = BodyMode.BUFFERED
     ex.body = Inflating(body) if inflated else body
-    return wire.continue_response_headers(set_headers, remove, body=mode)
+    answer = wire.continue_response_headers(set_headers, remove, body=mode)
+    if decoder is None:
+        return answer
+    # A stream may be cut short before its last chunk: the access log knows who and
+    # what from here on (the figures follow every `REPORT_EVERY` content events).
+    return wire.with_metadata(
+        answer, {"route": ex.route_name, "model": shown(ex.model), **ex.identity()}
+    )
 
 
 # -- body phases ------------------------------------------------------------------------
@@ -202,8 +209,6 @@ class JsonBody:
                 kept += chunk
             else:
                 kept = ex.json = None  # too big to keep; usage will be estimated
-        if not ex.first_frame_at and chunk:
-            ex.first_frame_at = now
         ctx = ex.ctx
         if end and ctx is not None and ctx.buffer_response and kept is not None:
             body = bytes(kept)
@@ -239,12 +244,16 @@ class StreamBody:
         if not self.filters and not inflated:
             whole = decoder.feed_whole(chunk)
             if whole is not None:  # whole frames, nothing to read: no events needed
-                if not ex.first_frame_at:
+                if not ex.first_frame_at and decoder.content_events:
                     ex.first_frame_at = now
                 if end:
                     _check_end(ex, decoder)
                 response = CONTINUE_BODY if whole is chunk else wire.replace_body(whole)
-                return ex.finish(response, now) if end or _just_done(ex, decoder) else response
+                if end or _just_done(ex, decoder):
+                    return ex.finish(response, now)
+                if decoder.content_events >= ex.report_at and not ex.closed:
+                    return settle.progress(ex, response)
+                return response
         try:
             events = decoder.feed(chunk)
             if end:
@@ -252,7 +261,9 @@ class StreamBody:
                 _check_end(ex, decoder)
         except StreamError as exc:  # FrameTooLarge included
             return ex.end_stream(str(exc), exc.kind, now, end)
-        if events and not ex.first_frame_at:
+        # Time to first token: the first content (text, tool-call, reasoning) delta,
+        # not a role chunk or Anthropic's message_start.
+        if not ex.first_frame_at and decoder.content_events:
             ex.first_frame_at = now
         held = decoder.buffered > 0
         changed = inflated or held or self.held
@@ -276,7 +287,11 @@ class StreamBody:
                 changed = True
             out.append(event.out)
         response = wire.replace_body(b"".join(out)) if changed else CONTINUE_BODY
-        return ex.finish(response, now) if end or _just_done(ex, decoder) else response
+        if end or _just_done(ex, decoder):
+            return ex.finish(response, now)
+        if decoder.content_events >= ex.report_at and not ex.closed:
+            return settle.progress(ex, response)
+        return response
 
 
 def _check_end(ex: Exchange, decoder: ResponseDecoder) -> None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from extproc import envoy_wire as wire
+from extproc.envoy_wire import Response
 from extproc.errors import shown
 from extproc.usage import estimate_prompt_tokens
 
@@ -30,7 +32,41 @@ def final_metadata(ex: Exchange) -> dict[str, object]:
         "usage_estimated": usage.estimated,
         "finish_reason": ex.finish_reason or "",
         **({"upstream_closed": True} if ex.upstream_closed else {}),
+        **({"reason": ex.error_kind} if ex.error_kind else {}),
+        **({"refused": ex.refused} if ex.refused else {}),
     }
+
+
+REPORT_EVERY = 16  # content events between a stream's interim figures
+
+
+def progress(ex: Exchange, response: Response) -> Response:
+    """A stream's figures so far, handed to Envoy with this chunk's answer (every
+    `REPORT_EVERY` content events), so the access log of a stream that the client or the
+    provider cuts short still carries who, what and the tokens metered until then."""
+    decoder = ex.decoder
+    assert decoder is not None
+    ex.report_at = decoder.content_events + REPORT_EVERY
+    usage = decoder.usage
+    ctx = ex.ctx
+    if not usage.reported and ctx is not None and ctx.info is not None:
+        if ex.prompt_estimate < 0:
+            ex.prompt_estimate = estimate_prompt_tokens(ctx.info.prompt_texts)
+        prompt, completion = ex.prompt_estimate, decoder.content_events
+    else:
+        prompt, completion = usage.prompt_tokens, usage.completion_tokens
+    return wire.finished(
+        response,
+        {
+            "route": ex.route_name,
+            "model": ex.model,
+            **ex.identity(),
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "usage_estimated": not usage.reported,
+        },
+    )
 
 
 def settle(ex: Exchange, now: float, complete: bool) -> None:
@@ -78,6 +114,8 @@ def settle(ex: Exchange, now: float, complete: bool) -> None:
         (now - ex.started) * 1000,
         f" error={ex.error_kind}" if ex.error_kind else "",
     )
+    if ex.policy.tracing is not None:
+        ex.policy.tracing.record(ex, now)
 
 
 def _meter(ex: Exchange, now: float, model: str) -> None:

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from extproc.policy.jwks import JwksCache
     from extproc.policy.ratelimit import RateLimitRedis
     from extproc.policy.ratelimit.local import LocalStore
+    from extproc.telemetry import Tracing
 
 log = logging.getLogger("extproc.policy")
 
@@ -59,10 +60,17 @@ class Shared:
         self.guards_http: aiohttp.ClientSession | None = None  # HTTP guard webhooks
         self.guards_grpc: dict[tuple[bool, str], GuardServiceStub] = {}  # by (TLS, target)
         self.jwks: dict[tuple[str | None, str | None, str | None], JwksCache] = {}  # by source
+        self.tracing: Tracing | None = None  # telemetry: the process's span export
 
     def values(self) -> list[Any]:
         """Everything held (the readiness probe looks for `readiness_check` on each)."""
-        single = (self.metrics, self.ratelimit_local, self.ratelimit_redis, self.guards_http)
+        single = (
+            self.metrics,
+            self.ratelimit_local,
+            self.ratelimit_redis,
+            self.guards_http,
+            self.tracing,
+        )
         held = [item for item in single if item is not None]
         return [*held, *self.guards_grpc.values(), *self.jwks.values()]
 
@@ -88,6 +96,7 @@ class Policy:
     config: Config
     stages: tuple[Stage, ...] = ()
     labels: MetricLabels = None  # type: ignore[assignment]  # made from config when None
+    tracing: Tracing | None = None  # telemetry: on; the exchange records its span there
 
     def __post_init__(self) -> None:
         if self.labels is None:
@@ -100,15 +109,17 @@ StageBuilder = Callable[[Config, Shared, Mapping[str, str]], Stage | None]
 
 def stage_builders() -> list[StageBuilder]:
     """In the order stages run: who is calling (auth), what they may use (models), what
-    they send and get (guards), how much (limits). One line per stage module."""
+    they send and get (guards), how much (limits), what the trace may show (capture,
+    after the guards). One line per stage module."""
     # Lazy: stage modules import this package.
-    from extproc.policy import auth, guards, models, ratelimit
+    from extproc.policy import auth, capture, guards, models, ratelimit
 
     return [
         auth.build,
         models.build,
         guards.build,
         ratelimit.build,
+        capture.build,
     ]
 
 
@@ -120,4 +131,8 @@ def build_policy(
     stages = tuple(
         stage for build in stage_builders() if (stage := build(config, shared, env)) is not None
     )
-    return Policy(config=config, stages=stages)
+    if config.telemetry.endpoint is not None or shared.tracing is not None:
+        from extproc.telemetry import tracing_for  # the OTel SDK loads only when used
+
+        shared.tracing = tracing_for(config.telemetry, shared.metrics, shared.tracing)
+    return Policy(config=config, stages=stages, tracing=shared.tracing)

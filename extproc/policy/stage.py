@@ -93,6 +93,9 @@ class RequestContext:
     buffer_response: bool = False  # a stage needs whole non-streaming bodies
     decoder: ResponseDecoder | None = None  # this response's decoder, for stream filters
     scratch: dict[str, Any] = field(default_factory=dict)  # per-stage state, keyed by stage
+    # Guard findings for the trace: (phase, guard, type, action), never the matched text.
+    findings: list[tuple[str, str, str, str]] = field(default_factory=list)
+    content_type: str = ""  # the response's, from the response-headers phase on
 
 
 class StreamFilter(Protocol):

@@ -154,6 +154,7 @@ class GuardStage(Stage):
         self.metrics.guard_webhook_calls.labels(guard.name, verdict.action).inc()
         if verdict.action == "reject":
             self.metrics.guard_findings.labels(guard.name, "request", "reject", "WEBHOOK").inc()
+            _finding(ctx, "request", guard.name, "WEBHOOK", "reject")
             log.warning(
                 "guard %s: webhook rejected the request route=%s consumer=%s reason=%r",
                 guard.name,
@@ -165,6 +166,7 @@ class GuardStage(Stage):
             raise _refusal(guard, "request")
         if verdict.action == "mask" and verdict.texts is not None and verdict.texts != texts:
             self.metrics.guard_findings.labels(guard.name, "request", "mask", "WEBHOOK").inc()
+            _finding(ctx, "request", guard.name, "WEBHOOK", "mask")
             ctx.metadata["guard_masked"] = int(ctx.metadata.get("guard_masked", 0)) + 1
             return verdict.texts
         return texts
@@ -194,6 +196,7 @@ class GuardStage(Stage):
             if repeat:
                 return
             name = entry.guard.name
+            _finding(ctx, "response", name, entry.type, action)
             self.metrics.guard_findings.labels(name, "response", action, entry.type).inc()
             key = "guard_masked" if action == "mask" else "guard_logged"
             ctx.metadata[key] = int(ctx.metadata.get(key, 0)) + 1
@@ -238,8 +241,10 @@ class GuardStage(Stage):
         m = self.metrics.guard_findings
         for (guard, kind), count in findings.masked.items():
             m.labels(guard, phase, "mask", kind).inc(count)
+            _finding(ctx, phase, guard, kind, "mask")
         for (guard, kind), count in findings.logged.items():
             m.labels(guard, phase, "log", kind).inc(count)
+            _finding(ctx, phase, guard, kind, "log")
         masked = sum(findings.masked.values())
         if masked:
             ctx.metadata["guard_masked"] = int(ctx.metadata.get("guard_masked", 0)) + masked
@@ -257,6 +262,7 @@ class GuardStage(Stage):
         rejected = findings.rejected
         if rejected is not None:
             m.labels(rejected.guard.name, phase, "reject", rejected.type).inc()
+            _finding(ctx, phase, rejected.guard.name, rejected.type, "reject")
             ctx.metadata["guard_blocked"] = rejected.guard.name
             log.warning(
                 "guard %s blocked the %s (%s) route=%s consumer=%s",
@@ -287,3 +293,12 @@ def _refusal(guard: Guard, phase: str) -> Refusal:
         kind=KIND,
         headers={"x-ai-gateway-guard": guard.name},
     )
+
+
+MAX_FINDINGS = 64  # per exchange, in the trace
+
+
+def _finding(ctx: RequestContext, phase: str, guard: str, kind: str, action: str) -> None:
+    """One finding for the exchange's span (names and types only; bounded)."""
+    if len(ctx.findings) < MAX_FINDINGS:
+        ctx.findings.append((phase, guard, kind, action))
