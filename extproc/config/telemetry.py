@@ -39,7 +39,7 @@ class TelemetryConfig(Section):
 
     empty_ok = True
 
-    endpoint: Annotated[str | None, checked(collector_url, str | None)] = None
+    endpoint: checked(collector_url, str | None) = None
     """The OTLP collector, `http://host:port` (4317 for gRPC, 4318 for HTTP as usual);
     unset: no traces at all."""
     protocol: choice(PROTOCOLS, "protocol") = "grpc"
@@ -50,9 +50,7 @@ class TelemetryConfig(Section):
     decision and samples with this ratio when there is none)."""
     service_name: Str = "ai-gateway"
     """`service.name` of the sidecar's spans (Envoy's are `<this>-envoy`)."""
-    resource_attributes: Annotated[dict[str, str], checked(_attributes, dict[str, str])] = Field(
-        default_factory=dict
-    )
+    resource_attributes: checked(_attributes, dict[str, str]) = Field(default_factory=dict)
     """Extra resource attributes of every span, e.g. `deployment.environment: prod`."""
     capture_content: Bool = False
     """Add prompts and completions to the spans (`gen_ai.input.messages`,
