@@ -85,8 +85,11 @@ def run_setup(variant: str, args: argparse.Namespace, root: Path) -> dict[str, A
     workdir = root / variant
     workdir.mkdir(parents=True)
     policy = args.policy if variant in ("meter", "full") else None
+    telemetry = None
+    if args.tracing is not None and variant in SIDECARS:
+        telemetry = {"endpoint": args.collector.endpoint, "sampling_ratio": args.tracing}
     stack = BenchStack(
-        write_policy(workdir, variant, policy), workdir, variant=variant,
+        write_policy(workdir, variant, policy, telemetry=telemetry), workdir, variant=variant,
         frames=args.frames, gap_ms=args.gap_ms,
         workers=args.workers if variant in SIDECARS else None,
     )  # fmt: skip
@@ -185,6 +188,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "'none' skips)")  # fmt: skip
     p.add_argument("--policy", type=Path, help="bench this policy file in the meter and full "
                    "setups (ports, providers and route targets are replaced)")  # fmt: skip
+    p.add_argument(
+        "--tracing",
+        type=float,
+        metavar="RATIO",
+        help="sidecar setups trace (telemetry:) at this sampling ratio to an "
+        "in-process OTLP collector (tests/otlp_receiver.py); compare a run with "
+        "1.0 and 0.1 against one without",
+    )
     p.add_argument("--api-key", help="send `Authorization: Bearer KEY` (for a --policy with auth)")
     p.add_argument("--profile", nargs="?", const="native", choices=("native", "python"),
                    help="extra py-spy runs per ext_proc setup and shape; native (default) "
@@ -223,6 +234,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "the sidecar refuses with several workers; leave out "
             f"{','.join(full)} (--setups) or give a --policy with a Redis store"
         )
+    if args.tracing is not None and not 0.0 <= args.tracing <= 1.0:
+        p.error("--tracing: a sampling ratio from 0 to 1")
     if args.profile and spy.py_spy() is None:
         p.error("--profile needs py-spy (`.venv/bin/pip install py-spy`; the dev extras have it)")
     return args
@@ -256,7 +269,8 @@ def build_meta(args: argparse.Namespace, started: float, busy: float) -> dict[st
         "frames": args.frames,
         "gap_ms": args.gap_ms,
         "sidecar_workers": args.workers or 1,
-        "policy": str(args.policy) if args.policy else "built-in (bench/stack.py)",
+        "policy": (str(args.policy) if args.policy else "built-in (bench/stack.py)")
+        + (f"; tracing at sampling {args.tracing:g}" if args.tracing is not None else ""),
         "setups": args.setups,
         "shapes": args.shapes,
         "sweep_levels": args.sweep_levels,
@@ -300,6 +314,20 @@ def write_outputs(report: dict[str, Any], args: argparse.Namespace) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    args.collector = None
+    if args.tracing is not None:
+        from tests.otlp_receiver import OtlpReceiver
+
+        args.collector = OtlpReceiver().start()
+    try:
+        return _main(args)
+    finally:
+        if args.collector is not None:
+            print(f"bench: the collector received {len(args.collector.spans)} spans")
+            args.collector.stop()
+
+
+def _main(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGINT, _terminate)
     root = Path(tempfile.mkdtemp(prefix="extproc-bench-"))

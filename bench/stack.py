@@ -114,7 +114,11 @@ def _bindable(port: int) -> bool:
 
 
 def write_policy(
-    directory: Path, setup: str = "meter", base: Path | None = None, workers: int = 1
+    directory: Path,
+    setup: str = "meter",
+    base: Path | None = None,
+    workers: int = 1,
+    telemetry: dict | None = None,
 ) -> Path:
     """The setup's policy (or `base`, e.g. --policy config/dev.yaml) on fresh loopback
     ports, with every route sent to the bench provider (named "mock" so `Stack` starts
@@ -132,6 +136,8 @@ def write_policy(
     config["providers"] = {"mock": {"url": f"http://127.0.0.1:{free_port()}", "format": "openai"}}
     for route in config["routes"]:
         route["provider"] = "mock"
+    if telemetry is not None:  # --tracing
+        config["telemetry"] = telemetry
     path = directory / "policy.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
