@@ -149,6 +149,8 @@ class Tracing:
             log.exception("could not record the exchange's span")
 
     def _record(self, ex: Exchange, now: float) -> None:
+        if ex.traceparent.endswith("-00"):  # the parent was not sampled: neither is this
+            return
         parent = _PROPAGATOR.extract({"traceparent": ex.traceparent}) if ex.traceparent else None
         ctx = ex.ctx
         info = ctx.info if ctx is not None else None
