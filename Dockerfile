@@ -14,7 +14,11 @@ RUN python -m venv /opt/venv
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY extproc ./extproc
+# xds-protos ships an older copy of opentelemetry/proto/* (the OTLP exporter of
+# `telemetry:` needs the real one): put opentelemetry-proto's files back, as `make`.
 RUN /opt/venv/bin/pip install --prefer-binary --no-compile . \
+ && /opt/venv/bin/pip install --no-compile --force-reinstall --no-deps \
+      "opentelemetry-proto==$(/opt/venv/bin/python -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')" \
  && /opt/venv/bin/python -m compileall -q /opt/venv/lib
 
 # ---- run: the venv on a clean slim Python, no compilers, no pip cache, not root

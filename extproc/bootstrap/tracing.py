@@ -9,8 +9,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from extproc.bootstrap.clusters import _load_assignment, _protocol_options
-from extproc.bootstrap.common import _TYPE, _is_ip, _socket_address, system_ca_bundle
+from extproc.bootstrap.common import _TYPE, _socket_address, system_ca_bundle
 from extproc.config import Config
+from extproc.netaddr import is_ip_literal
 
 OTLP_CLUSTER = "ai_gateway_otlp"
 EXPORT_TIMEOUT = "2s"
@@ -61,7 +62,7 @@ def otlp_cluster(config: Config) -> dict[str, Any] | None:
         return None
     host, port, tls = _target(config)
     cluster: dict[str, Any] = {"name": OTLP_CLUSTER, "connect_timeout": "2s"}
-    if _is_ip(host):
+    if is_ip_literal(host):
         cluster["type"] = "STATIC"
     else:
         cluster["type"] = "STRICT_DNS"
