@@ -11,6 +11,7 @@ bounded queue: a slow or absent collector drops spans (counted), never delays a 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -262,8 +263,8 @@ def tracing_for(config: TelemetryConfig, metrics: Metrics, held: Tracing | None)
     are the same, a new one when they changed (the old one is closed), None when off."""
     if held is not None and held.config == config:
         return held
-    if held is not None:
-        held.close()
+    if held is not None:  # its last export may wait on the collector: not on the loop
+        threading.Thread(target=held.close, name="extproc-tracing-close", daemon=True).start()
     if config.endpoint is None:
         return None
     log.info(

@@ -180,3 +180,22 @@ def test_trace_id_of_reads_w3c_traceparent_only() -> None:
     assert logcontext.trace_id_of("00-" + "0" * 32 + "-00f067aa0ba902b7-01") == ""
     assert logcontext.trace_id_of("garbage") == ""
     assert logcontext.trace_id_of("00-" + "zz" * 16 + "-00f067aa0ba902b7-01") == ""
+
+
+def test_a_reload_keeps_the_exporter_unless_telemetry_changed() -> None:
+    from extproc.policy import Shared, build_policy
+
+    shared = Shared(Metrics())
+    on = {**BASE, "telemetry": {"endpoint": "http://127.0.0.1:4317"}}
+    first = build_policy(parse_config(on), shared)
+    again = build_policy(parse_config(on), shared)
+    assert first.tracing is not None and again.tracing is first.tracing
+    changed = build_policy(
+        parse_config(
+            {**on, "telemetry": {"endpoint": "http://127.0.0.1:4317", "sampling_ratio": 0.5}}
+        ),
+        shared,
+    )
+    assert changed.tracing is not None and changed.tracing is not first.tracing
+    off = build_policy(parse_config(BASE), shared)
+    assert off.tracing is None and shared.tracing is None
