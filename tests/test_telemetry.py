@@ -199,3 +199,16 @@ def test_a_reload_keeps_the_exporter_unless_telemetry_changed() -> None:
     assert changed.tracing is not None and changed.tracing is not first.tracing
     off = build_policy(parse_config(BASE), shared)
     assert off.tracing is None and shared.tracing is None
+
+
+def test_the_sidecar_exports_over_the_configured_protocol() -> None:
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as Grpc
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as Http
+
+    for protocol, kind in (("grpc", Grpc), ("http", Http)):
+        config = TelemetryConfig(endpoint="http://127.0.0.1:4318", protocol=protocol)
+        tracing = Tracing(config, Metrics())
+        try:
+            assert isinstance(tracing.processor.exporter.inner, kind)
+        finally:
+            tracing.close()
