@@ -257,14 +257,14 @@ def test_access_log_of_a_client_hang_up_carries_the_tokens_so_far(world):
         seen = b""
         for chunk in r.iter_bytes():
             seen += chunk
-            if seen.count(b"data: ") >= 60:
+            if seen.count(b"data: ") >= 100:
                 break  # hang up mid-stream
     assert wait_for(lambda: metric(stack, "ai_gateway_errors_total", kind="stream_aborted") >= 1)
     line = _access_line(stack, rid)
     assert line is not None
     assert line["route"] == "v1" and line["consumer"] == "my-app"
     assert line["model"] == "gpt-4o-mini"
-    assert int(line["completion_tokens"]) >= 16  # figures reported while it streamed
+    assert int(line["completion_tokens"]) >= 32  # figures reported while it streamed
     assert int(line["prompt_tokens"]) > 0
 
 

@@ -73,7 +73,7 @@ class Exchange:
         self.traceparent = ""  # W3C: Envoy's span of the ext_proc call, else the request's
         self.trace_id = ""
         self.refused = ""  # the refusal's code, when the gateway answered
-        self.report_at = settle.REPORT_EVERY  # content events at which a stream's figures
+        self.report_at = settle.REPORT_FIRST  # content events at which a stream's figures
         # go to Envoy next (so a stream cut short still has them in the access log)
         self.prompt_estimate = -1  # computed once, for those figures
         metrics.active.inc()

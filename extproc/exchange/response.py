@@ -98,7 +98,7 @@ def inspect_response(ex: Exchange, headers: dict[str, str]) -> Response:
     if decoder is None:
         return answer
     # A stream may be cut short before its last chunk: the access log knows who and
-    # what from here on (the figures follow every `REPORT_EVERY` content events).
+    # what from here on (the tokens follow: `settle.REPORT_FIRST`).
     return wire.with_metadata(
         answer, {"route": ex.route_name, "model": shown(ex.model), **ex.identity()}
     )
