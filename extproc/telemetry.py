@@ -225,6 +225,10 @@ class Tracing:
             out["ai_gateway.usage.estimated"] = usage.estimated
             if ex.finish_reason:
                 out["gen_ai.response.finish_reasons"] = [ex.finish_reason]
+        if ex.response_id:
+            out["gen_ai.response.id"] = ex.response_id
+        if ex.response_model:
+            out["gen_ai.response.model"] = ex.response_model
         if ex.refused:
             out["ai_gateway.refused"] = ex.refused
         if ex.error_kind:

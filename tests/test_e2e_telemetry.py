@@ -142,6 +142,9 @@ def test_a_stream_gives_envoys_span_and_the_sidecars_child_with_the_mocks_usage(
     assert attrs["gen_ai.usage.input_tokens"] == usage["prompt_tokens"]
     assert attrs["gen_ai.usage.output_tokens"] == usage["completion_tokens"]
     assert attrs["gen_ai.response.finish_reasons"] == ["stop"]
+    first = orjson.loads(sse_payloads(sent)[0])  # the answer's own id and model
+    assert attrs["gen_ai.response.id"] == first["id"]
+    assert attrs["gen_ai.response.model"] == first["model"]
     assert attrs["ai_gateway.consumer"] == "my-app"
     assert attrs["ai_gateway.route"] == "v1"
     assert "gen_ai.first_token" in [name for name, _ in span.events]

@@ -66,6 +66,8 @@ class Exchange:
         self.inflate: zlib._Decompress | None = None
         self.json: bytearray | None = None  # a whole JSON answer, kept (bounded) to meter
         self.first_frame_at = 0.0
+        self.response_id: str | None = None  # the answer's own id and model, if named
+        self.response_model: str | None = None
         self.closed = False
         self.upstream_closed = False
         self.answered = False  # response headers came (the provider's, or Envoy's)

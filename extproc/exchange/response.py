@@ -17,6 +17,7 @@ from extproc.errors import StreamError, shown
 from extproc.exchange import settle
 from extproc.policy import Refusal, StreamBlocked, StreamFilter
 from extproc.providers import decoder_label, response_decoder
+from extproc.providers._json import response_identity
 from extproc.providers.base import ResponseDecoder
 
 if TYPE_CHECKING:
@@ -93,7 +94,9 @@ def inspect_response(ex: Exchange, headers: dict[str, str]) -> Response:
         if ctx.buffer_response:
             # A stage must see the whole answer before the client gets any of it.
             mode = BodyMode.BUFFERED
-    ex.body = Inflating(body) if inflated else body
+    after = Inflating(body) if inflated else body
+    first = FirstChunk(body, after)
+    ex.body = Inflating(first) if inflated else first
     answer = wire.continue_response_headers(set_headers, remove, body=mode)
     if decoder is None:
         return answer
@@ -122,6 +125,24 @@ class PassBody:
 
 PASS_BODY = PassBody(inflated=False)
 INFLATED_PASS = PassBody(inflated=True)
+
+
+class FirstChunk:
+    """Reads the answer's own id and model from its first chunk (once: the trace's
+    `gen_ai.response.id` / `.model`), then hands the body to the phase it wraps, so
+    later chunks pay nothing."""
+
+    __slots__ = ("after", "inner", "paced")
+
+    def __init__(self, inner: BodyPhase, after: BodyPhase) -> None:
+        self.inner = inner  # reads this chunk (inflated already, when it had to be)
+        self.after = after  # reads the next ones
+        self.paced = inner.paced
+
+    def feed(self, ex: Exchange, chunk: bytes, end: bool, now: float) -> Response:
+        ex.response_id, ex.response_model = response_identity(chunk)
+        ex.body = self.after
+        return self.inner.feed(ex, chunk, end, now)
 
 
 class Inflating:

@@ -4,6 +4,7 @@ repeated key at any depth (in any letter case or Unicode form), typed fields."""
 from __future__ import annotations
 
 import json
+import re
 import unicodedata
 from collections.abc import Mapping
 from typing import Any
@@ -123,3 +124,24 @@ def optional_bool(obj: Mapping[str, Any], name: str) -> bool:
 
 def optional_int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+# The answer's own id and model where its first frame names them: OpenAI chat and
+# Responses, Anthropic's message_start (`id`, `model`), Gemini (`responseId`,
+# `modelVersion`). Escaped quotes inside texts can never match `"id"\s*:`.
+_IDENTITY = re.compile(rb'"(id|responseId|model|modelVersion)"\s*:\s*"([^"\\]{1,200})"')
+_IDENTITY_SCAN = 8192  # bytes of the first chunk looked at
+
+
+def response_identity(data: bytes) -> tuple[str | None, str | None]:
+    """(response id, response model) from the first bytes of an answer, None for what
+    they do not name; the first of each wins (a top-level id comes before a tool call's)."""
+    found: dict[str, str] = {}
+    for match in _IDENTITY.finditer(data, 0, _IDENTITY_SCAN):
+        key = b"id" if match.group(1) in (b"id", b"responseId") else b"model"
+        name = key.decode()
+        if name not in found:
+            found[name] = match.group(2).decode("utf-8", "replace")
+            if len(found) == 2:
+                break
+    return found.get("id"), found.get("model")
