@@ -34,6 +34,16 @@ from extproc.translate.base import (
     openai_error,
     refuse,
 )
+from extproc.translate.chat_request import (
+    ChatRequestTranslator,
+    function_call,
+    function_tools,
+    max_tokens,
+    refuse_unsupported,
+    stop_list,
+    turns,
+    wants_usage,
+)
 from extproc.translate.openai_out import DecoderToOpenAI, completion, tool_call
 
 MAX_FRAME_BYTES = 1 << 20
@@ -56,35 +66,24 @@ _NEUTRAL = (None, False, 0, {"type": "text"})
 _NAME = re.compile(r"[^A-Za-z0-9 \-()\[\]]")  # Bedrock's allowed document-name characters
 
 
-class ChatToBedrock:
+class ChatToBedrock(ChatRequestTranslator):
     """The translator (settings only)."""
 
-    source: ClassVar[str] = "openai_chat"
     target: ClassVar[str] = "bedrock_converse"
 
     def __init__(self, *, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
-        self.max_frame_bytes = max_frame_bytes
+        super().__init__(max_frame_bytes=max_frame_bytes)
 
     def request(self, body: dict[str, Any], model: str | None = None) -> UpstreamRequest:
         name = model or str(body.get("model") or "")
         stream = body.get("stream") is True
-        options = body.get("stream_options")
-        wants_usage = isinstance(options, dict) and options.get("include_usage") is True
         return UpstreamRequest(
             path=f"/model/{quote(name, safe='')}/{'converse-stream' if stream else 'converse'}",
             body=orjson.dumps(_translate(body)),
             stream=stream,
             model=name,
             headers=(("content-type", "application/json"),),
-            include_usage=stream and wants_usage,
-        )
-
-    def response(self, upstream: UpstreamRequest, *, created: int) -> BedrockToOpenAI:
-        return BedrockToOpenAI(
-            created=created,
-            include_usage=upstream.include_usage,
-            max_frame_bytes=self.max_frame_bytes,
-            model=upstream.model,
+            include_usage=wants_usage(body),
         )
 
 
@@ -92,14 +91,7 @@ class ChatToBedrock:
 
 
 def _translate(body: Mapping[str, Any]) -> dict[str, Any]:
-    n = body.get("n")
-    if n is not None and n != 1:
-        raise refuse("Invalid 'n': send n=1 (one choice per request here).", "n")
-    for name in _REFUSED:
-        if body.get(name) not in _NEUTRAL:
-            raise refuse(f"'{name}' is not supported by this model's provider.", name)
-    if body.get("modalities") not in (None, ["text"]):
-        raise refuse("Only text output is supported by this model's provider.", "modalities")
+    refuse_unsupported(body, dict.fromkeys(_REFUSED, _NEUTRAL))
     system, messages, history_tools = _messages(body.get("messages") or [])
     if not messages:
         raise refuse("Invalid 'messages': at least one user message is required.", "messages")
@@ -107,15 +99,15 @@ def _translate(body: Mapping[str, Any]) -> dict[str, Any]:
     if system:
         out["system"] = system
     inference: dict[str, Any] = {}
-    cap = body.get("max_completion_tokens", body.get("max_tokens"))
+    cap = max_tokens(body)
     if cap is not None:
         inference["maxTokens"] = cap
     for source, target in (("temperature", "temperature"), ("top_p", "topP")):
         if body.get(source) is not None:
             inference[target] = body[source]
-    stop = body.get("stop")
+    stop = stop_list(body)
     if stop is not None:
-        inference["stopSequences"] = [stop] if isinstance(stop, str) else stop
+        inference["stopSequences"] = stop
     if inference:
         out["inferenceConfig"] = inference
     config = _tool_config(body.get("tools"), body.get("tool_choice"), history_tools)
@@ -126,30 +118,14 @@ def _translate(body: Mapping[str, Any]) -> dict[str, Any]:
 
 def _messages(messages: list[Any]) -> tuple[list[dict], list[dict], bool]:
     """(system blocks, messages, whether the history holds tool use)."""
-    system: list[dict[str, Any]] = []
-    out: list[dict[str, Any]] = []
-    tools = False
-    for i, message in enumerate(messages):
-        where = f"messages[{i}]"
-        role = message.get("role") if isinstance(message, dict) else None
-        if role in ("system", "developer"):
-            system += _blocks(message.get("content"), f"{where}.content", text_only=True)
-            continue
-        if role == "user":
-            turn, blocks = "user", _blocks(message.get("content"), f"{where}.content")
-        elif role == "assistant":
-            turn, blocks = "assistant", _assistant(message, where)
-        elif role == "tool":
-            turn, blocks = "user", [_tool_result(message, where)]
-        else:
-            raise refuse(f"Invalid '{where}.role': {role!r} cannot be sent here.", f"{where}.role")
-        tools = tools or any("toolUse" in b or "toolResult" in b for b in blocks)
-        if not blocks:
-            continue
-        if out and out[-1]["role"] == turn:
-            out[-1]["content"].extend(blocks)
-        else:
-            out.append({"role": turn, "content": blocks})
+    system, out = turns(
+        messages,
+        system=lambda content, where: _blocks(content, where, text_only=True),
+        user=_blocks,
+        assistant=_assistant,
+        tool=_tool_result,
+    )
+    tools = any("toolUse" in b or "toolResult" in b for turn in out for b in turn["content"])
     return system, out, tools
 
 
@@ -203,16 +179,7 @@ def _document(file: Any, at: str) -> dict[str, Any]:
 def _assistant(message: Mapping[str, Any], where: str) -> list[dict[str, Any]]:
     blocks = _blocks(message.get("content"), f"{where}.content", text_only=True)
     for j, call in enumerate(message.get("tool_calls") or ()):
-        at = f"{where}.tool_calls[{j}]"
-        function = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-            raise refuse(f"Invalid '{at}': expected a function call with a name.", at)
-        args = loads(function.get("arguments") or "{}")
-        if not isinstance(args, dict):
-            raise refuse(
-                f"Invalid '{at}.function.arguments': expected a JSON object in a string.",
-                f"{at}.function.arguments",
-            )
+        function, args = function_call(call, f"{where}.tool_calls[{j}]")
         use = {"toolUseId": str(call.get("id", "")), "name": function["name"], "input": args}
         blocks.append({"toolUse": use})
     return blocks
@@ -228,10 +195,7 @@ def _tool_result(message: Mapping[str, Any], where: str) -> dict[str, Any]:
 
 def _tool_config(tools: Any, choice: Any, history: bool) -> dict[str, Any] | None:
     specs = []
-    for i, tool in enumerate(tools or ()):
-        function = tool.get("function") if isinstance(tool, dict) else None
-        if tool.get("type", "function") != "function" or not isinstance(function, dict):
-            raise refuse(f"Invalid 'tools[{i}]': only function tools can be sent.", f"tools[{i}]")
+    for _at, function in function_tools(tools):
         spec: dict[str, Any] = {"name": function.get("name")}
         if isinstance(function.get("description"), str):
             spec["description"] = function["description"]
@@ -338,3 +302,6 @@ class BedrockToOpenAI(DecoderToOpenAI):
             message if isinstance(message, str) else None,
             kind if isinstance(kind, str) and kind else None,
         )
+
+
+ChatToBedrock.answer = BedrockToOpenAI

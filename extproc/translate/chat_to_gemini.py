@@ -36,6 +36,16 @@ from extproc.translate.base import (
     openai_error,
     refuse,
 )
+from extproc.translate.chat_request import (
+    ChatRequestTranslator,
+    function_call,
+    function_tools,
+    max_tokens,
+    refuse_unsupported,
+    stop_list,
+    turns,
+    wants_usage,
+)
 from extproc.translate.openai_out import DecoderToOpenAI, completion, tool_call
 
 MAX_FRAME_BYTES = 1 << 20
@@ -46,40 +56,28 @@ _LEVELS["xhigh"] = "XHIGH"
 _REFUSED = ("logprobs", "top_logprobs", "logit_bias", "audio", "prediction", "functions")
 
 
-class ChatToGemini:
+class ChatToGemini(ChatRequestTranslator):
     """The translator. `prefix` is the API root of the upstream path (`/v1beta` for
     the Gemini API; a Vertex route would pass its publisher path)."""
 
-    source: ClassVar[str] = "openai_chat"
     target: ClassVar[str] = "gemini"
 
     def __init__(self, *, prefix: str = "/v1beta", max_frame_bytes: int = MAX_FRAME_BYTES):
+        super().__init__(max_frame_bytes=max_frame_bytes)
         self.prefix = prefix.rstrip("/")
-        self.max_frame_bytes = max_frame_bytes
 
     def request(self, body: dict[str, Any], model: str | None = None) -> UpstreamRequest:
         name = model or str(body.get("model") or "")
         stream = body.get("stream") is True
         out = _translate(body)
         action = "streamGenerateContent?alt=sse" if stream else "generateContent"
-        options = body.get("stream_options")
         return UpstreamRequest(
             path=f"{self.prefix}/models/{quote(name, safe='')}:{action}",
             body=orjson.dumps(out),
             stream=stream,
             model=name,
             headers=(("content-type", "application/json"),),
-            include_usage=stream
-            and isinstance(options, dict)
-            and options.get("include_usage") is True,
-        )
-
-    def response(self, upstream: UpstreamRequest, *, created: int) -> GeminiToOpenAI:
-        return GeminiToOpenAI(
-            created=created,
-            include_usage=upstream.include_usage,
-            max_frame_bytes=self.max_frame_bytes,
-            model=upstream.model,
+            include_usage=wants_usage(body),
         )
 
 
@@ -87,14 +85,7 @@ class ChatToGemini:
 
 
 def _translate(body: Mapping[str, Any]) -> dict[str, Any]:
-    n = body.get("n")
-    if n is not None and n != 1:
-        raise refuse("Invalid 'n': send n=1 (one choice per request here).", "n")
-    for name in _REFUSED:
-        if body.get(name) not in (None, False):
-            raise refuse(f"'{name}' is not supported by this model's provider.", name)
-    if body.get("modalities") not in (None, ["text"]):
-        raise refuse("Only text output is supported by this model's provider.", "modalities")
+    refuse_unsupported(body, dict.fromkeys(_REFUSED, (None, False)))
     out: dict[str, Any] = {}
     system, contents = _contents(body.get("messages") or [])
     if not contents:
@@ -115,30 +106,16 @@ def _translate(body: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _contents(messages: list[Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    system: list[dict[str, Any]] = []
-    out: list[dict[str, Any]] = []
     names: dict[str, str] = {}  # tool call id -> function name, from the history
-    for i, message in enumerate(messages):
-        where = f"messages[{i}]"
-        role = message.get("role") if isinstance(message, dict) else None
-        if role in ("system", "developer"):
-            system += _parts(message.get("content"), f"{where}.content", text_only=True)
-            continue
-        if role == "user":
-            turn, parts = "user", _parts(message.get("content"), f"{where}.content")
-        elif role == "assistant":
-            turn, parts = "model", _model_parts(message, where, names)
-        elif role == "tool":
-            turn, parts = "user", [_function_response(message, where, names)]
-        else:
-            raise refuse(f"Invalid '{where}.role': {role!r} cannot be sent here.", f"{where}.role")
-        if not parts:
-            continue
-        if out and out[-1]["role"] == turn:
-            out[-1]["parts"].extend(parts)
-        else:
-            out.append({"role": turn, "parts": parts})
-    return system, out
+    return turns(
+        messages,
+        system=lambda content, where: _parts(content, where, text_only=True),
+        user=_parts,
+        assistant=lambda message, where: _model_parts(message, where, names),
+        tool=lambda message, where: _function_response(message, where, names),
+        key="parts",
+        assistant_role="model",
+    )
 
 
 def _parts(content: Any, where: str, *, text_only: bool = False) -> list[dict[str, Any]]:
@@ -196,16 +173,7 @@ def _model_parts(message: Mapping[str, Any], where: str, names: dict[str, str]) 
         text_only=True,
     )  # fmt: skip
     for j, call in enumerate(message.get("tool_calls") or ()):
-        at = f"{where}.tool_calls[{j}]"
-        function = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-            raise refuse(f"Invalid '{at}': expected a function call with a name.", at)
-        args = loads(function.get("arguments") or "{}")
-        if not isinstance(args, dict):
-            raise refuse(
-                f"Invalid '{at}.function.arguments': expected a JSON object in a string.",
-                f"{at}.function.arguments",
-            )
+        function, args = function_call(call, f"{where}.tool_calls[{j}]")
         if isinstance(call.get("id"), str):
             names[call["id"]] = function["name"]
         parts.append({"functionCall": {"name": function["name"], "args": args}})
@@ -229,12 +197,7 @@ def _function_response(message: Mapping[str, Any], where: str, names: dict[str, 
 
 def _tools(tools: Any) -> list[dict[str, Any]]:
     out = []
-    for i, tool in enumerate(tools or ()):
-        function = tool.get("function") if isinstance(tool, dict) else None
-        if tool.get("type", "function") != "function" or not isinstance(function, dict):
-            raise refuse(
-                f"Invalid 'tools[{i}]': only function tools can be sent here.", f"tools[{i}]"
-            )
+    for _at, function in function_tools(tools, " here"):
         declaration: dict[str, Any] = {"name": function.get("name")}
         if isinstance(function.get("description"), str):
             declaration["description"] = function["description"]
@@ -269,12 +232,12 @@ def _generation(body: Mapping[str, Any]) -> dict[str, Any]:
     ):
         if body.get(source) is not None:
             config[target] = body[source]
-    cap = body.get("max_completion_tokens", body.get("max_tokens"))
+    cap = max_tokens(body)
     if cap is not None:
         config["maxOutputTokens"] = cap
-    stop = body.get("stop")
+    stop = stop_list(body)
     if stop is not None:
-        config["stopSequences"] = [stop] if isinstance(stop, str) else stop
+        config["stopSequences"] = stop
     fmt = body.get("response_format")
     kind = fmt.get("type") if isinstance(fmt, dict) else None
     if kind == "json_object":
@@ -406,3 +369,6 @@ class GeminiToOpenAI(DecoderToOpenAI):
 def _chat_id(element: Mapping[str, Any]) -> str:
     ident = element.get("responseId")
     return f"chatcmpl-{ident}" if isinstance(ident, str) and ident else "chatcmpl-gateway"
+
+
+ChatToGemini.answer = GeminiToOpenAI
