@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 import orjson
 
-from extproc.translate.base import UpstreamRequest, data_url, refuse
+from extproc.translate.base import UpstreamRequest, data_url, data_url_in, refuse
 from extproc.translate.chat_request import (
     ChatRequestTranslator,
     function_call,
@@ -256,8 +256,7 @@ def _image(image: Any, at: str) -> dict[str, Any]:
 
 
 def _document(file: Any, at: str) -> dict[str, Any]:
-    data = file.get("file_data") if isinstance(file, dict) else None
-    found = data_url(data) if isinstance(data, str) else None
+    found = data_url_in(file, "file_data")
     if found is None or found[0] != "application/pdf":
         raise refuse(
             f"Invalid '{at}.file': only inline PDF files (file_data as a base64 data URL) "

@@ -30,7 +30,7 @@ from extproc.providers.bedrock import BedrockConverse, BedrockStream
 from extproc.translate.base import (
     TranslatedError,
     UpstreamRequest,
-    data_url,
+    data_url_in,
     openai_error,
     refuse,
 )
@@ -148,9 +148,7 @@ def _blocks(content: Any, where: str, *, text_only: bool = False) -> list[dict[s
         elif text_only:
             raise refuse(f"Invalid '{at}': only text parts are accepted here.", at)
         elif kind == "image_url":
-            image = part.get("image_url")
-            url = image.get("url") if isinstance(image, dict) else None
-            found = data_url(url) if isinstance(url, str) else None
+            found = data_url_in(part.get("image_url"), "url")
             if found is None or found[0] not in _IMAGE_FORMATS:
                 raise refuse(
                     f"Invalid '{at}.image_url.url': this model's provider takes images as "
@@ -167,8 +165,7 @@ def _blocks(content: Any, where: str, *, text_only: bool = False) -> list[dict[s
 
 
 def _document(file: Any, at: str) -> dict[str, Any]:
-    data = file.get("file_data") if isinstance(file, dict) else None
-    found = data_url(data) if isinstance(data, str) else None
+    found = data_url_in(file, "file_data")
     if found is None or found[0] != "application/pdf":
         raise refuse(f"Invalid '{at}.file': only inline PDF file_data is accepted.", f"{at}.file")
     filename = file.get("filename") if isinstance(file.get("filename"), str) else "document"
@@ -296,12 +293,7 @@ class BedrockToOpenAI(DecoderToOpenAI):
         lowered = {k.lower(): v for k, v in headers.items()}
         kind = lowered.get("x-amzn-errortype", "").split(":", 1)[0] or obj.get("__type")
         message = obj.get("message", obj.get("Message"))
-        return openai_error(
-            status,
-            headers,
-            message if isinstance(message, str) else None,
-            kind if isinstance(kind, str) and kind else None,
-        )
+        return openai_error(status, headers, message, kind or None)
 
 
 ChatToBedrock.answer = BedrockToOpenAI

@@ -32,7 +32,7 @@ from extproc.providers.gemini import Gemini, GeminiSSEStream
 from extproc.translate.base import (
     TranslatedError,
     UpstreamRequest,
-    data_url,
+    data_url_in,
     openai_error,
     refuse,
 )
@@ -134,9 +134,7 @@ def _parts(content: Any, where: str, *, text_only: bool = False) -> list[dict[st
         elif text_only:
             raise refuse(f"Invalid '{at}': only text parts are accepted here.", at)
         elif kind == "image_url":
-            image = part.get("image_url")
-            url = image.get("url") if isinstance(image, dict) else None
-            found = data_url(url) if isinstance(url, str) else None
+            found = data_url_in(part.get("image_url"), "url")
             if found is None or not found[0].startswith("image/"):
                 raise refuse(
                     f"Invalid '{at}.image_url.url': this model's provider takes images as "
@@ -145,9 +143,7 @@ def _parts(content: Any, where: str, *, text_only: bool = False) -> list[dict[st
                 )
             parts.append({"inlineData": {"mimeType": found[0], "data": found[1]}})
         elif kind == "file":
-            file = part.get("file")
-            data = file.get("file_data") if isinstance(file, dict) else None
-            found = data_url(data) if isinstance(data, str) else None
+            found = data_url_in(part.get("file"), "file_data")
             if found is None:
                 raise refuse(
                     f"Invalid '{at}.file': only inline file_data is accepted.", f"{at}.file"
@@ -358,12 +354,7 @@ class GeminiToOpenAI(DecoderToOpenAI):
         error = obj.get("error") if isinstance(obj, dict) else None
         message = error.get("message") if isinstance(error, dict) else None
         name = error.get("status") if isinstance(error, dict) else None
-        return openai_error(
-            status,
-            headers,
-            message if isinstance(message, str) else None,
-            name if isinstance(name, str) else None,
-        )
+        return openai_error(status, headers, message, name)
 
 
 def _chat_id(element: Mapping[str, Any]) -> str:

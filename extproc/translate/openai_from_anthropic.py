@@ -92,12 +92,7 @@ class AnthropicToOpenAI(DecoderToOpenAI):
         error = obj.get("error") if isinstance(obj, dict) else None
         message = error.get("message") if isinstance(error, dict) else None
         kind = error.get("type") if isinstance(error, dict) else None
-        return openai_error(
-            status,
-            headers,
-            message if isinstance(message, str) else None,
-            kind if isinstance(kind, str) else None,
-        )
+        return openai_error(status, headers, message, kind)
 
 
 def _chat_id(ident: Any) -> str:
