@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar
 
+import orjson
+
 from extproc.providers._common import loads
 from extproc.translate.base import UpstreamRequest, refuse
 
@@ -136,14 +138,34 @@ def function_tools(
 
 
 class ChatRequestTranslator:
-    """An OpenAI-chat request translator's settings and its `response()` factory:
-    `answer` is the response translator, built with the upstream's model name."""
+    """An OpenAI-chat request translator: `request()` sends `translate(body)` as JSON to
+    `path(model, stream)`, and `response()` builds `answer`, the response translator,
+    with the upstream's model name. A target with other needs overrides either."""
 
     source: ClassVar[str] = "openai_chat"
     answer: ClassVar[Callable[..., Any]]
 
     def __init__(self, *, max_frame_bytes: int) -> None:
         self.max_frame_bytes = max_frame_bytes
+
+    def path(self, model: str, stream: bool) -> str:
+        raise NotImplementedError
+
+    def translate(self, body: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def request(self, body: dict[str, Any], model: str | None = None) -> UpstreamRequest:
+        """See `base.RequestTranslator.request`."""
+        name = model or str(body.get("model") or "")
+        stream = body.get("stream") is True
+        return UpstreamRequest(
+            path=self.path(name, stream),
+            body=orjson.dumps(self.translate(body)),
+            stream=stream,
+            model=name,
+            headers=(("content-type", "application/json"),),
+            include_usage=wants_usage(body),
+        )
 
     def response(self, upstream: UpstreamRequest, *, created: int) -> Any:
         return type(self).answer(

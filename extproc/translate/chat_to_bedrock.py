@@ -22,14 +22,11 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 from urllib.parse import quote
 
-import orjson
-
 from extproc.providers._common import dicts, loads
 from extproc.providers.base import StreamEvent
 from extproc.providers.bedrock import BedrockConverse, BedrockStream
 from extproc.translate.base import (
     TranslatedError,
-    UpstreamRequest,
     data_url_in,
     openai_error,
     refuse,
@@ -42,7 +39,6 @@ from extproc.translate.chat_request import (
     refuse_unsupported,
     stop_list,
     turns,
-    wants_usage,
 )
 from extproc.translate.openai_out import DecoderToOpenAI, completion, tool_call
 
@@ -74,17 +70,11 @@ class ChatToBedrock(ChatRequestTranslator):
     def __init__(self, *, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
         super().__init__(max_frame_bytes=max_frame_bytes)
 
-    def request(self, body: dict[str, Any], model: str | None = None) -> UpstreamRequest:
-        name = model or str(body.get("model") or "")
-        stream = body.get("stream") is True
-        return UpstreamRequest(
-            path=f"/model/{quote(name, safe='')}/{'converse-stream' if stream else 'converse'}",
-            body=orjson.dumps(_translate(body)),
-            stream=stream,
-            model=name,
-            headers=(("content-type", "application/json"),),
-            include_usage=wants_usage(body),
-        )
+    def path(self, model: str, stream: bool) -> str:
+        return f"/model/{quote(model, safe='')}/{'converse-stream' if stream else 'converse'}"
+
+    def translate(self, body: dict[str, Any]) -> dict[str, Any]:
+        return _translate(body)
 
 
 # --------------------------------------------------------------------------- request

@@ -24,14 +24,11 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 from urllib.parse import quote
 
-import orjson
-
 from extproc.providers._common import dicts, loads
 from extproc.providers.base import StreamEvent, TextDelta
 from extproc.providers.gemini import Gemini, GeminiSSEStream
 from extproc.translate.base import (
     TranslatedError,
-    UpstreamRequest,
     data_url_in,
     openai_error,
     refuse,
@@ -44,7 +41,6 @@ from extproc.translate.chat_request import (
     refuse_unsupported,
     stop_list,
     turns,
-    wants_usage,
 )
 from extproc.translate.openai_out import DecoderToOpenAI, completion, tool_call
 
@@ -66,19 +62,12 @@ class ChatToGemini(ChatRequestTranslator):
         super().__init__(max_frame_bytes=max_frame_bytes)
         self.prefix = prefix.rstrip("/")
 
-    def request(self, body: dict[str, Any], model: str | None = None) -> UpstreamRequest:
-        name = model or str(body.get("model") or "")
-        stream = body.get("stream") is True
-        out = _translate(body)
+    def path(self, model: str, stream: bool) -> str:
         action = "streamGenerateContent?alt=sse" if stream else "generateContent"
-        return UpstreamRequest(
-            path=f"{self.prefix}/models/{quote(name, safe='')}:{action}",
-            body=orjson.dumps(out),
-            stream=stream,
-            model=name,
-            headers=(("content-type", "application/json"),),
-            include_usage=wants_usage(body),
-        )
+        return f"{self.prefix}/models/{quote(model, safe='')}:{action}"
+
+    def translate(self, body: dict[str, Any]) -> dict[str, Any]:
+        return _translate(body)
 
 
 # --------------------------------------------------------------------------- request
