@@ -214,14 +214,11 @@ def _tool_config(tools: Any, choice: Any, history: bool) -> dict[str, Any] | Non
 class BedrockToOpenAI(DecoderToOpenAI):
     """A Converse answer (event stream or whole JSON) for an OpenAI chat client."""
 
-    __slots__ = ("_created", "_model")
+    __slots__ = ()
 
     def __init__(self, *, created: int, include_usage: bool, max_frame_bytes: int, model: str):
-        super().__init__(
-            BedrockStream(max_frame_bytes), created=created, include_usage=include_usage
-        )
-        self._created = created
-        self._model = model
+        stream = BedrockStream(max_frame_bytes)
+        super().__init__(stream, created=created, include_usage=include_usage, model=model)
 
     def _event(self, event: StreamEvent, out: list[bytes]) -> None:
         name = event.name

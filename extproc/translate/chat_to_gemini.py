@@ -246,14 +246,11 @@ def _generation(body: Mapping[str, Any]) -> dict[str, Any]:
 class GeminiToOpenAI(DecoderToOpenAI):
     """A Gemini answer (SSE stream or whole) for an OpenAI chat client."""
 
-    __slots__ = ("_calls", "_created", "_model")
+    __slots__ = ("_calls",)
 
     def __init__(self, *, created: int, include_usage: bool, max_frame_bytes: int, model: str):
-        super().__init__(
-            GeminiSSEStream(max_frame_bytes), created=created, include_usage=include_usage
-        )
-        self._created = created
-        self._model = model
+        stream = GeminiSSEStream(max_frame_bytes)
+        super().__init__(stream, created=created, include_usage=include_usage, model=model)
         self._calls = 0  # function calls so far: each gets its own OpenAI index
 
     def _event(self, event: StreamEvent, out: list[bytes]) -> None:

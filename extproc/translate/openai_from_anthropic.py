@@ -17,13 +17,12 @@ from extproc.translate.openai_out import DecoderToOpenAI, completion, tool_call
 class AnthropicToOpenAI(DecoderToOpenAI):
     """An Anthropic Messages answer (stream or whole) for an OpenAI chat client."""
 
-    __slots__ = ("_created",)
+    __slots__ = ()
 
     def __init__(self, *, created: int, include_usage: bool, max_frame_bytes: int) -> None:
         super().__init__(
             AnthropicStream(max_frame_bytes), created=created, include_usage=include_usage
         )
-        self._created = created
 
     def _event(self, event: StreamEvent, out: list[bytes]) -> None:
         name = event.name

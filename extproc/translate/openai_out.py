@@ -153,11 +153,16 @@ class DecoderToOpenAI(DecoderDriven):
     exception?) reads the event itself, or the bytes would depend on the chunking."""
 
     content_type: ClassVar[str] = "text/event-stream"
-    __slots__ = ("_broken", "_done", "_texts", "decoder", "writer")
+    __slots__ = ("_broken", "_created", "_done", "_model", "_texts", "decoder", "writer")
 
-    def __init__(self, decoder: ResponseDecoder, *, created: int, include_usage: bool) -> None:
+    def __init__(
+        self, decoder: ResponseDecoder, *, created: int, include_usage: bool, model: str = ""
+    ) -> None:
+        """`model` is the requested one, for an upstream whose answer may not name it."""
         self.decoder = decoder
         self.writer = ChunkWriter(created=created, include_usage=include_usage)
+        self._created = created
+        self._model = model
         self._done = False
         self._broken = False  # the decoder failed: it is fed nothing more
         self._texts: list[str] | None = None  # a guard's texts for the event at hand
