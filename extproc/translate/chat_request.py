@@ -58,6 +58,21 @@ def stop_list(body: Mapping[str, Any]) -> Any:
     return [stop] if isinstance(stop, str) else stop
 
 
+def content_parts(content: Any, where: str) -> Iterator[tuple[str, Any, Any]]:
+    """(`where[j]`, type, part) for each part of a message's `content`; a non-empty
+    string is one text part, a missing content none, anything else refused."""
+    if isinstance(content, str):
+        if content:
+            yield where, "text", {"type": "text", "text": content}
+        return
+    if content is None:
+        return
+    if not isinstance(content, list):
+        raise refuse(f"Invalid '{where}': expected a string or parts.", where, "invalid_type")
+    for j, part in enumerate(content):
+        yield f"{where}[{j}]", part.get("type") if isinstance(part, dict) else None, part
+
+
 def turns(
     messages: list[Any],
     *,

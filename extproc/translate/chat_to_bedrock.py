@@ -33,6 +33,7 @@ from extproc.translate.base import (
 )
 from extproc.translate.chat_request import (
     ChatRequestTranslator,
+    content_parts,
     function_call,
     function_tools,
     max_tokens,
@@ -120,16 +121,8 @@ def _messages(messages: list[Any]) -> tuple[list[dict], list[dict], bool]:
 
 
 def _blocks(content: Any, where: str, *, text_only: bool = False) -> list[dict[str, Any]]:
-    if isinstance(content, str):
-        return [{"text": content}] if content else []
-    if content is None:
-        return []
-    if not isinstance(content, list):
-        raise refuse(f"Invalid '{where}': expected a string or parts.", where, "invalid_type")
     blocks = []
-    for j, part in enumerate(content):
-        at = f"{where}[{j}]"
-        kind = part.get("type") if isinstance(part, dict) else None
+    for at, kind, part in content_parts(content, where):
         if kind == "text" and isinstance(part.get("text"), str):
             if part["text"]:
                 blocks.append({"text": part["text"]})

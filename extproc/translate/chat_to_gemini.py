@@ -35,6 +35,7 @@ from extproc.translate.base import (
 )
 from extproc.translate.chat_request import (
     ChatRequestTranslator,
+    content_parts,
     function_call,
     function_tools,
     max_tokens,
@@ -108,18 +109,10 @@ def _contents(messages: list[Any]) -> tuple[list[dict[str, Any]], list[dict[str,
 
 
 def _parts(content: Any, where: str, *, text_only: bool = False) -> list[dict[str, Any]]:
-    if isinstance(content, str):
-        return [{"text": content}] if content else []
-    if content is None:
-        return []
-    if not isinstance(content, list):
-        raise refuse(f"Invalid '{where}': expected a string or parts.", where, "invalid_type")
-    parts = []
-    for j, part in enumerate(content):
-        at = f"{where}[{j}]"
-        kind = part.get("type") if isinstance(part, dict) else None
+    out = []
+    for at, kind, part in content_parts(content, where):
         if kind == "text" and isinstance(part.get("text"), str):
-            parts.append({"text": part["text"]})
+            out.append({"text": part["text"]})
         elif text_only:
             raise refuse(f"Invalid '{at}': only text parts are accepted here.", at)
         elif kind == "image_url":
@@ -130,23 +123,23 @@ def _parts(content: Any, where: str, *, text_only: bool = False) -> list[dict[st
                     "base64 data URLs only.",
                     f"{at}.image_url.url",
                 )
-            parts.append({"inlineData": {"mimeType": found[0], "data": found[1]}})
+            out.append({"inlineData": {"mimeType": found[0], "data": found[1]}})
         elif kind == "file":
             found = data_url_in(part.get("file"), "file_data")
             if found is None:
                 raise refuse(
                     f"Invalid '{at}.file': only inline file_data is accepted.", f"{at}.file"
                 )
-            parts.append({"inlineData": {"mimeType": found[0], "data": found[1]}})
+            out.append({"inlineData": {"mimeType": found[0], "data": found[1]}})
         elif kind == "input_audio":
             audio = part.get("input_audio")
             fmt = audio.get("format") if isinstance(audio, dict) else None
             if fmt not in ("wav", "mp3") or not isinstance(audio.get("data"), str):
                 raise refuse(f"Invalid '{at}.input_audio'.", f"{at}.input_audio")
-            parts.append({"inlineData": {"mimeType": f"audio/{fmt}", "data": audio["data"]}})
+            out.append({"inlineData": {"mimeType": f"audio/{fmt}", "data": audio["data"]}})
         else:
             raise refuse(f"Invalid '{at}': a {kind!r} part cannot be sent here.", at)
-    return parts
+    return out
 
 
 def _model_parts(message: Mapping[str, Any], where: str, names: dict[str, str]) -> list:
