@@ -245,13 +245,17 @@ def completion(
     ident: str,
     created: int,
     model: str,
-    content: str | None,
-    reasoning: str | None,
+    texts: list[str],
+    thoughts: list[str],
     tool_calls: list[dict[str, Any]],
     finish: str | None,
     usage: Usage,
 ) -> bytes:
-    """A whole `chat.completion` (non-streaming answers), usage always included."""
+    """A whole `chat.completion` (non-streaming answers), usage always included: the
+    upstream's text blocks joined (content null for an answer of tool calls only), its
+    thinking blocks joined as `reasoning_content`."""
+    content = "".join(texts) if texts or not tool_calls else None
+    reasoning = "".join(thoughts)
     message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
     if reasoning:
         message["reasoning_content"] = reasoning
