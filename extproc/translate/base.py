@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Protocol
 
 from extproc.errors import bounded
 from extproc.errors import error_body as openai_error_body
+from extproc.providers._json import loads
 from extproc.providers.base import (
     RequestError,
     ResponseDecoder,
@@ -251,6 +252,13 @@ def data_url_in(obj: Any, key: str) -> tuple[str, str] | None:
     (an `image_url.url`, a `file.file_data`)."""
     value = obj.get(key) if isinstance(obj, dict) else None
     return data_url(value) if isinstance(value, str) else None
+
+
+def json_object(data: bytes | None) -> dict[str, Any]:
+    """An upstream JSON document as an object: `{}` for anything else (a translator
+    reads what is there and never raises on content)."""
+    obj = loads(data)
+    return obj if isinstance(obj, dict) else {}
 
 
 def usage_json(usage: Usage) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from extproc.providers.bedrock import BedrockConverse, BedrockStream
 from extproc.translate.base import (
     TranslatedError,
     data_url_in,
+    json_object,
     openai_error,
     refuse,
 )
@@ -236,8 +237,7 @@ class BedrockToOpenAI(DecoderToOpenAI):
         return super()._end_of_stream()
 
     def whole(self, body: bytes) -> bytes:
-        obj = loads(body)
-        obj = obj if isinstance(obj, dict) else {}
+        obj = json_object(body)
         output = obj.get("output") if isinstance(obj.get("output"), dict) else {}
         message = output.get("message") if isinstance(output.get("message"), dict) else {}
         texts: list[str] = []
@@ -268,8 +268,7 @@ class BedrockToOpenAI(DecoderToOpenAI):
     def error(self, status: int, headers: Mapping[str, str], body: bytes) -> TranslatedError:
         """`{"message"}` -> OpenAI's error; the exception name (from `x-amzn-ErrorType`
         or `__type`) is the `code`."""
-        obj = loads(body)
-        obj = obj if isinstance(obj, dict) else {}
+        obj = json_object(body)
         lowered = {k.lower(): v for k, v in headers.items()}
         kind = lowered.get("x-amzn-errortype", "").split(":", 1)[0] or obj.get("__type")
         message = obj.get("message", obj.get("Message"))

@@ -30,6 +30,7 @@ from extproc.providers.gemini import Gemini, GeminiSSEStream
 from extproc.translate.base import (
     TranslatedError,
     data_url_in,
+    json_object,
     openai_error,
     refuse,
 )
@@ -250,8 +251,7 @@ class GeminiToOpenAI(DecoderToOpenAI):
         if event.data is None:
             return
         if not self.writer.started:
-            obj = loads(event.data)
-            obj = obj if isinstance(obj, dict) else {}
+            obj = json_object(event.data)
             if isinstance(obj.get("error"), dict):
                 out.append(self._upstream_error(obj["error"]))
                 return
@@ -297,8 +297,7 @@ class GeminiToOpenAI(DecoderToOpenAI):
         return super()._end_of_stream()
 
     def whole(self, body: bytes) -> bytes:
-        obj = loads(body)
-        obj = obj if isinstance(obj, dict) else {}
+        obj = json_object(body)
         texts: list[str] = []
         thoughts: list[str] = []
         calls: list[dict[str, Any]] = []
