@@ -18,6 +18,7 @@ from extproc.translate.base import (
     DecoderDriven,
     TranslatedError,
     client_status,
+    json_object,
     kept_headers,
     replaced_texts,
 )
@@ -221,8 +222,7 @@ class ChatToMessages(DecoderDriven):
 
     def whole(self, body: bytes) -> bytes:
         """A `chat.completion` as a Messages object."""
-        obj = loads(body)
-        obj = obj if isinstance(obj, dict) else {}
+        obj = json_object(body)
         choice = next(iter(dicts(obj.get("choices"))), {})
         message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
         content: list[dict[str, Any]] = []

@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Protocol
 
 from extproc.errors import bounded
 from extproc.errors import error_body as openai_error_body
+from extproc.providers._json import loads
 from extproc.providers.base import (
     RequestError,
     ResponseDecoder,
@@ -199,11 +200,17 @@ def kept_headers(headers: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
 
 
 def openai_error(
-    status: int, headers: Mapping[str, str], message: str | None, code: str | None
+    status: int, headers: Mapping[str, str], message: Any, code: Any
 ) -> TranslatedError:
-    """An upstream refusal as OpenAI's `{"error": {...}}` with the mapped status."""
+    """An upstream refusal as OpenAI's `{"error": {...}}` with the mapped status.
+    `message` and `code` are as the upstream's JSON held them: anything but a string
+    counts as absent."""
     shown = client_status(status)
-    text = bounded(message) if message else f"The upstream provider answered {status}."
+    code = code if isinstance(code, str) else None
+    if isinstance(message, str) and message:
+        text = bounded(message)
+    else:
+        text = f"The upstream provider answered {status}."
     if status in (401, 403):
         # The provider's words about the gateway's key are not for the client.
         text = f"The upstream provider refused the gateway's credentials ({status})."
@@ -238,6 +245,20 @@ def data_url(url: str) -> tuple[str, str] | None:
     if not comma or not head.startswith("data:") or not head.endswith(";base64"):
         return None
     return head[5:-7].lower(), data
+
+
+def data_url_in(obj: Any, key: str) -> tuple[str, str] | None:
+    """`obj[key]` as `data_url` reads it, when `obj` is an object and that a string
+    (an `image_url.url`, a `file.file_data`)."""
+    value = obj.get(key) if isinstance(obj, dict) else None
+    return data_url(value) if isinstance(value, str) else None
+
+
+def json_object(data: bytes | None) -> dict[str, Any]:
+    """An upstream JSON document as an object: `{}` for anything else (a translator
+    reads what is there and never raises on content)."""
+    obj = loads(data)
+    return obj if isinstance(obj, dict) else {}
 
 
 def usage_json(usage: Usage) -> dict[str, Any]:

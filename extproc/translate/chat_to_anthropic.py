@@ -23,8 +23,15 @@ from typing import Any, ClassVar
 
 import orjson
 
-from extproc.providers._common import loads
-from extproc.translate.base import UpstreamRequest, data_url, refuse
+from extproc.translate.base import UpstreamRequest, data_url, data_url_in, refuse
+from extproc.translate.chat_request import (
+    ChatRequestTranslator,
+    function_call,
+    function_tools,
+    refuse_unsupported,
+    turns,
+    wants_usage,
+)
 from extproc.translate.openai_from_anthropic import AnthropicToOpenAI
 
 ANTHROPIC_VERSION = "2023-06-01"
@@ -46,14 +53,18 @@ _REFUSED_UNLESS = {
     "functions": None,
     "function_call": None,
 }
-_MODALITIES_OK = (["text"], None)
+_NEUTRAL = {name: (None, value) for name, value in _REFUSED_UNLESS.items()}
+_ONE_CHOICE = (
+    "Invalid 'n': this model's provider returns one choice per request; send n=1 "
+    "or several requests."
+)
+_HERE = "to this model's provider"
 
 
-class ChatToAnthropic:
+class ChatToAnthropic(ChatRequestTranslator):
     """The translator (settings only; one per route). `default_max_tokens` fills
     Anthropic's required `max_tokens` when the client sent neither OpenAI field."""
 
-    source: ClassVar[str] = "openai_chat"
     target: ClassVar[str] = "anthropic_messages"
 
     def __init__(
@@ -62,8 +73,8 @@ class ChatToAnthropic:
         default_max_tokens: int = DEFAULT_MAX_TOKENS,
         max_frame_bytes: int = MAX_FRAME_BYTES,
     ) -> None:
+        super().__init__(max_frame_bytes=max_frame_bytes)
         self.default_max_tokens = default_max_tokens
-        self.max_frame_bytes = max_frame_bytes
 
     def request(self, body: dict[str, Any], model: str | None = None) -> UpstreamRequest:
         """`body` as `OpenAIChat.parse_request` accepted it; `model` the upstream's
@@ -84,6 +95,7 @@ class ChatToAnthropic:
         )
 
     def response(self, upstream: UpstreamRequest, *, created: int) -> AnthropicToOpenAI:
+        """The model name comes from Anthropic's `message_start`, not the request."""
         return AnthropicToOpenAI(
             created=created,
             include_usage=upstream.include_usage,
@@ -95,7 +107,7 @@ class ChatToAnthropic:
 
 
 def _translate(body: dict[str, Any], default_max_tokens: int) -> tuple[dict[str, Any], bool]:
-    _refuse_unsupported(body)
+    refuse_unsupported(body, _NEUTRAL, _ONE_CHOICE)
     out: dict[str, Any] = {}
     system, messages = _messages(body.get("messages") or [])
     out["max_tokens"] = _max_tokens(body, default_max_tokens)
@@ -141,32 +153,13 @@ def _translate(body: dict[str, Any], default_max_tokens: int) -> tuple[dict[str,
     user = body.get("user", body.get("safety_identifier"))
     if isinstance(user, str) and user:
         out["metadata"] = {"user_id": user}
-    include_usage = False
     if body.get("stream") is True:
         out["stream"] = True
-        options = body.get("stream_options")
-        include_usage = isinstance(options, dict) and options.get("include_usage") is True
-    return out, include_usage
+    return out, wants_usage(body)
 
 
 def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _refuse_unsupported(body: Mapping[str, Any]) -> None:
-    n = body.get("n")
-    if n is not None and n != 1:
-        raise refuse(
-            "Invalid 'n': this model's provider returns one choice per request; send n=1 "
-            "or several requests.",
-            "n",
-        )
-    for name, neutral in _REFUSED_UNLESS.items():
-        value = body.get(name)
-        if value is not None and value != neutral:
-            raise refuse(f"'{name}' is not supported by this model's provider.", name)
-    if body.get("modalities") not in _MODALITIES_OK:
-        raise refuse("Only text output is supported by this model's provider.", "modalities")
 
 
 def _max_tokens(body: Mapping[str, Any], default: int) -> int:
@@ -184,34 +177,15 @@ def _messages(messages: list[Any]) -> tuple[list[dict[str, Any]], list[dict[str,
     """(system blocks, Anthropic messages). Consecutive turns of one role are merged
     (a run of `tool` messages is one user turn of `tool_result` blocks, as Anthropic
     wants the results of parallel calls)."""
-    system: list[dict[str, Any]] = []
-    out: list[dict[str, Any]] = []
-    for i, message in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(message, dict):
-            raise refuse(f"Invalid '{where}': expected an object.", where, "invalid_type")
-        role = message.get("role")
-        if role in ("system", "developer"):
-            system += _text_blocks(message.get("content"), f"{where}.content")
-            continue
-        if role == "user":
-            turn, blocks = "user", _user_blocks(message.get("content"), f"{where}.content")
-        elif role == "assistant":
-            turn, blocks = "assistant", _assistant_blocks(message, where)
-        elif role == "tool":
-            turn, blocks = "user", [_tool_result(message, where)]
-        else:
-            raise refuse(
-                f"Invalid '{where}.role': {role!r} cannot be sent to this model's provider.",
-                f"{where}.role",
-            )
-        if not blocks:
-            continue
-        if out and out[-1]["role"] == turn:
-            out[-1]["content"].extend(blocks)
-        else:
-            out.append({"role": turn, "content": blocks})
-    return system, out
+    return turns(
+        messages,
+        system=_text_blocks,
+        user=_user_blocks,
+        assistant=_assistant_blocks,
+        tool=_tool_result,
+        sent_to=_HERE,
+        objects_only=True,
+    )
 
 
 def _text_blocks(content: Any, where: str) -> list[dict[str, Any]]:
@@ -282,8 +256,7 @@ def _image(image: Any, at: str) -> dict[str, Any]:
 
 
 def _document(file: Any, at: str) -> dict[str, Any]:
-    data = file.get("file_data") if isinstance(file, dict) else None
-    found = data_url(data) if isinstance(data, str) else None
+    found = data_url_in(file, "file_data")
     if found is None or found[0] != "application/pdf":
         raise refuse(
             f"Invalid '{at}.file': only inline PDF files (file_data as a base64 data URL) "
@@ -327,19 +300,10 @@ def _assistant_blocks(message: Mapping[str, Any], where: str) -> list[dict[str, 
 
 
 def _tool_use(call: Any, at: str) -> dict[str, Any]:
-    function = call.get("function") if isinstance(call, dict) else None
-    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-        raise refuse(f"Invalid '{at}': expected a function call with a name.", at)
+    function, parsed = function_call(call, at)
     ident = call.get("id")
     if not isinstance(ident, str) or not ident:
         raise refuse(f"Invalid '{at}.id': expected a string.", f"{at}.id")
-    arguments = function.get("arguments") or "{}"
-    parsed = loads(arguments) if isinstance(arguments, str) else None
-    if not isinstance(parsed, dict):
-        raise refuse(
-            f"Invalid '{at}.function.arguments': expected a JSON object in a string.",
-            f"{at}.function.arguments",
-        )
     return {"type": "tool_use", "id": ident, "name": function["name"], "input": parsed}
 
 
@@ -362,13 +326,7 @@ def _tool_result(message: Mapping[str, Any], where: str) -> dict[str, Any]:
 
 def _tools(tools: Any) -> list[dict[str, Any]]:
     out = []
-    for i, tool in enumerate(tools or ()):
-        at = f"tools[{i}]"
-        function = tool.get("function") if isinstance(tool, dict) else None
-        if not isinstance(tool, dict) or tool.get("type", "function") != "function":
-            raise refuse(
-                f"Invalid '{at}': only function tools can be sent to this model's provider.", at
-            )
+    for at, function in function_tools(tools, f" {_HERE}", need_function=False):
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
             raise refuse(
                 f"Missing '{at}.function.name'.",

@@ -22,17 +22,25 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 from urllib.parse import quote
 
-import orjson
-
 from extproc.providers._common import dicts, loads
 from extproc.providers.base import StreamEvent
 from extproc.providers.bedrock import BedrockConverse, BedrockStream
 from extproc.translate.base import (
     TranslatedError,
-    UpstreamRequest,
-    data_url,
+    data_url_in,
+    json_object,
     openai_error,
     refuse,
+)
+from extproc.translate.chat_request import (
+    ChatRequestTranslator,
+    content_parts,
+    function_call,
+    function_tools,
+    max_tokens,
+    refuse_unsupported,
+    stop_list,
+    turns,
 )
 from extproc.translate.openai_out import DecoderToOpenAI, completion, tool_call
 
@@ -56,50 +64,26 @@ _NEUTRAL = (None, False, 0, {"type": "text"})
 _NAME = re.compile(r"[^A-Za-z0-9 \-()\[\]]")  # Bedrock's allowed document-name characters
 
 
-class ChatToBedrock:
+class ChatToBedrock(ChatRequestTranslator):
     """The translator (settings only)."""
 
-    source: ClassVar[str] = "openai_chat"
     target: ClassVar[str] = "bedrock_converse"
 
     def __init__(self, *, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
-        self.max_frame_bytes = max_frame_bytes
+        super().__init__(max_frame_bytes=max_frame_bytes)
 
-    def request(self, body: dict[str, Any], model: str | None = None) -> UpstreamRequest:
-        name = model or str(body.get("model") or "")
-        stream = body.get("stream") is True
-        options = body.get("stream_options")
-        wants_usage = isinstance(options, dict) and options.get("include_usage") is True
-        return UpstreamRequest(
-            path=f"/model/{quote(name, safe='')}/{'converse-stream' if stream else 'converse'}",
-            body=orjson.dumps(_translate(body)),
-            stream=stream,
-            model=name,
-            headers=(("content-type", "application/json"),),
-            include_usage=stream and wants_usage,
-        )
+    def path(self, model: str, stream: bool) -> str:
+        return f"/model/{quote(model, safe='')}/{'converse-stream' if stream else 'converse'}"
 
-    def response(self, upstream: UpstreamRequest, *, created: int) -> BedrockToOpenAI:
-        return BedrockToOpenAI(
-            created=created,
-            include_usage=upstream.include_usage,
-            max_frame_bytes=self.max_frame_bytes,
-            model=upstream.model,
-        )
+    def translate(self, body: dict[str, Any]) -> dict[str, Any]:
+        return _translate(body)
 
 
 # --------------------------------------------------------------------------- request
 
 
 def _translate(body: Mapping[str, Any]) -> dict[str, Any]:
-    n = body.get("n")
-    if n is not None and n != 1:
-        raise refuse("Invalid 'n': send n=1 (one choice per request here).", "n")
-    for name in _REFUSED:
-        if body.get(name) not in _NEUTRAL:
-            raise refuse(f"'{name}' is not supported by this model's provider.", name)
-    if body.get("modalities") not in (None, ["text"]):
-        raise refuse("Only text output is supported by this model's provider.", "modalities")
+    refuse_unsupported(body, dict.fromkeys(_REFUSED, _NEUTRAL))
     system, messages, history_tools = _messages(body.get("messages") or [])
     if not messages:
         raise refuse("Invalid 'messages': at least one user message is required.", "messages")
@@ -107,15 +91,15 @@ def _translate(body: Mapping[str, Any]) -> dict[str, Any]:
     if system:
         out["system"] = system
     inference: dict[str, Any] = {}
-    cap = body.get("max_completion_tokens", body.get("max_tokens"))
+    cap = max_tokens(body)
     if cap is not None:
         inference["maxTokens"] = cap
     for source, target in (("temperature", "temperature"), ("top_p", "topP")):
         if body.get(source) is not None:
             inference[target] = body[source]
-    stop = body.get("stop")
+    stop = stop_list(body)
     if stop is not None:
-        inference["stopSequences"] = [stop] if isinstance(stop, str) else stop
+        inference["stopSequences"] = stop
     if inference:
         out["inferenceConfig"] = inference
     config = _tool_config(body.get("tools"), body.get("tool_choice"), history_tools)
@@ -126,44 +110,20 @@ def _translate(body: Mapping[str, Any]) -> dict[str, Any]:
 
 def _messages(messages: list[Any]) -> tuple[list[dict], list[dict], bool]:
     """(system blocks, messages, whether the history holds tool use)."""
-    system: list[dict[str, Any]] = []
-    out: list[dict[str, Any]] = []
-    tools = False
-    for i, message in enumerate(messages):
-        where = f"messages[{i}]"
-        role = message.get("role") if isinstance(message, dict) else None
-        if role in ("system", "developer"):
-            system += _blocks(message.get("content"), f"{where}.content", text_only=True)
-            continue
-        if role == "user":
-            turn, blocks = "user", _blocks(message.get("content"), f"{where}.content")
-        elif role == "assistant":
-            turn, blocks = "assistant", _assistant(message, where)
-        elif role == "tool":
-            turn, blocks = "user", [_tool_result(message, where)]
-        else:
-            raise refuse(f"Invalid '{where}.role': {role!r} cannot be sent here.", f"{where}.role")
-        tools = tools or any("toolUse" in b or "toolResult" in b for b in blocks)
-        if not blocks:
-            continue
-        if out and out[-1]["role"] == turn:
-            out[-1]["content"].extend(blocks)
-        else:
-            out.append({"role": turn, "content": blocks})
+    system, out = turns(
+        messages,
+        system=lambda content, where: _blocks(content, where, text_only=True),
+        user=_blocks,
+        assistant=_assistant,
+        tool=_tool_result,
+    )
+    tools = any("toolUse" in b or "toolResult" in b for turn in out for b in turn["content"])
     return system, out, tools
 
 
 def _blocks(content: Any, where: str, *, text_only: bool = False) -> list[dict[str, Any]]:
-    if isinstance(content, str):
-        return [{"text": content}] if content else []
-    if content is None:
-        return []
-    if not isinstance(content, list):
-        raise refuse(f"Invalid '{where}': expected a string or parts.", where, "invalid_type")
     blocks = []
-    for j, part in enumerate(content):
-        at = f"{where}[{j}]"
-        kind = part.get("type") if isinstance(part, dict) else None
+    for at, kind, part in content_parts(content, where):
         if kind == "text" and isinstance(part.get("text"), str):
             if part["text"]:
                 blocks.append({"text": part["text"]})
@@ -172,9 +132,7 @@ def _blocks(content: Any, where: str, *, text_only: bool = False) -> list[dict[s
         elif text_only:
             raise refuse(f"Invalid '{at}': only text parts are accepted here.", at)
         elif kind == "image_url":
-            image = part.get("image_url")
-            url = image.get("url") if isinstance(image, dict) else None
-            found = data_url(url) if isinstance(url, str) else None
+            found = data_url_in(part.get("image_url"), "url")
             if found is None or found[0] not in _IMAGE_FORMATS:
                 raise refuse(
                     f"Invalid '{at}.image_url.url': this model's provider takes images as "
@@ -191,8 +149,7 @@ def _blocks(content: Any, where: str, *, text_only: bool = False) -> list[dict[s
 
 
 def _document(file: Any, at: str) -> dict[str, Any]:
-    data = file.get("file_data") if isinstance(file, dict) else None
-    found = data_url(data) if isinstance(data, str) else None
+    found = data_url_in(file, "file_data")
     if found is None or found[0] != "application/pdf":
         raise refuse(f"Invalid '{at}.file': only inline PDF file_data is accepted.", f"{at}.file")
     filename = file.get("filename") if isinstance(file.get("filename"), str) else "document"
@@ -203,16 +160,7 @@ def _document(file: Any, at: str) -> dict[str, Any]:
 def _assistant(message: Mapping[str, Any], where: str) -> list[dict[str, Any]]:
     blocks = _blocks(message.get("content"), f"{where}.content", text_only=True)
     for j, call in enumerate(message.get("tool_calls") or ()):
-        at = f"{where}.tool_calls[{j}]"
-        function = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-            raise refuse(f"Invalid '{at}': expected a function call with a name.", at)
-        args = loads(function.get("arguments") or "{}")
-        if not isinstance(args, dict):
-            raise refuse(
-                f"Invalid '{at}.function.arguments': expected a JSON object in a string.",
-                f"{at}.function.arguments",
-            )
+        function, args = function_call(call, f"{where}.tool_calls[{j}]")
         use = {"toolUseId": str(call.get("id", "")), "name": function["name"], "input": args}
         blocks.append({"toolUse": use})
     return blocks
@@ -228,10 +176,7 @@ def _tool_result(message: Mapping[str, Any], where: str) -> dict[str, Any]:
 
 def _tool_config(tools: Any, choice: Any, history: bool) -> dict[str, Any] | None:
     specs = []
-    for i, tool in enumerate(tools or ()):
-        function = tool.get("function") if isinstance(tool, dict) else None
-        if tool.get("type", "function") != "function" or not isinstance(function, dict):
-            raise refuse(f"Invalid 'tools[{i}]': only function tools can be sent.", f"tools[{i}]")
+    for _at, function in function_tools(tools):
         spec: dict[str, Any] = {"name": function.get("name")}
         if isinstance(function.get("description"), str):
             spec["description"] = function["description"]
@@ -263,14 +208,11 @@ def _tool_config(tools: Any, choice: Any, history: bool) -> dict[str, Any] | Non
 class BedrockToOpenAI(DecoderToOpenAI):
     """A Converse answer (event stream or whole JSON) for an OpenAI chat client."""
 
-    __slots__ = ("_created", "_model")
+    __slots__ = ()
 
     def __init__(self, *, created: int, include_usage: bool, max_frame_bytes: int, model: str):
-        super().__init__(
-            BedrockStream(max_frame_bytes), created=created, include_usage=include_usage
-        )
-        self._created = created
-        self._model = model
+        stream = BedrockStream(max_frame_bytes)
+        super().__init__(stream, created=created, include_usage=include_usage, model=model)
 
     def _event(self, event: StreamEvent, out: list[bytes]) -> None:
         name = event.name
@@ -295,8 +237,7 @@ class BedrockToOpenAI(DecoderToOpenAI):
         return super()._end_of_stream()
 
     def whole(self, body: bytes) -> bytes:
-        obj = loads(body)
-        obj = obj if isinstance(obj, dict) else {}
+        obj = json_object(body)
         output = obj.get("output") if isinstance(obj.get("output"), dict) else {}
         message = output.get("message") if isinstance(output.get("message"), dict) else {}
         texts: list[str] = []
@@ -317,8 +258,8 @@ class BedrockToOpenAI(DecoderToOpenAI):
             ident="chatcmpl-bedrock",
             created=self._created,
             model=self._model,
-            content="".join(texts) if texts or not calls else None,
-            reasoning="".join(thoughts) or None,
+            texts=texts,
+            thoughts=thoughts,
             tool_calls=calls,
             finish=BedrockConverse.completion_finish_reason(body),
             usage=BedrockConverse.completion_usage(body) or self.decoder.usage,
@@ -327,14 +268,11 @@ class BedrockToOpenAI(DecoderToOpenAI):
     def error(self, status: int, headers: Mapping[str, str], body: bytes) -> TranslatedError:
         """`{"message"}` -> OpenAI's error; the exception name (from `x-amzn-ErrorType`
         or `__type`) is the `code`."""
-        obj = loads(body)
-        obj = obj if isinstance(obj, dict) else {}
+        obj = json_object(body)
         lowered = {k.lower(): v for k, v in headers.items()}
         kind = lowered.get("x-amzn-errortype", "").split(":", 1)[0] or obj.get("__type")
         message = obj.get("message", obj.get("Message"))
-        return openai_error(
-            status,
-            headers,
-            message if isinstance(message, str) else None,
-            kind if isinstance(kind, str) and kind else None,
-        )
+        return openai_error(status, headers, message, kind or None)
+
+
+ChatToBedrock.answer = BedrockToOpenAI

@@ -24,17 +24,25 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 from urllib.parse import quote
 
-import orjson
-
 from extproc.providers._common import dicts, loads
 from extproc.providers.base import StreamEvent, TextDelta
 from extproc.providers.gemini import Gemini, GeminiSSEStream
 from extproc.translate.base import (
     TranslatedError,
-    UpstreamRequest,
-    data_url,
+    data_url_in,
+    json_object,
     openai_error,
     refuse,
+)
+from extproc.translate.chat_request import (
+    ChatRequestTranslator,
+    content_parts,
+    function_call,
+    function_tools,
+    max_tokens,
+    refuse_unsupported,
+    stop_list,
+    turns,
 )
 from extproc.translate.openai_out import DecoderToOpenAI, completion, tool_call
 
@@ -46,55 +54,29 @@ _LEVELS["xhigh"] = "XHIGH"
 _REFUSED = ("logprobs", "top_logprobs", "logit_bias", "audio", "prediction", "functions")
 
 
-class ChatToGemini:
+class ChatToGemini(ChatRequestTranslator):
     """The translator. `prefix` is the API root of the upstream path (`/v1beta` for
     the Gemini API; a Vertex route would pass its publisher path)."""
 
-    source: ClassVar[str] = "openai_chat"
     target: ClassVar[str] = "gemini"
 
     def __init__(self, *, prefix: str = "/v1beta", max_frame_bytes: int = MAX_FRAME_BYTES):
+        super().__init__(max_frame_bytes=max_frame_bytes)
         self.prefix = prefix.rstrip("/")
-        self.max_frame_bytes = max_frame_bytes
 
-    def request(self, body: dict[str, Any], model: str | None = None) -> UpstreamRequest:
-        name = model or str(body.get("model") or "")
-        stream = body.get("stream") is True
-        out = _translate(body)
+    def path(self, model: str, stream: bool) -> str:
         action = "streamGenerateContent?alt=sse" if stream else "generateContent"
-        options = body.get("stream_options")
-        return UpstreamRequest(
-            path=f"{self.prefix}/models/{quote(name, safe='')}:{action}",
-            body=orjson.dumps(out),
-            stream=stream,
-            model=name,
-            headers=(("content-type", "application/json"),),
-            include_usage=stream
-            and isinstance(options, dict)
-            and options.get("include_usage") is True,
-        )
+        return f"{self.prefix}/models/{quote(model, safe='')}:{action}"
 
-    def response(self, upstream: UpstreamRequest, *, created: int) -> GeminiToOpenAI:
-        return GeminiToOpenAI(
-            created=created,
-            include_usage=upstream.include_usage,
-            max_frame_bytes=self.max_frame_bytes,
-            model=upstream.model,
-        )
+    def translate(self, body: dict[str, Any]) -> dict[str, Any]:
+        return _translate(body)
 
 
 # --------------------------------------------------------------------------- request
 
 
 def _translate(body: Mapping[str, Any]) -> dict[str, Any]:
-    n = body.get("n")
-    if n is not None and n != 1:
-        raise refuse("Invalid 'n': send n=1 (one choice per request here).", "n")
-    for name in _REFUSED:
-        if body.get(name) not in (None, False):
-            raise refuse(f"'{name}' is not supported by this model's provider.", name)
-    if body.get("modalities") not in (None, ["text"]):
-        raise refuse("Only text output is supported by this model's provider.", "modalities")
+    refuse_unsupported(body, dict.fromkeys(_REFUSED, (None, False)))
     out: dict[str, Any] = {}
     system, contents = _contents(body.get("messages") or [])
     if not contents:
@@ -115,76 +97,50 @@ def _translate(body: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _contents(messages: list[Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    system: list[dict[str, Any]] = []
-    out: list[dict[str, Any]] = []
     names: dict[str, str] = {}  # tool call id -> function name, from the history
-    for i, message in enumerate(messages):
-        where = f"messages[{i}]"
-        role = message.get("role") if isinstance(message, dict) else None
-        if role in ("system", "developer"):
-            system += _parts(message.get("content"), f"{where}.content", text_only=True)
-            continue
-        if role == "user":
-            turn, parts = "user", _parts(message.get("content"), f"{where}.content")
-        elif role == "assistant":
-            turn, parts = "model", _model_parts(message, where, names)
-        elif role == "tool":
-            turn, parts = "user", [_function_response(message, where, names)]
-        else:
-            raise refuse(f"Invalid '{where}.role': {role!r} cannot be sent here.", f"{where}.role")
-        if not parts:
-            continue
-        if out and out[-1]["role"] == turn:
-            out[-1]["parts"].extend(parts)
-        else:
-            out.append({"role": turn, "parts": parts})
-    return system, out
+    return turns(
+        messages,
+        system=lambda content, where: _parts(content, where, text_only=True),
+        user=_parts,
+        assistant=lambda message, where: _model_parts(message, where, names),
+        tool=lambda message, where: _function_response(message, where, names),
+        key="parts",
+        assistant_role="model",
+    )
 
 
 def _parts(content: Any, where: str, *, text_only: bool = False) -> list[dict[str, Any]]:
-    if isinstance(content, str):
-        return [{"text": content}] if content else []
-    if content is None:
-        return []
-    if not isinstance(content, list):
-        raise refuse(f"Invalid '{where}': expected a string or parts.", where, "invalid_type")
-    parts = []
-    for j, part in enumerate(content):
-        at = f"{where}[{j}]"
-        kind = part.get("type") if isinstance(part, dict) else None
+    out = []
+    for at, kind, part in content_parts(content, where):
         if kind == "text" and isinstance(part.get("text"), str):
-            parts.append({"text": part["text"]})
+            out.append({"text": part["text"]})
         elif text_only:
             raise refuse(f"Invalid '{at}': only text parts are accepted here.", at)
         elif kind == "image_url":
-            image = part.get("image_url")
-            url = image.get("url") if isinstance(image, dict) else None
-            found = data_url(url) if isinstance(url, str) else None
+            found = data_url_in(part.get("image_url"), "url")
             if found is None or not found[0].startswith("image/"):
                 raise refuse(
                     f"Invalid '{at}.image_url.url': this model's provider takes images as "
                     "base64 data URLs only.",
                     f"{at}.image_url.url",
                 )
-            parts.append({"inlineData": {"mimeType": found[0], "data": found[1]}})
+            out.append({"inlineData": {"mimeType": found[0], "data": found[1]}})
         elif kind == "file":
-            file = part.get("file")
-            data = file.get("file_data") if isinstance(file, dict) else None
-            found = data_url(data) if isinstance(data, str) else None
+            found = data_url_in(part.get("file"), "file_data")
             if found is None:
                 raise refuse(
                     f"Invalid '{at}.file': only inline file_data is accepted.", f"{at}.file"
                 )
-            parts.append({"inlineData": {"mimeType": found[0], "data": found[1]}})
+            out.append({"inlineData": {"mimeType": found[0], "data": found[1]}})
         elif kind == "input_audio":
             audio = part.get("input_audio")
             fmt = audio.get("format") if isinstance(audio, dict) else None
             if fmt not in ("wav", "mp3") or not isinstance(audio.get("data"), str):
                 raise refuse(f"Invalid '{at}.input_audio'.", f"{at}.input_audio")
-            parts.append({"inlineData": {"mimeType": f"audio/{fmt}", "data": audio["data"]}})
+            out.append({"inlineData": {"mimeType": f"audio/{fmt}", "data": audio["data"]}})
         else:
             raise refuse(f"Invalid '{at}': a {kind!r} part cannot be sent here.", at)
-    return parts
+    return out
 
 
 def _model_parts(message: Mapping[str, Any], where: str, names: dict[str, str]) -> list:
@@ -196,16 +152,7 @@ def _model_parts(message: Mapping[str, Any], where: str, names: dict[str, str]) 
         text_only=True,
     )  # fmt: skip
     for j, call in enumerate(message.get("tool_calls") or ()):
-        at = f"{where}.tool_calls[{j}]"
-        function = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-            raise refuse(f"Invalid '{at}': expected a function call with a name.", at)
-        args = loads(function.get("arguments") or "{}")
-        if not isinstance(args, dict):
-            raise refuse(
-                f"Invalid '{at}.function.arguments': expected a JSON object in a string.",
-                f"{at}.function.arguments",
-            )
+        function, args = function_call(call, f"{where}.tool_calls[{j}]")
         if isinstance(call.get("id"), str):
             names[call["id"]] = function["name"]
         parts.append({"functionCall": {"name": function["name"], "args": args}})
@@ -229,12 +176,7 @@ def _function_response(message: Mapping[str, Any], where: str, names: dict[str, 
 
 def _tools(tools: Any) -> list[dict[str, Any]]:
     out = []
-    for i, tool in enumerate(tools or ()):
-        function = tool.get("function") if isinstance(tool, dict) else None
-        if tool.get("type", "function") != "function" or not isinstance(function, dict):
-            raise refuse(
-                f"Invalid 'tools[{i}]': only function tools can be sent here.", f"tools[{i}]"
-            )
+    for _at, function in function_tools(tools, " here"):
         declaration: dict[str, Any] = {"name": function.get("name")}
         if isinstance(function.get("description"), str):
             declaration["description"] = function["description"]
@@ -269,12 +211,12 @@ def _generation(body: Mapping[str, Any]) -> dict[str, Any]:
     ):
         if body.get(source) is not None:
             config[target] = body[source]
-    cap = body.get("max_completion_tokens", body.get("max_tokens"))
+    cap = max_tokens(body)
     if cap is not None:
         config["maxOutputTokens"] = cap
-    stop = body.get("stop")
+    stop = stop_list(body)
     if stop is not None:
-        config["stopSequences"] = [stop] if isinstance(stop, str) else stop
+        config["stopSequences"] = stop
     fmt = body.get("response_format")
     kind = fmt.get("type") if isinstance(fmt, dict) else None
     if kind == "json_object":
@@ -298,22 +240,18 @@ def _generation(body: Mapping[str, Any]) -> dict[str, Any]:
 class GeminiToOpenAI(DecoderToOpenAI):
     """A Gemini answer (SSE stream or whole) for an OpenAI chat client."""
 
-    __slots__ = ("_calls", "_created", "_model")
+    __slots__ = ("_calls",)
 
     def __init__(self, *, created: int, include_usage: bool, max_frame_bytes: int, model: str):
-        super().__init__(
-            GeminiSSEStream(max_frame_bytes), created=created, include_usage=include_usage
-        )
-        self._created = created
-        self._model = model
+        stream = GeminiSSEStream(max_frame_bytes)
+        super().__init__(stream, created=created, include_usage=include_usage, model=model)
         self._calls = 0  # function calls so far: each gets its own OpenAI index
 
     def _event(self, event: StreamEvent, out: list[bytes]) -> None:
         if event.data is None:
             return
         if not self.writer.started:
-            obj = loads(event.data)
-            obj = obj if isinstance(obj, dict) else {}
+            obj = json_object(event.data)
             if isinstance(obj.get("error"), dict):
                 out.append(self._upstream_error(obj["error"]))
                 return
@@ -359,8 +297,7 @@ class GeminiToOpenAI(DecoderToOpenAI):
         return super()._end_of_stream()
 
     def whole(self, body: bytes) -> bytes:
-        obj = loads(body)
-        obj = obj if isinstance(obj, dict) else {}
+        obj = json_object(body)
         texts: list[str] = []
         thoughts: list[str] = []
         calls: list[dict[str, Any]] = []
@@ -379,8 +316,8 @@ class GeminiToOpenAI(DecoderToOpenAI):
             ident=_chat_id(obj),
             created=self._created,
             model=str(obj.get("modelVersion") or self._model),
-            content="".join(texts) if texts or not calls else None,
-            reasoning="".join(thoughts) or None,
+            texts=texts,
+            thoughts=thoughts,
             tool_calls=calls,
             finish=Gemini.completion_finish_reason(body),
             usage=Gemini.completion_usage(body) or self.decoder.usage,
@@ -395,14 +332,12 @@ class GeminiToOpenAI(DecoderToOpenAI):
         error = obj.get("error") if isinstance(obj, dict) else None
         message = error.get("message") if isinstance(error, dict) else None
         name = error.get("status") if isinstance(error, dict) else None
-        return openai_error(
-            status,
-            headers,
-            message if isinstance(message, str) else None,
-            name if isinstance(name, str) else None,
-        )
+        return openai_error(status, headers, message, name)
 
 
 def _chat_id(element: Mapping[str, Any]) -> str:
     ident = element.get("responseId")
     return f"chatcmpl-{ident}" if isinstance(ident, str) and ident else "chatcmpl-gateway"
+
+
+ChatToGemini.answer = GeminiToOpenAI

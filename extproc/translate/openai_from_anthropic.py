@@ -17,13 +17,12 @@ from extproc.translate.openai_out import DecoderToOpenAI, completion, tool_call
 class AnthropicToOpenAI(DecoderToOpenAI):
     """An Anthropic Messages answer (stream or whole) for an OpenAI chat client."""
 
-    __slots__ = ("_created",)
+    __slots__ = ()
 
     def __init__(self, *, created: int, include_usage: bool, max_frame_bytes: int) -> None:
         super().__init__(
             AnthropicStream(max_frame_bytes), created=created, include_usage=include_usage
         )
-        self._created = created
 
     def _event(self, event: StreamEvent, out: list[bytes]) -> None:
         name = event.name
@@ -78,8 +77,8 @@ class AnthropicToOpenAI(DecoderToOpenAI):
             ident=_chat_id(obj.get("id")),
             created=self._created,
             model=str(obj.get("model", "")),
-            content="".join(texts) if texts or not calls else None,
-            reasoning="".join(thoughts) or None,
+            texts=texts,
+            thoughts=thoughts,
             tool_calls=calls,
             finish=AnthropicMessages.completion_finish_reason(body),
             usage=AnthropicMessages._usage(usage if isinstance(usage, dict) else {}),
@@ -92,12 +91,7 @@ class AnthropicToOpenAI(DecoderToOpenAI):
         error = obj.get("error") if isinstance(obj, dict) else None
         message = error.get("message") if isinstance(error, dict) else None
         kind = error.get("type") if isinstance(error, dict) else None
-        return openai_error(
-            status,
-            headers,
-            message if isinstance(message, str) else None,
-            kind if isinstance(kind, str) else None,
-        )
+        return openai_error(status, headers, message, kind)
 
 
 def _chat_id(ident: Any) -> str:

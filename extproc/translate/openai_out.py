@@ -153,11 +153,16 @@ class DecoderToOpenAI(DecoderDriven):
     exception?) reads the event itself, or the bytes would depend on the chunking."""
 
     content_type: ClassVar[str] = "text/event-stream"
-    __slots__ = ("_broken", "_done", "_texts", "decoder", "writer")
+    __slots__ = ("_broken", "_created", "_done", "_model", "_texts", "decoder", "writer")
 
-    def __init__(self, decoder: ResponseDecoder, *, created: int, include_usage: bool) -> None:
+    def __init__(
+        self, decoder: ResponseDecoder, *, created: int, include_usage: bool, model: str = ""
+    ) -> None:
+        """`model` is the requested one, for an upstream whose answer may not name it."""
         self.decoder = decoder
         self.writer = ChunkWriter(created=created, include_usage=include_usage)
+        self._created = created
+        self._model = model
         self._done = False
         self._broken = False  # the decoder failed: it is fed nothing more
         self._texts: list[str] | None = None  # a guard's texts for the event at hand
@@ -240,13 +245,17 @@ def completion(
     ident: str,
     created: int,
     model: str,
-    content: str | None,
-    reasoning: str | None,
+    texts: list[str],
+    thoughts: list[str],
     tool_calls: list[dict[str, Any]],
     finish: str | None,
     usage: Usage,
 ) -> bytes:
-    """A whole `chat.completion` (non-streaming answers), usage always included."""
+    """A whole `chat.completion` (non-streaming answers), usage always included: the
+    upstream's text blocks joined (content null for an answer of tool calls only), its
+    thinking blocks joined as `reasoning_content`."""
+    content = "".join(texts) if texts or not tool_calls else None
+    reasoning = "".join(thoughts)
     message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
     if reasoning:
         message["reasoning_content"] = reasoning
