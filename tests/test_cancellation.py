@@ -72,6 +72,9 @@ class FakeEnvoy:
             raise ExecuteBatchError('Failed "execute_batch": (SendMessageOperation,)')
         self.written.append(response)
 
+    def invocation_metadata(self) -> tuple:
+        return ()  # Envoy sent no `traceparent` in the call's metadata
+
 
 class Errors(logging.Handler):
     def __init__(self) -> None:
