@@ -3,15 +3,12 @@ the mock's binary event stream becomes, cut anywhere (inside headers, CRCs...)."
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
-import httpx
 import openai
 import orjson
 import pytest
 from hypothesis import given
-from openai.lib.streaming.chat import ChatCompletionStreamState
 
 from extproc.dev import mock
 from extproc.dev.mock.bedrock import bedrock_job
@@ -19,53 +16,26 @@ from extproc.providers import OpenAIChat, RequestError
 from extproc.providers.eventstream import message as eventstream_message
 from extproc.translate.base import UpstreamRequest
 from extproc.translate.chat_to_bedrock import ChatToBedrock
-from tests.providers_helpers import REPLAY, cut, cuts
+from tests.providers_helpers import REPLAY, cuts
+from tests.translate_helpers import (
+    MESSAGES,
+    WEATHER,
+    Handler,
+    assembled,
+    openai_sdk,
+    translate_with,
+)
 
 MODEL = "amazon.nova-lite-v1:0"
-MESSAGES = [
-    {"role": "system", "content": "You are terse."},
-    {"role": "user", "content": "Name three rivers."},
-]
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
-    },
-}
+MODEL = "amazon.nova-lite-v1:0"
 
 
 def translate(body: dict[str, Any]) -> tuple[UpstreamRequest, dict[str, Any]]:
-    info = OpenAIChat.parse_request(orjson.dumps(body))
-    upstream = ChatToBedrock().request(info.body)
-    return upstream, orjson.loads(upstream.body)
-
-
-Handler = Callable[[UpstreamRequest], tuple[int, dict[str, str], list[bytes]]]
+    return translate_with(ChatToBedrock(), body)
 
 
 def sdk(answer: Handler, points: list[int] | None = None) -> openai.OpenAI:
-    def handler(request: httpx.Request) -> httpx.Response:
-        upstream, _ = translate(orjson.loads(request.content))
-        status, headers, frames = answer(upstream)
-        translator = ChatToBedrock().response(upstream, created=7)
-        if status != 200:
-            error = translator.error(status, headers, b"".join(frames))
-            return httpx.Response(error.status, headers=dict(error.headers), content=error.body)
-        if not upstream.stream:
-            body = translator.whole(b"".join(frames))
-            return httpx.Response(200, headers={"content-type": "application/json"}, content=body)
-        native = b"".join(frames)
-        chunks = cut(native, points) if points is not None else frames
-        out = b"".join(translator.feed(c) for c in chunks) + translator.finish()
-        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=out)
-
-    return openai.OpenAI(
-        api_key="k",
-        base_url="http://gateway.test/v1",
-        http_client=httpx.Client(transport=httpx.MockTransport(handler)),
-        max_retries=0,
-    )
+    return openai_sdk(ChatToBedrock, answer, points)
 
 
 def mock_answer(options: mock.MockOptions) -> Handler:
@@ -75,14 +45,6 @@ def mock_answer(options: mock.MockOptions) -> Handler:
 def native(body: dict[str, Any], options: mock.MockOptions) -> dict[str, Any]:
     upstream, converse = translate(body)
     return mock.build_bedrock(converse, upstream.model, options)
-
-
-def assembled(stream: Any) -> tuple[Any, list[Any]]:
-    state = ChatCompletionStreamState()
-    chunks = list(stream)
-    for chunk in chunks:
-        state.handle_chunk(chunk)
-    return state.current_completion_snapshot, chunks
 
 
 @given(points=cuts(b"x" * 2500))

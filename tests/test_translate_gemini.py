@@ -3,67 +3,35 @@ Gemini SSE (CRLF-framed, as Gemini sends it) becomes, in random chunkings."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
-import httpx
 import openai
 import orjson
 import pytest
 from hypothesis import given
-from openai.lib.streaming.chat import ChatCompletionStreamState
 
 from extproc.dev import mock
 from extproc.dev.mock.gemini import gemini_job
 from extproc.providers import OpenAIChat, RequestError
 from extproc.translate.base import UpstreamRequest
 from extproc.translate.chat_to_gemini import ChatToGemini
-from tests.providers_helpers import REPLAY, cut, cuts
-
-MESSAGES = [
-    {"role": "system", "content": "You are terse."},
-    {"role": "user", "content": "Name three rivers."},
-]
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
-    },
-}
+from tests.providers_helpers import REPLAY, cuts
+from tests.translate_helpers import (
+    MESSAGES,
+    WEATHER,
+    Handler,
+    assembled,
+    openai_sdk,
+    translate_with,
+)
 
 
 def translate(body: dict[str, Any]) -> tuple[UpstreamRequest, dict[str, Any]]:
-    info = OpenAIChat.parse_request(orjson.dumps(body))
-    upstream = ChatToGemini().request(info.body)
-    return upstream, orjson.loads(upstream.body)
-
-
-Handler = Callable[[UpstreamRequest], tuple[int, dict[str, str], list[bytes]]]
+    return translate_with(ChatToGemini(), body)
 
 
 def sdk(answer: Handler, points: list[int] | None = None) -> openai.OpenAI:
-    def handler(request: httpx.Request) -> httpx.Response:
-        upstream, _ = translate(orjson.loads(request.content))
-        status, headers, frames = answer(upstream)
-        translator = ChatToGemini().response(upstream, created=7)
-        if status != 200:
-            error = translator.error(status, headers, b"".join(frames))
-            return httpx.Response(error.status, headers=dict(error.headers), content=error.body)
-        if not upstream.stream:
-            body = translator.whole(b"".join(frames))
-            return httpx.Response(200, headers={"content-type": "application/json"}, content=body)
-        native = b"".join(frames)
-        chunks = cut(native, points) if points is not None else frames
-        out = b"".join(translator.feed(c) for c in chunks) + translator.finish()
-        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=out)
-
-    return openai.OpenAI(
-        api_key="k",
-        base_url="http://gateway.test/v1",
-        http_client=httpx.Client(transport=httpx.MockTransport(handler)),
-        max_retries=0,
-    )
+    return openai_sdk(ChatToGemini, answer, points)
 
 
 def mock_answer(options: mock.MockOptions) -> Handler:
@@ -73,14 +41,6 @@ def mock_answer(options: mock.MockOptions) -> Handler:
 def native(body: dict[str, Any], options: mock.MockOptions) -> dict[str, Any]:
     upstream, gemini = translate(body)
     return mock.build_gemini(gemini, upstream.model, options)
-
-
-def assembled(stream: Any) -> tuple[Any, list[Any]]:
-    state = ChatCompletionStreamState()
-    chunks = [chunk for chunk in stream]
-    for chunk in chunks:
-        state.handle_chunk(chunk)
-    return state.current_completion_snapshot, chunks
 
 
 @given(points=cuts(b"x" * 2500))
