@@ -170,6 +170,20 @@ def test_vllm_and_ollama_reasoning_deltas():
     assert dec.texts(ollama) == [TextDelta(0, "hmm", "reasoning")]
 
 
+def test_refusal_deltas_are_texts_a_guard_reads_and_masks():
+    """A model's refusal is shown to the user like content: a guard must see it."""
+    dec = decoder()
+    (event,) = dec.feed(frame(choice(f'{{"refusal":"I cannot share {CARD}"}}')))
+    assert event.is_content
+    assert dec.texts(event) == [TextDelta(0, f"I cannot share {CARD}")]
+    out = dec.rewrite(event, [f"I cannot share {MASK}"])
+    assert orjson.loads(out[6:-2])["choices"][0]["delta"] == {"refusal": f"I cannot share {MASK}"}
+    body = orjson.dumps(
+        {"choices": [{"index": 0, "message": {"content": None, "refusal": f"No: {CARD}"}}]}
+    )
+    assert OpenAIChat.completion_texts(body) == [TextDelta(0, f"No: {CARD}", final=True)]
+
+
 def sdk_stream(body: bytes):
     def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body)

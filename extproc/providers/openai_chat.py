@@ -48,6 +48,7 @@ _CONTENT = b'"content":"'
 _ARGUMENTS = b'"arguments":"'
 _REASONING = b'"reasoning_content":"'
 _REASONING_OLLAMA = b'"reasoning":"'
+_REFUSAL = b'"refusal":"'
 _DONE = b"[DONE]"
 _DONE_FRAME = b"[DONE]\n\n"  # JSON escapes newlines: only the end marker ends so
 
@@ -282,7 +283,7 @@ def _is_null_after(data: bytes, at: int) -> bool:
     return rest[:1] == b":" and rest[1:].lstrip()[:4] == b"null"
 
 
-_TEXT_KEYS = (_CONTENT, _ARGUMENTS, _REASONING, _REASONING_OLLAMA)
+_TEXT_KEYS = (_CONTENT, _ARGUMENTS, _REASONING, _REASONING_OLLAMA, _REFUSAL)
 _EMPTY_TEXTS = tuple(key + b'"' for key in _TEXT_KEYS)
 
 
@@ -343,7 +344,8 @@ def _request_slots(body: dict[str, Any]) -> Iterator[Slot]:
 
 def _choice_slots(obj: Any, field: str, *, final: bool) -> Iterator[Slot]:
     """Texts of each choice's `delta` (stream) or `message` (completion): reasoning
-    (vLLM's `reasoning_content`, Ollama's `reasoning`), content, tool-call arguments."""
+    (vLLM's `reasoning_content`, Ollama's `reasoning`), content, the model's `refusal`
+    (shown to the user like content, so guarded like it), tool-call arguments."""
     if not isinstance(obj, dict):
         return
     for position, choice in enumerate(dicts(obj.get("choices"))):
@@ -355,9 +357,10 @@ def _choice_slots(obj: Any, field: str, *, final: bool) -> Iterator[Slot]:
             slot = string_slot(body, key, channel=index, kind="reasoning", final=final)
             if slot is not None:
                 yield slot
-        slot = string_slot(body, "content", channel=index, final=final)
-        if slot is not None:
-            yield slot
+        for key in ("content", "refusal"):
+            slot = string_slot(body, key, channel=index, final=final)
+            if slot is not None:
+                yield slot
         for tpos, call in enumerate(dicts(body.get("tool_calls"))):
             function = call.get("function")
             slot = string_slot(

@@ -171,12 +171,11 @@ class ChatToMessages(DecoderDriven):
             self._open(("tool", call.channel), block, out)
         for delta in replaced_texts(decoder, event, self._texts):
             self._delta(delta, out)
-        if _REFUSAL in event.data:  # type: ignore[operator]
-            # OpenAI streams a refusal in its own field: Anthropic's clients read it as
-            # text, and the stop reason says `refusal`.
-            for text in _refusals(loads(event.data)):
-                self._refused = True
-                self._delta(TextDelta(0, text), out)
+        if not self._refused and _REFUSAL in event.data:  # type: ignore[operator]
+            # OpenAI streams a refusal in its own field; the decoder gives it as text
+            # (guarded like content), which Anthropic's clients read as text, and the
+            # stop reason says `refusal`.
+            self._refused = bool(_refusals(loads(event.data)))
 
     def _open(self, key: tuple[str, int], block: dict[str, Any], out: list[bytes]) -> None:
         self._close(out)
