@@ -6,10 +6,11 @@ into a closed provider stream (tests/test_e2e_block.py shows that through Envoy)
 from __future__ import annotations
 
 import dataclasses
+import json
 
 from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingResponse
 
-from extproc.config import Config, StreamingConfig
+from extproc.config import Config, ProviderConfig, RouteConfig, StreamingConfig
 from extproc.policy import Policy, RequestContext, Stage, StreamBlocked
 from extproc.providers.base import StreamEvent
 from tests.test_exchange import CHAT, CONFIG, Run, apply_body, body_msg, headers_msg, metadata
@@ -25,6 +26,8 @@ class Blocker(Stage):
     """Blocks the stream at the first frame that says `forbidden`."""
 
     class Filter:
+        oldest_held = None  # passes every frame on
+
         def process(self, events: list[StreamEvent], end: bool) -> list[StreamEvent]:
             for e in events:
                 if e.data and b"forbidden" in e.data:
@@ -110,3 +113,64 @@ def test_close_also_follows_a_stream_the_gateway_could_not_read():
     assert b"frame_too_large" in apply_body(chunk(run, huge), huge)
     assert chunk(run, b"more").WhichOneof("response") == "immediate_response"
     assert run.metric("ai_gateway_upstream_closed_total", {"kind": "frame_too_large"}) == 1
+
+
+# -- a JSON-array stream (Gemini without alt=sse) blocked while a frame is held ----------
+
+GEMINI = dataclasses.replace(
+    CONFIG,
+    providers={"g": ProviderConfig(name="g", url="http://127.0.0.1:1", format="gemini")},
+    routes=(RouteConfig(name="g", prefix="/v1beta/", provider="g"),),
+)
+GEMINI_PATH = "/v1beta/models/gemini-2.5-flash:streamGenerateContent"
+
+
+def element(word: str) -> bytes:
+    return b'{"candidates":[{"content":{"parts":[{"text":"%s "}],"role":"model"}}]}' % (
+        word.encode()
+    )
+
+
+class HoldThenBlock(Stage):
+    """Holds every frame that says `hold` (as a mask guard holds a frame whose text
+    may still turn into a match) and blocks at the first that says `forbidden`."""
+
+    class Filter:
+        def __init__(self) -> None:
+            self.queue: list[StreamEvent] = []
+
+        @property
+        def oldest_held(self) -> StreamEvent | None:
+            return self.queue[0] if self.queue else None
+
+        def process(self, events: list[StreamEvent], end: bool) -> list[StreamEvent]:
+            out = []
+            for e in events:
+                if e.data and b"forbidden" in e.data:
+                    raise StreamBlocked("Blocked by guard 'words'.", "content_blocked")
+                if self.queue or (e.data and b"hold" in e.data):
+                    self.queue.append(e)
+                else:
+                    out.append(e)
+            return out
+
+    def stream_filter(self, ctx: RequestContext):
+        return self.Filter()
+
+
+def test_a_json_array_blocked_after_a_held_frame_stays_one_valid_array():
+    """The error element must follow what the client really got: the held frame never
+    went out, so the comma before it is the last byte sent (a second comma would make
+    the array invalid JSON, which the client's parser rejects)."""
+    run = Run(dataclasses.replace(GEMINI, streaming=config("drain").streaming))
+    run.ex.policy = Policy(run.ex.policy.config, stages=(HoldThenBlock(),))
+    run.request({"contents": [{"parts": [{"text": "hi"}]}]}, path=GEMINI_PATH, route="g")
+    run.send(headers_msg({":status": "200", "content-type": "application/json"}, response=True))
+    first = b"[" + element("one") + b",\r\n" + element("hold")
+    second = b",\r\n" + element("forbidden") + b"]"
+    client = apply_body(chunk(run, first), first)
+    client += apply_body(chunk(run, second), second)
+    array = json.loads(client)  # one valid JSON array
+    assert array[0]["candidates"][0]["content"]["parts"][0]["text"] == "one "
+    assert array[-1]["error"]["details"][0]["reason"] == "content_blocked"
+    assert b"hold" not in client and b"forbidden" not in client

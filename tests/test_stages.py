@@ -139,6 +139,8 @@ class Shouter(Stage):
             self.ctx = ctx
             self.seen = 0
 
+        oldest_held = None  # passes every frame on
+
         def process(self, events: list[StreamEvent], end: bool) -> list[StreamEvent]:
             out = []
             for e in events:

@@ -18,7 +18,7 @@ from extproc.exchange import settle
 from extproc.policy import Refusal, StreamBlocked, StreamFilter
 from extproc.providers import decoder_label, response_decoder
 from extproc.providers._json import response_identity
-from extproc.providers.base import ResponseDecoder
+from extproc.providers.base import ResponseDecoder, StreamEvent
 
 if TYPE_CHECKING:
     from extproc.exchange.core import BodyPhase, Exchange
@@ -295,7 +295,7 @@ class StreamBody:
                 for stream_filter in self.filters:
                     passed = stream_filter.process(passed, end)
             except StreamBlocked as blocked:
-                first = events[0] if events else None
+                first = _first_unsent(self.filters, events)
                 return ex.end_stream(
                     blocked.message, blocked.code, now, end, blocked.kind, before=first
                 )
@@ -313,6 +313,18 @@ class StreamBody:
         if decoder.content_events >= ex.report_at and not ex.closed:
             return settle.progress(ex, response)
         return response
+
+
+def _first_unsent(filters: list[StreamFilter], events: list[StreamEvent]) -> StreamEvent | None:
+    """The first event the client has not had (the error event takes its place): one a
+    filter still holds from an earlier chunk (a later filter holds older ones: each
+    only sees what the one before released), else this chunk's first."""
+    current = {id(event) for event in events}
+    for stream_filter in reversed(filters):
+        held = stream_filter.oldest_held
+        if held is not None and id(held) not in current:
+            return held
+    return events[0] if events else None
 
 
 def _check_end(ex: Exchange, decoder: ResponseDecoder) -> None:

@@ -29,6 +29,8 @@ class CaptureStream:
         self.kept = kept
         self.size = 0
 
+    oldest_held = None  # holds nothing back
+
     def process(self, events: list[StreamEvent], end: bool) -> list[StreamEvent]:
         if self.size > MAX_CONTENT_CHARS:
             return events

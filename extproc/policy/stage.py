@@ -109,6 +109,12 @@ class StreamFilter(Protocol):
 
     def process(self, events: list[StreamEvent], end: bool) -> list[StreamEvent]: ...
 
+    @property
+    def oldest_held(self) -> StreamEvent | None:
+        """The first event held back and not released yet (None: nothing held): where
+        the client's stream stands if it has to end now."""
+        ...
+
 
 class Stage:
     """A policy step. Every hook is optional; the defaults do nothing."""

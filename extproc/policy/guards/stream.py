@@ -104,6 +104,10 @@ class GuardStream:
         """Frames waiting for their text to be decided."""
         return len(self._queue)
 
+    @property
+    def oldest_held(self) -> StreamEvent | None:
+        return self._queue[0].event if self._queue else None
+
     def process(self, events: list[StreamEvent], end: bool) -> list[StreamEvent]:
         out: list[StreamEvent] = []
         queue = self._queue
