@@ -216,6 +216,19 @@ def replace_body(body: bytes) -> ProcessingResponse:
     return response
 
 
+def body_with_headers(body: bytes | None, headers: Mapping[str, str]) -> ProcessingResponse:
+    """A buffered answer's one chunk (`body` None: as it came) plus response headers:
+    Envoy holds the headers of a BUFFERED body until this answer, so they still apply."""
+    response = ProcessingResponse()
+    common = response.response_body.response
+    common.SetInParent()
+    if body is not None:
+        common.body_mutation.body = body
+    for name, value in headers.items():
+        common.header_mutation.set_headers.append(_header(name, value))
+    return response
+
+
 def refuse(
     status: int, headers: Mapping[str, str], body: bytes, details: str
 ) -> ProcessingResponse:

@@ -35,6 +35,9 @@ ERROR_KINDS = (
     "rate_limited",  # over a request or token limit (429)
     "ratelimit_unavailable",  # the limit store is down, fail_closed (503)
     "ratelimit_busy",  # too many checks already wait for the store (503)
+    "budget_exceeded",  # over a spend budget (429, or 402 if configured)
+    "budget_unavailable",  # the budget store is down, fail_closed (503)
+    "unpriced",  # no price for the model and prices.unpriced: refuse (400)
     "upstream_error",  # the provider answered 4xx/5xx
     "stream_aborted",  # the stream ended before its end marker
     "upstream_truncated",  # the provider ended its stream without its end marker
@@ -261,6 +264,51 @@ class Metrics:
             "Exchange spans not exported (telemetry:): queue_full (the collector is slow or "
             "down), export_failed (it refused or was unreachable)",
             ["reason"],
+            registry=r,
+        )
+        self.cost = Counter(
+            "ai_gateway_cost_usd",
+            "Spend in USD, exact from the metered usage and the price catalog, by consumer, "
+            "team, model and provider (a stream cut short: what streamed)",
+            ["consumer", "team", "model", "provider"],
+            registry=r,
+        )
+        self.price_lookups = Counter(
+            "ai_gateway_price_lookups",
+            "Price lookups by status (priced: the catalog; override: the policy's prices; "
+            "estimated: priced as prices.unpriced's stand-in; unpriced: no price)",
+            ["status"],
+            registry=r,
+        )
+        self.budget_decisions = Counter(
+            "ai_gateway_budget_decisions",
+            "Budget checks by budget and outcome (allowed, exceeded: refused; fail_open / "
+            "fail_closed: store unreachable; busy)",
+            ["budget", "outcome"],
+            registry=r,
+        )
+        self.budget_soft_limit = Counter(
+            "ai_gateway_budget_soft_limit",
+            "Soft limits crossed, by budget: once per period (per subject) across replicas",
+            ["budget"],
+            registry=r,
+        )
+        self.budget_webhook_calls = Counter(
+            "ai_gateway_budget_webhook_calls",
+            "Soft-limit webhook calls by outcome (ok, error, timeout)",
+            ["outcome"],
+            registry=r,
+        )
+        self.ledger_rows = Counter(
+            "ai_gateway_ledger_rows",
+            "Spend ledger rows by outcome (recorded, written, replayed: from the journal "
+            "after an outage or a restart, unspooled: the journal was full, lost)",
+            ["outcome"],
+            registry=r,
+        )
+        self.ledger_failures = Counter(
+            "ai_gateway_ledger_write_failures",
+            "Ledger batches the database could not take (rows stay in the journal)",
             registry=r,
         )
         self.phase_time = {p: self.message_time.labels(p) for p in PHASES}

@@ -266,7 +266,7 @@ class Worker:
         self.listen = worker_addresses(config.server.grpc_listen, count)[index]
         self.metrics = Metrics()
         # Outlives reloads: counters, caches, connections; stages count into our metrics.
-        self.shared = Shared(self.metrics)
+        self.shared = Shared(self.metrics, worker=index)
         self.processor = ExternalProcessor(
             build_policy(config, self.shared), self.metrics, worker=index
         )
@@ -379,6 +379,7 @@ class Worker:
         ext_proc_grpc.add_ExternalProcessorServicer_to_server(self.processor, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         _bind(server, self.listen)
+        await self.shared.start()  # the spend ledger replays, budgets rebuilt: then serve
         metrics_at = "the supervisor's"
         if self.count == 1 and self.snapshot is None:
             host, _, port = self.config.server.metrics_listen.rpartition(":")

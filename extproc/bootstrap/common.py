@@ -20,6 +20,7 @@ METADATA_KEYS = (
     "cached_tokens",
     "reasoning_tokens",
     "usage_estimated",
+    "cost_usd",
     "finish_reason",
     "refused",
     "reason",

@@ -16,6 +16,7 @@ from extproc.config.types import (
     Int,
     ModelNames,
     Name,
+    Names,
     OptPath,
     OptStr,
     Str,
@@ -109,6 +110,8 @@ class ConsumerConfig(Section):
     `disabled` and `expires` ([auth.md](auth.md#consumers-and-their-keys))."""
     models: ModelNames = None
     """The consumer's model allow-list (`*` wildcards); unset: any its routes allow."""
+    teams: Names = ()
+    """Teams the consumer belongs to (a team budget counts the spend of each member)."""
     disabled: Bool = False
     """Refuse every key of this consumer."""
 
@@ -178,6 +181,9 @@ class JwtConfig(Section):
     """The claim naming the consumer."""
     models_claim: OptStr = None
     """A claim listing (or space-separating) the models the caller may use."""
+    team_claim: OptStr = None
+    """A claim naming the caller's team (a string, or a list of them), for team budgets;
+    it replaces the `teams` of the consumer's entry."""
     known_consumers_only: Bool = False
     """`true`: a token naming a consumer not under `consumers` gets 403."""
 

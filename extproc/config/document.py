@@ -17,6 +17,7 @@ from extproc.config.server import EnvoyConfig, ServerConfig, StreamingConfig
 from extproc.config.telemetry import TelemetryConfig
 from extproc.config.types import entries, in_file, name
 from extproc.netaddr import UNIX_PATH_MAX, unix_socket_path, worker_addresses
+from extproc.spend.settings import BudgetsConfig, LedgerConfig, PricesConfig, budget_workers
 
 
 def _some(what: str, empty: str) -> BeforeValidator:
@@ -34,6 +35,11 @@ def _mapping(value: Any) -> Any:
     if value is None:
         raise fail("expected a mapping, got null (empty)")
     return value
+
+
+def _defaults(value: Any) -> Any:
+    """`ledger:` (or `prices:`) with nothing under it: every default."""
+    return {} if value is None else value
 
 
 @section
@@ -69,6 +75,18 @@ class Config(Section):
     rate_limits: Annotated[RateLimitsConfig | None, in_file(_mapping)] = None
     guards: GuardsConfig = Field(default_factory=GuardsConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+    prices: Annotated[PricesConfig | None, in_file(_defaults)] = None
+    """Cost of every exchange ([spend.md](spend.md#prices)); set (or `budgets:` or
+    `ledger:`) turns spend accounting on."""
+    budgets: Annotated[BudgetsConfig | None, in_file(_mapping)] = None
+    """Budgets in USD ([spend.md](spend.md#budgets))."""
+    ledger: Annotated[LedgerConfig | None, in_file(_defaults)] = None
+    """One row per exchange ([spend.md](spend.md#the-ledger))."""
+
+    @property
+    def spend(self) -> bool:
+        """Spend accounting is on: any of prices, budgets, ledger is set."""
+        return self.prices is not None or self.budgets is not None or self.ledger is not None
 
     def route(self, name: str) -> RouteConfig | None:
         for route in self.routes:
@@ -83,7 +101,7 @@ SECTIONS = tuple(key for key in Config.__pydantic_fields__ if key not in Config.
 # processes; each returns (key, reason) pairs: an in-process rate-limit store cannot
 # keep one limit across workers, so it refuses workers > 1.
 WorkerCheck = Callable[[Config, int], list[tuple[str, str]]]
-WORKER_CHECKS: list[WorkerCheck] = [rate_limit_workers]
+WORKER_CHECKS: list[WorkerCheck] = [rate_limit_workers, budget_workers]
 
 
 def check_workers(config: Config, workers: int) -> list[tuple[str, str]]:

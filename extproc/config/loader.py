@@ -27,6 +27,7 @@ from extproc.config.base import (
 )
 from extproc.config.document import SECTIONS, Config, check_workers
 from extproc.config.refs import check_document
+from extproc.spend.settings import check_spend
 
 _CONFIG = TypeAdapter(Config)
 
@@ -58,7 +59,7 @@ def parse_config(document: Any, path: str = "<config>") -> Config:
         problems.sort(key=lambda item: rank.get(item[0][0], -1) if item[0] else -1)
         raise ConfigError(path, [(key_of(loc), reason) for loc, reason in problems])
     assert config is not None
-    late = check_access(config) + check_workers(config, config.server.workers)
+    late = check_access(config) + check_spend(config) + check_workers(config, config.server.workers)
     if late:
         raise ConfigError(path, late)
     return config

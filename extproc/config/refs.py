@@ -95,6 +95,53 @@ def check_document(document: dict[str, Any], errors: set[Loc]) -> Problems:
         names((*at, "routes"), rule.get("routes"), "route", routes)
         for key in ("consumers", "except_consumers"):
             names((*at, key), rule.get(key), "consumer", consumers)
+    found += _budgets(document, consumers, routes, refused)
+    return found
+
+
+def _budgets(
+    document: dict[str, Any], consumers: list[str] | None, routes: list[str] | None, refused: Any
+) -> Problems:
+    """A budget's `match` names a consumer, team or route the policy has (a model is
+    checked once the policy is valid: a price may make it known)."""
+    budgets = document.get("budgets")
+    items = budgets.get("items") if isinstance(budgets, dict) else None
+    if not isinstance(items, dict):
+        return []
+    raw_consumers = document.get("consumers")
+    teams: set[str] = set()
+    for spec in raw_consumers.values() if isinstance(raw_consumers, dict) else ():
+        written = spec.get("teams") if isinstance(spec, dict) else None
+        teams.update(t for t in _names(written) if isinstance(t, str))
+    auth = document.get("auth")
+    jwt = auth.get("jwt") if isinstance(auth, dict) else None
+    open_teams = isinstance(jwt, dict) and bool(jwt.get("team_claim"))
+    known = {
+        "consumer": consumers,
+        "team": None if open_teams else sorted(teams),
+        "route": routes,
+    }
+    found: Problems = []
+    for name, item in items.items():
+        if not isinstance(item, dict):
+            continue
+        scope, match = item.get("scope"), item.get("match")
+        at = ("budgets", "items", str(name), "match")
+        if scope not in known or not isinstance(match, str) or refused(at):
+            continue
+        names = known[scope]
+        if scope == "team" and open_teams:
+            continue
+        if scope == "route" and names is None:
+            continue  # routes are broken: reported there
+        if match not in (names or ()):
+            if scope == "consumer" and not names:
+                shown = "none: there is no consumers: section"
+            elif scope == "team" and not names:
+                shown = "none: no consumer lists teams, and auth.jwt has no team_claim"
+            else:
+                shown = ", ".join(names or ()) or "none"
+            found.append((at, f"unknown {scope} '{match}' (known: {shown})"))
     return found
 
 

@@ -239,8 +239,14 @@ class JsonBody:
             except Refusal as refusal:
                 settle.settle(ex, now, complete=True)
                 return ex.refuse(refusal)
-            if body != kept:
+            changed = body != kept
+            if changed:
                 ex.json = bytearray(body)
+            settle.settle(ex, now, complete=True)  # metered now: stages may name the cost
+            if ctx.completion_headers:
+                replaced = body if changed or self.inflated else None
+                return ex.finish(wire.body_with_headers(replaced, ctx.completion_headers), now)
+            if changed:
                 return ex.finish(wire.replace_body(body), now)
         response = wire.replace_body(chunk) if self.inflated else CONTINUE_BODY
         return ex.finish(response, now) if end else response

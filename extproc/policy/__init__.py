@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from extproc.policy.jwks import JwksCache
     from extproc.policy.ratelimit import RateLimitRedis
     from extproc.policy.ratelimit.local import LocalStore
+    from extproc.spend.runtime import SpendShared
     from extproc.telemetry import Tracing
 
 log = logging.getLogger("extproc.policy")
@@ -53,19 +54,22 @@ class Shared:
     counts into the registry it serves; made alone (tests, benchmarks), it has its own.
     """
 
-    def __init__(self, metrics: Metrics | None = None) -> None:
+    def __init__(self, metrics: Metrics | None = None, worker: int = 0) -> None:
         self.metrics = metrics if metrics is not None else Metrics()
+        self.worker = worker  # this process's index among the supervisor's workers
         self.ratelimit_local: LocalStore | None = None  # rate_limits.store: local
         self.ratelimit_redis: RateLimitRedis | None = None  # the Redis store's slot
         self.guards_http: aiohttp.ClientSession | None = None  # HTTP guard webhooks
         self.guards_grpc: dict[tuple[bool, str], GuardServiceStub] = {}  # by (TLS, target)
         self.jwks: dict[tuple[str | None, str | None, str | None], JwksCache] = {}  # by source
         self.tracing: Tracing | None = None  # telemetry: the process's span export
+        self.spend: SpendShared | None = None  # spend: ledger writer, local budgets
 
     def values(self) -> list[Any]:
         """Everything held (the readiness probe looks for `readiness_check` on each)."""
         single = (
             self.metrics,
+            self.spend,  # before the HTTP session its soft-limit calls use
             self.ratelimit_local,
             self.ratelimit_redis,
             self.guards_http,
@@ -73,6 +77,12 @@ class Shared:
         )
         held = [item for item in single if item is not None]
         return [*held, *self.guards_grpc.values(), *self.jwks.values()]
+
+    async def start(self) -> None:
+        """Before the worker serves: what must run first (the spend ledger's journal
+        replay, budgets rebuilt from the ledger)."""
+        if self.spend is not None:
+            await self.spend.start()
 
     async def aclose(self) -> None:
         """At shutdown: close what holds connections (HTTP sessions, gRPC channels,
@@ -109,16 +119,17 @@ StageBuilder = Callable[[Config, Shared, Mapping[str, str]], Stage | None]
 
 def stage_builders() -> list[StageBuilder]:
     """In the order stages run: who is calling (auth), what they may use (models), what
-    they send and get (guards), how much (limits), what the trace may show (capture,
+    they send and get (guards), how much (limits, then spend), what the trace may show (capture,
     after the guards). One line per stage module."""
     # Lazy: stage modules import this package.
-    from extproc.policy import auth, capture, guards, models, ratelimit
+    from extproc.policy import auth, capture, guards, models, ratelimit, spend
 
     return [
         auth.build,
         models.build,
         guards.build,
         ratelimit.build,
+        spend.build,
         capture.build,
     ]
 

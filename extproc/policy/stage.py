@@ -91,6 +91,9 @@ class RequestContext:
     metadata: dict[str, Any] = field(default_factory=dict)  # extra dynamic metadata
     status: int = 0  # provider's status, from the response-headers phase on
     buffer_response: bool = False  # a stage needs whole non-streaming bodies
+    # Set on a buffered answer once it was metered (its headers wait for the body):
+    # the exact cost of a JSON answer, say.
+    completion_headers: dict[str, str] = field(default_factory=dict)
     decoder: ResponseDecoder | None = None  # this response's decoder, for stream filters
     scratch: dict[str, Any] = field(default_factory=dict)  # per-stage state, keyed by stage
     # Guard findings for the trace: (phase, guard, type, action), never the matched text.

@@ -2,15 +2,15 @@
 
 Declared with the config package's `section` (frozen, slotted pydantic dataclasses,
 unknown keys refused with "did you mean", every problem of a file reported with its
-key path), so the document can include them as they are. Not yet part of the
-document: the spend stage that reads them comes next. Each converts to the sans-I/O
-objects it configures (`PricesConfig.book()`, `BudgetConfig.budget()`).
+key path), so the document includes them as they are (extproc/config/document.py); the spend stage
+(extproc/policy/spend.py) reads them. Each converts to the sans-I/O objects it
+configures (`PricesConfig.book()`, `BudgetConfig.budget()`).
 """
 
 from __future__ import annotations
 
 from decimal import Decimal, InvalidOperation
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, TypeAdapter, ValidationError
@@ -29,6 +29,9 @@ from extproc.config.base import (
 from extproc.config.types import Bool, Int, Optional, OptStr, Str, checked, choice, entries, name
 from extproc.spend.budgets import PERIODS, Budget, parse_duration
 from extproc.spend.prices import Override, Price, PriceBook, Rates
+
+if TYPE_CHECKING:
+    from extproc.config.document import Config
 
 SCOPES = ("consumer", "team", "route", "model", "global")
 UNPRICED = "refuse, zero or estimate-from: <model>"
@@ -196,6 +199,21 @@ class BudgetConfig(Section):
         )
 
 
+def check_webhook_url(value: Any) -> str:
+    if not isinstance(value, str) or not value.startswith(("http://", "https://")):
+        raise fail(f"expected an http:// or https:// URL, got {describe(value)}")
+    return value
+
+
+@section
+class SoftLimitWebhookConfig(Section):
+    """Where a soft-limit crossing is POSTed (JSON), once per period, off the request path."""
+
+    url: checked(check_webhook_url)
+    timeout_ms: Int(1, 60_000) = 2000
+    """The call is abandoned (and counted) after this; no request ever waits on it."""
+
+
 @section
 class BudgetsConfig(Section):
     """`budgets:`: budgets by name, the calendar's time zone, where counters live."""
@@ -206,6 +224,10 @@ class BudgetsConfig(Section):
     """`redis` shares the rate-limit Redis (rate_limits.redis)."""
     over_budget_status: Literal[429, 402] = 429
     """429 (as a rate limit) or 402 Payment Required."""
+    default_max_output_tokens: Int(1) = 4096
+    """Output tokens reserved (at the model's output price) for a request that names no
+    `max_tokens`."""
+    soft_limit_webhook: Optional(SoftLimitWebhookConfig, "a mapping") = None
     items: Annotated[
         dict[str, BudgetConfig],
         entries("a mapping of budget name -> settings", BudgetConfig, name),
@@ -239,3 +261,71 @@ def validate(model: Any, data: Any, where: str = "<policy>", key: str = "") -> A
         raise ConfigError(
             where, [(key_of(prefix + loc), reason) for loc, reason in problems_of(exc)]
         ) from None
+
+
+def budget_workers(config: Config, workers: int) -> list[tuple[str, str]]:
+    """The in-process budget store counts per process: N workers would spend N x."""
+    budgets = config.budgets
+    if budgets is None or budgets.store != "local" or workers <= 1:
+        return []
+    return [
+        (
+            "budgets.store",
+            f"the in-process store counts in each process, so {workers} workers could "
+            f"spend {workers}x every budget; use store: redis or run one worker",
+        )
+    ]
+
+
+def check_spend(config: Config) -> list[tuple[str, str]]:
+    """Checks of the whole valid policy: the Redis a budget store shares exists, the
+    unpriced stand-in has a price, a model budget names a model there is."""
+    problems: list[tuple[str, str]] = []
+    budgets = config.budgets
+    if budgets is not None and budgets.store == "redis":
+        limits = config.rate_limits
+        if limits is None or limits.redis is None or limits.store != "redis":
+            problems.append(
+                (
+                    "budgets.store",
+                    "redis shares the rate limits' Redis: set rate_limits.store: redis "
+                    "with a redis: section",
+                )
+            )
+    prices = config.prices or PricesConfig()
+    try:
+        book = prices.book()
+    except ValueError as exc:
+        problems.append(("prices.unpriced", str(exc)))
+        book = PricesConfig(catalog=prices.catalog, models=prices.models).book()
+    if budgets is None:
+        return problems
+    declared = _declared_models(config)
+    for key, item in budgets.items.items():
+        if item.scope != "model" or item.match is None or item.match in declared:
+            continue
+        if any(book._find(p, item.match, c.format) for p, c in config.providers.items()):
+            continue
+        problems.append(
+            (
+                f"budgets.items.{key}.match",
+                f"unknown model '{item.match}' (not in models, routes or consumers, "
+                "and without a price)",
+            )
+        )
+    return problems
+
+
+def _declared_models(config: Config) -> set[str]:
+    models = config.models
+    found = {alias for alias in models.aliases}
+    found.update(a.model for a in models.aliases.values())
+    found.update(n for names in models.catalog.values() for n in names)
+    for names in [r.models or () for r in config.routes] + [
+        c.models or () for c in config.consumers.values()
+    ]:
+        found.update(n for n in names if "*" not in n)
+    found.update(d for d in (models.default, *(r.default_model for r in config.routes)) if d)
+    if config.prices is not None:
+        found.update(m.model for m in config.prices.models)
+    return found
