@@ -176,12 +176,19 @@ class SpendStage(Stage):
                 self.metrics.budget_decisions.labels(checks[i].budget.name, "exceeded").inc()
             spend.refused = "budget_exceeded"
             wait = max(1, math.ceil(over.resets_at - time.time()))
+            never = worst > over.limit_micros  # it would not fit an empty budget either
+            advice = (
+                f"more than the whole budget: lower max_tokens. {over.message()}."
+                if never
+                else f"more than is left: {over.message()}."
+            )
+            # SDKs retry a 429 by default; before the reset it would fail the same way.
             raise Refusal(
                 self.status,
-                f"This request could cost up to ${usd(worst)}, more than is left: "
-                f"{over.message()}.",
+                f"This request could cost up to ${usd(worst)}, {advice}",
                 "budget_exceeded",
                 kind="budget_exceeded",
+                param="max_tokens" if never else None,
                 headers={"retry-after": str(wait), "x-should-retry": "false"},
             )
         self._count(checks, "allowed")
