@@ -10,6 +10,10 @@ rolling 7d), price the exact usage, settle. In-process store, then a real valkey
 (tests/redis_server.py) one request at a time and with 50 in flight. Reported: wall
 and this process's CPU per request (Redis's own CPU not included).
 
+Stage: the CPU one exchange (request, a 10-chunk stream, settle) costs through the
+sans-I/O `Exchange` with and without the spend stage (in-process budgets, ledger row),
+i.e. what the wiring adds per exchange, next to one ext_proc message (60-150 us).
+
 Ledger: rows/s through `Ledger.record` + the batching writer until every row is
 committed, into SQLite (WAL) and a throwaway PostgreSQL (tests/postgres_server.py),
 batches of 500. Results also go to bench/results/spend.json.
@@ -85,6 +89,67 @@ async def per_request(store, n: int, in_flight: int) -> tuple[float, float]:
     return (time.perf_counter() - wall) / n * 1e6, (time.process_time() - cpu) / n * 1e6
 
 
+def exchange_cpu(with_spend: bool, n: int, tmp: Path) -> float:
+    """CPU microseconds per exchange through the sans-I/O Exchange."""
+    import orjson
+
+    from extproc.config import parse_config
+    from extproc.exchange import Exchange
+    from extproc.metrics import Metrics
+    from extproc.policy import Shared, build_policy
+    from tests.test_exchange import body_msg, headers_msg, stream_frames
+
+    document: dict = {
+        "providers": {"mock": {"url": "http://127.0.0.1:1"}},
+        "routes": [{"name": "v1", "prefix": "/v1/", "provider": "mock"}],
+    }
+    if with_spend:
+        document["prices"] = {"models": [{"model": "gpt-4o", "input": 2.5, "output": 10}]}
+        document["budgets"] = {
+            "items": {
+                "c": {"scope": "consumer", "limit_usd": 10**6, "period": "month"},
+                "g": {"scope": "global", "limit_usd": 10**6, "window": "7d"},
+            }
+        }
+        document["ledger"] = {
+            "url": f"sqlite:///{tmp}/stage.sqlite3",
+            "journal_dir": str(tmp / "stage-journal"),
+            "queue_limit": 10_000_000,
+        }
+    metrics = Metrics()
+    policy = build_policy(parse_config(document, "bench.yaml"), Shared(metrics))
+    head = headers_msg(
+        {":method": "POST", ":path": "/v1/chat/completions", "x-request-id": "r"}, route="v1"
+    )
+    body = orjson.dumps(
+        {"model": "gpt-4o", "stream": True, "max_tokens": 200,
+         "messages": [{"role": "user", "content": "hello there " * 20}]}
+    )  # fmt: skip
+    answer = headers_msg({":status": "200", "content-type": "text/event-stream"}, response=True)
+    frames = [body_msg(f, end=False, response=True) for f in stream_frames(10, usage=True)]
+    request = body_msg(body)
+    loop = asyncio.new_event_loop()
+
+    def one() -> None:
+        ex = Exchange(policy, metrics, 0.0)
+        ex.handle(head, 0.0)
+        loop.run_until_complete(ex.on_request_body(request.request_body.body, 0.0))
+        ex.handle(answer, 0.0)
+        for frame in frames:
+            ex.handle(frame, 0.0)
+        ex.close(0.0)
+        for work in ex.after:
+            loop.run_until_complete(work)
+
+    for _ in range(200):
+        one()
+    cpu = time.process_time()
+    for _ in range(n):
+        one()
+    loop.close()
+    return (time.process_time() - cpu) / n * 1e6
+
+
 def rows(n: int, tag: str) -> list[Row]:
     base = int(time.time() * 1000)
     return [
@@ -118,6 +183,11 @@ async def run(quick: bool) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         results["local"] = await per_request(LocalBudgetStore(), n, 1)
+        stage_n = 1_000 if quick else 5_000
+        results["exchange"] = {
+            "without spend": await asyncio.to_thread(exchange_cpu, False, stage_n, tmp_path),
+            "with spend": await asyncio.to_thread(exchange_cpu, True, stage_n, tmp_path),
+        }
         redis = RedisServer(tmp_path / "redis").start()
         base = RedisStore(redis.url, key_prefix="bench:", timeout=10.0)
         try:
@@ -153,6 +223,10 @@ def main() -> int:
     for name in ("local", "redis, 1 in flight", "redis, 50 in flight"):
         wall, cpu = results[name]
         print(f"{name:<22}{wall:>12.1f}{cpu:>12.1f}")
+    print("\none exchange through the sans-I/O Exchange (request, 10 chunks, settle)")
+    print(f"{'policy':<22}{'cpu us/exch':>12}")
+    for name, cpu in results["exchange"].items():
+        print(f"{name:<22}{cpu:>12.1f}")
     print("\nledger, batches of 500, until committed")
     print(f"{'database':<22}{'rows/s':>12}{'record us':>12}")
     for name, (rate, rec) in results["ledger"].items():

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import orjson
 
@@ -180,5 +181,6 @@ class SpendShared:
         except (aiohttp.ClientError, OSError):
             outcome = "error"
         self.metrics.budget_webhook_calls.labels(outcome).inc()
-        if outcome != "ok":
-            log.warning("soft-limit webhook %s: %s", url.split("?")[0], outcome)
+        if outcome != "ok":  # scheme and host only: a path or query may carry a token
+            parts = urlsplit(url)
+            log.warning("soft-limit webhook %s://%s: %s", parts.scheme, parts.hostname, outcome)
