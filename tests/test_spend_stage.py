@@ -218,3 +218,33 @@ def test_usd_is_exact():
         "-0.000005",
     ]
     assert Usage().prompt_tokens == 0 and asyncio.iscoroutinefunction(SpendStage.on_request)
+
+
+def test_a_hanging_soft_limit_webhook_never_holds_a_request():
+    """notify() returns at once; the call gives up at its timeout and is counted."""
+    from extproc.metrics import Metrics
+    from extproc.policy.guards.webhook import _new_session
+    from extproc.spend.runtime import SpendShared
+
+    async def scenario() -> float:
+        accepted = asyncio.Event()
+
+        async def hang(reader, writer) -> None:
+            accepted.set()
+            await asyncio.sleep(30)
+
+        server = await asyncio.start_server(hang, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        runtime = SpendShared(Metrics())
+        session = _new_session()
+        runtime.http = lambda: session
+        runtime.notify(f"http://127.0.0.1:{port}/hook", 0.2, {"budget": "b"})
+        assert len(runtime._tasks) == 1  # running beside, not awaited by the caller
+        await accepted.wait()
+        await asyncio.wait(set(runtime._tasks))
+        await session.close()
+        server.close()
+        sample = runtime.metrics.registry.get_sample_value
+        return sample("ai_gateway_budget_webhook_calls_total", {"outcome": "timeout"})
+
+    assert asyncio.run(scenario()) == 1
