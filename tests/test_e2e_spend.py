@@ -198,6 +198,10 @@ def test_a_model_without_a_price_is_refused_under_unpriced_refuse(gateway):
         )
     assert caught.value.code == "model_not_priced"
     assert metric(gateway, "ai_gateway_price_lookups_total", status="unpriced") >= 1
+    row = wait_for(
+        lambda: [r for r in sqlite_rows(gateway.ledger) if r["reason"] == "model_not_priced"]
+    )
+    assert row and row[0]["status"] == "refused" and row[0]["consumer"] == "bob"
 
 
 def _refused_or_none(client: openai.OpenAI) -> openai.APIStatusError | None:

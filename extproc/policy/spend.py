@@ -130,7 +130,11 @@ class SpendStage(Stage):
         if not info.stream:
             ctx.buffer_response = True  # the exact cost goes in a header of the answer
         teams = self._teams(ctx)
-        price = self._price(ctx, info.model)
+        try:
+            price = self._price(ctx, info.model)
+        except Refusal:  # the ledger still records the refusal
+            ctx.scratch[SCRATCH] = _Spend(None, teams, refused="model_not_priced")
+            raise
         spend = ctx.scratch[SCRATCH] = _Spend(price, teams)
         if self.planner is None or self.store is None:
             return
