@@ -45,6 +45,7 @@ ERROR_KINDS = (
     "frame_too_large",  # a response frame over the framer's bound
     "decode_error",  # a response encoding that cannot be read (passed on uninspected)
     "malformed_stream",  # broken framing (bad CRC, not the promised JSON)
+    "credentials_unavailable",  # a provider's cloud credentials not fetched yet (503)
     "overloaded",  # shed by admission control: the worker is over its limits (503)
     "internal",  # the sidecar's own failure
 )

@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from extproc.config.base import Loc, Section, describe, fail, section, several
+from extproc.config.cloud import CloudAuthConfig, provider_checks
 from extproc.config.types import (
     EnvName,
     ModelNames,
@@ -56,6 +57,9 @@ class ProviderConfig(Section):
     """The same, from a file (a mounted Secret); re-read when it changes."""
     ca_file: OptPath = None
     """CA bundle Envoy verifies an `https` provider with; none: the system bundle."""
+    auth: CloudAuthConfig | None = None
+    """Cloud credentials instead of a static key: AWS SigV4, Google or Entra ID tokens
+    ([providers.md](providers.md#cloud-credentials))."""
 
     @classmethod
     def checks(cls, raw: dict[str, Any], refused: set[Any]) -> list[tuple[Loc, str]]:
@@ -66,7 +70,7 @@ class ProviderConfig(Section):
             found.append(((), "set api_key_env or api_key_file, not both"))
         if "ca_file" in raw and "ca_file" not in refused and not raw["url"].startswith("https:"):
             found.append((("ca_file",), "only meaningful for an https:// url"))
-        return found
+        return found + provider_checks(raw, refused)
 
     @property
     def tls(self) -> bool:

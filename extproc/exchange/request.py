@@ -17,7 +17,7 @@ from extproc.headerlimits import header_problem
 from extproc.logcontext import MAX_ID, set_exchange, trace_id_of
 from extproc.paths import METHOD_OVERRIDE_HEADERS, PathRefused, canonical, looks_like_api, matches
 from extproc.policy import Refusal, RequestContext
-from extproc.policy.credentials import strip_query_credentials
+from extproc.policy.credentials import finalize, strip_query_credentials
 from extproc.providers import RequestError, detect_format, format_for
 
 if TYPE_CHECKING:
@@ -163,6 +163,10 @@ async def request_body(ex: Exchange, body: bytes) -> Response:
         new_body = orjson.dumps(info.body)
     if new_body is not None:
         ctx.upstream_headers["content-length"] = str(len(new_body))
+    try:  # last: signs the final path and body (every rewrite comes before)
+        finalize(ex.policy.cloud, ctx, body if new_body is None else new_body)
+    except Refusal as refusal:
+        return ex.refuse(refusal)
     response = wire.replace_request_body(
         new_body, ctx.upstream_headers, ctx.remove_headers, clear_route_cache=ctx.clear_route_cache
     )

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     import aiohttp
 
     from extproc._gen.guard_pb2_grpc import GuardServiceStub
+    from extproc.cloudauth import CloudAuth, Refresher
     from extproc.policy.jwks import JwksCache
     from extproc.policy.ratelimit import RateLimitRedis
     from extproc.policy.ratelimit.local import LocalStore
@@ -64,6 +65,7 @@ class Shared:
         self.jwks: dict[tuple[str | None, str | None, str | None], JwksCache] = {}  # by source
         self.tracing: Tracing | None = None  # telemetry: the process's span export
         self.spend: SpendShared | None = None  # spend: ledger writer, local budgets
+        self.cloud_auth: dict[tuple, Refresher] = {}  # providers' auth: tokens, AWS keys
 
     def values(self) -> list[Any]:
         """Everything held (the readiness probe looks for `readiness_check` on each)."""
@@ -76,7 +78,7 @@ class Shared:
             self.tracing,
         )
         held = [item for item in single if item is not None]
-        return [*held, *self.guards_grpc.values(), *self.jwks.values()]
+        return [*held, *self.guards_grpc.values(), *self.jwks.values(), *self.cloud_auth.values()]
 
     async def start(self) -> None:
         """Before the worker serves: what must run first (the spend ledger's journal
@@ -107,6 +109,7 @@ class Policy:
     stages: tuple[Stage, ...] = ()
     labels: MetricLabels = None  # type: ignore[assignment]  # made from config when None
     tracing: Tracing | None = None  # telemetry: on; the exchange records its span there
+    cloud: CloudAuth | None = None  # providers' `auth:`: signs or authorizes upstream
 
     def __post_init__(self) -> None:
         if self.labels is None:
@@ -146,4 +149,9 @@ def build_policy(
         from extproc.telemetry import tracing_for  # the OTel SDK loads only when used
 
         shared.tracing = tracing_for(config.telemetry, shared.metrics, shared.tracing)
-    return Policy(config=config, stages=stages, tracing=shared.tracing)
+    cloud = None
+    if shared.cloud_auth or any(p.auth is not None for p in config.providers.values()):
+        from extproc import cloudauth  # botocore and the token SDKs load only when used
+
+        cloud = cloudauth.build(config, shared, env)
+    return Policy(config=config, stages=stages, tracing=shared.tracing, cloud=cloud)

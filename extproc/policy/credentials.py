@@ -12,6 +12,12 @@ reach a provider, and query parameters that carry a key (`?key=` from Gemini cli
 `?api_key=`...) are stripped from the path before it goes upstream or into a log
 (stripped, not refused: the gateway sets its own provider key anyway, and a Gemini
 SDK that puts its key in the query keeps working).
+
+A provider with an `auth:` block (cloud credentials, `extproc.cloudauth`) gets no key
+here: `finalize`, the last step of the request-body phase, signs the exact request
+that goes upstream (AWS SigV4) or sets a background-refreshed OAuth token. The
+client's own SigV4 headers (boto3 signs with whatever it has) are stripped like any
+client credential.
 """
 
 from __future__ import annotations
@@ -19,11 +25,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_plus
 
 from extproc.config import Config, ProviderConfig
-from extproc.policy.stage import RequestContext
+from extproc.policy.stage import Refusal, RequestContext
+
+if TYPE_CHECKING:
+    from extproc.cloudauth import CloudAuth
 
 log = logging.getLogger("extproc.policy.credentials")
 
@@ -31,6 +40,8 @@ log = logging.getLogger("extproc.policy.credentials")
 CLIENT_CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key", "x-goog-api-key")
 # Never forwarded, whatever the format: browser sessions, proxy credentials.
 STRIPPED_HEADERS = ("cookie", "proxy-authorization")
+# A client's own SigV4 headers (the Authorization itself is a credential header above).
+AMZ_HEADERS = ("x-amz-date", "x-amz-security-token", "x-amz-content-sha256")
 # Query parameter names that carry a credential (compared decoded, case-insensitively).
 QUERY_CREDENTIALS = frozenset({"api_key", "key", "api-key", "apikey", "access_token", "token"})
 ANTHROPIC_VERSION = "2023-06-01"  # sent when neither the client nor the format set one
@@ -88,7 +99,7 @@ def apply(
     choice set) and set `provider`'s own."""
     sets = provider_headers(provider, fmt, key, ctx.headers)
     ctx.upstream_headers.update(sets)
-    for name in (*credential_headers(fmt), *STRIPPED_HEADERS, *previous):
+    for name in (*credential_headers(fmt), *STRIPPED_HEADERS, *AMZ_HEADERS, *previous):
         if name in sets or name in ctx.remove_headers:
             continue
         if name in ctx.headers or name in previous:
@@ -108,3 +119,43 @@ def provider_keys(config: Config, environ: Mapping[str, str]) -> dict[str, str]:
         if key:
             keys[name] = key
     return keys
+
+
+def wire_path(ctx: RequestContext) -> str:
+    """The path (percent-encoded, with its query) as the provider receives it: the
+    client's path, or a `:path` a stage set in this phase, with the route's prefix
+    rewrite applied, as Envoy's router does. SigV4 signs this exact string."""
+    path = ctx.upstream_headers.get(":path") or ctx.path
+    route = ctx.route
+    if route.rewrite is not None and path.startswith(route.prefix):
+        path = route.rewrite + path[len(route.prefix) :]
+    return path
+
+
+def finalize(cloud: CloudAuth | None, ctx: RequestContext, body: bytes) -> None:
+    """Authorize the upstream request of a provider with `auth:`, with the bytes that go
+    upstream: called once, at the very end of the request-body phase, so every rewrite
+    of path or body comes before it. No credential fetched yet: 503, and a log line
+    saying why (never a fetch here: refreshers run in the background)."""
+    provider = ctx.provider
+    if cloud is None or provider.auth is None:
+        return
+    authorizer = cloud.get(provider.name)
+    if authorizer is None:
+        return
+    from extproc.cloudauth import CredentialsUnavailable, authority
+
+    authorizer.start()  # a no-op once running (a policy built outside the loop: now)
+    try:
+        headers = authorizer.headers(ctx.method, authority(provider), wire_path(ctx), body)
+    except CredentialsUnavailable as exc:
+        log.warning("provider %s: request refused with 503, no credentials: %s", provider.name, exc)
+        raise Refusal(
+            503,
+            f"The gateway has no credentials for provider '{provider.name}' yet; retry shortly.",
+            "credentials_unavailable",
+            kind="credentials_unavailable",
+            headers={"retry-after": "5"},
+        ) from None
+    ctx.upstream_headers.update(headers)
+    ctx.remove_headers[:] = [n for n in ctx.remove_headers if n not in headers]

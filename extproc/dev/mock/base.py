@@ -8,7 +8,7 @@ frames to send, and `error(err)` renders a refusal in the format's own shape; on
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from extproc.dev.mock.errors import MockError, openai_error
@@ -42,7 +42,9 @@ class MockFormat:
     `wire` is the gateway's WireFormat for the route (its `parse_request` validates
     and names the model for error messages); `request_id` gives the provider's
     request-id header from the body's hex digest; `line_ending` is the format's own,
-    used unless `x-mock-line-ending` says otherwise."""
+    used unless `x-mock-line-ending` says otherwise; `authorize` (method, raw path,
+    lower-case headers, body) refuses a request the provider would not accept (a bad
+    SigV4 signature), before anything else is looked at."""
 
     name: str
     wire: type[WireFormat]
@@ -50,6 +52,7 @@ class MockFormat:
     error: Callable[[MockError], tuple[bytes, dict[str, str]]] = openai_error
     request_id: Callable[[str], dict[str, str]] = field(default=_no_headers)
     line_ending: bytes = b"\n"
+    authorize: Callable[[str, str, Mapping[str, str], bytes], MockError | None] | None = None
 
     def model_hint(self, body: bytes, path: str) -> str:
         """The requested model, for `x-mock-status` messages (the body may be invalid)."""

@@ -5,6 +5,7 @@ binary `application/vnd.amazon.eventstream`), mirroring `providers/bedrock.py` a
 from __future__ import annotations
 
 import hashlib
+import os
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -141,6 +142,8 @@ def bedrock_error(err: MockError) -> tuple[bytes, dict[str, str]]:
     kind = ERROR_TYPES.get(
         err.status, "InternalServerException" if err.status >= 500 else "ValidationException"
     )
+    if err.code and err.code.endswith("Exception"):  # named by the check (signatures)
+        kind = err.code
     headers = {"x-amzn-ErrorType": f"{kind}:http://internal.amazon.com/coral/com.amazon.bedrock/"}
     return orjson.dumps({"message": err.message}), headers
 
@@ -149,4 +152,37 @@ def _request_id(digest: str) -> dict[str, str]:
     return {"x-amzn-RequestId": str(uuid.UUID(digest[:32]))}
 
 
-BEDROCK = MockFormat("bedrock", BedrockConverse, bedrock_job, bedrock_error, request_id=_request_id)
+# With these set, every request must carry a valid SigV4 signature for these keys
+# (region MOCK_AWS_REGION, default us-east-1), checked with botocore over the exact
+# bytes received; else 403 as Bedrock answers it. Unset: no check.
+SIGV4_ENV = ("MOCK_AWS_ACCESS_KEY_ID", "MOCK_AWS_SECRET_ACCESS_KEY", "MOCK_AWS_SESSION_TOKEN")
+
+
+def bedrock_authorize(
+    method: str, path: str, headers: Mapping[str, str], body: bytes
+) -> MockError | None:
+    key_id, secret, token = (os.environ.get(name) for name in SIGV4_ENV)
+    if not key_id or not secret:
+        return None
+    from botocore.credentials import ReadOnlyCredentials
+
+    from extproc.cloudauth import sigv4
+
+    credentials = ReadOnlyCredentials(key_id, secret, token or None)
+    region = os.environ.get("MOCK_AWS_REGION", "us-east-1")
+    verdict = sigv4.verify(credentials, region, sigv4.BEDROCK_SERVICE, method, path, headers, body)
+    if verdict.ok:
+        return None
+    known = verdict.reason.startswith(("The request signature", "Credential should"))
+    kind = "InvalidSignatureException" if known else "UnrecognizedClientException"
+    return MockError(403, verdict.reason, code=kind)
+
+
+BEDROCK = MockFormat(
+    "bedrock",
+    BedrockConverse,
+    bedrock_job,
+    bedrock_error,
+    request_id=_request_id,
+    authorize=bedrock_authorize,
+)

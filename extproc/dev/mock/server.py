@@ -103,6 +103,12 @@ class _MockProvider:
         frames its job builds, sent with the wire knobs (split, delay, gzip, cut)."""
         body = await request.read()
         path = request.raw_path
+        if fmt.authorize is not None:
+            headers = {name.lower(): value for name, value in request.headers.items()}
+            refused = fmt.authorize(request.method, path, headers, body)
+            if refused is not None:
+                NOTE.set(refused.message[:60])
+                return self._error(request, body, fmt, refused)
         try:
             knobs = parse_knobs(
                 request.headers,
