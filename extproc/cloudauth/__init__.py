@@ -36,6 +36,10 @@ __all__ = [
 ]
 
 log = logging.getLogger("extproc.cloudauth")
+# The SDKs log requests and token answers at DEBUG/INFO (signed headers, session
+# tokens, token endpoints' replies): never below WARNING, whatever server.log_level.
+for _sdk in ("botocore", "azure", "msal", "google.auth"):
+    logging.getLogger(_sdk).setLevel(logging.WARNING)
 
 
 class Authorizer(Protocol):

@@ -92,6 +92,8 @@ class Refresher:
     async def refresh(self) -> bool:
         """One fetch in a thread: True when it gave a credential."""
         self.fetches += 1
+        if self.current is None and self.fetches == 1:
+            self.last_error = "the first fetch has not finished yet"
         try:
             fetched = await asyncio.to_thread(self._fetch)
         except Exception as exc:  # any SDK error: logged and retried, never fatal

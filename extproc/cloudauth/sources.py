@@ -67,8 +67,9 @@ def azure_fetch(auth: CloudAuthConfig, secret: str | None) -> Callable[[], Fetch
 
         if not made:
             extra: dict[str, Any] = {"connection_timeout": FETCH_TIMEOUT_S, "retry_total": 1}
-            if auth.authority_host:
+            if auth.authority_host:  # trusted as configured: no discovery on the public cloud
                 extra["authority"] = auth.authority_host
+                extra["disable_instance_discovery"] = True
             if secret is not None:
                 assert auth.tenant_id and auth.client_id
                 made.append(ClientSecretCredential(auth.tenant_id, auth.client_id, secret, **extra))
