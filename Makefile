@@ -46,6 +46,7 @@ bench: install
 	$(PY) bench/decoder_bench.py
 	$(PY) bench/spend_bench.py
 	$(PY) bench/translate_bench.py
+	$(PY) bench/sigv4_bench.py
 
 check-config: install
 	$(PY) -m extproc check-config $(CONFIG)

@@ -11,8 +11,9 @@ parsed on the hot path. Usage is always reported.
 
 Usage: prompt = inputTokens + cacheReadInputTokens + cacheWriteInputTokens (Bedrock
 reports the cache counts apart from inputTokens), cached = cacheReadInputTokens.
-Requests are not signed here (no SigV4): a client that signs its own request must not
-have its body rewritten, and Bedrock API keys (`Authorization: Bearer`) need no signing.
+Requests are not signed here: a provider's `auth: {type: aws_sigv4}` makes the gateway
+sign the final request (`extproc.cloudauth`), and Bedrock API keys (`Authorization:
+Bearer`) need no signing.
 """
 
 from __future__ import annotations
