@@ -211,6 +211,20 @@ class Metrics:
             ["source", "result"],
             registry=r,
         )
+        self.cloud_credentials_refresh = Counter(
+            "ai_gateway_cloud_credentials_refresh",
+            "Background fetches of providers' cloud credentials (`auth:`) by provider and "
+            "result (ok; error: retried, the current ones used while still valid)",
+            ["provider", "result"],
+            registry=r,
+        )
+        self.cloud_credentials_expiry = Gauge(
+            "ai_gateway_cloud_credentials_expiry_timestamp_seconds",
+            "Unix time the provider's current cloud credentials expire (0: none held yet)",
+            ["provider"],
+            registry=r,
+            multiprocess_mode="livemin",
+        )
         self.jwks_keys = Gauge(
             "ai_gateway_jwks_keys",
             "Signing keys cached per JWKS source",

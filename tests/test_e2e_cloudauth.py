@@ -6,6 +6,7 @@ tokens never reach the sidecar's log."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -16,7 +17,7 @@ import pytest
 import yaml
 
 from extproc.dev.devstack import Stack
-from tests.conftest import mock_exchange, wait_for, write_config
+from tests.conftest import metric, mock_exchange, wait_for, write_config
 from tests.token_server import TokenServer
 
 GW_KEY_ID, GW_SECRET, GW_TOKEN = "AKIDGATEWAYE2E", "gateway-e2e-secret", "gateway-session-tok"
@@ -155,6 +156,10 @@ def test_vertex_gets_the_refreshed_token(cloud: Cloud) -> None:
     assert mock_exchange(cloud.stack, request_id)["headers"]["authorization"] == (
         "Bearer vertex-token-2"
     )
+    refreshes = "ai_gateway_cloud_credentials_refresh_total"
+    assert metric(cloud.stack, refreshes, provider="cv", result="ok") >= 2
+    expiry = "ai_gateway_cloud_credentials_expiry_timestamp_seconds"
+    assert metric(cloud.stack, expiry, provider="cv") > time.time() + 3000  # the hour token
 
 
 def test_no_token_yet_is_503_then_the_retry_recovers(cloud: Cloud) -> None:
@@ -172,6 +177,9 @@ def test_no_token_yet_is_503_then_the_retry_recovers(cloud: Cloud) -> None:
     assert "no credentials yet: its requests get 503" in log
     assert "internal_failure" in log  # the endpoint's own answer, as the reason
     assert "provider cv_down: request refused with 503, no credentials: RefreshError" in log
+    refreshes = "ai_gateway_cloud_credentials_refresh_total"
+    assert metric(cloud.stack, refreshes, provider="cv_down", result="error") >= 1
+    assert metric(cloud.stack, "ai_gateway_errors_total", kind="credentials_unavailable") >= 1
     calls = cloud.google.calls["down"]
     cloud.google.failing.discard("down")
     assert wait_for(lambda: cloud.google.served.get("down"), timeout=40)

@@ -140,7 +140,9 @@ def _authorizer(
 ) -> Authorizer:
     def refresher(material: bytes, fetch: Any) -> Refresher:
         key = (name, auth, hashlib.sha256(material).digest())
-        held = shared.cloud_auth.get(key) or Refresher(f"provider {name} ({auth.type})", fetch)
+        held = shared.cloud_auth.get(key) or Refresher(
+            f"provider {name} ({auth.type})", fetch, metrics=shared.metrics, label=name
+        )
         kept[key] = held
         return held
 

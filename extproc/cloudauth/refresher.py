@@ -12,6 +12,7 @@ while it is still valid.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -52,8 +53,12 @@ class Refresher:
         *,
         clock: Callable[[], float] = time.time,
         min_wait_s: float = MIN_WAIT_S,
+        metrics: Any = None,
+        label: str = "",
     ) -> None:
         self.name = name  # e.g. "provider vertex (gcp)": what log lines say
+        self._metrics = metrics
+        self._label = label  # the provider, as the metrics' label
         self._fetch = fetch
         self._clock = clock
         self._min_wait = min_wait_s
@@ -98,12 +103,25 @@ class Refresher:
             fetched = await asyncio.to_thread(self._fetch)
         except Exception as exc:  # any SDK error: logged and retried, never fatal
             self.last_error = reason_of(exc)
+            self._count("error")
             return False
         if self.current is None or self.last_error:
             log.info("%s: credentials fetched", self.name)
         self.current = fetched
         self.last_error = ""
+        self._count("ok")
         return True
+
+    def _count(self, result: str) -> None:
+        m = self._metrics
+        if m is None:
+            return
+        m.cloud_credentials_refresh.labels(self._label, result).inc()
+        got = self.current
+        expiry = got.expires_at if got is not None and got.expires_at is not None else 0
+        if got is not None and got.expires_at is None:
+            expiry = float("inf")  # keys with no expiry
+        m.cloud_credentials_expiry.labels(self._label).set(expiry)
 
     def next_delay(self) -> float:
         """After a good fetch: a quarter of the lifetime early (at most MAX_LEAD_S)."""
@@ -151,3 +169,7 @@ class Refresher:
         if self._task is not None:
             self._task.cancel()
             self._task = None
+        if self._metrics is not None:  # a provider a reload dropped leaves no series
+            for family in (self._metrics.cloud_credentials_expiry,):
+                with contextlib.suppress(KeyError):
+                    family.remove(self._label)
