@@ -38,8 +38,11 @@ __all__ = [
 log = logging.getLogger("extproc.cloudauth")
 # The SDKs log requests and token answers at DEBUG/INFO (signed headers, session
 # tokens, token endpoints' replies): never below WARNING, whatever server.log_level.
-for _sdk in ("botocore", "azure", "msal", "google.auth"):
+for _sdk in ("botocore", "google.auth"):
     logging.getLogger(_sdk).setLevel(logging.WARNING)
+# azure-identity warns a page per failed attempt; the refresher's own line says it once.
+for _sdk in ("azure", "msal"):
+    logging.getLogger(_sdk).setLevel(logging.ERROR)
 
 
 class Authorizer(Protocol):

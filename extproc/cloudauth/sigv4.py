@@ -3,9 +3,10 @@
 Sans-I/O: `sign` takes credentials and the final request (method, host, path with its
 query, body bytes) and gives the headers to set; `verify` recomputes a received
 signature with the same signer (the mock Bedrock provider uses it). Only `host`,
-`x-amz-date`, `x-amz-content-sha256` and (with session credentials)
-`x-amz-security-token` are signed: these are the headers the gateway sets itself, so
-nothing Envoy adds on the way (`x-forwarded-*`, `x-request-id`) can break a signature.
+`x-amz-date` and (with session credentials) `x-amz-security-token` are signed: the
+headers the gateway sets itself, so nothing Envoy adds on the way (`x-forwarded-*`,
+`x-request-id`) can break a signature. The body's SHA-256 is in the signature itself;
+no `x-amz-content-sha256` header is sent, as botocore sends none for bedrock-runtime.
 """
 
 from __future__ import annotations
@@ -21,8 +22,6 @@ from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import ReadOnlyCredentials
 
-# The headers a client SDK (boto3) signs with: never forwarded (the gateway re-signs).
-AMZ_HEADERS = ("x-amz-date", "x-amz-security-token", "x-amz-content-sha256")
 BEDROCK_SERVICE = "bedrock"  # the signing name of bedrock-runtime
 SIGV4_TIMESTAMP = "%Y%m%dT%H%M%SZ"
 _AUTH = re.compile(
@@ -60,14 +59,10 @@ def sign(
     body: bytes,
     now: datetime | None = None,
 ) -> dict[str, str]:
-    """The headers that authorize this request: `authorization`, `x-amz-date`,
-    `x-amz-content-sha256` and `x-amz-security-token` for session credentials."""
+    """The headers that authorize this request: `authorization`, `x-amz-date`, and
+    `x-amz-security-token` for session credentials."""
     timestamp = (now or datetime.now(UTC)).strftime(SIGV4_TIMESTAMP)
-    headers = {
-        "host": host,
-        "x-amz-date": timestamp,
-        "x-amz-content-sha256": hashlib.sha256(body).hexdigest(),
-    }
+    headers = {"host": host, "x-amz-date": timestamp}
     if credentials.token:
         headers["x-amz-security-token"] = credentials.token
     signer = _Signer(credentials, service, region)

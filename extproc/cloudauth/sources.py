@@ -88,8 +88,10 @@ def aws_chain_fetch(auth: CloudAuthConfig) -> Callable[[], Fetched]:
 
     def fetch() -> Fetched:
         import botocore.session
+        from botocore.credentials import RefreshableCredentials
 
-        if not made or made[0] is None:
+        if not made or not isinstance(made[0], RefreshableCredentials):
+            # Static keys (env, shared files) are looked up again: a rotated file counts.
             session = botocore.session.Session(profile=auth.profile)
             made[:] = [session.get_credentials()]
         credentials = made[0]
