@@ -199,7 +199,10 @@ def test_finalize_without_keys_is_503_and_says_why(tmp_path: Path, caplog) -> No
     assert "AKIDGATEWAY" not in caplog.text  # a key id is read, never logged
 
 
-def test_reload_keeps_a_refresher_and_stops_a_dropped_one(tmp_path: Path) -> None:
+def test_reload_keeps_a_refresher_and_stops_a_dropped_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance role to ask
     policy_file = tmp_path / "p.yaml"
     chain = POLICY.replace(
         "access_key_id_env: GW_AK,\n           secret_access_key_env: GW_SK", "chain: true"
@@ -220,6 +223,13 @@ def test_reload_keeps_a_refresher_and_stops_a_dropped_one(tmp_path: Path) -> Non
         assert not shared.cloud_auth
         assert not refresher.running
         assert first.cloud is not None
+        policy_file.write_text(chain)  # and back: a new refresher, stopped at shutdown
+        build_policy(load_config(str(policy_file)), shared, {})
+        (again,) = shared.cloud_auth.values()
+        assert again is not refresher and again.running
+        await shared.aclose()
+        await asyncio.sleep(0)
+        assert not again.running
 
     asyncio.run(run())
 
