@@ -6,6 +6,7 @@ tokens never reach the sidecar's log."""
 
 from __future__ import annotations
 
+import base64
 import time
 import uuid
 from collections.abc import Iterator
@@ -68,6 +69,10 @@ def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cloud]:
         for name in ("cb", "cb_bad", "cv", "cv_down", "ca")
     ]
     config.pop("models", None)
+    # A request guard that rewrites the body: the signature must cover the new bytes.
+    falcon = {"name": "falcon", "keywords": ["project falcon"], "action": "mask",
+              "phases": ["request"], "routes": ["cb"]}  # fmt: skip
+    config["guards"] = {"rules": [falcon]}
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     env = {
         "GW_AK": GW_KEY_ID, "GW_SK": GW_SECRET, "GW_ST": GW_TOKEN, "GW_BAD": "not-the-secret",
@@ -129,6 +134,17 @@ def test_converse_stream_is_re_signed_by_the_gateway(cloud: Cloud) -> None:
         e["contentBlockDelta"]["delta"].get("text", "") for e in events if "contentBlockDelta" in e
     )
     assert text and events[-1]["metadata"]["usage"]["outputTokens"] > 0
+    assert_gateway_signed(cloud, request_id)
+
+
+def test_the_signature_covers_the_body_a_guard_rewrote(cloud: Cloud) -> None:
+    request_id = str(uuid.uuid4())
+    secret = [{"role": "user", "content": [{"text": "tell me about project falcon"}]}]
+    answer = bedrock(cloud, "cb", request_id).converse(modelId=MODEL, messages=secret)
+    assert answer["usage"]["outputTokens"] > 0  # the mock verified the signature
+    seen = mock_exchange(cloud.stack, request_id)
+    body = base64.b64decode(seen["body_b64"])
+    assert b"project falcon" not in body and b"<KEYWORD>" in body
     assert_gateway_signed(cloud, request_id)
 
 
