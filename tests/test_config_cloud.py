@@ -138,3 +138,17 @@ BEDROCK = "url: http://127.0.0.1:9000\nformat: bedrock\n"
 )  # fmt: skip
 def test_bad_auth_names_key_and_reason(tmp_path: Path, provider: str, key: str, reason: str):
     assert (key, reason) in problems(tmp_path, provider)
+
+
+def test_auth_files_are_watched_for_rotation(tmp_path: Path) -> None:
+    from extproc.reload import referenced_files
+
+    _, run = load(
+        tmp_path,
+        """\
+        url: https://my.openai.azure.com
+        format: azure
+        auth: {type: azure_entra, tenant_id: t, client_id: c, client_secret_file: /s/az}
+        """,
+    )
+    assert "/s/az" in referenced_files(run())  # a rotated secret reloads the policy
