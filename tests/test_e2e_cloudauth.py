@@ -63,10 +63,13 @@ def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cloud]:
         ca={"url": mock, "format": "azure",
             "auth": {"type": "azure_entra", "tenant_id": "tenant-e2e", "client_id": "gw-app",
                      "client_secret_env": "GW_AZ", "authority_host": entra.url}},
+        ca_none={"url": mock, "format": "azure",
+                 "auth": {"type": "azure_entra", "tenant_id": "tenant-e2e", "client_id": "gw-app",
+                          "client_secret_env": "GW_AZ_UNSET", "authority_host": entra.url}},
     )  # fmt: skip
     config["routes"] = [
         {"name": name, "prefix": f"/{name}/", "provider": name, "rewrite": "/", "auth": "off"}
-        for name in ("cb", "cb_bad", "cv", "cv_down", "ca")
+        for name in ("cb", "cb_bad", "cv", "cv_down", "ca", "ca_none")
     ]
     config.pop("models", None)
     # A request guard that rewrites the body: the signature must cover the new bytes.
@@ -221,6 +224,23 @@ def test_azure_gets_an_entra_token(cloud: Cloud) -> None:
     assert seen["authorization"] == "Bearer azure-token-1"
     assert "api-key" not in seen  # the client's key never goes upstream
     assert cloud.entra.calls["tenant-e2e"] == 1
+
+
+def test_an_unset_secret_is_503_in_openai_shape(cloud: Cloud) -> None:
+    response = httpx.post(
+        f"{cloud.stack.base_url}/ca_none/openai/deployments/gpt-4o-mini/chat/completions"
+        "?api-version=2024-10-21",
+        json={"messages": [{"role": "user", "content": "hi"}]},
+        timeout=30,
+    )
+    assert response.status_code == 503
+    error = response.json()["error"]
+    assert error["code"] == "credentials_unavailable"
+    assert error["message"] == (
+        "The gateway has no credentials for provider 'ca_none' yet; retry shortly."
+    )
+    log = cloud.stack.log("sidecar")
+    assert "provider ca_none: the client secret (GW_AZ_UNSET) is not set" in log
 
 
 def test_secrets_and_tokens_never_reach_the_log(cloud: Cloud) -> None:
