@@ -74,6 +74,10 @@ def azure_fetch(auth: CloudAuthConfig, secret: str | None) -> Callable[[], Fetch
                 assert auth.tenant_id and auth.client_id
                 made.append(ClientSecretCredential(auth.tenant_id, auth.client_id, secret, **extra))
             else:
+                if auth.client_id:  # a user-assigned managed identity, or workload identity's
+                    extra["managed_identity_client_id"] = auth.client_id
+                if auth.tenant_id:
+                    extra["workload_identity_tenant_id"] = auth.tenant_id
                 made.append(DefaultAzureCredential(**extra))
         token = made[0].get_token(scope)
         return Fetched(token.token, float(token.expires_on))

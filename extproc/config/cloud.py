@@ -91,9 +91,11 @@ class CloudAuthConfig(Section):
     """gcp, azure_entra: the OAuth scope; unset: cloud-platform /
     `https://cognitiveservices.azure.com/.default`."""
     tenant_id: OptStr = None
-    """azure_entra: the directory (tenant) of the app registration."""
+    """azure_entra: the directory (tenant) of the app registration (with `chain`: of the
+    workload identity)."""
     client_id: OptStr = None
-    """azure_entra: the app registration's client id."""
+    """azure_entra: the app registration's client id (with `chain`: a user-assigned
+    managed identity's or the workload identity's)."""
     client_secret_env: EnvName = None
     """azure_entra: its client secret, from an environment variable."""
     client_secret_file: OptPath = None
@@ -127,7 +129,7 @@ class CloudAuthConfig(Section):
             elif not chain and not static:
                 found.append(((), "set access_key_id_env and secret_access_key_env (or _file), "
                                    "or chain: true"))  # fmt: skip
-            elif static and has_id != has_secret:
+            elif static and not (has_id and has_secret):
                 missing = "secret_access_key" if has_id else "access_key_id"
                 found.append(((), f"static keys need {missing}_env or {missing}_file too"))
             if "profile" in raw and not chain:
