@@ -9,4 +9,7 @@ INTERNAL_HEADER_PREFIX = "x-ai-gateway-"
 PROVIDER_HEADER = "x-ai-gateway-provider"
 CONSUMER_HEADER = "x-ai-gateway-consumer"
 MODEL_HEADER = "x-ai-gateway-model"
-INTERNAL_HEADERS = (PROVIDER_HEADER, CONSUMER_HEADER, MODEL_HEADER)
+# Set with PROVIDER_HEADER when the request was translated to the provider's API: its
+# dispatch route matches any path (the sidecar set the whole upstream path).
+TRANSLATED_HEADER = "x-ai-gateway-translated"
+INTERNAL_HEADERS = (PROVIDER_HEADER, CONSUMER_HEADER, MODEL_HEADER, TRANSLATED_HEADER)

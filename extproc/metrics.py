@@ -246,6 +246,13 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self.translations = Counter(
+            "ai_gateway_translations",
+            "Requests translated from the client's API (from) to the provider's (to), e.g. "
+            "openai_chat -> anthropic_messages",
+            ["from", "to"],
+            registry=r,
+        )
         self.decoders = Counter(
             "ai_gateway_responses_decoded",
             "Responses inspected, by the decoder that read "

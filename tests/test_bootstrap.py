@@ -137,7 +137,23 @@ def test_dev_bootstrap_shape() -> None:
     bootstrap = render_bootstrap(load_config(str(DEV)))
     hcm = hcm_of(bootstrap)
     routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
-    # Config routes in order, then the catch-all 404 with ext_proc off.
+    # First the dispatch routes of translated aliases (any path, on the two internal
+    # headers, no rewrite), then the config routes in order, then the catch-all 404
+    # with ext_proc off.
+    translated = ["_to_mock", "_to_mock_anthropic", "_to_mock_bedrock", "_to_mock_gemini"]
+    assert [r["name"] for r in routes[:4]] == translated
+    for entry in routes[:4]:
+        provider = entry["name"].removeprefix("_to_")
+        assert entry["match"] == {
+            "prefix": "/",
+            "headers": [
+                {"name": "x-ai-gateway-provider", "string_match": {"exact": provider}},
+                {"name": "x-ai-gateway-translated", "string_match": {"exact": "1"}},
+            ],
+        }
+        assert entry["route"]["cluster"] == f"provider_{provider}"
+        assert "prefix_rewrite" not in entry["route"]
+    routes = routes[4:]
     formats = ["anthropic", "gemini", "vertex", "bedrock", "azure"]  # one demo route each
     assert [r["name"] for r in routes] == ["openai", "v1", *formats, NOT_FOUND_ROUTE]
     assert routes[0]["match"] == {"path_separated_prefix": "/openai"}

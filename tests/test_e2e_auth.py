@@ -160,7 +160,7 @@ def test_models_list_is_answered_by_the_gateway(stack):
     client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=DEV_KEY, max_retries=0)
     ids = [m.id for m in client.models.list()]
     assert ids == sorted(["my-gpt4-mini", "my-gpt4", "gpt-3.5-turbo", "gpt-4o-mini", "gpt-4o",
-                          "gpt-4.1-mini"])  # fmt: skip
+                          "gpt-4.1-mini", "my-claude", "my-gemini", "my-nova"])  # fmt: skip
     assert client.models.retrieve("my-gpt4-mini").id == "my-gpt4-mini"
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="x", max_retries=0).models.list()

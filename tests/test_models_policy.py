@@ -245,13 +245,14 @@ def test_v1_models_lists_only_what_the_caller_may_use():
     assert r1.immediate_response.status.code == 401  # the route requires a key first
 
 
-def test_alias_of_another_wire_format_is_not_served_on_this_route():
+def test_alias_of_another_wire_format_without_a_translator_is_not_served_on_this_route():
     providers = {**PROVIDERS, "other": {"url": "http://127.0.0.1:3", "format": "openai"}}
     config = config_of(providers=providers)
-    # Pretend "other" speaks another API: a format mismatch makes the alias unknown here.
+    # Pretend "other" speaks another API: a format mismatch makes the alias unknown here
+    # when no translator takes the client's API there (OpenAI Responses -> Anthropic).
     object.__setattr__(config.providers["other"], "format", "anthropic")
     object.__setattr__(config.models.aliases["cheap"], "provider", "other")
-    _, r2 = post(config, "key-b", {**CHAT, "model": "cheap"})
+    _, r2 = post(config, "key-b", {"model": "cheap", "input": "hi"}, path="/v1/responses")
     assert error_of(r2)[0] == 404
 
 
@@ -279,6 +280,7 @@ def test_routes_dispatch_on_the_provider_header(tmp_path: Path):
             "x-ai-gateway-provider",
             "x-ai-gateway-consumer",
             "x-ai-gateway-model",
+            "x-ai-gateway-translated",
         }
     clusters = {c["name"] for c in boot["static_resources"]["clusters"]}
     assert {"provider_mock", "provider_backup"} <= clusters

@@ -24,6 +24,8 @@ METADATA_KEYS = (
     "finish_reason",
     "refused",
     "reason",
+    "provider",  # translated exchanges: the provider that answered, and its API
+    "upstream_format",
 )
 EXTPROC_CLUSTER = "extproc"
 EXTPROC_FILTER = "envoy.filters.http.ext_proc"

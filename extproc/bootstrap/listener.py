@@ -22,7 +22,16 @@ from extproc.bootstrap.replies import local_reply_config
 from extproc.bootstrap.tracing import tracing
 from extproc.config import Config, ProviderConfig, RouteConfig
 from extproc.headerlimits import CODEC_HEADERS_COUNT, CODEC_HEADERS_KB
-from extproc.headers import INTERNAL_HEADERS, METADATA_NAMESPACE, PROVIDER_HEADER
+from extproc.headers import (
+    INTERNAL_HEADERS,
+    METADATA_NAMESPACE,
+    PROVIDER_HEADER,
+    TRANSLATED_HEADER,
+)
+from extproc.translate.registry import TARGETS
+
+# Name prefix of the translated dispatch routes (config route names cannot start with "_").
+TRANSLATED_ROUTE_PREFIX = "_to_"
 
 
 def _access_log(config: Config) -> list[dict[str, Any]]:
@@ -95,6 +104,46 @@ def _config_routes(config: Config, route: RouteConfig) -> list[dict[str, Any]]:
     entries.append(_route(route, config.providers[route.provider]))
     for entry in entries:
         entry["request_headers_to_remove"] = list(INTERNAL_HEADERS)
+    return entries
+
+
+def _translated_routes(config: Config) -> list[dict[str, Any]]:
+    """One route per provider that a model alias reaches through a translator, taken
+    when the sidecar sets `x-ai-gateway-provider` and `x-ai-gateway-translated` in the
+    request-body phase and clears the route cache. The sidecar has set the whole
+    upstream path by then, so the route matches any path and rewrites none (Envoy
+    applies a newly matched route's `prefix_rewrite` to the path the sidecar set,
+    docs/design.md). They come before every config route, whose prefixes could match
+    the new path. Named `_to_<provider>`, which no config route is: a client that sends
+    the internal headers itself gets its headers stripped, and the sidecar, unable to
+    take that name for a config route, finds the route by the path."""
+    route_formats = {config.providers[route.provider].format for route in config.routes}
+    targets = {
+        alias.provider
+        for alias in config.models.aliases.values()
+        if (target := config.providers[alias.provider].format) in TARGETS
+        and route_formats - {target}  # some route speaks another API
+    }
+    entries = []
+    for name in sorted(targets):
+        provider = config.providers[name]
+        entry = {
+            "name": f"{TRANSLATED_ROUTE_PREFIX}{name}",
+            "match": {
+                "prefix": "/",
+                "headers": [
+                    {"name": PROVIDER_HEADER, "string_match": {"exact": name}},
+                    {"name": TRANSLATED_HEADER, "string_match": {"exact": "1"}},
+                ],
+            },
+            "route": {
+                "cluster": provider.cluster,
+                "timeout": "0s",
+                "host_rewrite_literal": _authority(provider),
+            },
+            "request_headers_to_remove": list(INTERNAL_HEADERS),
+        }
+        entries.append(entry)
     return entries
 
 
@@ -173,7 +222,8 @@ def _ext_proc_filter(config: Config) -> dict[str, Any]:
 
 
 def _listener(config: Config) -> dict[str, Any]:
-    routes = [entry for route in config.routes for entry in _config_routes(config, route)]
+    routes = _translated_routes(config)
+    routes += [entry for route in config.routes for entry in _config_routes(config, route)]
     routes.append(_not_found_route(config))
     hcm = {
         "@type": _TYPE + "extensions.filters.network.http_connection_manager.v3"

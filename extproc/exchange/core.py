@@ -20,6 +20,7 @@ from extproc.usage import Usage
 
 if TYPE_CHECKING:
     from extproc.providers.base import ResponseDecoder, StreamEvent
+    from extproc.translate.base import ResponseTranslator
 
 log = logging.getLogger("extproc.exchange")
 
@@ -63,6 +64,8 @@ class Exchange:
         self.body: BodyPhase = response_phase.PASS_BODY
         self.hide_usage = False
         self.decoder: ResponseDecoder | None = None
+        # A translated exchange's answer writer (the client's API from the upstream's).
+        self.translator: ResponseTranslator | None = None
         self.inflate: zlib._Decompress | None = None
         self.json: bytearray | None = None  # a whole JSON answer, kept (bounded) to meter
         self.first_frame_at = 0.0
@@ -168,7 +171,10 @@ class Exchange:
         self.metrics.errors.labels(kind).inc()
         self.body = response_phase.ENDED
         # A JSON answer that already started can get nothing well-formed after it.
-        tail = self.decoder.error_event(message, code, before=before) if self.decoder else b""
+        if self.translator is not None:  # the client reads its own API, not the upstream's
+            tail = self.translator.stop(message, code)  # type: ignore[attr-defined]
+        else:
+            tail = self.decoder.error_event(message, code, before=before) if self.decoder else b""
         response = wire.replace_body(tail)
         return self.finish(response, now) if end else response
 

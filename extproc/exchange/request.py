@@ -13,6 +13,7 @@ from extproc.config import Config, RouteConfig
 from extproc.envoy_wire import BodyMode, Request, Response
 from extproc.errors import shown
 from extproc.exchange import response as response_phase
+from extproc.exchange import translated
 from extproc.headerlimits import header_problem
 from extproc.logcontext import MAX_ID, set_exchange, trace_id_of
 from extproc.paths import METHOD_OVERRIDE_HEADERS, PathRefused, canonical, looks_like_api, matches
@@ -155,6 +156,8 @@ async def request_body(ex: Exchange, body: bytes) -> Response:
     except Refusal as refusal:
         return ex.refuse(refusal)
     ex.model = info.model  # a stage may have resolved an alias
+    if ctx.translator is not None:
+        return translated.request(ex, ctx, info)
     new_body = None
     if info.stream and ex.policy.config.streaming.ensure_usage:
         new_body = ctx.format.ensure_usage(info)

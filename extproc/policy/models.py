@@ -6,9 +6,11 @@ route's provider), any name (for a provider without a catalog) or unknown (404
 `model_not_found`, as OpenAI answers). Allow-lists come from the route, the consumer
 and, for JWT callers, a claim; each one that is set must allow the model (a list
 entry matches the name sent or the real model; `*` is a wildcard). An alias served
-by another provider of the same wire format re-routes the request: the sidecar sets
-`x-ai-gateway-provider` and clears Envoy's route cache, so one listener serves
-several providers, and the credentials follow the provider.
+by another provider re-routes the request: the sidecar sets `x-ai-gateway-provider`
+and clears Envoy's route cache, so one listener serves several providers, and the
+credentials follow the provider. A provider of another wire format serves it only
+when a translator exists for the pair (`translate.registry`): the exchange then
+translates the body, path and answer.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from extproc.errors import shown
 from extproc.headers import MODEL_HEADER, PROVIDER_HEADER
 from extproc.policy import credentials
 from extproc.policy.stage import Refusal, RequestContext, Stage
+from extproc.providers import format_for
+from extproc.translate import registry
 
 MODELS_PATH = "/v1/models"
 # Formats whose clients read OpenAI's model list shape.
@@ -74,6 +78,7 @@ class ModelStage(Stage):
         }
         self.default = config.models.default
         self.provider_keys = provider_keys
+        self.translators = registry.build(config.providers, config.streaming.max_frame_bytes)
         self.route_allow = {r.name: Allow(r.models) for r in config.routes if r.models is not None}
         self.route_default = {r.name: r.default_model for r in config.routes if r.default_model}
         self.consumer_allow = {
@@ -102,8 +107,10 @@ class ModelStage(Stage):
         alias = self.aliases.get(name)
         if alias is not None:
             provider = self.providers[alias.provider]
-            if provider.format != ctx.provider.format:
-                return None  # another API shape: not servable on this route
+            if provider.format != ctx.provider.format and (
+                (ctx.format.name, provider.name) not in self.translators
+            ):
+                return None  # another API shape, and no translator: not servable here
             return provider, alias.model
         catalog = self.catalogs.get(ctx.provider.name)
         if catalog is None or name in catalog:
@@ -185,7 +192,9 @@ class ModelStage(Stage):
             info.model = model
             info.body["model"] = model
             ctx.body_dirty = True
-        if provider.name != ctx.provider.name:
+        if provider.format != ctx.provider.format:
+            self._translate(ctx, provider)
+        elif provider.name != ctx.provider.name:
             self._switch(ctx, provider)
         ctx.upstream_headers[PROVIDER_HEADER] = provider.name
         ctx.upstream_headers[MODEL_HEADER] = model
@@ -201,6 +210,26 @@ class ModelStage(Stage):
         )
         ctx.provider = provider
         ctx.clear_route_cache = True  # Envoy's route for this provider matches the header
+
+    def _translate(self, ctx: RequestContext, provider: ProviderConfig) -> None:
+        """Send the request to `provider` in its own API: the exchange translates the
+        body after the stages (`ctx.translator`); the credential is the one that API
+        carries (Anthropic's `x-api-key`, Gemini's `x-goog-api-key`...)."""
+        old = ctx.provider
+        previous = credentials.provider_headers(
+            old, ctx.format, self.provider_keys.get(old.name), ctx.headers
+        )
+        target = format_for(provider.format)
+        credentials.apply(
+            ctx,
+            provider,
+            target,
+            self.provider_keys.get(provider.name),
+            (*previous, *credentials.credential_headers(ctx.format)),
+        )
+        ctx.translator = self.translators[ctx.format.name, provider.name]
+        ctx.provider = provider
+        ctx.clear_route_cache = True
 
 
 def _not_found(name: str) -> Refusal:

@@ -99,6 +99,9 @@ class RequestContext:
     # Guard findings for the trace: (phase, guard, type, action), never the matched text.
     findings: list[tuple[str, str, str, str]] = field(default_factory=list)
     content_type: str = ""  # the response's, from the response-headers phase on
+    # A model alias served in another API: the `RequestTranslator` the exchange runs
+    # after the stages (ctx.provider is then the target provider).
+    translator: Any = None
 
 
 class StreamFilter(Protocol):

@@ -111,6 +111,10 @@ class ChatToMessages(DecoderDriven):
         self._broken = True
         return self._fail(f"The upstream stream could not be read: {exc}")
 
+    def stop(self, message: str, code: str) -> bytes:
+        """See `DecoderDriven.stop`: Anthropic's `error` event (no code field there)."""
+        return self._fail(message)
+
     def _fail(self, message: str, kind: str = "api_error") -> bytes:
         if self._done:
             return b""

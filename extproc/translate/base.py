@@ -8,7 +8,7 @@ client's bytes for each chunk (the upstream's own decoder from `providers/` fram
 meters it and yields the neutral texts, tool calls, finish and usage). No clock, no
 socket: the caller passes `created`, the time the client sees.
 
-Nothing here is wired into the exchange yet (docs/translation.md).
+`extproc/exchange/translated.py` runs them in the exchange (docs/translation.md).
 """
 
 from __future__ import annotations
@@ -141,6 +141,32 @@ class DecoderDriven:
         if not self._done:
             out += self._end_of_stream()
         return out
+
+    def decode(self, chunk: bytes, end: bool = False) -> tuple[list[StreamEvent], bytes]:
+        """`feed` in two steps, for a caller whose guards read the upstream's events
+        before `emit`: the events of this chunk (and the decoder's rest when `end`),
+        and the client's bytes when the upstream stream broke (then no events)."""
+        if self._broken:
+            return [], b""
+        try:
+            events = self.decoder.feed(chunk)
+            if end:
+                events += self.decoder.finish()
+        except (StreamError, FrameTooLarge) as exc:
+            return [], self._broke(exc)
+        return events, b""
+
+    def close(self) -> bytes:
+        """After `decode(..., end=True)` and `emit`: the error when the upstream ended
+        without its end marker (b"" when the client's stream is complete)."""
+        if self._broken or self._done:
+            return b""
+        return self._end_of_stream()
+
+    def stop(self, message: str, code: str) -> bytes:
+        """End the client's stream now with an error event in its format (a guard
+        blocked it, the gateway shuts down); b"" when it has ended already."""
+        raise NotImplementedError
 
     def emit(self, events: list[StreamEvent], texts: list[list[str] | None] | None = None) -> bytes:
         raise NotImplementedError

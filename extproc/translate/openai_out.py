@@ -195,6 +195,10 @@ class DecoderToOpenAI(DecoderDriven):
         self._broken = True
         return self._fail(f"The upstream stream could not be read: {exc}", "malformed_stream")
 
+    def stop(self, message: str, code: str) -> bytes:
+        """See `DecoderDriven.stop`: an error frame and `[DONE]`."""
+        return self._fail(message, code)
+
     def _fail(self, message: str, code: str, kind: str = "server_error") -> bytes:
         if self._done:
             return b""
