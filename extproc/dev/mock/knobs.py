@@ -21,6 +21,7 @@ KNOB_HEADERS = (
     "x-mock-delay-ms",
     "x-mock-split",
     "x-mock-status",
+    "x-mock-retry-after",
     "x-mock-cut-after",
     "x-mock-cut-mode",
     "x-mock-gzip",
@@ -61,6 +62,7 @@ class WireKnobs:
     delay_s: float = 0.0
     split: tuple[int, ...] | Literal["all"] | None = None
     status: int | None = None
+    retry_after: int | None = None  # seconds, sent as Retry-After with `status`
     cut_after: int | None = None
     cut_mode: Literal["reset", "close"] = "reset"
     gzip: bool = False
@@ -181,6 +183,7 @@ def parse_knobs(
         delay_s=_delay_ms(h, default_delay_ms) / 1000.0,
         split=_split(h),
         status=status,
+        retry_after=_int_knob(h, "x-mock-retry-after"),
         cut_after=_int_knob(h, "x-mock-cut-after"),
         cut_mode=cut_mode,  # type: ignore[arg-type]
         gzip=_bool_knob(h, "x-mock-gzip"),

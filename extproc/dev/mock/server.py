@@ -84,9 +84,16 @@ class _MockProvider:
         )
 
     def _error(
-        self, request: web.Request, body: bytes, fmt: MockFormat, err: MockError
+        self,
+        request: web.Request,
+        body: bytes,
+        fmt: MockFormat,
+        err: MockError,
+        retry_after: int | None = None,
     ) -> web.Response:
         data, headers = fmt.error(err)
+        if retry_after is not None:
+            headers = {**(headers or {}), "retry-after": str(retry_after)}
         self.log.record(request, body, data, err.status)
         return web.Response(
             body=data, status=err.status, content_type=JSON_CONTENT_TYPE, headers=headers
@@ -122,7 +129,7 @@ class _MockProvider:
         if wire.status is not None:
             NOTE.set("x-mock-status")
             err = status_error(fmt.name, wire.status, fmt.model_hint(body, path))
-            return self._error(request, body, fmt, err)
+            return self._error(request, body, fmt, err, wire.retry_after)
         try:
             job = fmt.job(body, path, knobs.options)
         except MockError as e:
