@@ -49,13 +49,17 @@ def start_translate_stack(directory: Path) -> Stack:
         directory,
         guards={
             "rules": [
-                {"name": "cards", "detectors": ["credit_card"], "routes": ["guarded"]},
+                {
+                    "name": "cards",
+                    "detectors": ["credit_card"],
+                    "routes": ["guarded", "guarded_messages"],
+                },
                 {
                     "name": "forbidden",
                     "action": "reject",
                     "keywords": ["launch code"],
                     "phases": ["response"],
-                    "routes": ["guarded"],
+                    "routes": ["guarded", "guarded_messages"],
                 },
             ]
         },
@@ -74,10 +78,13 @@ def start_translate_stack(directory: Path) -> Stack:
     config["models"]["aliases"].update(ALIASES)
     for name, (env, _, _) in KEYS.items():
         config["providers"][name]["api_key_env"] = env
-    for name in ("guarded", "limited"):
-        config["routes"].append(
-            {"name": name, "prefix": f"/{name}/", "provider": "mock", "rewrite": "/", "auth": "off"}
-        )
+    for name, provider in (
+        ("guarded", "mock"),
+        ("limited", "mock"),
+        ("guarded_messages", "mock_anthropic"),  # Anthropic clients, guarded
+    ):
+        route = {"name": name, "prefix": f"/{name}/", "provider": provider, "rewrite": "/"}
+        config["routes"].append({**route, "auth": "off"})
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     stack = Stack(path, directory)
     stack.env = {env: value for env, value, _ in KEYS.values()}
