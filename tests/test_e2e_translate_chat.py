@@ -419,3 +419,22 @@ def test_token_limit_is_charged_the_upstreams_usage(stack, alias):
     line = access_line(stack, rid)
     assert line["total_tokens"] == total
     assert line["route"] == "limited"
+
+
+def test_internal_headers_sent_by_a_client_do_not_pick_the_route_or_skip_auth(stack):
+    spoofed = {"x-ai-gateway-provider": "mock_anthropic", "x-ai-gateway-translated": "1"}
+    rid = uuid.uuid4().hex
+    with pytest.raises(openai.AuthenticationError):  # /v1/ requires a key: still asked
+        sdk(stack, key="wrong").chat.completions.create(
+            model="gpt-4o-mini", messages=MESSAGES, extra_headers={**knobs(rid), **spoofed}
+        )
+    assert never_reached(stack, rid)
+    rid = uuid.uuid4().hex
+    answer = sdk(stack).chat.completions.create(
+        model="gpt-4o-mini", messages=MESSAGES, extra_headers={**knobs(rid), **spoofed}
+    )
+    seen = mock_seen(stack, rid)
+    assert seen["path"] == "/v1/chat/completions"  # served natively by the route's provider
+    assert answer.model == "gpt-4o-mini"
+    assert not any(name.startswith("x-ai-gateway-") for name in seen["headers"])
+    assert access_line(stack, rid)["route"] == "v1"
