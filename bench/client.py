@@ -23,6 +23,8 @@ import aiohttp
 import orjson
 
 TS_KEY = b'"bench_t":'
+# A stamp that went through translation: inside the text (`" word bench_t=<ns>"`).
+TS_TEXT = b"bench_t="
 _DONE = b"data: [DONE]"
 _USAGE = b'"usage"'
 BODY = orjson.dumps(
@@ -60,6 +62,7 @@ async def one_request(
     headers: dict[str, str],
     expected: int,
     res: Results,
+    text_stamps: bool = False,
 ) -> bool:
     monotonic_ns = time.monotonic_ns
     start = monotonic_ns()
@@ -94,6 +97,15 @@ async def one_request(
                     trace.append((now, lat[-1], frames))
                 frames += 1
                 pos = data.find(TS_KEY, end)
+            pos = data.find(TS_TEXT) if text_stamps else -1
+            while 0 <= pos < cut:
+                pos += len(TS_TEXT)
+                end = data.find(b'"', pos)
+                lat.append(now - int(data[pos:end]))
+                if trace is not None:
+                    trace.append((now, lat[-1], frames))
+                frames += 1
+                pos = data.find(TS_TEXT, end)
             if not done and _DONE in data:
                 done = True
             if not leaked and _USAGE in data:
@@ -116,10 +128,11 @@ async def worker(
     expected: int,
     deadline: int,
     res: Results,
+    text_stamps: bool = False,
 ) -> None:
     while time.monotonic_ns() < deadline:
         try:
-            ok = await one_request(session, url, headers, expected, res)
+            ok = await one_request(session, url, headers, expected, res, text_stamps)
         except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
             res.error(type(exc).__name__, str(exc))
             await asyncio.sleep(0.05)  # do not spin on a dead gateway
@@ -160,6 +173,8 @@ async def run(args: argparse.Namespace) -> dict:
     if os.environ.get("BENCH_API_KEY"):
         headers["authorization"] = f"Bearer {os.environ['BENCH_API_KEY']}"
     expected = args.frames + 2  # role chunk, content chunks, finish chunk
+    if args.stamped is not None:  # a translated stream: stamps in the text
+        expected = args.stamped
     res = Results()
     if args.trace:
         res.trace = []
@@ -173,7 +188,9 @@ async def run(args: argparse.Namespace) -> dict:
         deadline = start + int(args.duration * 1e9)
         await asyncio.gather(
             *(
-                worker(session, args.url, headers, expected, deadline, res)
+                worker(
+                    session, args.url, headers, expected, deadline, res, args.stamped is not None
+                )
                 for _ in range(args.concurrency)
             )
         )
@@ -207,6 +224,12 @@ def main() -> int:
     parser.add_argument("-d", "--duration", type=float, default=10.0, help="seconds of load")
     parser.add_argument("--shape", choices=("gapped", "coalesced"), default="gapped")
     parser.add_argument("--frames", type=int, default=64)
+    parser.add_argument(
+        "--stamped",
+        type=int,
+        help="stamped frames per stream when the stamps travel in the text (a translated "
+        "stream: content frames only); default: frames + 2 with stamps in the JSON",
+    )
     parser.add_argument("--gap-ms", type=float, default=5.0)
     parser.add_argument("--request-timeout", type=float, default=60.0)
     parser.add_argument(

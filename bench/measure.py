@@ -209,6 +209,8 @@ def run_client(
         "-c", str(concurrency), "-d", str(duration), "--shape", shape,
         "--frames", str(stack.frames), "--gap-ms", str(gap),
     ]  # fmt: skip
+    if stack.variant == "translated":  # only content frames carry a stamp through
+        argv += ["--stamped", str(stack.frames)]
     env = dict(os.environ)
     if api_key:
         env["BENCH_API_KEY"] = api_key  # not on the command line

@@ -16,6 +16,11 @@ frames in one write. Faults (bench/soak.py): `x-bench-status: 5xx` answers that 
 with an OpenAI-style error; `x-bench-cut-after: K` closes the connection after K frames
 (gapped streams), with no end marker.
 
+`POST /v1/messages` answers an Anthropic Messages stream of the same words instead (the
+`translated` setup: the sidecar translates it for an OpenAI client), each content
+delta's stamp in its text (`" word bench_t=<ns>"`), the only place that survives the
+translation.
+
 Run: `python -m bench.provider --port 9000 [--frames 64] [--gap-ms 5]`.
 """
 
@@ -105,6 +110,68 @@ def frame_templates(model: str, include_usage: bool, frames: int) -> list[bytes]
     return out
 
 
+# A native frame ends with its stamp and `}`; an Anthropic one (translated setup) with a
+# stamp inside a string (the content deltas: in the text, which is all that the
+# translation to OpenAI chunks carries through), then `"}}`.
+STAMP = b"%d}\n\n"
+ANTHROPIC_STAMP = b'%d"}}\n\n'
+_anthropic: dict[tuple[str, int], list[bytes]] = {}
+
+
+def anthropic_templates(model: str, frames: int) -> list[bytes]:
+    """An Anthropic Messages stream, every frame up to its stamp (append
+    `ANTHROPIC_STAMP`); `message_stop` last, whole. The stamps outside the content
+    deltas sit in fields the translation drops."""
+    key = (model, frames)
+    cached = _anthropic.get(key)
+    if cached is not None:
+        return cached
+
+    def frame(name: str, data: bytes) -> bytes:
+        return b"event: " + name.encode() + b"\ndata: " + data
+
+    message = {
+        "id": "msg_BenchBenchBenchBenchBench",
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": [],
+        "stop_reason": None,
+        "stop_sequence": None,
+        "usage": {"input_tokens": 24, "output_tokens": 1},
+    }
+    start = orjson.dumps({"type": "message_start", "message": message})
+    out = [
+        frame("message_start", start[:-2] + b',"bench":"t='),
+        frame(
+            "content_block_start",
+            b'{"type":"content_block_start","index":0,"content_block":'
+            b'{"type":"text","text":"","bench":"t=',
+        ),
+    ]
+    words = itertools.cycle(_VOCAB)
+    for _ in range(frames):
+        text = orjson.dumps(" " + next(words) + " bench_t=")[:-1]
+        out.append(
+            frame(
+                "content_block_delta",
+                b'{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":'
+                + text,
+            )
+        )
+    out.append(frame("content_block_stop", b'{"type":"content_block_stop","index":0,"x":{"t":"'))
+    out.append(
+        frame(
+            "message_delta",
+            b'{"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},'
+            b'"usage":{"output_tokens":%d,"t":"' % frames,
+        )
+    )
+    out.append(b'event: message_stop\ndata: {"type":"message_stop"}\n\n')
+    _anthropic[key] = out
+    return out
+
+
 def _chunked(payload: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(payload), payload)
 
@@ -122,6 +189,7 @@ class _Conn(asyncio.Protocol):
         self.index = 0
         self.gap = 0.0
         self.cut_after = 0
+        self.stamp = STAMP
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -188,7 +256,8 @@ class _Conn(asyncio.Protocol):
         if method == "GET" and path == "/healthz":
             self._write(_plain(200, b"ok"))
             return self._done()
-        if method != "POST" or not path.endswith("/chat/completions"):
+        anthropic = path == "/v1/messages"
+        if method != "POST" or not (anthropic or path.endswith("/chat/completions")):
             self._write(_plain(404, b'{"error":{"message":"not found"}}', b"application/json"))
             return self._done()
         try:
@@ -213,11 +282,16 @@ class _Conn(asyncio.Protocol):
         self.cut_after = int(headers.get("x-bench-cut-after", "0") or 0)
         frames = int(headers.get("x-bench-frames", self.server.frames))
         gap = float(headers.get("x-bench-gap-ms", self.server.gap_ms)) / 1000.0
-        self.pending = frame_templates(model, include_usage, frames)
+        if anthropic:
+            self.pending = anthropic_templates(model, frames)
+            self.stamp = ANTHROPIC_STAMP
+        else:
+            self.pending = frame_templates(model, include_usage, frames)
+            self.stamp = STAMP
         self.server.requests += 1
         self.busy = True
         if headers.get("x-bench-shape", "gapped") == "coalesced":
-            stamp = b"%d}\n\n" % time.monotonic_ns()
+            stamp = self.stamp % time.monotonic_ns()
             body_out = b"".join(t + stamp for t in self.pending[:-1]) + self.pending[-1]
             self._write(_SSE_HEAD + _chunked(body_out) + b"0\r\n\r\n")
             self._done()
@@ -241,7 +315,7 @@ class _Conn(asyncio.Protocol):
             self._write(prefix + _chunked(template) + b"0\r\n\r\n")
             self._done()
             return
-        payload = template + b"%d}\n\n" % time.monotonic_ns()
+        payload = template + self.stamp % time.monotonic_ns()
         self._write(prefix + _chunked(payload))
         self.timer = asyncio.get_running_loop().call_later(self.gap, self._send_frame)
 

@@ -6,7 +6,7 @@ do-nothing ext_proc server, side by side in one run, with the targets of issue 1
     .venv/bin/python bench/run.py --help     # sizes, --profile (py-spy), --policy, ...
 
 Parts, each on fresh stacks (bench/stack.py for the setups):
-  main     every setup (envoy, noop, meter, full, full-nomask) at 50 streams, gapped
+  main     every setup (envoy, noop, meter, full, full-nomask, translated) at 50 streams, gapped
            (one write per frame, 5 ms apart, as providers stream) and coalesced (every
            frame in one write)
   sweep    envoy, noop, meter, full at 10/50/200/500 streams, the same offered load at

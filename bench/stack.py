@@ -10,6 +10,9 @@ mock provider swapped for the lighter `bench.provider`:
             secrets), a token limit, a response masking guard (PII but email, and
             secrets) and metering
   full-nomask  `full` without its response guard: the base of the guards-on ratio
+  translated  `meter`, but the model is an alias served by an Anthropic-format provider:
+            the OpenAI client's request and stream are translated (issue 10); its base
+            is `meter`
 
 A `--policy FILE` replaces the built-in policy of the sidecar setups (`meter`, `full`).
 """
@@ -30,14 +33,15 @@ from extproc.dev.devstack import Stack
 from extproc.envoybin import envoy_binary
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SETUPS = ("envoy", "noop", "meter", "full", "full-nomask")
-SIDECARS = ("meter", "full", "full-nomask")  # setups that run `extproc serve`
+SETUPS = ("envoy", "noop", "meter", "full", "full-nomask", "translated")
+SIDECARS = ("meter", "full", "full-nomask", "translated")  # setups that run `extproc serve`
 SETUP_LABEL = {
     "envoy": "Envoy alone",
     "noop": "+ no-op ext_proc",
     "meter": "+ sidecar, metering",
     "full": "+ sidecar, full",
     "full-nomask": "+ full, no resp. guard",
+    "translated": "+ metering, translated",
 }
 # The key the load client sends (`BENCH_API_KEY`) for the setups with auth.
 BENCH_KEY = "bench-key-0123456789abcdef"
@@ -75,6 +79,10 @@ FULL_POLICY: dict[str, Any] = {
 }  # fmt: skip
 
 
+# The model the load client names, served by the bench provider's Anthropic Messages API.
+TRANSLATED_ALIAS = {"gpt-4o-mini": {"provider": "mock_anthropic", "model": "claude-bench"}}
+
+
 def setup_policy(setup: str) -> dict[str, Any]:
     """The built-in policy of a setup (a deep copy: callers may change it)."""
     base = FULL_POLICY if setup.startswith("full") else METER_POLICY
@@ -82,6 +90,8 @@ def setup_policy(setup: str) -> dict[str, Any]:
     if setup == "full-nomask":
         rules = policy["guards"]["rules"]
         policy["guards"]["rules"] = [r for r in rules if "response" not in r["phases"]]
+    if setup == "translated":
+        policy["models"] = {"aliases": TRANSLATED_ALIAS}
     return policy
 
 
@@ -133,7 +143,10 @@ def write_policy(
         admin=f"127.0.0.1:{free_port()}",
         access_log=str(directory / "access.log"),
     )
-    config["providers"] = {"mock": {"url": f"http://127.0.0.1:{free_port()}", "format": "openai"}}
+    url = f"http://127.0.0.1:{free_port()}"
+    config["providers"] = {"mock": {"url": url, "format": "openai"}}
+    if setup == "translated":  # the same bench provider, its Anthropic API
+        config["providers"]["mock_anthropic"] = {"url": url, "format": "anthropic"}
     for route in config["routes"]:
         route["provider"] = "mock"
     if telemetry is not None:  # --tracing

@@ -12,6 +12,7 @@ from typing import Any
 FULL_VS_NOOP = 1.25  # full policy CPU per ext_proc message vs the do-nothing server
 METER_VS_NOOP = 1.1  # metering only vs the do-nothing server
 GUARDS_ON_VS_OFF = 1.15  # full policy vs the same policy without its response guard
+TRANSLATED_VS_METER = 1.5  # metering an Anthropic stream translated vs an OpenAI one
 MEMORY_PER_STREAM = 50 * 1024  # bytes of sidecar RSS per open stream, strictly below
 FLATNESS = 1.2  # CPU per message at any sweep level / at the lowest level
 WORKERS_EFFICIENCY = 0.8  # messages/s with N workers >= 0.8 * N * (1 worker's)
@@ -126,6 +127,8 @@ def evaluate(report: dict[str, Any]) -> list[dict[str, Any]]:
         ("meter_vs_noop", "meter", "noop", METER_VS_NOOP, "metering only vs no-op"),
         ("guards_on_vs_off", "full", "full-nomask", GUARDS_ON_VS_OFF,
          "response guard on vs off (full policy)"),
+        ("translated_vs_meter", "translated", "meter", TRANSLATED_VS_METER,
+         "translated to Anthropic vs native (metering)"),
     )  # fmt: skip
     for tid, ours, base, limit, label in pairs:
         if not {ours, base} <= setups:

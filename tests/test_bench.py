@@ -316,7 +316,7 @@ def test_quick_mode_runs_every_part_small() -> None:
     args = parse_args(["--quick", "--workers-sweep", "1,2"])
     assert (args.concurrency, args.duration, args.sweep_duration) == (10, 2.5, 2.5)
     assert args.sweep_levels == [10, 50] and args.workers_levels == [1, 2]
-    assert args.setups == ["envoy", "noop", "meter", "full", "full-nomask"]
+    assert args.setups == ["envoy", "noop", "meter", "full", "full-nomask", "translated"]
     full = parse_args([])
     assert full.concurrency == 50 and full.sweep_levels == [10, 50, 200, 500]
     assert parse_args(["--sweep", "none", "--workers-sweep", "none"]).sweep_levels == []

@@ -29,7 +29,7 @@ from extproc.bootstrap.common import (
     openai_error,
     system_ca_bundle,
 )
-from extproc.bootstrap.listener import _dispatch_providers, _listener
+from extproc.bootstrap.listener import _dispatch_providers, _listener, translated_providers
 from extproc.bootstrap.replies import local_reply_config
 from extproc.bootstrap.tracing import otlp_cluster
 from extproc.config import Config
@@ -55,9 +55,12 @@ __all__ = [
 def render_bootstrap(config: Config) -> dict[str, Any]:
     """The Envoy bootstrap for `config` as plain data (dump it as YAML or JSON)."""
     used = dict.fromkeys(
-        name
-        for route in config.routes
-        for name in (route.provider, *(p.name for p in _dispatch_providers(config, route)))
+        [
+            name
+            for route in config.routes
+            for name in (route.provider, *(p.name for p in _dispatch_providers(config, route)))
+        ]
+        + translated_providers(config)
     )
     clusters = [_extproc_cluster(config)]
     clusters += [_provider_cluster(config.providers[name]) for name in used]

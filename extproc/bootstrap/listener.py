@@ -107,6 +107,20 @@ def _config_routes(config: Config, route: RouteConfig) -> list[dict[str, Any]]:
     return entries
 
 
+def translated_providers(config: Config) -> list[str]:
+    """Providers a model alias may reach through a translator: an alias names them, a
+    translator targets their format, and some route's provider speaks another one."""
+    route_formats = {config.providers[route.provider].format for route in config.routes}
+    return sorted(
+        {
+            alias.provider
+            for alias in config.models.aliases.values()
+            if (target := config.providers[alias.provider].format) in TARGETS
+            and route_formats - {target}
+        }
+    )
+
+
 def _translated_routes(config: Config) -> list[dict[str, Any]]:
     """One route per provider that a model alias reaches through a translator, taken
     when the sidecar sets `x-ai-gateway-provider` and `x-ai-gateway-translated` in the
@@ -117,15 +131,8 @@ def _translated_routes(config: Config) -> list[dict[str, Any]]:
     the new path. Named `_to_<provider>`, which no config route is: a client that sends
     the internal headers itself gets its headers stripped, and the sidecar, unable to
     take that name for a config route, finds the route by the path."""
-    route_formats = {config.providers[route.provider].format for route in config.routes}
-    targets = {
-        alias.provider
-        for alias in config.models.aliases.values()
-        if (target := config.providers[alias.provider].format) in TARGETS
-        and route_formats - {target}  # some route speaks another API
-    }
     entries = []
-    for name in sorted(targets):
+    for name in translated_providers(config):
         provider = config.providers[name]
         entry = {
             "name": f"{TRANSLATED_ROUTE_PREFIX}{name}",

@@ -1,5 +1,6 @@
 """Client API <-> upstream API translation, request whole and response chunk by chunk
-(sans-I/O; not wired into the exchange yet: docs/translation.md).
+(sans-I/O; `registry` says which pairs an alias may cross, `exchange/translated.py`
+runs them: docs/translation.md).
 
 One module per pair: `chat_to_anthropic` (OpenAI chat client, Anthropic upstream),
 `messages_to_chat` (Anthropic Messages client, OpenAI chat upstream), `chat_to_gemini`,
