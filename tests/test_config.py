@@ -500,3 +500,24 @@ def test_envoy_config_with_bad_policy_fails(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert result.stdout == ""
     assert "routes: expected a list of routes, got 3" in result.stderr
+
+
+def test_translation_targets_are_checked_per_format() -> None:
+    """`project`/`location` are Vertex's and go together; `api_version` is Azure's."""
+    base = {"routes": [{"name": "r", "prefix": "/r", "provider": "v"}]}
+    with pytest.raises(ConfigError) as info:
+        parse_config(
+            {**base, "providers": {"v": {"url": "http://h", "format": "vertex", "project": "p"},
+                                   "o": {"url": "http://h", "api_version": "2024-10-21"}}},
+            "p.yaml",
+        )  # fmt: skip
+    assert info.value.problems == [
+        ("providers.v", "set project and location together"),
+        ("providers.o.api_version", "only meaningful for format: azure"),
+    ]
+    config = parse_config(
+        {**base, "providers": {"v": {"url": "http://h", "format": "vertex", "project": "p",
+                                     "location": "global"}}},
+        "p.yaml",
+    )  # fmt: skip
+    assert (config.providers["v"].project, config.providers["v"].location) == ("p", "global")

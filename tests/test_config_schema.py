@@ -167,7 +167,8 @@ def test_an_entry_is_named_by_its_key_only() -> None:
     assert info.value.problems == [
         (
             "providers.m.name",
-            "unknown key 'name' (known: url, format, api_key_env, api_key_file, ca_file, auth)",
+            "unknown key 'name' (known: url, format, api_key_env, api_key_file, ca_file, auth, "
+            "project, location, api_version)",
         ),
         ("providers.m.url", "expected an http:// or https:// URL, got 'ftp://x'"),
     ]

@@ -31,6 +31,7 @@ from tests.translate_e2e import (
     KEYS,
     TOKEN_LIMIT,
     UPSTREAM,
+    VERTEX_PATH,
     access_line,
     mock_seen,
     never_reached,
@@ -39,17 +40,36 @@ from tests.translate_e2e import (
     upstream_answer,
 )
 
-TARGETS = ["my-claude", "my-gemini", "my-nova"]
-PROVIDER = {"my-claude": "mock_anthropic", "my-gemini": "mock_gemini", "my-nova": "mock_bedrock"}
+# Translated (another API), then Azure (the same API on a deployment path).
+TRANSLATED = ["my-claude", "my-gemini", "my-nova", "my-vertex"]
+TARGETS = [*TRANSLATED, "my-azure"]
+PROVIDER = {
+    "my-claude": "mock_anthropic",
+    "my-gemini": "mock_gemini",
+    "my-nova": "mock_bedrock",
+    "my-vertex": "mock_vertex",
+    "my-azure": "mock_azure",
+}
 UPSTREAM_FORMAT = {
     "my-claude": "anthropic_messages",
     "my-gemini": "gemini",
     "my-nova": "bedrock_converse",
+    "my-vertex": "vertex",
+    "my-azure": "azure_chat",
+}
+STREAM_PATH = {  # what the provider was asked for (path without the query)
+    "my-claude": "/v1/messages",
+    "my-gemini": "/v1beta/models/gemini-2.5-flash:streamGenerateContent",
+    "my-nova": "/model/amazon.nova-lite-v1:0/converse-stream",  # as the mock decoded it
+    "my-vertex": f"{VERTEX_PATH}gemini-2.5-pro:streamGenerateContent",
+    "my-azure": "/openai/deployments/gpt-4o/chat/completions",
 }
 FINISH = {  # the mock's finish for a plain answer / a tool call, in OpenAI's words
     "my-claude": {"end_turn": "stop", "tool_use": "tool_calls"},
     "my-gemini": {"STOP": "stop"},
     "my-nova": {"end_turn": "stop", "tool_use": "tool_calls"},
+    "my-vertex": {"STOP": "stop"},
+    "my-azure": {"stop": "stop", "tool_calls": "tool_calls"},
 }
 MESSAGES = [{"role": "user", "content": "Tell me about the weather in Paris."}]
 TOOLS = [
@@ -137,9 +157,9 @@ def test_stream_text_finish_and_usage_chunk_equal_the_upstreams(stack, alias):
     assert got["usage"].prompt_tokens == upstream["usage"]["prompt"]
     assert got["usage"].completion_tokens == upstream["usage"]["completion"]
     assert all(c.usage is None for c in got["chunks"][:-1])
-    assert {c.model for c in got["chunks"]} <= {UPSTREAM[alias].model}
+    assert {c.model for c in got["chunks"] if c.model} <= {UPSTREAM[alias].model}
     # The provider got its own API and its own key, never the client's.
-    assert seen["path"].startswith("/v1/messages" if alias == "my-claude" else "/")
+    assert seen["path"] == STREAM_PATH[alias]
     _, key, header = KEYS[PROVIDER[alias]]
     assert key in seen["headers"][header]
     assert not any(DEV_API_KEY in value for value in seen["headers"].values())
@@ -157,7 +177,7 @@ def test_no_usage_chunk_unless_the_client_asked(stack, alias):
     upstream = upstream_answer(UPSTREAM[alias], sent_of(mock_seen(stack, rid)))
     assert got["text"] == upstream["text"]
     assert got["usage"] is None
-    assert all(chunk.choices for chunk in got["chunks"])
+    assert all(chunk.usage is None for chunk in got["chunks"])
     # Metering still has the upstream's figures (the access log carries them).
     line = access_line(stack, rid)
     assert line["prompt_tokens"] == upstream["usage"]["prompt"]
@@ -276,9 +296,9 @@ def test_upstream_429_is_the_sdks_rate_limit_error_with_retry_after(stack, alias
     assert info.value.response.headers["retry-after"] == "7"
     assert info.value.response.headers["content-type"] == "application/json"
     assert isinstance(info.value.body, dict) and info.value.body.get("message")
-    # Only Retry-After is kept of the provider's headers (no request ids).
-    assert "request-id" not in info.value.response.headers
-    assert "x-amzn-errortype" not in info.value.response.headers
+    if alias in TRANSLATED:  # only Retry-After is kept of the provider's headers
+        assert "request-id" not in info.value.response.headers
+        assert "x-amzn-errortype" not in info.value.response.headers
     assert mock_seen(stack, rid)["status"] == 429
 
 

@@ -23,6 +23,8 @@ ALIASES = {
     "my-gemini": {"provider": "mock_gemini", "model": "gemini-2.5-flash"},
     "my-nova": {"provider": "mock_bedrock", "model": "amazon.nova-lite-v1:0"},
     "my-gpt": {"provider": "mock", "model": "gpt-4o-mini"},
+    "my-vertex": {"provider": "mock_vertex", "model": "gemini-2.5-pro"},
+    "my-azure": {"provider": "mock_azure", "model": "gpt-4o"},
 }
 # Each provider's key (env var, value) and the header its API carries it in.
 KEYS = {
@@ -30,6 +32,8 @@ KEYS = {
     "mock_anthropic": ("ANTHROPIC_KEY", "sk-ant-provider", "x-api-key"),
     "mock_gemini": ("GEMINI_KEY", "gemini-provider-key", "x-goog-api-key"),
     "mock_bedrock": ("BEDROCK_KEY", "bedrock-provider-key", "authorization"),
+    "mock_vertex": ("VERTEX_TOKEN", "vertex-provider-token", "authorization"),
+    "mock_azure": ("AZURE_KEY", "azure-provider-key", "api-key"),
 }
 # How the mock's answer for each alias is read here.
 UPSTREAM = {
@@ -37,7 +41,10 @@ UPSTREAM = {
     "my-gemini": Fmt("gemini_sse", "gemini", "gemini_sse", "gemini-2.5-flash"),
     "my-nova": Fmt("bedrock", "bedrock", "bedrock_eventstream", "amazon.nova-lite-v1:0"),
     "my-gpt": Fmt("chat", "chat", "openai_chat_sse", "gpt-4o-mini"),
+    "my-vertex": Fmt("gemini_sse", "gemini", "gemini_sse", "gemini-2.5-pro"),
+    "my-azure": Fmt("chat", "chat", "openai_chat_sse", "gpt-4o"),
 }
+VERTEX_PATH = "/v1/projects/my-project/locations/us-central1/publishers/google/models/"
 CARD = "4111 1111 1111 1111"
 FORBIDDEN = "Sure, the launch code is here and many more words follow after it."
 TOKEN_LIMIT = "translated-tokens"
@@ -78,6 +85,8 @@ def start_translate_stack(directory: Path) -> Stack:
     config["models"]["aliases"].update(ALIASES)
     for name, (env, _, _) in KEYS.items():
         config["providers"][name]["api_key_env"] = env
+    config["providers"]["mock_vertex"].update(project="my-project", location="us-central1")
+    config["providers"]["mock_azure"]["api_version"] = "2024-10-21"
     for name, provider in (
         ("guarded", "mock"),
         ("limited", "mock"),
@@ -155,7 +164,12 @@ def upstream_answer(fmt: Fmt, sent: bytes) -> dict[str, Any]:
                 usage = {"prompt": u["inputTokens"], "completion": u["outputTokens"]}
         elif fmt.family == "chat" and obj:
             for choice in obj.get("choices") or ():
-                text.append(choice["delta"].get("content") or "")
+                delta = choice.get("delta") or {}
+                text.append(delta.get("content") or "")
+                for call in delta.get("tool_calls") or ():
+                    if call.get("id"):
+                        tool = {"id": call["id"], "name": call["function"]["name"]}
+                    arguments.append(call["function"].get("arguments") or "")
                 finish = choice.get("finish_reason") or finish
             if obj.get("usage"):
                 u = obj["usage"]

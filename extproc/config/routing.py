@@ -60,6 +60,16 @@ class ProviderConfig(Section):
     auth: CloudAuthConfig | None = None
     """Cloud credentials instead of a static key: AWS SigV4, Google or Entra ID tokens
     ([providers.md](providers.md#cloud-credentials))."""
+    # Where a request translated from another API goes (docs/translation.md).
+    project: OptStr = None
+    """`vertex`: the Google Cloud project of the path an OpenAI client's request is sent
+    to (`/v1/projects/{project}/locations/{location}/publishers/google/models/...`);
+    with `location`, aliases on this provider are served to OpenAI clients."""
+    location: OptStr = None
+    """`vertex`: the region of that path (`us-central1`, `global`)."""
+    api_version: OptStr = None
+    """`azure`: the `api-version` of an OpenAI client's request sent to a deployment
+    (`/openai/deployments/{model}/chat/completions`); unset: 2024-10-21."""
 
     @classmethod
     def checks(cls, raw: dict[str, Any], refused: set[Any]) -> list[tuple[Loc, str]]:
@@ -70,6 +80,16 @@ class ProviderConfig(Section):
             found.append(((), "set api_key_env or api_key_file, not both"))
         if "ca_file" in raw and "ca_file" not in refused and not raw["url"].startswith("https:"):
             found.append((("ca_file",), "only meaningful for an https:// url"))
+        fmt = raw.get("format", "openai")
+        for key, wanted in (
+            ("project", "vertex"),
+            ("location", "vertex"),
+            ("api_version", "azure"),
+        ):
+            if key in raw and key not in refused and fmt != wanted:
+                found.append(((key,), f"only meaningful for format: {wanted}"))
+        if fmt == "vertex" and len({"project", "location"} & (raw.keys() - refused)) == 1:
+            found.append(((), "set project and location together"))
         return found + provider_checks(raw, refused)
 
     @property

@@ -55,16 +55,24 @@ def request(ex: Exchange, ctx: RequestContext, info: RequestInfo) -> Response:
     headers.update(upstream.headers)
     headers["content-length"] = str(len(upstream.body))
     headers[TRANSLATED_HEADER] = "1"  # with x-ai-gateway-provider: the dispatch route
-    target = format_for(ctx.provider.format)
-    ex.translator = translator.response(upstream, created=int(time.time()))
-    ex.flow = Translated(target, upstream)
+    body = upstream.body
+    answer = translator.response(upstream, created=int(time.time()))
+    if answer is None:
+        # The same API on another path (Azure's deployments): the answer is read as
+        # native traffic, usage asked for and hidden as for any native stream.
+        if info.stream and ex.policy.config.streaming.ensure_usage:
+            asked = ctx.format.ensure_usage(info)
+            if asked is not None:
+                body, ex.hide_usage = asked, True
+                headers["content-length"] = str(len(body))
+    else:
+        ex.translator = answer
+        ex.flow = Translated(format_for(ctx.provider.format), upstream)
     ex.metrics.translations.labels(translator.source, translator.target).inc()
     # Every later metadata answer (and the access log) names who answered, and how.
     ctx.metadata["provider"] = ctx.provider.name
     ctx.metadata["upstream_format"] = translator.target
-    response = wire.replace_request_body(
-        upstream.body, headers, ctx.remove_headers, clear_route_cache=True
-    )
+    response = wire.replace_request_body(body, headers, ctx.remove_headers, clear_route_cache=True)
     return wire.with_metadata(
         response, {"route": ex.route_name, "model": ex.model, **ex.identity()}
     )
