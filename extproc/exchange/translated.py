@@ -288,10 +288,12 @@ class Refused:
         assert translator is not None
         error = translator.error(self.upstream_status, self.headers, bytes(self.kept))
         ex.status = error.status
+        ctx = ex.ctx
+        headers = {**(ctx.response_headers if ctx else {}), **dict(error.headers)}
         settle.settle(ex, now, complete=True)
         details = f"{SIDECAR_DETAILS_PREFIX}upstream_{self.upstream_status}"
         return wire.with_metadata(
-            wire.refuse(error.status, dict(error.headers), error.body, details),
+            wire.refuse(error.status, headers, error.body, details),
             settle.final_metadata(ex),
         )
 
