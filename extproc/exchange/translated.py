@@ -27,7 +27,7 @@ from extproc.errors import SIDECAR_DETAILS_PREFIX, shown
 from extproc.exchange import response as response_phase
 from extproc.exchange import settle
 from extproc.headers import TRANSLATED_HEADER
-from extproc.policy import Refusal, StreamBlocked, StreamFilter
+from extproc.policy import Refusal, StreamBlocked, StreamFilter, credentials
 from extproc.providers import RequestError, RequestInfo, decoder_label, format_for
 from extproc.providers.base import ResponseDecoder, StreamEvent, WireFormat
 from extproc.usage import Usage
@@ -68,6 +68,10 @@ def request(ex: Exchange, ctx: RequestContext, info: RequestInfo) -> Response:
     else:
         ex.translator = answer
         ex.flow = Translated(format_for(ctx.provider.format), upstream)
+    try:  # last: a provider with cloud credentials signs the final path and body
+        credentials.finalize(ex.policy.cloud, ctx, body)
+    except Refusal as refusal:
+        return ex.refuse(refusal)
     ex.metrics.translations.labels(translator.source, translator.target).inc()
     # Every later metadata answer (and the access log) names who answered, and how.
     ctx.metadata["provider"] = ctx.provider.name
@@ -263,6 +267,9 @@ class TranslatedWhole:
             except Refusal as refusal:
                 settle.settle(ex, now, complete=True)
                 return ex.refuse(refusal)
+        settle.settle(ex, now, complete=True)  # metered now: stages may name the cost
+        if ctx.completion_headers:  # Envoy still holds a buffered answer's headers
+            return ex.finish(wire.body_with_headers(body, ctx.completion_headers), now)
         return ex.finish(wire.replace_body(body), now)
 
 

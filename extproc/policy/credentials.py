@@ -127,6 +127,8 @@ def wire_path(ctx: RequestContext) -> str:
     rewrite applied, as Envoy's router does. SigV4 signs this exact string."""
     path = ctx.upstream_headers.get(":path") or ctx.path
     route = ctx.route
+    if ctx.translator is not None:  # the whole upstream path: its route rewrites nothing
+        return path
     if route.rewrite is not None and path.startswith(route.prefix):
         path = route.rewrite + path[len(route.prefix) :]
     return path
