@@ -157,3 +157,36 @@ def test_a_whole_answer_is_translated_and_metered_from_the_upstreams_document():
     assert answer["choices"][0]["message"]["content"] == "Hi there."
     assert (run.ex.usage.prompt_tokens, run.ex.usage.completion_tokens) == (9, 3)
     assert run.ex.finish_reason == "stop"
+
+
+def test_an_upstream_that_stops_early_ends_the_openai_stream_with_an_error_frame():
+    whole = upstream_stream()
+    run = run_of()
+    post(run, ASK)
+    half = whole[: whole.index(b"event: message_delta")]  # no stop reason, no message_stop
+    got = run.respond([half[:40], half[40:]], SSE)
+    frames = [f for f in got.split(b"\n\n") if f]
+    assert frames[-1] == b"data: [DONE]"
+    error = orjson.loads(frames[-2][6:])["error"]
+    assert error["code"] == "upstream_truncated"
+    assert run.ex.error_kind == "upstream_truncated"
+    assert run.ex.usage.prompt_tokens > 0  # metered as far as the upstream said
+
+
+def test_an_upstream_error_event_mid_stream_is_an_openai_error_frame():
+    whole = upstream_stream()
+    cut_at = whole.index(b"event: content_block_delta")
+    error = (
+        b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error",'
+        b'"message":"Overloaded"}}\n\n'
+    )
+    run = run_of()
+    post(run, ASK)
+    got = run.respond([whole[:cut_at], error], SSE)
+    frames = [f for f in got.split(b"\n\n") if f]
+    assert frames[-1] == b"data: [DONE]"
+    assert orjson.loads(frames[-2][6:])["error"] == {
+        "message": "Overloaded",
+        "type": "server_error",
+        "code": "overloaded_error",
+    }
