@@ -176,7 +176,11 @@ class Exchange:
         else:
             tail = self.decoder.error_event(message, code, before=before) if self.decoder else b""
         response = wire.replace_body(tail)
-        return self.finish(response, now) if end else response
+        if end:
+            return self.finish(response, now)
+        # The client may hang up at the error event's end marker, before the last chunk
+        # reaches us: the access log learns why now.
+        return wire.finished(response, {"reason": kind})
 
     def end_for_shutdown(self, now: float) -> bool:
         """The worker's grace period ends: the next chunk of an inspected event stream

@@ -208,9 +208,7 @@ class TranslatedStream:
                 for stream_filter in self.filters:
                     passed = stream_filter.process(passed, end)
             except StreamBlocked as blocked:
-                ended = ex.end_stream(blocked.message, blocked.code, now, end, blocked.kind)
-                # The client may hang up at the error frame's [DONE]: say why now.
-                return ended if end else wire.finished(ended, {"reason": ex.error_kind})
+                return ex.end_stream(blocked.message, blocked.code, now, end, blocked.kind)
             if passed is not events:
                 kept = self.guarded.kept
                 texts = [kept.pop(id(event.raw), None) for event in passed]
