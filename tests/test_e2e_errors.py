@@ -152,6 +152,9 @@ def test_frame_over_limit_ends_stream_with_error_event(tiny_frames_stack):
     """A frame still unfinished past the limit is refused, the stream ends cleanly."""
     s = tiny_frames_stack
     split = "x-mock-split: 300,600"  # cuts inside frames: held bytes exceed 64
+    # Pieces 150 ms apart: 5 ms (the default) can coalesce on a loaded machine, and a
+    # frame that arrives whole is within the limit.
+    pause = "x-mock-delay-ms: 150"
     out = subprocess.run(
         [
             "curl",
@@ -161,6 +164,8 @@ def test_frame_over_limit_ends_stream_with_error_event(tiny_frames_stack):
             "content-type:application/json",
             "-H",
             split,
+            "-H",
+            pause,
             "-H",
             f"Authorization: Bearer {DEV_API_KEY}",
             "-d",
@@ -181,7 +186,7 @@ def test_frame_over_limit_ends_stream_with_error_event(tiny_frames_stack):
                 model="gpt-3.5-turbo",
                 stream=True,
                 messages=[{"role": "user", "content": "hi"}],
-                extra_headers={"x-mock-split": "300,600"},
+                extra_headers={"x-mock-split": "300,600", "x-mock-delay-ms": "150"},
             )
         )
     assert wait_for(lambda: metric(s, "ai_gateway_active_streams") == 0)
