@@ -53,6 +53,10 @@ _REASONING = b'"reasoning_content":"'
 _REASONING_OLLAMA = b'"reasoning":"'
 _REFUSAL = b'"refusal":"'
 _DONE = b"[DONE]"
+_CONTENT_KEY = b'"content"'
+_CONTENT_STRING = b'"content":"'
+_CHOICE0 = b'{"index":0,"delta":{'  # the content key right after it, or after the role
+_CHOICE0_ROLE = b'{"index":0,"delta":{"role":"assistant",'
 _DONE_FRAME = b"[DONE]\n\n"  # JSON escapes newlines: only the end marker ends so
 
 
@@ -203,6 +207,45 @@ class OpenAIChatStream(SSEDecoder):
         # frame: the chunk itself is answered with "no mutation".
         return b"".join(parts) if self._hide_usage else chunk
 
+    def plain_text(self, chunk: bytes) -> str | None:
+        """Choice 0's content in a chunk of whole frames, by byte search: every
+        `"content"` key must hold a string and sit in choice 0's delta as OpenAI
+        writes it (`{"index":0,"delta":{"content":"`, or after `"role":"assistant",`),
+        and no other text key (tool arguments, reasoning) may appear, else None.
+        Non-ASCII text is None too: the guards' normalised view must see it."""
+        if self._framer.buffered or chunk[-2:] != b"\n\n" or b"\r" in chunk:
+            return None
+        if (
+            b'"tool_calls"' in chunk
+            or b'"arguments"' in chunk
+            or b'"reasoning"' in chunk
+            or b'"reasoning_content"' in chunk
+        ):
+            return None  # texts of other channels or kinds (not the usage's reasoning_tokens)
+        count = chunk.count(_CONTENT_KEY)
+        if not count:
+            return ""
+        parts = []
+        at = chunk.find(_CONTENT_STRING)
+        while at >= 0:
+            if not (chunk.endswith(_CHOICE0, 0, at) or chunk.endswith(_CHOICE0_ROLE, 0, at)):
+                return None  # not choice 0's delta as OpenAI writes it
+            start = at + len(_CONTENT_STRING)
+            end = _string_end(chunk, start)
+            if end < 0:
+                return None
+            parts.append(chunk[start:end])
+            at = chunk.find(_CONTENT_STRING, end)
+        if len(parts) != count:
+            return None  # a "content" that holds no string (null, parts), or elsewhere
+        raw = parts[0] if count == 1 else b"".join(parts)
+        if not raw.isascii():
+            return None
+        if b"\\" not in raw:
+            return raw.decode()
+        text = loads(b'"' + raw + b'"')  # escapes, read as the full parse reads them
+        return text if isinstance(text, str) and text.isascii() else None
+
     def _count(self, frames: bytes) -> bytes:
         """Meter whole frames that carry no usage figure; they go on as they came."""
         self.content_events += _text_deltas(frames)
@@ -269,6 +312,20 @@ class OpenAIChatStream(SSEDecoder):
         """An OpenAI-style error frame then `[DONE]`: the SDKs raise on the former."""
         body = orjson.dumps({"error": {"message": message, "type": "server_error", "code": code}})
         return b"data: " + body + b"\n\ndata: [DONE]\n\n"
+
+
+def _string_end(data: bytes, start: int) -> int:
+    """Where the JSON string whose text starts at `start` ends (its closing quote:
+    one not escaped by an odd run of backslashes), or -1."""
+    end = data.find(b'"', start)
+    while end > start and data[end - 1] == 0x5C:
+        back = end - 1
+        while back > start and data[back - 1] == 0x5C:
+            back -= 1
+        if (end - back) % 2 == 0:
+            break  # an even run: the backslashes escape each other
+        end = data.find(b'"', end + 1)
+    return end
 
 
 def _is_null_after(data: bytes, at: int) -> bool:
