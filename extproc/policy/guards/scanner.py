@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from extproc.policy.guards.detectors import CONTEXT_CHARS, Detector, compile_re2
 from extproc.policy.guards.normalize import normalize
+from extproc.policy.guards.prefilter import prefilter
 
 _NONE = (1 << 62, 1 << 62)  # "no candidate" (sorts after every real position)
 
@@ -41,7 +42,7 @@ class Scanner:
     before the detectors are searched one by one.
     """
 
-    __slots__ = ("_any", "_tails", "detectors", "windows")
+    __slots__ = ("_any", "_pre", "_tails", "detectors", "windows")
 
     def __init__(self, detectors: Sequence[Detector], max_holdback: int) -> None:
         self.detectors = tuple(detectors)
@@ -55,7 +56,8 @@ class Scanner:
             for engine in ("py", "re2")
             if any(d.engine == engine for d in self.detectors)
         ]
-        # For `quiet`: by a text's last (ASCII) character, the detectors whose viable
+        # For `quiet`: one RE2 search over ASCII text that rules every detector out
+        # (prefilter.py), and, by a text's last (ASCII) character, the detectors whose viable
         # tail could end in it, with their windows (what `_hold` searches).
         self._tails = {
             ch: tuple(
@@ -65,6 +67,7 @@ class Scanner:
             )
             for ch in map(chr, range(128))
         }
+        self._pre = prefilter([(d.engine, d.source) for d in self.detectors])
 
     def find_all(self, text: str) -> list[Hit]:
         """Matches in a whole text."""
@@ -121,6 +124,11 @@ class Scanner:
                     m = viable.search(text, max(pos, n - window))
                     if m is not None and m.start() < n:
                         return False
+        pre = self._pre
+        if pre is not None and text.isascii():
+            regex, back = pre
+            if regex.search(text, max(0, pos - back)) is None:
+                return True  # no detector can match: no need for the exact search
         for regex in self._any:  # noqa: SIM110 - no generator per chunk
             if regex.search(text, pos) is not None:
                 return False
