@@ -198,6 +198,13 @@ def text_frame(text: str, index: int = 0) -> bytes:
         ),
         (chat_frame({"index": 0, "delta": {"reasoning_content": "r", "content": "c"}}), None),
         (chat_frame({"index": 0, "delta": {"reasoning": "r"}}), None),
+        (chat_frame({"index": 0, "delta": {"refusal": "no 4111"}}), None),  # guarded too
+        (
+            chat_frame(
+                {"index": 0, "delta": {"role": "assistant", "content": "", "refusal": None}}
+            ),
+            "",
+        ),
         (  # the usage frame's "reasoning_tokens" is no text
             text_frame(" a")
             + HEAD
@@ -221,3 +228,37 @@ def test_plain_text_after_a_split_frame_is_unsure():
     frame = text_frame(" hello")
     decoder.feed(frame[:10])
     assert decoder.plain_text(frame[10:]) is None
+
+
+DELTA_KEYS = ["role", "content", "refusal", "reasoning_content", "reasoning", "tool_calls"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 1),
+            st.dictionaries(
+                st.sampled_from(DELTA_KEYS),
+                st.one_of(st.none(), st.text(max_size=6)),
+                max_size=4,
+            ),
+        ),
+        min_size=1,
+        max_size=4,
+    )
+)
+def test_plain_text_is_the_parse_of_choice_0_content_or_unsure(frames):
+    """Whatever a delta holds, the byte search either gives exactly the texts the full
+    parse gives the guards (all of them choice 0's content) or says unsure."""
+    chunk = b""
+    for index, delta in frames:
+        if "tool_calls" in delta:
+            delta = {**delta, "tool_calls": [{"index": 0, "function": {"arguments": "x"}}]}
+        chunk += chat_frame({"index": index, "delta": delta, "finish_reason": None})
+    decoder = OpenAIChat.stream_decoder(hide_usage=False, max_frame_bytes=1 << 16)
+    plain = decoder.plain_text(chunk)
+    texts = [d for e in decoder.feed(chunk) for d in decoder.texts(e)]
+    if plain is not None:
+        assert all((d.channel, d.kind) == (0, "content") for d in texts)
+        assert plain == "".join(d.text for d in texts)

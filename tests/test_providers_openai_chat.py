@@ -293,3 +293,16 @@ def test_whole_completion_texts_rewrite_and_finish():
 def test_error_body_is_openai_shaped():
     err = orjson.loads(OpenAIChat.error_body(429, "slow down", "rate_limited"))["error"]
     assert err["message"] == "slow down" and err["code"] == "rate_limited"
+
+
+@given(
+    st.lists(st.sampled_from(["content", "arguments", "reasoning", "refusal", "x"]), max_size=8),
+    st.lists(st.sampled_from(['":"', '":""', '":"a', '":null', '"', ":", " "]), max_size=8),
+)
+def test_text_deltas_counts_non_empty_texts_in_one_pass(keys, tails):
+    """The one-pass count equals keys-with-a-string minus keys-with-an-empty-string."""
+    data = "".join(f'"{k}{t}' for k, t in zip(keys, tails, strict=False)).encode()
+    count = data.count
+    texts = openai_chat._TEXT_KEYS
+    expected = sum(map(count, texts)) - sum(count(key + b'"') for key in texts)
+    assert openai_chat._text_deltas(data) == expected

@@ -18,6 +18,7 @@ carry no model (the deployment then names it).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import unquote
@@ -54,6 +55,10 @@ _REASONING_OLLAMA = b'"reasoning":"'
 _REFUSAL = b'"refusal":"'
 _DONE = b"[DONE]"
 _CONTENT_KEY = b'"content"'
+_REFUSAL_KEY = b'"refusal"'
+_NO_REFUSAL = b'"refusal":null'
+# Keys of the texts `plain_text` does not read (one pass over the chunk).
+_OTHER_TEXT = re.compile(rb'"(?:tool_calls|arguments|reasoning(?:_content)?)"')
 _CONTENT_STRING = b'"content":"'
 _CHOICE0 = b'{"index":0,"delta":{'  # the content key right after it, or after the role
 _CHOICE0_ROLE = b'{"index":0,"delta":{"role":"assistant",'
@@ -215,13 +220,11 @@ class OpenAIChatStream(SSEDecoder):
         Non-ASCII text is None too: the guards' normalised view must see it."""
         if self._framer.buffered or chunk[-2:] != b"\n\n" or b"\r" in chunk:
             return None
-        if (
-            b'"tool_calls"' in chunk
-            or b'"arguments"' in chunk
-            or b'"reasoning"' in chunk
-            or b'"reasoning_content"' in chunk
-        ):
+        if _OTHER_TEXT.search(chunk) is not None:
             return None  # texts of other channels or kinds (not the usage's reasoning_tokens)
+        refusals = chunk.count(_REFUSAL_KEY)
+        if refusals and refusals != chunk.count(_NO_REFUSAL):
+            return None  # a refusal is guarded like content: the full path reads it
         count = chunk.count(_CONTENT_KEY)
         if not count:
             return ""
@@ -335,14 +338,14 @@ def _is_null_after(data: bytes, at: int) -> bool:
 
 
 _TEXT_KEYS = (_CONTENT, _ARGUMENTS, _REASONING, _REASONING_OLLAMA, _REFUSAL)
-_EMPTY_TEXTS = tuple(key + b'"' for key in _TEXT_KEYS)
+# One pass for all of them: a key, then a string that is not empty.
+_TEXT_DELTA = re.compile(b"(?:" + b"|".join(re.escape(key) for key in _TEXT_KEYS) + b')(?!")')
 
 
 def _text_deltas(data: bytes) -> int:
-    """Non-empty text deltas (content, tool arguments, reasoning) in these bytes: the
-    unit of the completion estimate when a provider reports no usage."""
-    count = data.count
-    return sum(map(count, _TEXT_KEYS)) - sum(map(count, _EMPTY_TEXTS))
+    """Non-empty text deltas (content, tool arguments, reasoning, refusal) in these
+    bytes: the unit of the completion estimate when a provider reports no usage."""
+    return len(_TEXT_DELTA.findall(data))
 
 
 # Usage field names: Chat Completions', then the Responses API's.
