@@ -5,8 +5,9 @@ the SSE body as it arrives, and for every frame records `receive time - send tim
 from the `"bench_t"` CLOCK_MONOTONIC stamp the bench provider wrote into it
 (CLOCK_MONOTONIC is system-wide on Linux, so processes can compare). A frame split
 across reads counts when its end arrives. It also checks what a user would: status
-200, every frame present, `[DONE]` last, and no usage leaked to a client that did not
-ask for it. Prints one JSON object on stdout.
+200, every frame present, `[DONE]` last, and no usage figures leaked to a client that
+did not ask for them (`"usage":null`, what OpenAI sends while usage is on, is no
+figure). Prints one JSON object on stdout.
 
 Run: `python -m bench.client --url http://127.0.0.1:8080/v1/chat/completions -c 50 -d 10`.
 """
@@ -26,7 +27,7 @@ TS_KEY = b'"bench_t":'
 # A stamp that went through translation: inside the text (`" word bench_t=<ns>"`).
 TS_TEXT = b"bench_t="
 _DONE = b"data: [DONE]"
-_USAGE = b'"usage"'
+_USAGE = b'"usage":{'
 BODY = orjson.dumps(
     {
         "model": "gpt-4o-mini",
@@ -112,7 +113,7 @@ async def one_request(
                 leaked = True
     finished = monotonic_ns()
     if leaked:
-        res.error("usage_leaked", "the client did not ask for usage but got a usage field")
+        res.error("usage_leaked", "the client did not ask for usage but got usage figures")
     if frames != expected or not done or tail.strip():
         res.error("incomplete", f"{frames}/{expected} frames, [DONE]={done}, tail={tail[:80]!r}")
         return False

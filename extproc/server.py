@@ -34,6 +34,7 @@ from extproc.config import Config, ConfigError, load_config
 from extproc.envoy_wire import Response
 from extproc.exchange import Exchange
 from extproc.metrics import Metrics
+from extproc.msgtimes import MessageTimes
 from extproc.netaddr import worker_addresses
 from extproc.policy import Policy, Shared, build_policy
 from extproc.reload import (
@@ -127,7 +128,7 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):
             return
         exchange = Exchange(self.policy, self.metrics, clock())
         exchange.traceparent = _traceparent(context)  # Envoy's span of this ext_proc call
-        phase_time = self.metrics.phase_time
+        times = MessageTimes(self.metrics.phase_time)  # added to the histogram in bulk
         self._taken.inc()
         self.open_streams += 1
         self.exchanges.add(exchange)
@@ -148,7 +149,7 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):
                         response = await response
                     finally:
                         admission.wait_ended()
-                phase_time[kind].observe(clock() - start)
+                times.observe(kind, clock() - start)
                 await context.write(response)
                 if exchange.after:
                     self._run_after(exchange)
@@ -164,6 +165,7 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):
             log.exception("ext_proc stream failed route=%s", exchange.route_name)
             raise
         finally:
+            times.flush()
             self.open_streams -= 1
             self.exchanges.discard(exchange)
             admission.release()

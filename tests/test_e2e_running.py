@@ -194,7 +194,8 @@ def assert_complete(result: Streamed, tokens: int) -> None:
     assert all("error" not in c for c in chunks)
     content = [c for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content")]
     assert len(content) == tokens
-    assert all("usage" not in c for c in chunks)  # the client did not ask for usage
+    # The client did not ask for usage: no usage chunk, no figure in any chunk.
+    assert all(c["choices"] and c.get("usage") is None for c in chunks)
 
 
 def worker_pids(stack: Stack) -> dict[int, int]:

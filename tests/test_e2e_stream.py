@@ -28,10 +28,11 @@ SEED = {
 
 
 def expected_client_bytes(sent: bytes) -> bytes:
-    """What the client asked for: the provider's stream minus what usage injection added."""
+    """What the client asked for: the provider's stream minus the usage-only chunk that
+    usage injection added (the `"usage":null` of the others stays, as OpenAI sends it)."""
     frames = [f + b"\n\n" for f in sent.split(b"\n\n") if f]
     keep = [f for f in frames if not (b'"choices":[]' in f and b'"usage":{' in f)]
-    return b"".join(keep).replace(b',"usage":null', b"")
+    return b"".join(keep)
 
 
 def test_seed_curl_streams_chunks_then_done(stack):
@@ -59,8 +60,9 @@ def test_seed_curl_streams_chunks_then_done(stack):
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
     assert text.strip()
-    # The client did not ask for usage, so it sees none, yet the gateway metered it.
-    assert all("usage" not in c for c in chunks)
+    # The client did not ask for usage, so it sees none (no usage chunk, no figure in
+    # any chunk), yet the gateway metered it.
+    assert all(c["choices"] and c.get("usage") is None for c in chunks)
 
 
 def test_openai_sdk_streams_through_v1(stack):
@@ -88,6 +90,41 @@ def test_openai_sdk_streams_through_v1(stack):
         )
     )
     assert after
+
+
+def test_openai_sdk_gets_same_stream_with_and_without_include_usage(stack):
+    """Usage injection leaves the `"usage":null` of each chunk (as OpenAI sends it) and
+    drops only the usage-only chunk: the SDK sees the same content either way, and no
+    usage unless it asked, while the gateway meters the provider's exact figure."""
+    client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=DEV_API_KEY, max_retries=0)
+    ask = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Same twice"}]}
+    with_usage = list(
+        client.chat.completions.create(**ask, stream=True, stream_options={"include_usage": True})
+    )
+    reported = with_usage[-1].usage
+    assert reported is not None and not with_usage[-1].choices
+    before = metric(stack, "ai_gateway_tokens_total", model="gpt-4o-mini", kind="completion")
+    rid = uuid.uuid4().hex
+    plain = list(
+        client.chat.completions.create(**ask, stream=True, extra_headers={"x-mock-request-id": rid})
+    )
+    sent = base64.b64decode(mock_exchange(stack, rid)["sent_b64"])
+    assert b'"choices":[],"usage":{' in sent  # the provider was asked for usage
+
+    def content(chunks: list) -> list[tuple[str | None, str | None]]:
+        return [
+            (c.choices[0].delta.content, c.choices[0].finish_reason) for c in chunks if c.choices
+        ]
+
+    assert content(plain) == content(with_usage) and len(content(plain)) >= 3
+    assert all(c.choices and c.usage is None for c in plain)
+    assert wait_for(
+        lambda: (
+            metric(stack, "ai_gateway_tokens_total", model="gpt-4o-mini", kind="completion")
+            - before
+            == reported.completion_tokens
+        )
+    )
 
 
 def test_non_streaming_returns_json_completion(stack):

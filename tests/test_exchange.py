@@ -184,8 +184,8 @@ def test_stream_without_usage_request_gets_usage_upstream_and_not_downstream():
     assert upstream["stream_options"] == {"include_usage": True}
     frames = stream_frames(3, usage=True)
     client = run.respond(frames)
-    expected = b"".join(stream_frames(3, usage=False))
-    assert client == expected
+    # Only the usage-only chunk is dropped; the others keep their `"usage":null`.
+    assert client == b"".join(frames[:-2] + frames[-1:])
     md = metadata(run.last)
     assert md["prompt_tokens"] == 11 and md["completion_tokens"] == 3
     assert md["cached_tokens"] == 2 and md["reasoning_tokens"] == 1
@@ -221,10 +221,11 @@ def test_client_that_asked_for_usage_gets_stream_untouched():
 def test_any_chunking_gives_same_client_bytes(cuts):
     run = Run()
     run.request({**CHAT, "stream": True})
-    body = b"".join(stream_frames(5, usage=True))
+    frames = stream_frames(5, usage=True)
+    body = b"".join(frames)
     points = [0, *[c for c in cuts if c < len(body)], len(body)]
     chunks = [body[a:b] for a, b in itertools.pairwise(points)]
-    assert run.respond(chunks) == b"".join(stream_frames(5, usage=False))
+    assert run.respond(chunks) == b"".join(frames[:-2] + frames[-1:])
     assert metadata(run.last)["completion_tokens"] == 5
 
 
@@ -325,6 +326,25 @@ def test_non_streaming_json_usage_is_metered():
     assert md["prompt_tokens"] == 7 and md["completion_tokens"] == 5 and md["total_tokens"] == 12
 
 
+def test_hidden_usage_frame_aligned_chunks_get_no_body_mutation():
+    """With usage injected, each frame-aligned chunk that is not the usage-only one is
+    answered "continue" without a body mutation; only the usage chunk's is cleared."""
+    run = Run()
+    run.request({**CHAT, "stream": True})
+    frames = stream_frames(4, usage=True)
+    run.send(headers_msg({":status": "200", "content-type": "text/event-stream"}, response=True))
+    chunks = [frames[0] + frames[1], *frames[2:-2], frames[-2], frames[-1]]
+    kinds = []
+    for i, c in enumerate(chunks):
+        resp = run.send(body_msg(c, end=i == len(chunks) - 1, response=True))
+        mutation = resp.response_body.response.body_mutation
+        kinds.append(mutation.WhichOneof("mutation"))
+    usage_at = len(chunks) - 2
+    assert kinds[usage_at] in ("body", "clear_body")
+    assert kinds[:usage_at] + kinds[usage_at + 1 :] == [None] * (len(chunks) - 1)
+    assert metadata(resp)["completion_tokens"] == 4
+
+
 def test_gzip_from_provider_is_decoded_for_client_and_meter():
     run = Run()
     run.request({**CHAT, "stream": True, "stream_options": {"include_usage": True}})
@@ -355,7 +375,7 @@ def test_frame_too_large_ends_stream_cleanly_then_clears():
     first = stream_frames(1, usage=True)[0]
     huge = b"data: {" + b"x" * 5000
     client = run.respond([first, huge, b"more", b"}\n\n"])
-    assert client.startswith(first.replace(b',"usage":null', b""))
+    assert client.startswith(first)
     assert b"frame_too_large" in client and client.endswith(b"data: [DONE]\n\n")
     assert client.count(b"[DONE]") == 1
     assert run.metric("ai_gateway_active_streams") == 0

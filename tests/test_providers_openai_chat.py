@@ -96,12 +96,25 @@ def test_any_chunking_meters_and_forwards_bytes_exactly(data):
 
 @REPLAY
 @given(st.data())
-def test_hidden_usage_is_cut_out_in_any_chunking(data):
+def test_hidden_usage_drops_only_the_usage_frame_in_any_chunking(data):
     dec = decoder(hide_usage=True)
     events = replay(dec, cut(BODY, data.draw(cuts(BODY))))
-    expected = b"".join(FRAMES[:-2]).replace(b',"usage":null', b"") + FRAMES[-1]
-    assert out_of(events) == expected
+    # Every frame but the usage-only one goes on byte for byte, `"usage":null` kept.
+    assert out_of(events) == b"".join(FRAMES[:-2]) + FRAMES[-1]
+    assert [e.out is e.raw for e in events].count(False) == 1
     assert usage_tuple(dec.usage) == (31, 17, 48, 8, 5, True)
+
+
+def test_hidden_usage_whole_frames_without_the_usage_frame_are_untouched():
+    """The hot path: a frame-aligned chunk that has no usage-only frame is handed back
+    as the same object, which the exchange answers with "no mutation"."""
+    dec = decoder(hide_usage=True)
+    chunk = b"".join(FRAMES[:4])
+    assert dec.feed_whole(chunk) is chunk
+    assert dec.content_events == 3
+    last = FRAMES[-2] + FRAMES[-1]
+    assert dec.feed_whole(last) == FRAMES[-1]
+    assert dec.done and usage_tuple(dec.usage) == (31, 17, 48, 8, 5, True)
 
 
 def test_texts_and_rewrite_round_trip():
@@ -133,13 +146,13 @@ def test_masking_a_card_rewrites_only_its_frame():
     assert usage_tuple(check.usage) == usage_tuple(dec.usage)
 
 
-def test_rewrite_keeps_hidden_usage_hidden_and_line_endings():
+def test_rewrite_keeps_line_endings_and_usage_null_with_hidden_usage():
     dec = decoder(hide_usage=True)
     crlf = FRAMES[2].replace(b"\n", b"\r\n")
     (event,) = dec.feed(crlf)
-    assert event.out == crlf.replace(b',"usage":null', b"")
+    assert event.out is event.raw
     out = dec.rewrite(event, ["Masked "])
-    assert out.endswith(b"\r\n\r\n") and b"usage" not in out
+    assert out.endswith(b"\r\n\r\n") and b'"usage":null' in out
     assert orjson.loads(out[6:-4])["choices"][0]["delta"] == {"content": "Masked "}
 
 
@@ -280,3 +293,16 @@ def test_whole_completion_texts_rewrite_and_finish():
 def test_error_body_is_openai_shaped():
     err = orjson.loads(OpenAIChat.error_body(429, "slow down", "rate_limited"))["error"]
     assert err["message"] == "slow down" and err["code"] == "rate_limited"
+
+
+@given(
+    st.lists(st.sampled_from(["content", "arguments", "reasoning", "refusal", "x"]), max_size=8),
+    st.lists(st.sampled_from(['":"', '":""', '":"a', '":null', '"', ":", " "]), max_size=8),
+)
+def test_text_deltas_counts_non_empty_texts_in_one_pass(keys, tails):
+    """The one-pass count equals keys-with-a-string minus keys-with-an-empty-string."""
+    data = "".join(f'"{k}{t}' for k, t in zip(keys, tails, strict=False)).encode()
+    count = data.count
+    texts = openai_chat._TEXT_KEYS
+    expected = sum(map(count, texts)) - sum(count(key + b'"') for key in texts)
+    assert openai_chat._text_deltas(data) == expected

@@ -15,7 +15,7 @@ from extproc import envoy_wire as wire
 from extproc.envoy_wire import CLEAR_BODY, CONTINUE_BODY, BodyMode, Request, Response
 from extproc.errors import StreamError, shown
 from extproc.exchange import settle
-from extproc.policy import Refusal, StreamBlocked, StreamFilter
+from extproc.policy import QuietFilter, Refusal, StreamBlocked, StreamFilter
 from extproc.providers import decoder_label, response_decoder
 from extproc.providers._json import response_identity
 from extproc.providers.base import ResponseDecoder, StreamEvent
@@ -254,21 +254,36 @@ class JsonBody:
 
 class StreamBody:
     """An event stream: framed and decoded, filtered when a stage asked, forwarded as
-    whole frames (an unfinished one waits for its end)."""
+    whole frames (an unfinished one waits for its end).
 
-    __slots__ = ("decoder", "filters", "held", "inflated")
+    With filters, a chunk of whole frames whose text every filter passes by its
+    pre-check (`QuietFilter`: the guards) takes the no-filter path: metered by byte
+    counts, never parsed, answered "no mutation"."""
+
+    __slots__ = ("decoder", "filters", "held", "inflated", "quiet")
     paced = True
 
-    def __init__(self, decoder: ResponseDecoder, filters: list[StreamFilter], inflated: bool):
+    def __init__(
+        self,
+        decoder: ResponseDecoder,
+        filters: list[StreamFilter],
+        inflated: bool,
+        *,
+        precheck: bool = True,
+    ):
         self.decoder = decoder
         self.filters = filters
         self.inflated = inflated
         self.held = False
+        # The filters that can say "nothing to do" for a chunk's plain text (all of
+        # them, or the pre-check is off); None: no filter, or one that cannot.
+        quiet = [f for f in filters if isinstance(f, QuietFilter)]
+        self.quiet = quiet if precheck and quiet and len(quiet) == len(filters) else None
 
     def feed(self, ex: Exchange, chunk: bytes, end: bool, now: float) -> Response:
         decoder = self.decoder
         inflated = self.inflated
-        if not self.filters and not inflated:
+        if not inflated and (not self.filters or self._passes(chunk)):
             whole = decoder.feed_whole(chunk)
             if whole is not None:  # whole frames, nothing to read: no events needed
                 if not ex.first_frame_at and decoder.content_events:
@@ -319,6 +334,22 @@ class StreamBody:
         if decoder.content_events >= ex.report_at and not ex.closed:
             return settle.progress(ex, response)
         return response
+
+    def _passes(self, chunk: bytes) -> bool:
+        """The pre-check: every filter passes the chunk's plain text (then each takes
+        it as `process` would have), or nothing changed and the chunk is parsed."""
+        quiet = self.quiet
+        if quiet is None:
+            return False
+        text = self.decoder.plain_text(chunk)
+        if text is None:  # not None only for a chunk `feed_whole` takes, as `feed` needs
+            return False
+        for stream_filter in quiet:
+            if not stream_filter.quiet(text):
+                return False
+        for stream_filter in quiet:
+            stream_filter.skip(text)
+        return True
 
 
 def _first_unsent(filters: list[StreamFilter], events: list[StreamEvent]) -> StreamEvent | None:

@@ -18,10 +18,18 @@ from typing import TYPE_CHECKING, Any
 from extproc.config import Config
 from extproc.labels import MetricLabels
 from extproc.metrics import Metrics
-from extproc.policy.stage import Refusal, RequestContext, Stage, StreamBlocked, StreamFilter
+from extproc.policy.stage import (
+    QuietFilter,
+    Refusal,
+    RequestContext,
+    Stage,
+    StreamBlocked,
+    StreamFilter,
+)
 
 __all__ = [
     "Policy",
+    "QuietFilter",
     "Refusal",
     "RequestContext",
     "Shared",

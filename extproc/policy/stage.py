@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from extproc.config import ProviderConfig, RouteConfig
 from extproc.errors import GatewayError
@@ -120,6 +120,17 @@ class StreamFilter(Protocol):
         """The first event held back and not released yet (None: nothing held): where
         the client's stream stands if it has to end now."""
         ...
+
+
+@runtime_checkable
+class QuietFilter(StreamFilter, Protocol):
+    """A filter with a pre-check on a chunk's plain text (`ResponseDecoder.plain_text`):
+    `quiet` says, changing nothing, that `process` would pass the chunk untouched and
+    hold nothing; `skip` then takes the text as `process` would have."""
+
+    def quiet(self, text: str) -> bool: ...
+
+    def skip(self, text: str) -> None: ...
 
 
 class Stage:

@@ -203,6 +203,12 @@ class EventDecoder:
         None to take the per-event path. Formats without one always say None."""
         return None
 
+    def plain_text(self, chunk: bytes) -> str | None:
+        """The guards' pre-check: for a chunk `feed_whole` takes, all the generated text
+        it carries when that is choice 0's content alone, found without parsing; None
+        when unsure (the chunk is then parsed). Formats without one always say None."""
+        return None
+
     def _slots(self, event: StreamEvent, obj: Any) -> list[Slot]:
         raise NotImplementedError
 

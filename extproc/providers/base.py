@@ -109,6 +109,12 @@ class ResponseDecoder(Protocol):
         bytes to forward (the chunk itself when untouched), or None to use `feed`."""
         ...
 
+    def plain_text(self, chunk: bytes) -> str | None:
+        """For a chunk `feed_whole` would take: its generated text if all of it is
+        choice 0's content (channel 0, kind "content"), found by byte search without
+        parsing ("" when it has none); None when unsure. Changes nothing."""
+        ...
+
     def finish(self) -> list[StreamEvent]:
         """End of stream: whatever is left, as events."""
         ...

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from extproc.policy.guards.detectors import CONTEXT_CHARS, Detector, compile_re2
 from extproc.policy.guards.normalize import normalize
+from extproc.policy.guards.prefilter import prefilter
 
 _NONE = (1 << 62, 1 << 62)  # "no candidate" (sorts after every real position)
 
@@ -41,7 +42,7 @@ class Scanner:
     before the detectors are searched one by one.
     """
 
-    __slots__ = ("_any", "detectors", "windows")
+    __slots__ = ("_any", "_pre", "_tails", "detectors", "windows")
 
     def __init__(self, detectors: Sequence[Detector], max_holdback: int) -> None:
         self.detectors = tuple(detectors)
@@ -55,6 +56,18 @@ class Scanner:
             for engine in ("py", "re2")
             if any(d.engine == engine for d in self.detectors)
         ]
+        # For `quiet`: one RE2 search over ASCII text that rules every detector out
+        # (prefilter.py), and, by a text's last (ASCII) character, the detectors whose viable
+        # tail could end in it, with their windows (what `_hold` searches).
+        self._tails = {
+            ch: tuple(
+                (d.viable, w)
+                for d, w in zip(self.detectors, self.windows, strict=True)
+                if d.alphabet is None or ch in d.alphabet
+            )
+            for ch in map(chr, range(128))
+        }
+        self._pre = prefilter([(d.engine, d.source) for d in self.detectors])
 
     def find_all(self, text: str) -> list[Hit]:
         """Matches in a whole text."""
@@ -93,6 +106,33 @@ class Scanner:
             hits.append(Hit(start, end, index))
             pos = end
         return hits, n if final else max(pos, hold)
+
+    def quiet(self, text: str, pos: int) -> bool:
+        """True when `scan(text, pos, final=False)` would find nothing and release all
+        of `text`: no candidate of any detector from `pos` on, and no viable tail. The
+        streaming pre-check (`RunningText.skip`) asks this instead of scanning."""
+        n = len(text)
+        if pos < n:
+            tails = self._tails.get(text[-1])
+            if tails is None:
+                if self._hold(text, pos) < n:
+                    return False
+            else:
+                for viable, window in tails:  # `_hold`, for one last character
+                    if viable is None:
+                        return False  # it holds its width
+                    m = viable.search(text, max(pos, n - window))
+                    if m is not None and m.start() < n:
+                        return False
+        pre = self._pre
+        if pre is not None and text.isascii():
+            regex, back = pre
+            if regex.search(text, max(0, pos - back)) is None:
+                return True  # no detector can match: no need for the exact search
+        for regex in self._any:  # noqa: SIM110 - no generator per chunk
+            if regex.search(text, pos) is not None:
+                return False
+        return True
 
     def _hold(self, text: str, pos: int) -> int:
         """The leftmost position from `pos` on whose tail could still become a match."""
@@ -214,6 +254,40 @@ class RunningText:
                     self.shift = first - self.base  # offset for offset again
                     self.starts = None
         return out
+
+    def quiet(self, chunk: str) -> bool:
+        """True when feeding `chunk` (ASCII) would decide all of it with no hit for any
+        scanner, so `skip` may stand in for `feed`. Changes nothing. False for text
+        that the normalised view would change (non-ASCII, or earlier non-ASCII kept)."""
+        if self.starts is not None or not chunk.isascii():
+            return False
+        base = self.base
+        text = self.text + chunk
+        views = self.views
+        for k, scanner in enumerate(self.scanners):  # noqa: SIM110 - as above
+            if not scanner.quiet(text, views[k] - base):
+                return False
+        return True
+
+    def skip(self, chunk: str) -> None:
+        """Append a chunk that `quiet` passed: the state `feed(chunk)` would leave (all
+        of it decided, no hits), without a scan. The kept context is the same, so a
+        lookbehind in the next chunk sees what it would have seen."""
+        text = self.text + chunk
+        n = len(text)
+        self.end += len(chunk)
+        view_end = self.base + n
+        views = self.views
+        positions = self.positions
+        for k in range(len(views)):
+            views[k] = view_end
+            positions[k] = self.end
+        keep = n - CONTEXT_CHARS
+        if keep > 0:
+            self.text = text[keep:]
+            self.base += keep
+        else:
+            self.text = text
 
     def _append(self, chunk: str) -> None:
         end = self.end

@@ -28,7 +28,10 @@ from extproc.policy.guards.scanner import RunningText, find_hits
 from extproc.policy.stage import StreamBlocked
 from extproc.providers.base import ResponseDecoder, StreamEvent
 
-BUDGET_CODE = "guard_budget_exceeded"  # the error event's code and errors_total{kind}
+BUDGET_CODE = "guard_budget_exceeded"
+# The running text `ResponseDecoder.plain_text` gives: choice 0's content, as the
+# decoders' `texts` key it (channel, kind).
+PLAIN_CHANNEL = (0, "content")  # the error event's code and errors_total{kind}
 
 # (action, entry, repeat): called for every decided match; `repeat` marks a match in a
 # text the stream already carried once (a format's closing "whole text" event). A
@@ -129,6 +132,38 @@ class GuardStream:
         if len(out) == len(events) and all(a is b for a, b in zip(out, events, strict=True)):
             return events  # nothing held, nothing changed: the exchange's cheap path
         return out
+
+    # -- the pre-check ----------------------------------------------------------------
+
+    def quiet(self, text: str) -> bool:
+        """True when `text`, choice 0's content carried by a chunk of whole frames
+        (`ResponseDecoder.plain_text`), needs no frame held and no mask: nothing is
+        waiting, every running text is decided, and no detector can match or hold in
+        the new text. Then `skip(text)` stands in for `process`, with the same state
+        after it, and the chunk is never parsed. Changes nothing."""
+        if self._queue:
+            return False
+        for channel in self._channels.values():
+            running = channel.running
+            if min(running.positions, default=running.end) < running.end:
+                return False  # a log-only guard still reads it: [DONE] may report
+        if not text:
+            return True
+        if len(text) > PIECE_CHARS:
+            return False  # a long text is scanned in pieces, the budget checked between
+        channel = self._channels.get(PLAIN_CHANNEL)
+        if channel is None:
+            return RunningText(self._scanners).quiet(text)
+        return channel.running.quiet(text)
+
+    def skip(self, text: str) -> None:
+        """Take `text` that `quiet` passed, as `process` would have (no hit, nothing held)."""
+        if not text:
+            return
+        channel = self._channels.get(PLAIN_CHANNEL)
+        if channel is None:
+            channel = self._channels[PLAIN_CHANNEL] = _Channel(RunningText(self._scanners))
+        channel.running.skip(text)
 
     # -- text -------------------------------------------------------------------------
 

@@ -1,0 +1,264 @@
+"""The guards' pre-check (issue 14): a chunk of whole frames whose plain text (found by
+byte search) no detector can match or hold is metered by byte counts and never parsed.
+It must change nothing: the property test runs the same random streams through the
+exchange with the pre-check on and off and compares what the client gets and what the
+guards report."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from extproc.config import GuardConfig, GuardPatternConfig
+from extproc.exchange import response
+from extproc.policy.guards import detectors as det
+from extproc.providers.openai_chat import OpenAIChat, OpenAIChatStream
+from tests.test_exchange import CHAT, metadata
+from tests.test_guard_stage import content_frames, guarded, split_anywhere
+
+NO_EMAIL = tuple(d for d in det.expand(["pii", "secrets"]) if d != "email")
+RULES = {
+    "mask": (GuardConfig(name="pii", detectors=NO_EMAIL),),
+    "mask+email+custom": (
+        GuardConfig(
+            name="pii",
+            detectors=tuple(det.expand(["pii", "secrets"])),
+            patterns=(GuardPatternConfig(name="employee-id", regex=r"EMP-\d{6}"),),
+            keywords=("project falcon",),
+        ),
+    ),
+    "log+mask": (
+        GuardConfig(name="watch", action="log", detectors=("email", "ipv4")),
+        GuardConfig(name="pii", detectors=("credit_card", "us_ssn", "api_key")),
+    ),
+    "reject": (GuardConfig(name="no-keys", action="reject", detectors=("api_key",)),),
+}
+# Detections, near misses and what they are made of, plain words, and the characters
+# the byte search must read as the full parse does (escapes, non-ASCII, quotes).
+PIECES = [
+    "4111 1111 1111 1111", "123-45-6789", "jane.roe@example.org", "+1 (415) 555-2671",
+    "DE89 3704 0044 0532 0130 00", "10.20.30.40", "fe80::1", "AKIAIOSFODNN7EXAMPLE",
+    "Bearer abcdefghijklmnop0123456789", "sk-proj-abcdefghijklmnopqrstuvwx", "EMP-004217",
+    "Project Falcon", "4111", "12", "sk-", "Bearer ", "bearer", "cafe", "be", ":", "@",
+    "-----BEGIN", "the", "quick", "brown", "fox", "lantern", "orbit", " ", " ", ", ", ". ",
+    "\n", '"quoted"', "back\\slash", "caf\u00e9", "\uff14\uff11", "\u200b", "tab\there",
+]  # fmt: skip
+
+
+@contextmanager
+def precheck(on: bool) -> Iterator[None]:
+    """The exchange builds its `StreamBody` with the pre-check on (the default) or off."""
+    original = response.StreamBody
+    if not on:
+        response.StreamBody = partial(original, precheck=False)  # type: ignore[misc]
+    try:
+        yield
+    finally:
+        response.StreamBody = original  # type: ignore[misc]
+
+
+def stream(rules: str, chunks: list[bytes], on: bool) -> tuple[bytes, dict, list]:
+    """What the client gets, the guards' metadata and their findings' counters."""
+    with precheck(on):
+        run = guarded(*RULES[rules])
+        run.request({**CHAT, "stream": True})
+        client = run.respond(chunks)
+    md = metadata(run.last)
+    kept = {k: md.get(k) for k in ("guard_masked", "guard_logged", "guard_blocked")}
+    findings = sorted(
+        (tuple(sorted(s.labels.items())), s.value)
+        for family in run.metrics.registry.collect()
+        if family.name == "ai_gateway_guard_findings"
+        for s in family.samples
+        if s.name.endswith("_total")
+    )
+    return client, kept, findings
+
+
+def frame_aligned(frames: list[bytes], rng: random.Random) -> list[bytes]:
+    """Whole frames, several to a chunk at random (the chunks the pre-check takes)."""
+    out, at = [], 0
+    while at < len(frames):
+        take = rng.randint(1, 4)
+        out.append(b"".join(frames[at : at + take]))
+        at += take
+    return out
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    pieces=st.lists(st.sampled_from(PIECES), min_size=1, max_size=14),
+    rules=st.sampled_from(sorted(RULES)),
+    seed=st.integers(0, 2**32 - 1),
+    anywhere=st.booleans(),
+)
+def test_precheck_masks_exactly_what_the_full_path_masks(pieces, rules, seed, anywhere):
+    rng = random.Random(seed)
+    text = "".join(pieces)
+    cuts = sorted(rng.sample(range(1, len(text)), min(len(text) - 1, rng.randint(0, 10))))
+    texts = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+    frames = content_frames(texts, usage=rng.random() < 0.5)
+    chunks = split_anywhere(frames, rng) if anywhere else frame_aligned(frames, rng)
+    assert stream(rules, chunks, on=True) == stream(rules, chunks, on=False)
+
+
+@contextmanager
+def parses() -> Iterator[list[int]]:
+    """Counts the decoder's JSON parses of a frame (`texts` and `rewrite` go there)."""
+    original = OpenAIChatStream._parsed
+    count = [0]
+
+    def counted(self, event):
+        count[0] += 1
+        return original(self, event)
+
+    OpenAIChatStream._parsed = counted  # type: ignore[method-assign]
+    try:
+        yield count
+    finally:
+        OpenAIChatStream._parsed = original  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_plain_chunks_are_never_parsed_and_go_untouched(on):
+    frames = content_frames(["Hello", " there,", " friend", " of", " mine."])
+    with parses() as count, precheck(on):
+        run = guarded(*RULES["mask"])
+        run.request({**CHAT, "stream": True, "stream_options": {"include_usage": True}})
+        assert run.respond(frames) == b"".join(frames)
+    assert (count[0] == 0) is on  # the same stream, parsed frame by frame without it
+
+
+def test_a_chunk_that_may_match_takes_the_full_path_and_is_masked():
+    frames = content_frames(["Card", " 4111 1111", " 1111 1111", " ok."])
+    with parses() as count:
+        run = guarded(*RULES["mask"])
+        run.request({**CHAT, "stream": True})
+        client = run.respond(frames)
+    assert b"<CREDIT_CARD>" in client and b"4111" not in client
+    assert count[0] > 0
+
+
+def test_a_custom_pattern_without_a_prefix_closure_turns_the_precheck_off():
+    """RE2-only syntax (`\\pL`) gets no viable-prefix regex: the guard then holds its
+    width, so no text is quiet for it and every chunk is parsed, as before."""
+    rule = GuardConfig(name="ids", patterns=(GuardPatternConfig(name="id", regex=r"ID\pL{3}"),))
+    frames = content_frames(["Hello", " there"])
+    with parses() as count:
+        run = guarded(rule)
+        run.request({**CHAT, "stream": True, "stream_options": {"include_usage": True}})
+        assert run.respond(frames) == b"".join(frames)
+    assert count[0] > 0
+
+
+HEAD = b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":['
+
+
+def chat_frame(choice: dict) -> bytes:
+    return HEAD + orjson.dumps(choice) + b'],"usage":null}\n\n'
+
+
+def raw_frame(content: bytes) -> bytes:
+    """A frame whose content is written as given (escapes orjson would not write)."""
+    return HEAD + b'{"index":0,"delta":{"content":"' + content + b'"}}],"usage":null}\n\n'
+
+
+def text_frame(text: str, index: int = 0) -> bytes:
+    return chat_frame({"index": index, "delta": {"content": text}, "finish_reason": None})
+
+
+@pytest.mark.parametrize(
+    ("chunk", "expected"),
+    [
+        (text_frame(" hello"), " hello"),
+        (text_frame(" a") + text_frame(" b") + b"data: [DONE]\n\n", " a b"),
+        (text_frame('say "hi"\n\\ / x'), 'say "hi"\n\\ / x'),
+        (raw_frame(b"\\u0041\\\\u0041"), "A\\u0041"),  # an escape, an escaped backslash
+        (chat_frame({"index": 0, "delta": {"role": "assistant", "content": ""}}), ""),
+        (chat_frame({"index": 0, "delta": {}, "finish_reason": "stop"}), ""),
+        (text_frame("caf\u00e9"), None),  # the normalised view must see it
+        (raw_frame(b"caf\\u00e9"), None),  # non-ASCII by escape
+        (text_frame(" hi", index=1), None),  # another channel
+        (chat_frame({"index": 0, "delta": {"content": None}}), None),
+        (
+            chat_frame(
+                {
+                    "index": 0,
+                    "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "x"}}]},
+                }
+            ),
+            None,
+        ),
+        (chat_frame({"index": 0, "delta": {"reasoning_content": "r", "content": "c"}}), None),
+        (chat_frame({"index": 0, "delta": {"reasoning": "r"}}), None),
+        (chat_frame({"index": 0, "delta": {"refusal": "no 4111"}}), None),  # guarded too
+        (
+            chat_frame(
+                {"index": 0, "delta": {"role": "assistant", "content": "", "refusal": None}}
+            ),
+            "",
+        ),
+        (  # the usage frame's "reasoning_tokens" is no text
+            text_frame(" a")
+            + HEAD
+            + b'],"usage":{"completion_tokens_details":{"reasoning_tokens":5}}}\n\n',
+            " a",
+        ),
+        (text_frame(" hello")[:-1], None),  # not whole frames
+        (text_frame(" hello").replace(b"\n", b"\r\n"), None),
+    ],
+)
+def test_plain_text_reads_what_the_full_parse_reads_or_says_unsure(chunk, expected):
+    decoder = OpenAIChat.stream_decoder(hide_usage=False, max_frame_bytes=1 << 16)
+    assert decoder.plain_text(chunk) == expected
+    if expected is not None:
+        events = decoder.feed(chunk)
+        assert "".join(d.text for e in events for d in decoder.texts(e)) == expected
+
+
+def test_plain_text_after_a_split_frame_is_unsure():
+    decoder = OpenAIChat.stream_decoder(hide_usage=False, max_frame_bytes=1 << 16)
+    frame = text_frame(" hello")
+    decoder.feed(frame[:10])
+    assert decoder.plain_text(frame[10:]) is None
+
+
+DELTA_KEYS = ["role", "content", "refusal", "reasoning_content", "reasoning", "tool_calls"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 1),
+            st.dictionaries(
+                st.sampled_from(DELTA_KEYS),
+                st.one_of(st.none(), st.text(max_size=6)),
+                max_size=4,
+            ),
+        ),
+        min_size=1,
+        max_size=4,
+    )
+)
+def test_plain_text_is_the_parse_of_choice_0_content_or_unsure(frames):
+    """Whatever a delta holds, the byte search either gives exactly the texts the full
+    parse gives the guards (all of them choice 0's content) or says unsure."""
+    chunk = b""
+    for index, delta in frames:
+        if "tool_calls" in delta:
+            delta = {**delta, "tool_calls": [{"index": 0, "function": {"arguments": "x"}}]}
+        chunk += chat_frame({"index": index, "delta": delta, "finish_reason": None})
+    decoder = OpenAIChat.stream_decoder(hide_usage=False, max_frame_bytes=1 << 16)
+    plain = decoder.plain_text(chunk)
+    texts = [d for e in decoder.feed(chunk) for d in decoder.texts(e)]
+    if plain is not None:
+        assert all((d.channel, d.kind) == (0, "content") for d in texts)
+        assert plain == "".join(d.text for d in texts)
