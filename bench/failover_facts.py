@@ -68,6 +68,10 @@ class Upstream:
         resp = web.StreamResponse(status=200, headers={"content-type": "text/event-stream"})
         await resp.prepare(request)
         await resp.write(f"data: first from {self.name}\n\n".encode())
+        if mode == "slow":  # a long answer: frames for longer than the per-try timeout
+            for index in range(3):
+                await asyncio.sleep(0.6)
+                await resp.write(f"data: more {index}\n\n".encode())
         if mode == "cut":
             await asyncio.sleep(0.2)
             assert request.transport is not None
@@ -432,6 +436,7 @@ async def main() -> None:
         "reset": (["reset", "ok"], {}),
         "silent": (["silent", "ok"], {}),
         "cut": (["cut", "ok"], {}),
+        "slow": (["slow", "ok"], {}),
         "all-fail": (["503", "429", "529"], {}),
         "skip": (["ok", "ok"], {"headers": {"x-skip": "u0"}}),
         "weights": (["ok", "ok"], {"weights": True, "requests": 1000}),

@@ -37,9 +37,13 @@ def response_headers(ex: Exchange, request: Request) -> Response:
     if ctx is None:  # e.g. Envoy's own 413 before any request phase reached us
         return wire.continue_response_headers(None, body=BodyMode.SKIP)
     ctx.status = ex.status
+    ctx.upstream_response = headers
     ex.answered = True
-    for stage in ex.policy.stages:
-        stage.on_response_headers(ctx)
+    try:
+        for stage in ex.policy.stages:
+            stage.on_response_headers(ctx)
+    except Refusal as refusal:  # nothing reached the client yet (failover: all failed)
+        return ex.refuse(refusal)
     return ex.flow.response_headers(ex, headers)
 
 
@@ -48,16 +52,16 @@ def inspect_response(ex: Exchange, headers: dict[str, str]) -> Response:
     ctx = ex.ctx
     assert ctx is not None
     set_headers = ctx.response_headers
-    remove: list[str] = []
+    remove = ctx.response_remove
     if ex.status == 0:
-        return wire.continue_response_headers(set_headers, body=BodyMode.SKIP)
+        return wire.continue_response_headers(set_headers, remove, body=BodyMode.SKIP)
     if ex.status >= 400:
         ex.error_kind = "upstream_error"
         ex.metrics.errors.labels("upstream_error").inc()
         log.warning(
             "provider answered %d route=%s model=%s", ex.status, ex.route_name, shown(ex.model)
         )
-        return wire.continue_response_headers(set_headers, body=BodyMode.SKIP)
+        return wire.continue_response_headers(set_headers, remove, body=BodyMode.SKIP)
     encoding = headers.get("content-encoding", "identity").strip().lower()
     if encoding in ("gzip", "x-gzip", "deflate"):
         # The provider ignored accept-encoding: decode incrementally (linear) and
