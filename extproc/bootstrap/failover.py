@@ -161,12 +161,14 @@ def servable(config: Config, route: RouteConfig, targets: tuple[Target, ...]) ->
     return all(config.providers[t.provider].format == own for t in targets)
 
 
-def _retry_policy(config: Config) -> dict[str, Any]:
+def _retry_policy(config: Config, tries: int) -> dict[str, Any]:
+    """`tries`: the targets in the set; each gets one attempt (past the last priority,
+    previous_priorities starts over, so more retries would try a target twice)."""
     failover = config.models.failover
     return {
         "retry_on": "5xx,reset,connect-failure,retriable-status-codes",
         "retriable_status_codes": list(failover.retry_statuses),
-        "num_retries": 3,  # at most four targets
+        "num_retries": tries - 1,
         "per_try_timeout": _duration(failover.first_byte_timeout_ms),
         # The next attempt goes to another target: the next priority (an order) or
         # another endpoint (a split), never straight back.
@@ -197,7 +199,7 @@ def failover_routes(config: Config, route: RouteConfig) -> list[dict[str, Any]]:
                 "cluster": cluster_name(alias, mask),
                 "timeout": "0s",
                 "auto_host_rewrite": True,
-                "retry_policy": _retry_policy(config),
+                "retry_policy": _retry_policy(config, bin(mask).count("1")),
             }
             if route.rewrite is not None:
                 action["prefix_rewrite"] = route.rewrite

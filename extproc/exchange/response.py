@@ -44,6 +44,8 @@ def response_headers(ex: Exchange, request: Request) -> Response:
             stage.on_response_headers(ctx)
     except Refusal as refusal:  # nothing reached the client yet (failover: all failed)
         return ex.refuse(refusal)
+    if ctx.info is not None:
+        ex.model = ctx.info.model  # failover: the model of the target that answered
     return ex.flow.response_headers(ex, headers)
 
 

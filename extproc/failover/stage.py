@@ -144,6 +144,8 @@ class FailoverStage(Stage):
         if answered is not None:
             ctx.metadata["target"] = answered.label
             ctx.metadata["attempts"] = choice.attempts
+            if ctx.info is not None:
+                ctx.info.model = answered.model  # metered and logged as what answered
         if failed:
             choice.answered = None  # nothing to charge: every reservation is refunded
             tried = choice.attempts or len(choice.targets)
