@@ -52,9 +52,12 @@ class Upstream:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         self.seen.append(
-            {"path": request.path_qs, "host": request.host, "body": body.decode(), **{
-                k: v for k, v in request.headers.items() if k.lower().startswith("x-")
-            }}
+            {
+                "path": request.path_qs,
+                "host": request.host,
+                "body": body.decode(),
+                **{k: v for k, v in request.headers.items() if k.lower().startswith("x-")},
+            }
         )
         mode = self.mode
         if mode in ("503", "429", "529"):
@@ -100,7 +103,7 @@ class Recorder(pb_grpc.ExternalProcessorServicer):
     def __init__(self) -> None:
         self.streams: list[dict[str, Any]] = []
 
-    async def Process(self, request_iterator, context):  # noqa: N802
+    async def Process(self, request_iterator, context):
         side = dict(context.invocation_metadata()).get("x-side", "?")
         record: dict[str, Any] = {"side": side, "phases": []}
         self.streams.append(record)
@@ -121,7 +124,9 @@ class Recorder(pb_grpc.ExternalProcessorServicer):
                     m = out.request_headers.response.header_mutation
                     m.set_headers.append(_set(":path", f"/rewritten/{target}"))
                     m.set_headers.append(_set("x-target-seen", target))
-                    m.set_headers.append(_set("x-attempt", headers.get("x-envoy-attempt-count", "")))
+                    m.set_headers.append(
+                        _set("x-attempt", headers.get("x-envoy-attempt-count", ""))
+                    )
                     if headers.get("x-skip") == target:
                         record["skipped"] = True
                         yield pb.ProcessingResponse(
@@ -305,9 +310,7 @@ def bootstrap(
         "static_resources": {
             "listeners": [
                 {
-                    "address": {
-                        "socket_address": {"address": "127.0.0.1", "port_value": listen}
-                    },
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": listen}},
                     "filter_chains": [
                         {
                             "filters": [
@@ -370,7 +373,10 @@ async def case(
         eps = [
             {
                 "priority": 0,
-                "lb_endpoints": [endpoint(u, 0, w)["lb_endpoints"][0] for u, w in zip(ups, (70, 30))],
+                "lb_endpoints": [
+                    endpoint(u, 0, w)["lb_endpoints"][0]
+                    for u, w in zip(ups, (70, 30), strict=False)
+                ],
             }
         ]
     else:
@@ -380,8 +386,16 @@ async def case(
         yaml.safe_dump(bootstrap(listen, admin, grpc_port, eps, RETRY))
     )
     proc = subprocess.Popen(
-        [str(envoy_binary()), "-c", str(work / "envoy.yaml"), "--use-dynamic-base-id",
-         "--concurrency", "1", "--log-level", LOG_LEVEL],
+        [
+            str(envoy_binary()),
+            "-c",
+            str(work / "envoy.yaml"),
+            "--use-dynamic-base-id",
+            "--concurrency",
+            "1",
+            "--log-level",
+            LOG_LEVEL,
+        ],
     )
     try:
         async with httpx.AsyncClient(timeout=10) as client:
@@ -415,7 +429,9 @@ async def case(
                     for s in u.seen:
                         print(f"  {u.name} saw: {s}")
                 for s in rec.streams:
-                    extra = {k: s.get(k) for k in ("target", "status", "skipped", "downstream_seen")}
+                    extra = {
+                        k: s.get(k) for k in ("target", "status", "skipped", "downstream_seen")
+                    }
                     print(f"  ext_proc {s['side']}: {s['phases']} {extra}")
                     if s["side"] == "up" and s is rec.streams[1]:
                         print(f"    attrs: {s.get('attrs')}")

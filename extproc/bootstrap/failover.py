@@ -34,7 +34,9 @@ from extproc.failover.plan import (
 from extproc.headers import INTERNAL_HEADERS
 from extproc.netaddr import is_ip_literal
 
-_RETRY_PRIORITY = _TYPE + "extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig"
+_RETRY_PRIORITY = (
+    _TYPE + "extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig"
+)
 _PREVIOUS_HOSTS = _TYPE + "extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
 
 
@@ -177,9 +179,10 @@ def _retry_policy(config: Config, tries: int) -> dict[str, Any]:
             "typed_config": {"@type": _RETRY_PRIORITY, "update_frequency": 1},
         },
         "retry_host_predicate": [
-            {"name": "envoy.retry_host_predicates.previous_hosts", "typed_config": {
-                "@type": _PREVIOUS_HOSTS
-            }}
+            {
+                "name": "envoy.retry_host_predicates.previous_hosts",
+                "typed_config": {"@type": _PREVIOUS_HOSTS},
+            }
         ],
         "host_selection_retry_max_attempts": 8,
         # Another provider is not the one that was busy: no back-off worth waiting.

@@ -259,7 +259,9 @@ class AliasConfig(Section):
 
     name: Str
     provider: OptStr = None
+    """The provider that serves the alias (with `model`), unless `targets` is set."""
     model: OptStr = None
+    """The model id sent to `provider`."""
     targets: tuple[TargetConfig, ...] = ()
     """Instead of `provider`/`model`: up to four `{provider, model, weight?}`."""
 

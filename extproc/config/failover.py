@@ -66,9 +66,11 @@ class ProviderLimitsConfig(Section):
     targets on this provider are skipped, never tried."""
 
     requests: Optional(Int(), "an integer") = None
+    """Requests per window."""
     tokens: Optional(Int(), "an integer") = None
     """Total tokens (prompt + completion) per window."""
     window: checked(_window) = "1m"
+    """`30s`, `1m`, `1h`, `1d` (at most 366d)."""
 
     @classmethod
     def checks(cls, raw: dict[str, Any], refused: set[Any]) -> list[tuple[Loc, str]]:
@@ -94,7 +96,8 @@ def check_targets(raw: dict[str, Any]) -> list[tuple[Loc, str]]:
         found.append(
             (
                 (direct[0],),
-                "set provider/model or targets, not both (targets name their own provider and model)",
+                "set provider/model or targets, not both "
+                "(targets name their own provider and model)",
             )
         )
     if not isinstance(targets, list) or not targets:
@@ -119,4 +122,3 @@ __all__ = [
     "TargetConfig",
     "check_targets",
 ]
-

@@ -75,9 +75,7 @@ class Attempt:
         fmt = detect_format(provider.format, headers.get(":path", "")) or format_for(
             provider.format
         )
-        sets = credentials.provider_headers(
-            provider, fmt, stage.keys.get(provider.name), headers
-        )
+        sets = credentials.provider_headers(provider, fmt, stage.keys.get(provider.name), headers)
         remove = [*_DROPPED]
         remove += [h for h in credentials.credential_headers(fmt) if h in headers and h not in sets]
         return wire.continue_request_headers(sets, remove, skip_bodies=False)

@@ -244,4 +244,3 @@ def build(config: Config, shared: Shared, environ: Mapping[str, str]) -> Failove
         shared.metrics,
         credentials.provider_keys(config, environ),
     )
-
