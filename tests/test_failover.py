@@ -5,6 +5,7 @@ message by message, and the provider quota charged to the target that answered."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -89,11 +90,13 @@ def test_targets_and_provider_model_are_mutually_exclusive():
         ({"provider": "mock"}, "models.aliases.x", "set provider and model, or targets"),
         ({"targets": []}, "models.aliases.x.targets", "non-empty list"),
         (
-            {"targets": [{"provider": "mock", "model": "a", "weight": 2}, {"provider": "mock", "model": "b"}]},
+            {"targets": [{"provider": "mock", "model": "a", "weight": 2},
+                         {"provider": "mock", "model": "b"}]},
             "models.aliases.x.targets[1]",
             "set weight on every target or on none",
         ),
-        ({"targets": [{"provider": "mock", "model": "a"}] * 5}, "models.aliases.x.targets", "at most 4"),
+        ({"targets": [{"provider": "mock", "model": "a"}] * 5},
+         "models.aliases.x.targets", "at most 4"),
         (
             {"targets": [{"provider": "nope", "model": "a"}]},
             "models.aliases.x.targets[0].provider",
@@ -193,9 +196,11 @@ def test_a_circuit_opens_after_consecutive_failures_and_closes_after_its_pause()
 
 def _attempt_headers(alias: str, index: int, headers: dict[str, str]) -> pb.ProcessingRequest:
     message = headers_msg(headers, route="v1")
+    # As Envoy sends the attribute: the endpoint's Metadata in protobuf text format.
     text = (
         'filter_metadata { key: "ai_gateway" value { fields { key: "alias" value { '
-        f'string_value: "{alias}" }} }} fields {{ key: "target" value {{ number_value: {index} }} }} }} }}'
+        f'string_value: "{alias}" }} }} fields {{ key: "target" value {{ '
+        f"number_value: {index} }} }} }} }}"
     )
     attrs = struct_pb2.Struct()
     attrs.update({"xds.upstream_host_metadata": text})
@@ -251,7 +256,7 @@ def policy_metrics(policy):
 
 def test_the_request_goes_to_the_route_of_its_usable_targets():
     config = config_of()
-    run, r2 = post_as(config, {"model": "fo", "messages": [{"role": "user", "content": "hi"}]})
+    _, r2 = post_as(config, {"model": "fo", "messages": [{"role": "user", "content": "hi"}]})
     common = r2.request_body.response
     assert _sets(common.header_mutation)["x-ai-gateway-failover"] == "v1/fo/3"
     assert common.clear_route_cache
@@ -277,10 +282,8 @@ def test_quota_is_charged_to_the_target_that_answered_and_refunded_otherwise():
         ctx.status = status
         if answered_index is not None:
             ctx.upstream_response = {TARGET_HEADER: f"{answered_index};1"}
-        try:
+        with contextlib.suppress(Refusal):  # every target failed: the 503
             stage.on_response_headers(ctx)
-        except Refusal:
-            pass
         pending = stage.on_complete(ctx, Usage(), True)
         if pending is not None:
             await pending
