@@ -5,6 +5,7 @@ small switchable providers (tests/failover_helpers.py) standing in for the targe
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -50,6 +51,8 @@ def fstack(
         "fo-silent": _alias("primary", "secondary"),
         "fo-down": {"targets": [{"provider": "down", "model": "m"}, _target("secondary")]},
         "fo-all": _alias("primary", "secondary"),
+        "fo-log": _alias("primary", "secondary"),
+        "fo-dead": {"targets": [{"provider": "down", "model": "m"}]},
         "fo-cut": _alias("primary", "secondary"),
         "fo-quota": _alias("third", "secondary"),
         "fo-circuit": _alias("primary", "secondary"),
@@ -196,6 +199,14 @@ def test_every_target_failing_gives_one_503_naming_the_alias(fstack, flakies):
     assert metric(fstack, "ai_gateway_errors_total", kind=kind) >= 1
 
 
+def test_no_reachable_target_gives_the_same_503(fstack):
+    """Envoy's own reply after refused connections is replaced by the alias's 503."""
+    response = _chat(fstack, "fo-dead")
+    assert response.status_code == 503
+    error = response.json()["error"]
+    assert "'fo-dead'" in error["message"] and error["code"] == "model_unavailable"
+
+
 def test_a_cut_after_the_first_byte_is_not_retried(fstack, flakies):
     primary, secondary = flakies["primary"], flakies["secondary"]
     primary.mode, secondary.mode = "cut", "ok"
@@ -265,18 +276,24 @@ def test_weights_split_requests_between_targets(fstack, flakies):
         base_url=fstack.base_url, headers={"authorization": f"Bearer {DEV_API_KEY}"}, timeout=30
     ) as client:
         body = {"model": "fo-split", "messages": [{"role": "user", "content": "hi"}]}
-        for _ in range(1000):
-            assert client.post("/v1/chat/completions", json=body).status_code == 200
+
+        def one(_: int) -> int:
+            return client.post("/v1/chat/completions", json=body).status_code
+
+        with ThreadPoolExecutor(8) as pool:
+            assert set(pool.map(one, range(1000))) == {200}
     share = (primary.count - before[0]) / 1000
     assert secondary.count - before[1] == 1000 - (primary.count - before[0])
     assert abs(share - 0.70) < 0.03  # weights 70 / 30
 
 
-def test_the_access_log_names_the_target_that_answered_and_the_attempts(fstack):
-    """Envoy flushes its file log every 10 s: read once, after the tests above."""
+def test_the_access_log_names_the_target_that_answered_and_the_attempts(fstack, flakies):
+    """Envoy flushes its file log every 10 s: the one test that waits for it."""
+    flakies["primary"].mode, flakies["secondary"].mode = "503", "ok"
+    assert _chat(fstack, "fo-log").status_code == 200
 
     def logged():
-        lines = [line for line in _access_lines(fstack) if line.get("alias") == "fo-status"]
+        lines = [line for line in _access_lines(fstack) if line.get("alias") == "fo-log"]
         return lines if lines else None
 
     lines = wait_for(logged, timeout=20)
