@@ -5,8 +5,8 @@ small switchable providers (tests/failover_helpers.py) standing in for the targe
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
