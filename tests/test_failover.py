@@ -330,3 +330,18 @@ def test_every_target_skipped_is_a_503_naming_the_alias():
     with pytest.raises(Refusal) as caught:
         asyncio.run(stage.on_request(ctx))
     assert caught.value.status == 503 and "'fo'" in caught.value.message
+
+
+def test_an_attempt_to_a_provider_without_a_key_carries_no_credential():
+    """The router-level stream set the route provider's key: it must not reach another."""
+    policy = build_policy(config_of(), Shared(), ENV)
+    attempt = Attempt(policy, policy_metrics(policy))
+    headers = {
+        ":method": "POST",
+        ":path": "/v1/chat/completions",
+        "authorization": "Bearer sk-mock",
+    }
+    first = attempt.on(_attempt_headers("split", 1, headers))  # `cloud`: no api key
+    mutation = first.request_headers.response.header_mutation
+    assert "authorization" in mutation.remove_headers
+    assert "authorization" not in _sets(mutation)

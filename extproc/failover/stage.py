@@ -125,6 +125,9 @@ class FailoverStage(Stage):
         ctx.response_remove.append(TARGET_HEADER)
         ctx.metadata["alias"] = alias
         first = usable[0]
+        # Stages after this one (limits, spend) see the provider and model tried first;
+        # the answer's target replaces both (on_response_headers).
+        ctx.provider = self.config.providers[first.provider]
         if ctx.info is not None and ctx.info.body.get("model") != first.model:
             ctx.info.model = first.model  # each attempt sets its own; this one names it
             ctx.info.body["model"] = first.model
@@ -144,6 +147,7 @@ class FailoverStage(Stage):
         if answered is not None:
             ctx.metadata["target"] = answered.label
             ctx.metadata["attempts"] = choice.attempts
+            ctx.provider = self.config.providers[answered.provider]
             if ctx.info is not None:
                 ctx.info.model = answered.model  # metered and logged as what answered
         if failed:
