@@ -149,7 +149,15 @@ def test_one_cluster_per_target_set_in_order_or_by_weight(tmp_path: Path):
     assert match["match"] == {"provider": "cloud"}
     tls = match["transport_socket"]["typed_config"]
     assert tls["sni"] == "api.example.com"
+    assert split["lb_policy"] == "ROUND_ROBIN"
     validate(render_to(tmp_path, config))  # Envoy 1.40 accepts all of it
+
+
+def test_a_split_may_choose_the_least_loaded_target(tmp_path: Path):
+    config = config_of(failover={"balance": "least_request"})
+    split = _cluster(render_bootstrap(config), cluster_name("split", 3))
+    assert split["lb_policy"] == "LEAST_REQUEST"
+    validate(render_to(tmp_path, config))
 
 
 def test_routes_follow_the_sidecars_header_and_retry_once_per_target():

@@ -101,7 +101,7 @@ def _cluster(config: Config, alias: str, mask: int, targets: tuple[Target, ...])
         "name": name,
         "type": "STATIC" if all(is_ip_literal(p.host) for p in providers) else "STRICT_DNS",
         "connect_timeout": "5s",
-        "lb_policy": "ROUND_ROBIN",
+        "lb_policy": config.models.failover.balance.upper(),
         "load_assignment": {"cluster_name": name, "endpoints": groups},
         # Never send traffic to a priority the sidecar did not choose because another
         # one looks unhealthy: which targets may be tried is the sidecar's decision.

@@ -9,12 +9,13 @@ from pydantic import Field
 
 from extproc.config.base import Loc, Section, fail, section
 from extproc.config.limits import _window, window_seconds
-from extproc.config.types import Int, Optional, Str, checked, in_file
+from extproc.config.types import Int, Optional, Str, checked, choice, in_file
 
 # Every subset of an alias's targets is one Envoy cluster (a skipped target gets no
 # attempt): 2**4 - 1 = 15 clusters at most per alias.
 MAX_TARGETS = 4
 DEFAULT_RETRIABLE = (429, 500, 502, 503, 504, 529)
+BALANCES = ("round_robin", "least_request")
 
 
 @section
@@ -58,6 +59,10 @@ class FailoverConfig(Section):
     skip_seconds: Int(1, 86400) = 30
     """How long a failing target is skipped; then it is tried again (one success
     clears it, one failure skips it again)."""
+    balance: choice(BALANCES, "balance") = "round_robin"
+    """How a split (targets with `weight`) chooses: `round_robin` (weighted, exact
+    shares) or `least_request` (weighted, the target with fewer requests in flight
+    first: the least loaded of equivalent targets)."""
 
 
 @section
