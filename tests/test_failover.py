@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -178,6 +179,13 @@ def test_routes_follow_the_sidecars_header_and_retry_once_per_target():
     assert routes["v1/fo/1"]["route"]["retry_policy"]["num_retries"] == 0
     assert 529 in both["retry_policy"]["retriable_status_codes"]
     assert vhost["include_request_attempt_count"] is True
+
+
+def test_cluster_names_stay_safe_and_distinct_for_any_alias():
+    assert cluster_name("chat-default", 3) == "failover_chat-default_3"
+    odd = {cluster_name(name, 1) for name in ("gpt 4/o", "gpt 4:o", "gpt_4_o")}
+    assert len(odd) == 3
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+", name) for name in odd)
 
 
 # -- circuits ---------------------------------------------------------------------------

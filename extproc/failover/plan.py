@@ -10,6 +10,8 @@ immediate response). See docs/design.md, "Failover through Envoy".
 
 from __future__ import annotations
 
+import hashlib
+import re
 from dataclasses import dataclass, field
 
 from extproc.config import AliasConfig, Config
@@ -19,6 +21,8 @@ TARGET_HEADER = "x-ai-gateway-target"  # set on the response by the upstream fil
 METADATA_KEY = "ai_gateway"  # endpoint metadata: alias, target index
 UPSTREAM_STAGE = "x-ai-gateway-stage"  # gRPC metadata of the upstream ext_proc filter
 UPSTREAM = "upstream"
+_SAFE = re.compile(r"[A-Za-z0-9._-]{1,100}")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +62,11 @@ def members(mask: int, targets: tuple[Target, ...]) -> tuple[Target, ...]:
 
 
 def cluster_name(alias: str, mask: int) -> str:
+    """`failover_<alias>_<mask>`; an alias with other characters than letters, digits,
+    `.`, `-` and `_` is spelt safely (its own hash keeps two such aliases apart)."""
+    if not _SAFE.fullmatch(alias):
+        digest = hashlib.sha256(alias.encode()).hexdigest()[:8]
+        alias = f"{_UNSAFE.sub('_', alias)[:40]}_{digest}"
     return f"failover_{alias}_{mask}"
 
 
