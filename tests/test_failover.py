@@ -361,3 +361,52 @@ def test_an_attempt_to_a_provider_without_a_key_carries_no_credential():
     mutation = first.request_headers.response.header_mutation
     assert "authorization" in mutation.remove_headers
     assert "authorization" not in _sets(mutation)
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory):
+    from tests.redis_server import RedisServer
+
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+async def test_a_provider_quota_in_redis_is_shared_by_every_worker(redis_server):
+    """Two workers (two Shared): what one charged, the other sees: `backup` is skipped."""
+    rate_limits = {
+        "store": "redis",
+        "redis": {"url": redis_server.url, "key_prefix": f"fo{id(redis_server)}:"},
+        "limits": [{"name": "any", "requests": 1000, "window": "1m"}],
+    }
+    config = parse_config(
+        {
+            "providers": PROVIDERS,
+            "routes": ROUTES,
+            "models": {"aliases": {"fo": ORDERED}},
+            "rate_limits": rate_limits,
+        },
+        "test.yaml",
+    )
+    workers = [Shared(), Shared()]
+    stages = [
+        next(s for s in build_policy(config, shared, ENV).stages if isinstance(s, FailoverStage))
+        for shared in workers
+    ]
+    try:
+        assert type(stages[0].store).__name__ == "RedisStore"
+        ctx = _ctx(config)
+        ctx.scratch["failover_alias"] = "fo"
+        await stages[0].on_request(ctx)
+        ctx.status, ctx.upstream_response = 200, {TARGET_HEADER: "1;2"}  # backup answered
+        stages[0].on_response_headers(ctx)
+        pending = stages[0].on_complete(ctx, Usage(), True)
+        if pending is not None:
+            await pending
+        other = _ctx(config)
+        other.scratch["failover_alias"] = "fo"
+        await stages[1].on_request(other)
+        assert other.upstream_headers["x-ai-gateway-failover"] == "v1/fo/1"  # mock only
+    finally:
+        for shared in workers:
+            await shared.aclose()
