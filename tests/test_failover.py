@@ -410,3 +410,49 @@ async def test_a_provider_quota_in_redis_is_shared_by_every_worker(redis_server)
     finally:
         for shared in workers:
             await shared.aclose()
+
+
+def test_an_attempt_to_a_cloud_target_is_signed_for_that_target():
+    """SigV4 covers the path and the exact bytes of this attempt, with this target's
+    keys; what the router-level stream signed for another target is removed."""
+    aws = {"type": "aws_sigv4", "region": "us-east-1"}
+    providers = {
+        "br1": {"url": "http://127.0.0.1:5", "format": "bedrock",
+                "auth": {**aws, "access_key_id_env": "K1", "secret_access_key_env": "S1"}},
+        "br2": {"url": "http://127.0.0.1:6", "format": "bedrock",
+                "auth": {**aws, "access_key_id_env": "K2", "secret_access_key_env": "S2"}},
+    }  # fmt: skip
+    config = parse_config(
+        {
+            "providers": providers,
+            "routes": [{"name": "br", "prefix": "/bedrock/", "provider": "br1", "rewrite": "/"}],
+            "models": {
+                "aliases": {
+                    "fo": {
+                        "targets": [
+                            {"provider": "br1", "model": "m1"},
+                            {"provider": "br2", "model": "m2"},
+                        ]
+                    }
+                }
+            },
+        },
+        "test.yaml",
+    )
+    env = {"K1": "AKIAFIRST", "S1": "s1", "K2": "AKIASECOND", "S2": "s2"}
+    policy = build_policy(config, Shared(), env)
+    attempt = Attempt(policy, policy_metrics(policy))
+    headers = {
+        ":method": "POST",
+        ":path": "/model/m1/converse",
+        "authorization": "AWS4-HMAC-SHA256 Credential=AKIAFIRST/...",
+        "x-amz-date": "20260101T000000Z",
+        "x-amz-security-token": "router-level-session",
+    }
+    first = attempt.on(_attempt_headers("fo", 1, headers))
+    removed = set(first.request_headers.response.header_mutation.remove_headers)
+    assert {"authorization", "x-amz-date", "x-amz-security-token"} <= removed
+    body = attempt.on(body_msg(b'{"messages": []}'))
+    signed = _sets(body.request_body.response.header_mutation)
+    assert signed["authorization"].startswith("AWS4-HMAC-SHA256 Credential=AKIASECOND/")
+    assert "x-amz-date" in signed and "x-amz-security-token" not in signed
