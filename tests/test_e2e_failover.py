@@ -90,10 +90,12 @@ def monkeypatch_module() -> Iterator[pytest.MonkeyPatch]:
         yield mp
 
 
-def _chat(stack: Stack, model: str, stream: bool = False, **extra) -> httpx.Response:
+def _chat(
+    stack: Stack, model: str, stream: bool = False, headers_extra: dict | None = None, **extra
+) -> httpx.Response:
     return httpx.post(
         f"{stack.base_url}/v1/chat/completions",
-        headers={"authorization": f"Bearer {DEV_API_KEY}"},
+        headers={"authorization": f"Bearer {DEV_API_KEY}", **(headers_extra or {})},
         json={"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": stream},
         timeout=30,
         **extra,
@@ -300,3 +302,14 @@ def test_the_access_log_names_the_target_that_answered_and_the_attempts(fstack, 
     assert lines and lines[-1]["target"] == "secondary/model-secondary"
     assert str(lines[-1]["attempts"]) == "2"
     assert lines[-1]["model"] == "model-secondary"
+
+
+def test_a_client_cannot_pick_a_failover_route_itself(fstack, flakies):
+    """The header that selects a target set is the sidecar's: a client's copy is
+    stripped, so its request goes where its own model says (the dev mock here)."""
+    before = flakies["primary"].count, flakies["secondary"].count
+    response = _chat(
+        fstack, "gpt-4o-mini", headers_extra={"x-ai-gateway-failover": "v1/fo-status/1"}
+    )
+    assert response.status_code == 200 and response.json()["model"] == "gpt-4o-mini"
+    assert (flakies["primary"].count, flakies["secondary"].count) == before

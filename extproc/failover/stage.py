@@ -143,6 +143,14 @@ class FailoverStage(Stage):
         choice.attempts = int(attempts) if attempts.isdigit() else 0
         now = self.clock()
         failed = ctx.status in self.retry_statuses or ctx.status >= 500 or answered is None
+        if answered is None and ctx.status < 400:
+            # An answer that no attempt filter marked: Envoy has no route for this
+            # target set (a policy reloaded with new targets, the bootstrap not).
+            log.error(
+                "failover: alias %s answered without an attempt filter; render Envoy's "
+                "bootstrap again (`extproc envoy-config`) after changing targets",
+                shown(choice.alias),
+            )
         self._learn(choice, answered, failed, now)
         if answered is not None:
             ctx.metadata["target"] = answered.label
