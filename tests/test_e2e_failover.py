@@ -238,9 +238,10 @@ def test_a_cut_after_the_first_byte_is_not_retried(fstack, flakies):
 def test_a_provider_over_its_quota_is_skipped_without_an_attempt(fstack, flakies):
     third, secondary = flakies["third"], flakies["secondary"]
     third.mode, secondary.mode = "ok", "ok"
-    answers = [
-        _chat(fstack, "fo-quota").json()["choices"][0]["message"]["content"] for _ in range(4)
-    ]
+    responses = [_chat(fstack, "fo-quota") for _ in range(4)]
+    answers = [r.json()["choices"][0]["message"]["content"] for r in responses]
+    # The attempt's marker is the sidecar's: it never reaches the client.
+    assert not any(n.startswith("x-ai-gateway-") for r in responses for n in r.headers)
     # `third` allows 2 requests an hour: it answers two, then is skipped, not tried.
     assert answers == ["hello from third"] * 2 + ["hello from secondary"] * 2
     assert third.count == 2
@@ -313,3 +314,35 @@ def test_a_client_cannot_pick_a_failover_route_itself(fstack, flakies):
     )
     assert response.status_code == 200 and response.json()["model"] == "gpt-4o-mini"
     assert (flakies["primary"].count, flakies["secondary"].count) == before
+
+
+def test_failover_with_two_sidecar_workers(tmp_path_factory, flakies, monkeypatch_module):
+    """An attempt's stream may reach the other worker than its request's: the answer's
+    marker, not shared memory, tells the request who answered."""
+    from tests.test_e2e_running import start
+
+    primary, secondary = flakies["primary"], flakies["secondary"]
+    primary.mode, secondary.mode = "503", "ok"
+    stack, _ = start(
+        tmp_path_factory.mktemp("failover-two"),
+        workers=2,
+        providers={
+            "primary": {"url": primary.url, "api_key_env": "PRIMARY_KEY"},
+            "secondary": {"url": secondary.url, "api_key_env": "SECONDARY_KEY"},
+        },
+        models={
+            "aliases": {"fo-two": _alias("primary", "secondary")},
+            "failover": {"failures_to_skip": 1000},
+        },
+    )
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            models = list(pool.map(lambda _: _chat(stack, "fo-two").json()["model"], range(40)))
+        assert models == ["model-secondary"] * 40
+        streams = [metric(stack, "ai_gateway_worker_streams_total", worker=w) for w in "01"]
+        assert all(streams), streams  # both workers took streams
+        count = "ai_gateway_failover_attempts_total"
+        assert metric(stack, count, alias="fo-two", reason="status_503") == 40
+        assert metric(stack, count, alias="fo-two", reason="answered") == 40
+    finally:
+        stack.stop()
