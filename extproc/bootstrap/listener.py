@@ -116,7 +116,8 @@ def translated_providers(config: Config) -> list[str]:
         {
             alias.provider
             for alias in config.models.aliases.values()
-            if (target := config.providers[alias.provider].format) in TARGETS
+            if alias.provider is not None  # `targets`: the failover clusters' own
+            and (target := config.providers[alias.provider].format) in TARGETS
             and route_formats - {target}
         }
     )
