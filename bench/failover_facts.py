@@ -31,6 +31,8 @@ from extproc.envoybin import envoy_binary
 
 T = "type.googleapis.com/envoy."
 LOG_LEVEL = "error"
+BODY_PHASE_PATH = False  # the `body-path` case: set :path in the body phase too
+MUTATION_RULES: dict = {"allow_all_routing": True}
 
 
 def free_port() -> int:
@@ -124,6 +126,7 @@ class Recorder(pb_grpc.ExternalProcessorServicer):
                     m = out.request_headers.response.header_mutation
                     m.set_headers.append(_set(":path", f"/rewritten/{target}"))
                     m.set_headers.append(_set("x-target-seen", target))
+                    m.set_headers.append(_set(f"x-set-by-{target}", "1"))  # kept for later tries?
                     m.set_headers.append(
                         _set("x-attempt", headers.get("x-envoy-attempt-count", ""))
                     )
@@ -143,6 +146,8 @@ class Recorder(pb_grpc.ExternalProcessorServicer):
                     out.request_body.response.body_mutation.body = body
                     m = out.request_body.response.header_mutation
                     m.set_headers.append(_set("content-length", str(len(body))))
+                    if BODY_PHASE_PATH:
+                        m.set_headers.append(_set(":path", f"/from-body/{record.get('target')}"))
                 yield out
             elif kind == "response_headers":
                 headers = {
@@ -204,7 +209,7 @@ def ext_proc(grpc_port: int, side: str, body_mode: str) -> dict[str, Any]:
             "request_attributes": ["xds.upstream_host_metadata", "upstream.address"]
             if side == "up"
             else ["xds.route_name"],
-            "mutation_rules": {"allow_all_routing": True},
+            "mutation_rules": MUTATION_RULES,
         },
     }
 
@@ -453,13 +458,16 @@ async def main() -> None:
         "silent": (["silent", "ok"], {}),
         "cut": (["cut", "ok"], {}),
         "slow": (["slow", "ok"], {}),
+        "body-path": (["ok", "ok"], {}),
         "all-fail": (["503", "429", "529"], {}),
         "skip": (["ok", "ok"], {"headers": {"x-skip": "u0"}}),
         "weights": (["ok", "ok"], {"weights": True, "requests": 1000}),
     }
+    global BODY_PHASE_PATH
     for name, (modes, kw) in cases.items():
         if only and name not in only:
             continue
+        BODY_PHASE_PATH = name == "body-path"
         await case(name, modes, **kw)
 
 

@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from extproc.dev.devstack import Stack
-from tests.conftest import DEV_API_KEY, metric, start_stack, wait_for
+from tests.conftest import DEV_API_KEY, metric, mock_exchange, start_stack, wait_for
 from tests.failover_helpers import Flaky
 
 PRIMARY_KEY = "sk-primary-secret"
@@ -52,6 +52,9 @@ def fstack(
         "fo-down": {"targets": [{"provider": "down", "model": "m"}, _target("secondary")]},
         "fo-all": _alias("primary", "secondary"),
         "fo-log": _alias("primary", "secondary"),
+        "fo-cross": {
+            "targets": [_target("primary"), {"provider": "mock_anthropic", "model": "claude-x"}]
+        },
         "fo-dead": {"targets": [{"provider": "down", "model": "m"}]},
         "fo-cut": _alias("primary", "secondary"),
         "fo-quota": _alias("third", "secondary"),
@@ -346,3 +349,30 @@ def test_failover_with_two_sidecar_workers(tmp_path_factory, flakies, monkeypatc
         assert metric(stack, count, alias="fo-two", reason="answered") == 40
     finally:
         stack.stop()
+
+
+def test_a_target_in_another_api_answers_in_the_clients_api(fstack, flakies):
+    """OpenAI client, OpenAI-format primary failing, an Anthropic-format target: that
+    attempt is translated to Messages by its upstream filter, the answer back to
+    OpenAI chunks by the router-level stream."""
+    flakies["primary"].mode = "503"
+    client = openai.OpenAI(base_url=f"{fstack.base_url}/v1", api_key=DEV_API_KEY, max_retries=0)
+    stream = client.chat.completions.create(
+        model="fo-cross",
+        messages=[{"role": "user", "content": "hi"}],
+        stream=True,
+        extra_headers={"x-mock-request-id": "fo-cross", "x-mock-tokens": "5"},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.strip() and len(text.split()) == 5
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert all(c.usage is None for c in chunks)  # the client did not ask for usage
+    seen = mock_exchange(fstack, "fo-cross")
+    assert seen["path"] == "/v1/messages"  # the Messages API, not chat completions
+    sent = seen["headers"]
+    assert "authorization" not in {k.lower() for k in sent}
+    assert flakies["primary"].requests[-1]["body"]["model"] == "model-primary"
+    count = "ai_gateway_failover_attempts_total"
+    label = "mock_anthropic/claude-x"
+    assert metric(fstack, count, alias="fo-cross", target=label, reason="answered") == 1

@@ -171,8 +171,11 @@ def test_routes_follow_the_sidecars_header_and_retry_once_per_target():
         if r.get("match", {}).get("headers")
         and r["match"]["headers"][0]["name"] == "x-ai-gateway-failover"
     }
-    # Only the OpenAI-format route serves these aliases (no translation yet).
-    assert set(routes) == {f"v1/{a}/{m}" for a in ("fo", "split") for m in (1, 2, 3)}
+    # The OpenAI route, and the Anthropic one (its Messages clients reach OpenAI-format
+    # targets through the translator).
+    assert set(routes) == {
+        f"{r}/{a}/{m}" for r in ("v1", "anthropic") for a in ("fo", "split") for m in (1, 2, 3)
+    }
     both = routes["v1/fo/3"]["route"]
     assert both["cluster"] == cluster_name("fo", 3) and both["auto_host_rewrite"] is True
     assert both["retry_policy"]["num_retries"] == 1
@@ -239,12 +242,13 @@ def test_an_attempt_gets_its_targets_credential_model_and_marker():
     }
     first = attempt.on(_attempt_headers("fo", 1, headers))
     mutation = first.request_headers.response.header_mutation
-    assert _sets(mutation)["authorization"] == "Bearer sk-backup"
     assert set(mutation.remove_headers) >= {"x-envoy-attempt-count", "x-envoy-original-host"}
     body = attempt.on(body_msg(orjson.dumps({"model": "m-a", "messages": []})))
     common = body.request_body.response
     assert orjson.loads(common.body_mutation.body)["model"] == "m-b"
-    assert _sets(common.header_mutation)["content-length"] == str(len(common.body_mutation.body))
+    sets = _sets(common.header_mutation)
+    assert sets["content-length"] == str(len(common.body_mutation.body))
+    assert sets["authorization"] == "Bearer sk-backup"
     answer = pb.ProcessingRequest()
     answer.response_headers.headers.headers.add(key=":status", raw_value=b"503")
     marked = attempt.on(answer).response_headers.response.header_mutation
@@ -357,8 +361,9 @@ def test_an_attempt_to_a_provider_without_a_key_carries_no_credential():
         ":path": "/v1/chat/completions",
         "authorization": "Bearer sk-mock",
     }
-    first = attempt.on(_attempt_headers("split", 1, headers))  # `cloud`: no api key
-    mutation = first.request_headers.response.header_mutation
+    attempt.on(_attempt_headers("split", 1, headers))  # `cloud`: no api key
+    body = attempt.on(body_msg(orjson.dumps({"model": "m-c", "messages": []})))
+    mutation = body.request_body.response.header_mutation
     assert "authorization" in mutation.remove_headers
     assert "authorization" not in _sets(mutation)
 
@@ -449,10 +454,33 @@ def test_an_attempt_to_a_cloud_target_is_signed_for_that_target():
         "x-amz-date": "20260101T000000Z",
         "x-amz-security-token": "router-level-session",
     }
-    first = attempt.on(_attempt_headers("fo", 1, headers))
-    removed = set(first.request_headers.response.header_mutation.remove_headers)
-    assert {"authorization", "x-amz-date", "x-amz-security-token"} <= removed
+    attempt.on(_attempt_headers("fo", 1, headers))
     body = attempt.on(body_msg(b'{"messages": []}'))
-    signed = _sets(body.request_body.response.header_mutation)
+    mutation = body.request_body.response.header_mutation
+    signed = _sets(mutation)
     assert signed["authorization"].startswith("AWS4-HMAC-SHA256 Credential=AKIASECOND/")
-    assert "x-amz-date" in signed and "x-amz-security-token" not in signed
+    assert "x-amz-date" in signed  # a fresh signature
+    assert "x-amz-security-token" in mutation.remove_headers  # not the first one's
+
+
+def test_an_attempt_restores_the_path_and_drops_what_an_earlier_attempt_left():
+    """Envoy hands every attempt the header map the last one changed (the body is the
+    original each time): a native attempt after a translated one sets the client's
+    path again from the body's stash and removes the other API's headers."""
+    policy = build_policy(config_of(), Shared(), ENV)
+    attempt = Attempt(policy, policy_metrics(policy))
+    left = {
+        ":method": "POST",
+        ":path": "/v1/messages",  # set by an attempt translated to Anthropic
+        "x-api-key": "sk-claude",
+        "anthropic-version": "2023-06-01",
+    }
+    attempt.on(_attempt_headers("fo", 0, left))
+    stash = {"api": "openai_chat", "path": "/v1/chat/completions"}
+    sent = {"model": "m-a", "messages": [], "x-ai-gateway": stash}
+    body = attempt.on(body_msg(orjson.dumps(sent))).request_body.response
+    assert "x-ai-gateway" not in orjson.loads(body.body_mutation.body)
+    sets = _sets(body.header_mutation)
+    assert sets[":path"] == "/v1/chat/completions"
+    assert sets["authorization"] == "Bearer sk-mock"
+    assert {"x-api-key", "anthropic-version"} <= set(body.header_mutation.remove_headers)

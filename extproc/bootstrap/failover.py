@@ -33,6 +33,8 @@ from extproc.failover.plan import (
 )
 from extproc.headers import INTERNAL_HEADERS
 from extproc.netaddr import is_ip_literal
+from extproc.providers import FAMILIES
+from extproc.translate.registry import PAIRS
 
 _RETRY_PRIORITY = (
     _TYPE + "extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig"
@@ -61,7 +63,8 @@ def _upstream_ext_proc(config: Config) -> dict[str, Any]:
                 "response_trailer_mode": "SKIP",
             },
             "request_attributes": ["xds.upstream_host_metadata"],
-            # x-envoy-attempt-count and x-envoy-original-host stop here.
+            # x-envoy-attempt-count and x-envoy-original-host stop here (a translated
+            # attempt's :path, set in the body phase, needs no extra rule).
             "mutation_rules": {"allow_envoy": True},
         },
     }
@@ -158,9 +161,15 @@ def failover_providers(config: Config) -> set[str]:
 
 
 def servable(config: Config, route: RouteConfig, targets: tuple[Target, ...]) -> bool:
-    """A route serves an alias whose targets all speak its format (no translation yet)."""
+    """A route serves an alias when each target speaks the route's format or a
+    translator takes one of the route's client APIs to the target's format."""
     own = config.providers[route.provider].format
-    return all(config.providers[t.provider].format == own for t in targets)
+    apis = [fmt.name for fmt in FAMILIES[own]]
+    return all(
+        (fmt := config.providers[t.provider].format) == own
+        or any((api, fmt) in PAIRS for api in apis)
+        for t in targets
+    )
 
 
 def _retry_policy(config: Config, tries: int) -> dict[str, Any]:

@@ -46,7 +46,14 @@ def response_headers(ex: Exchange, request: Request) -> Response:
         return ex.refuse(refusal)
     if ctx.info is not None:
         ex.model = ctx.info.model  # failover: the model of the target that answered
-    return ex.flow.response_headers(ex, headers)
+    if ctx.answered_by is not None:  # failover: a target in another API answered
+        from extproc.failover.answer import adopt
+
+        adopt(ex, ctx)
+    answer = ex.flow.response_headers(ex, headers)
+    if ctx.response_remove and answer.HasField("response_headers"):  # whatever the flow
+        answer.response_headers.response.header_mutation.remove_headers.extend(ctx.response_remove)
+    return answer
 
 
 def inspect_response(ex: Exchange, headers: dict[str, str]) -> Response:
@@ -54,16 +61,16 @@ def inspect_response(ex: Exchange, headers: dict[str, str]) -> Response:
     ctx = ex.ctx
     assert ctx is not None
     set_headers = ctx.response_headers
-    remove = ctx.response_remove
+    remove: list[str] = []
     if ex.status == 0:
-        return wire.continue_response_headers(set_headers, remove, body=BodyMode.SKIP)
+        return wire.continue_response_headers(set_headers, body=BodyMode.SKIP)
     if ex.status >= 400:
         ex.error_kind = "upstream_error"
         ex.metrics.errors.labels("upstream_error").inc()
         log.warning(
             "provider answered %d route=%s model=%s", ex.status, ex.route_name, shown(ex.model)
         )
-        return wire.continue_response_headers(set_headers, remove, body=BodyMode.SKIP)
+        return wire.continue_response_headers(set_headers, body=BodyMode.SKIP)
     encoding = headers.get("content-encoding", "identity").strip().lower()
     if encoding in ("gzip", "x-gzip", "deflate"):
         # The provider ignored accept-encoding: decode incrementally (linear) and

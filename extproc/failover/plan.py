@@ -18,6 +18,10 @@ from extproc.config import AliasConfig, Config
 
 FAILOVER_HEADER = "x-ai-gateway-failover"  # alias/mask: the route of that target set
 TARGET_HEADER = "x-ai-gateway-target"  # set on the response by the upstream filter
+# In the request body, for the attempts: the client's API and path (an attempt's own
+# header changes stay for the next one, the body is the original each time). Each
+# attempt takes it out; it never reaches a provider.
+STASH_KEY = "x-ai-gateway"
 METADATA_KEY = "ai_gateway"  # endpoint metadata: alias, target index
 UPSTREAM_STAGE = "x-ai-gateway-stage"  # gRPC metadata of the upstream ext_proc filter
 UPSTREAM = "upstream"

@@ -16,6 +16,7 @@ from extproc.config import Config
 from extproc.errors import shown
 from extproc.failover.plan import (
     FAILOVER_HEADER,
+    STASH_KEY,
     TARGET_HEADER,
     Circuits,
     Target,
@@ -26,6 +27,8 @@ from extproc.metrics import Metrics
 from extproc.policy import credentials
 from extproc.policy.ratelimit.gcra import Rate
 from extproc.policy.stage import Refusal, RequestContext, Stage
+from extproc.providers import FAMILIES
+from extproc.translate import registry
 from extproc.usage import Usage
 
 if TYPE_CHECKING:
@@ -93,6 +96,8 @@ class FailoverStage(Stage):
         self.quotas = quotas_of(config)
         self.metrics = metrics
         self.keys = keys  # provider credentials, for the upstream filter
+        # (client API, provider) -> translator, for targets in another API
+        self.translators = registry.build(config.providers, config.streaming.max_frame_bytes)
         self.clock = clock
 
     async def on_request(self, ctx: RequestContext) -> None:
@@ -125,6 +130,13 @@ class FailoverStage(Stage):
         ctx.response_remove.append(TARGET_HEADER)
         ctx.metadata["alias"] = alias
         first = usable[0]
+        info = ctx.info
+        if info is not None and any(
+            ctx.format not in FAMILIES[self.config.providers[t.provider].format] for t in usable
+        ):
+            # A target in another API: its attempt translates, and must know from what.
+            info.body[STASH_KEY] = {"api": ctx.format.name, "path": credentials.wire_path(ctx)}
+            ctx.body_dirty = True
         # Stages after this one (limits, spend) see the provider and model tried first;
         # the answer's target replaces both (on_response_headers).
         ctx.provider = self.config.providers[first.provider]
@@ -155,9 +167,13 @@ class FailoverStage(Stage):
         if answered is not None:
             ctx.metadata["target"] = answered.label
             ctx.metadata["attempts"] = choice.attempts
-            ctx.provider = self.config.providers[answered.provider]
+            provider = ctx.provider = self.config.providers[answered.provider]
             if ctx.info is not None:
                 ctx.info.model = answered.model  # metered and logged as what answered
+            if not failed and ctx.format not in FAMILIES[provider.format]:
+                # Another API answered: the exchange reads it through the translator.
+                translator = self.translators.get((ctx.format.name, provider.name))
+                ctx.answered_by = (translator, answered.model) if translator else None
         if failed:
             choice.answered = None  # nothing to charge: every reservation is refunded
             tried = choice.attempts or len(choice.targets)

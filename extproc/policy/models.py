@@ -108,9 +108,12 @@ class ModelStage(Stage):
         alias = self.aliases.get(name)
         if alias is not None and alias.targets:
             # Failover: the failover stage picks the targets; the first names the model.
-            formats = {self.providers[t.provider].format for t in alias.targets}
-            if formats != {ctx.provider.format}:
-                return None  # another API shape: not servable on this route
+            for target in alias.targets:
+                fmt = self.providers[target.provider].format
+                if fmt != ctx.provider.format and (
+                    (ctx.format.name, target.provider) not in self.translators
+                ):
+                    return None  # a target in another API, and no translator to it
             return ctx.provider, alias.targets[0].model
         if alias is not None:
             assert alias.provider is not None and alias.model is not None

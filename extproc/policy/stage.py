@@ -104,6 +104,7 @@ class RequestContext:
     # A model alias served in another API: the `RequestTranslator` the exchange runs
     # after the stages (ctx.provider is then the target provider).
     translator: Any = None
+    answered_by: Any = None  # failover: (translator, model) of a target in another API
 
 
 class StreamFilter(Protocol):
