@@ -35,7 +35,8 @@ lint: install
 # guards' cost per chunk, the limiters' cost per request, each decoder's cost per frame,
 # each guard detector's cost per character on hostile text, pricing + budget checks per
 # request, the spend ledger's rows/s, and translation's cost per frame (Anthropic ->
-# OpenAI) against the decoder alone. `make bench BENCH_ARGS=--quick`
+# OpenAI) against the decoder alone, and one failed failover attempt's cost in time to
+# first token. `make bench BENCH_ARGS=--quick`
 # for a short check of bench/run.py, `BENCH_ARGS=--profile` for py-spy's top frames.
 BENCH_ARGS ?=
 bench: install
@@ -47,6 +48,7 @@ bench: install
 	$(PY) bench/spend_bench.py
 	$(PY) bench/translate_bench.py
 	$(PY) bench/sigv4_bench.py
+	$(PY) bench/failover_bench.py
 
 check-config: install
 	$(PY) -m extproc check-config $(CONFIG)

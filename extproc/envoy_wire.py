@@ -17,7 +17,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable, Mapping
 
-from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
+from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption, Metadata
 from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 from envoy.service.ext_proc.v3.external_processor_pb2 import (
     BodyMutation,
@@ -31,6 +31,8 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
     TrailersResponse,
 )
 from envoy.type.v3.http_status_pb2 import HttpStatus
+from google.protobuf import text_format
+from google.protobuf.json_format import MessageToDict
 from google.protobuf.struct_pb2 import Struct
 
 from extproc.headers import METADATA_NAMESPACE
@@ -114,6 +116,22 @@ def _attribute(request: ProcessingRequest, name: str) -> str:
 def route_name(request: ProcessingRequest) -> str:
     """The name of the route Envoy matched (`xds.route_name`), "" when not sent."""
     return _attribute(request, "xds.route_name")
+
+
+def upstream_host_fields(request: ProcessingRequest, namespace: str) -> dict[str, object]:
+    """An upstream filter's chosen endpoint: its `filter_metadata[namespace]` (Envoy
+    sends the attribute `xds.upstream_host_metadata` as a Metadata in text format)."""
+    text = _attribute(request, "xds.upstream_host_metadata")
+    if not text:
+        return {}
+    metadata = Metadata()
+    try:
+        text_format.Parse(text, metadata)
+    except text_format.ParseError:
+        return {}
+    if namespace not in metadata.filter_metadata:
+        return {}
+    return MessageToDict(metadata.filter_metadata[namespace])
 
 
 def client_address(request: ProcessingRequest, headers: Mapping[str, str]) -> str:

@@ -62,7 +62,9 @@ class MetricLabels:
         models = {"unknown"}  # an exchange that never named one
         m = config.models
         for alias, target in m.aliases.items():
-            models.update((alias, target.model))
+            models.update((alias, *(t.model for t in target.targets)))
+            if target.model:
+                models.add(target.model)
         for names in m.catalog.values():
             models.update(names)
         lists = [r.models or () for r in config.routes]

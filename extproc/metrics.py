@@ -46,6 +46,7 @@ ERROR_KINDS = (
     "decode_error",  # a response encoding that cannot be read (passed on uninspected)
     "malformed_stream",  # broken framing (bad CRC, not the promised JSON)
     "credentials_unavailable",  # a provider's cloud credentials not fetched yet (503)
+    "failover_exhausted",  # every target of an alias failed or was skipped (503)
     "overloaded",  # shed by admission control: the worker is over its limits (503)
     "internal",  # the sidecar's own failure
 )
@@ -112,6 +113,13 @@ class Metrics:
             "ai_gateway_errors",
             f"Refusals and failures by kind ({', '.join(ERROR_KINDS)})",
             ["kind"],
+            registry=r,
+        )
+        self.failover_attempts = Counter(
+            "ai_gateway_failover_attempts",
+            "Alias targets tried or skipped, by alias, target (provider/model) and reason "
+            "(answered, a status, no_response; skipped_quota, skipped_circuit)",
+            ["alias", "target", "reason"],
             registry=r,
         )
         self.upstream_closed = Counter(

@@ -33,6 +33,8 @@ from extproc.admission import Admission, Limits, shed_response
 from extproc.config import Config, ConfigError, load_config
 from extproc.envoy_wire import Response
 from extproc.exchange import Exchange
+from extproc.failover.attempt import Attempt
+from extproc.failover.plan import UPSTREAM, UPSTREAM_STAGE
 from extproc.metrics import Metrics
 from extproc.msgtimes import MessageTimes
 from extproc.netaddr import worker_addresses
@@ -114,9 +116,10 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):
             first = await context.read()
             if first is grpc.aio.EOF:
                 return
+            upstream = _upstream_filter(context)
             # Only a client's request is shed (an Envoy local reply starts at response
-            # headers).
-            if first.WhichOneof("request") == "request_headers":
+            # headers; a failover attempt belongs to a request already admitted).
+            if first.WhichOneof("request") == "request_headers" and not upstream:
                 reason = admission.admit()
                 if reason is not None:
                     await self._refuse_overloaded(context, reason)
@@ -125,6 +128,9 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):
                 admission.open += 1  # counted like any stream, never refused
         except GrpcCallError as exc:  # a hang-up before the exchange began: nothing to settle
             log.debug("ext_proc stream ended before its first answer: %r", exc)
+            return
+        if upstream:
+            await self._attempt(first, context)
             return
         exchange = Exchange(self.policy, self.metrics, clock())
         exchange.traceparent = _traceparent(context)  # Envoy's span of this ext_proc call
@@ -172,6 +178,22 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):
             exchange.close(clock())
             if exchange.after:
                 self._run_after(exchange)
+
+    async def _attempt(self, first, context: grpc.aio.ServicerContext) -> None:
+        """A stream of the upstream (cluster-level) filter: one failover attempt."""
+        attempt = Attempt(self.policy, self.metrics)
+        self.open_streams += 1
+        try:
+            request = first
+            while request is not grpc.aio.EOF:
+                await context.write(attempt.on(request))
+                request = await context.read()
+        except GrpcCallError as exc:  # Envoy ended the attempt (reset, per-try timeout)
+            log.debug("failover attempt stream ended under us: %r", exc)
+        finally:
+            self.open_streams -= 1
+            self.admission.release()
+            attempt.close()
 
     async def _refuse_overloaded(self, context: grpc.aio.ServicerContext, reason: str) -> None:
         """503 `overloaded` at once; no Exchange, no stage, nothing reaches the provider.
@@ -227,6 +249,13 @@ async def probe_lag(admission: Admission, metrics: Metrics, interval: float = LA
         observe(lag)
         admission.observe_lag(lag)
         metrics.saturated.set(1 if admission.saturated else 0)
+
+
+def _upstream_filter(context: grpc.aio.ServicerContext) -> bool:
+    for key, value in context.invocation_metadata() or ():
+        if key == UPSTREAM_STAGE:
+            return value == UPSTREAM
+    return False
 
 
 def _traceparent(context: grpc.aio.ServicerContext) -> str:

@@ -186,15 +186,16 @@ def test_dev_bootstrap_shape() -> None:
     for mapper in local["mappers"]:
         status_filter = mapper["filter"]
         if "and_filter" in status_filter:  # 502/503 only with an Envoy response flag
-            status_filter, flag_filter = status_filter["and_filter"]["filters"]
-            if "extension_filter" in flag_filter:  # 400 and 413 only when Envoy's own
-                expression = flag_filter["extension_filter"]["typed_config"]["expression"]
-                assert expression in (
-                    "response.code_details == 'path_normalization_failed'",
-                    "!response.code_details.startsWith('ai_gateway_')",
-                )
-            else:
-                assert flag_filter == {"response_flag_filter": {}}
+            status_filter, *conditions = status_filter["and_filter"]["filters"]
+            for flag_filter in conditions:
+                if "extension_filter" in flag_filter:  # 400, 413, 503 only when Envoy's own
+                    expression = flag_filter["extension_filter"]["typed_config"]["expression"]
+                    assert expression in (
+                        "response.code_details == 'path_normalization_failed'",
+                        "!response.code_details.startsWith('ai_gateway_')",
+                    )
+                else:
+                    assert flag_filter == {"response_flag_filter": {}}
         statuses.append(status_filter["status_code_filter"]["comparison"]["value"]["default_value"])
     assert statuses == [400, 413, 500, 502, 503, 504]
 

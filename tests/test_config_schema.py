@@ -168,7 +168,7 @@ def test_an_entry_is_named_by_its_key_only() -> None:
         (
             "providers.m.name",
             "unknown key 'name' (known: url, format, api_key_env, api_key_file, ca_file, auth, "
-            "project, location, api_version)",
+            "project, location, api_version, limits)",
         ),
         ("providers.m.url", "expected an http:// or https:// URL, got 'ftp://x'"),
     ]

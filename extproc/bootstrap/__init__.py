@@ -29,6 +29,7 @@ from extproc.bootstrap.common import (
     openai_error,
     system_ca_bundle,
 )
+from extproc.bootstrap.failover import failover_clusters
 from extproc.bootstrap.listener import _dispatch_providers, _listener, translated_providers
 from extproc.bootstrap.replies import local_reply_config
 from extproc.bootstrap.tracing import otlp_cluster
@@ -64,6 +65,7 @@ def render_bootstrap(config: Config) -> dict[str, Any]:
     )
     clusters = [_extproc_cluster(config)]
     clusters += [_provider_cluster(config.providers[name]) for name in used]
+    clusters += failover_clusters(config)
     otlp = otlp_cluster(config)
     if otlp is not None:
         clusters.append(otlp)

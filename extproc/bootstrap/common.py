@@ -26,6 +26,9 @@ METADATA_KEYS = (
     "reason",
     "provider",  # translated exchanges: the provider that answered, and its API
     "upstream_format",
+    "alias",  # failover: the alias asked for, the target that answered, attempts made
+    "target",
+    "attempts",
 )
 EXTPROC_CLUSTER = "extproc"
 EXTPROC_FILTER = "envoy.filters.http.ext_proc"

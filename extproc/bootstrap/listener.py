@@ -18,6 +18,7 @@ from extproc.bootstrap.common import (
     _listen_address,
     openai_error,
 )
+from extproc.bootstrap.failover import failover_routes, has_failover
 from extproc.bootstrap.replies import local_reply_config
 from extproc.bootstrap.tracing import tracing
 from extproc.config import Config, ProviderConfig, RouteConfig
@@ -115,7 +116,8 @@ def translated_providers(config: Config) -> list[str]:
         {
             alias.provider
             for alias in config.models.aliases.values()
-            if (target := config.providers[alias.provider].format) in TARGETS
+            if alias.provider is not None  # `targets`: the failover clusters' own
+            and (target := config.providers[alias.provider].format) in TARGETS
             and route_formats - {target}
         }
     )
@@ -230,7 +232,11 @@ def _ext_proc_filter(config: Config) -> dict[str, Any]:
 
 def _listener(config: Config) -> dict[str, Any]:
     routes = _translated_routes(config)
-    routes += [entry for route in config.routes for entry in _config_routes(config, route)]
+    routes += [
+        entry
+        for route in config.routes
+        for entry in (*failover_routes(config, route), *_config_routes(config, route))
+    ]
     routes.append(_not_found_route(config))
     hcm = {
         "@type": _TYPE + "extensions.filters.network.http_connection_manager.v3"
@@ -261,7 +267,15 @@ def _listener(config: Config) -> dict[str, Any]:
         "local_reply_config": local_reply_config(config),
         "route_config": {
             "name": "ai_gateway",
-            "virtual_hosts": [{"name": "ai_gateway", "domains": ["*"], "routes": routes}],
+            "virtual_hosts": [
+                {
+                    "name": "ai_gateway",
+                    "domains": ["*"],
+                    "routes": routes,
+                    # An attempt's number reaches the upstream filter (which strips it).
+                    **({"include_request_attempt_count": True} if has_failover(config) else {}),
+                }
+            ],
         },
         "http_filters": [
             _buffer_filter(config),

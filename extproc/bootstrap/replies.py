@@ -47,10 +47,13 @@ def _mapper(
     when: str | None = None,
 ) -> dict[str, Any]:
     status_filter = _status_filter(status)
+    both = [status_filter]
     if flagged_only:  # an empty flag list matches any flag set
-        status_filter = {"and_filter": {"filters": [status_filter, {"response_flag_filter": {}}]}}
-    elif when:  # a CEL condition, e.g. on Envoy's reason for the reply
-        status_filter = {"and_filter": {"filters": [status_filter, _cel(when)]}}
+        both.append({"response_flag_filter": {}})
+    if when:  # a CEL condition, e.g. on Envoy's reason for the reply
+        both.append(_cel(when))
+    if len(both) > 1:
+        status_filter = {"and_filter": {"filters": both}}
     return {
         "filter": status_filter,
         "body_format_override": {
@@ -105,6 +108,8 @@ def local_reply_config(config: Config) -> dict[str, Any]:
                 "server_error",
                 "upstream_unavailable",
                 flagged_only=True,  # the sidecar's own 503 (limits store down) stays
+                # ... also after failed attempts set a flag (URX): failover's 503.
+                when=f"!response.code_details.startsWith('{SIDECAR_DETAILS_PREFIX}')",
             ),
             _mapper(
                 504,

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import Field, WithJsonSchema, WrapValidator
 
 from extproc.config.base import Loc, Section, describe, fail, section, several
+from extproc.config.failover import FailoverConfig, TargetConfig, check_targets
 from extproc.config.types import (
     Bool,
     EnvName,
@@ -251,13 +252,26 @@ class AuthConfig(Section):
 
 @section
 class AliasConfig(Section):
-    """A model name clients send, served as `model` by `provider`."""
+    """A model name clients send, served as `model` by `provider`, or by one of
+    `targets` (tried in order, or spread by weight: [failover.md](failover.md))."""
 
     derived = ("name",)
 
     name: Str
-    provider: Str
-    model: Str
+    provider: OptStr = None
+    """The provider that serves the alias (with `model`), unless `targets` is set."""
+    model: OptStr = None
+    """The model id sent to `provider`."""
+    targets: tuple[TargetConfig, ...] = ()
+    """Instead of `provider`/`model`: up to four `{provider, model, weight?}`."""
+
+    @classmethod
+    def checks(cls, raw: dict[str, Any], refused: set[Any]) -> list[tuple[Loc, str]]:
+        return check_targets(raw)
+
+    @property
+    def weighted(self) -> bool:
+        return bool(self.targets) and self.targets[0].weight is not None
 
 
 _MODEL_LIST = {"type": "array", "items": {"type": "string"}}
@@ -297,6 +311,8 @@ class ModelsConfig(Section):
     are not aliases with 404 model_not_found; one without takes any name as sent."""
     default: OptStr = None
     """The model when a request names none."""
+    failover: FailoverConfig = Field(default_factory=FailoverConfig)
+    """Attempts of aliases with `targets` ([failover.md](failover.md))."""
 
     @classmethod
     def checks(cls, raw: dict[str, Any], refused: set[Any]) -> list[tuple[Loc, str]]:

@@ -76,6 +76,11 @@ def check_document(document: dict[str, Any], errors: set[Loc]) -> Problems:
             at = ("models", "aliases", str(alias))
             if isinstance(spec, dict) and "model" in spec and not refused((*at, "model")):
                 provider((*at, "provider"), spec.get("provider"), empty_too=True)
+            targets = spec.get("targets") if isinstance(spec, dict) else None
+            for index, target in _mappings(targets):
+                if "model" in target and not refused((*at, "targets", index, "model")):
+                    where = (*at, "targets", index, "provider")
+                    provider(where, target.get("provider"), empty_too=True)
         catalog = models.get("catalog")
         for name in (
             catalog if isinstance(catalog, dict) and isinstance(raw_providers, dict) else ()

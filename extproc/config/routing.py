@@ -7,10 +7,12 @@ from urllib.parse import urlsplit
 
 from extproc.config.base import Loc, Section, describe, fail, section, several
 from extproc.config.cloud import CloudAuthConfig, provider_checks
+from extproc.config.failover import ProviderLimitsConfig
 from extproc.config.types import (
     EnvName,
     ModelNames,
     Name,
+    Optional,
     OptPath,
     OptStr,
     Str,
@@ -70,6 +72,9 @@ class ProviderConfig(Section):
     api_version: OptStr = None
     """`azure`: the `api-version` of an OpenAI client's request sent to a deployment
     (`/openai/deployments/{model}/chat/completions`); unset: 2024-10-21."""
+    limits: Optional(ProviderLimitsConfig, "a mapping") = None
+    """This provider's own quota: alias targets on it are skipped while it is used
+    up ([failover.md](failover.md#provider-quotas))."""
 
     @classmethod
     def checks(cls, raw: dict[str, Any], refused: set[Any]) -> list[tuple[Loc, str]]:

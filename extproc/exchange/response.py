@@ -37,10 +37,23 @@ def response_headers(ex: Exchange, request: Request) -> Response:
     if ctx is None:  # e.g. Envoy's own 413 before any request phase reached us
         return wire.continue_response_headers(None, body=BodyMode.SKIP)
     ctx.status = ex.status
+    ctx.upstream_response = headers
     ex.answered = True
-    for stage in ex.policy.stages:
-        stage.on_response_headers(ctx)
-    return ex.flow.response_headers(ex, headers)
+    try:
+        for stage in ex.policy.stages:
+            stage.on_response_headers(ctx)
+    except Refusal as refusal:  # nothing reached the client yet (failover: all failed)
+        return ex.refuse(refusal)
+    if ctx.info is not None:
+        ex.model = ctx.info.model  # failover: the model of the target that answered
+    if ctx.answered_by is not None:  # failover: a target in another API answered
+        from extproc.failover.answer import adopt
+
+        adopt(ex, ctx)
+    answer = ex.flow.response_headers(ex, headers)
+    if ctx.response_remove and answer.HasField("response_headers"):  # whatever the flow
+        answer.response_headers.response.header_mutation.remove_headers.extend(ctx.response_remove)
+    return answer
 
 
 def inspect_response(ex: Exchange, headers: dict[str, str]) -> Response:

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
     from extproc._gen.guard_pb2_grpc import GuardServiceStub
     from extproc.cloudauth import CloudAuth, Refresher
+    from extproc.failover.plan import Circuits
     from extproc.policy.jwks import JwksCache
     from extproc.policy.ratelimit import RateLimitRedis
     from extproc.policy.ratelimit.local import LocalStore
@@ -74,6 +75,7 @@ class Shared:
         self.tracing: Tracing | None = None  # telemetry: the process's span export
         self.spend: SpendShared | None = None  # spend: ledger writer, local budgets
         self.cloud_auth: dict[tuple, Refresher] = {}  # providers' auth: tokens, AWS keys
+        self.failover: Circuits | None = None  # alias targets' circuit state
 
     def values(self) -> list[Any]:
         """Everything held (the readiness probe looks for `readiness_check` on each)."""
@@ -133,11 +135,13 @@ def stage_builders() -> list[StageBuilder]:
     they send and get (guards), how much (limits, then spend), what the trace may show (capture,
     after the guards). One line per stage module."""
     # Lazy: stage modules import this package.
+    from extproc.failover import stage as failover
     from extproc.policy import auth, capture, guards, models, ratelimit, spend
 
     return [
         auth.build,
         models.build,
+        failover.build,
         guards.build,
         ratelimit.build,
         spend.build,

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_plus
 
 from extproc.config import Config, ProviderConfig
+from extproc.failover.plan import FAILOVER_HEADER
 from extproc.policy.stage import Refusal, RequestContext
 
 if TYPE_CHECKING:
@@ -142,6 +143,8 @@ def finalize(cloud: CloudAuth | None, ctx: RequestContext, body: bytes) -> None:
     provider = ctx.provider
     if cloud is None or provider.auth is None:
         return
+    if FAILOVER_HEADER in ctx.upstream_headers:
+        return  # an alias's targets: the upstream filter authorizes each attempt
     authorizer = cloud.get(provider.name)
     if authorizer is None:
         return

@@ -24,6 +24,7 @@ import orjson
 
 from extproc.config import AliasConfig, Config, ProviderConfig
 from extproc.errors import shown
+from extproc.failover.stage import ALIAS_SCRATCH
 from extproc.headers import MODEL_HEADER, PROVIDER_HEADER
 from extproc.policy import credentials
 from extproc.policy.stage import Refusal, RequestContext, Stage
@@ -105,7 +106,17 @@ class ModelStage(Stage):
     def _resolve(self, ctx: RequestContext, name: str) -> tuple[ProviderConfig, str] | None:
         """(provider, real model) for a name on this route, None when unknown here."""
         alias = self.aliases.get(name)
+        if alias is not None and alias.targets:
+            # Failover: the failover stage picks the targets; the first names the model.
+            for target in alias.targets:
+                fmt = self.providers[target.provider].format
+                if fmt != ctx.provider.format and (
+                    (ctx.format.name, target.provider) not in self.translators
+                ):
+                    return None  # a target in another API, and no translator to it
+            return ctx.provider, alias.targets[0].model
         if alias is not None:
+            assert alias.provider is not None and alias.model is not None
             provider = self.providers[alias.provider]
             if provider.format != ctx.provider.format and (
                 (ctx.format.name, provider.name) not in self.translators
@@ -151,7 +162,9 @@ class ModelStage(Stage):
 
     def _model_object(self, ctx: RequestContext, name: str) -> dict[str, Any]:
         alias = self.aliases.get(name)
-        owner = alias.provider if alias is not None else ctx.provider.name
+        owner = ctx.provider.name
+        if alias is not None:
+            owner = alias.provider or alias.targets[0].provider
         return {"id": name, "object": "model", "created": 0, "owned_by": owner}
 
     # -- the request body ----------------------------------------------------------------
@@ -192,7 +205,9 @@ class ModelStage(Stage):
             info.model = model
             info.body["model"] = model
             ctx.body_dirty = True
-        if provider.format != ctx.provider.format:
+        if name in self.aliases and self.aliases[name].targets:
+            ctx.scratch[ALIAS_SCRATCH] = name  # the failover stage takes it from here
+        elif provider.format != ctx.provider.format:
             self._translate(ctx, provider)
         elif provider.name != ctx.provider.name:
             self._switch(ctx, provider)

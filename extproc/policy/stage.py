@@ -88,6 +88,8 @@ class RequestContext:
     remove_headers: list[str] = field(default_factory=list)  # removed from the request
     clear_route_cache: bool = False  # set when a stage changed a header routes match on
     response_headers: dict[str, str] = field(default_factory=dict)  # added for the client
+    response_remove: list[str] = field(default_factory=list)  # removed for the client
+    upstream_response: dict[str, str] = field(default_factory=dict)  # as Envoy sent them
     metadata: dict[str, Any] = field(default_factory=dict)  # extra dynamic metadata
     status: int = 0  # provider's status, from the response-headers phase on
     buffer_response: bool = False  # a stage needs whole non-streaming bodies
@@ -102,6 +104,7 @@ class RequestContext:
     # A model alias served in another API: the `RequestTranslator` the exchange runs
     # after the stages (ctx.provider is then the target provider).
     translator: Any = None
+    answered_by: Any = None  # failover: (translator, model) of a target in another API
 
 
 class StreamFilter(Protocol):

@@ -319,7 +319,8 @@ def check_spend(config: Config) -> list[tuple[str, str]]:
 def _declared_models(config: Config) -> set[str]:
     models = config.models
     found = {alias for alias in models.aliases}
-    found.update(a.model for a in models.aliases.values())
+    found.update(a.model for a in models.aliases.values() if a.model)
+    found.update(t.model for a in models.aliases.values() for t in a.targets)
     found.update(n for names in models.catalog.values() for n in names)
     for names in [r.models or () for r in config.routes] + [
         c.models or () for c in config.consumers.values()
