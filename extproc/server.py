@@ -32,7 +32,8 @@ from extproc import logcontext
 from extproc.admission import Admission, Limits, shed_response
 from extproc.config import Config, ConfigError, load_config
 from extproc.envoy_wire import Response
-from extproc.exchange import Exchange
+from extproc.exchange import Exchange, offpath
+from extproc.headers import OBSERVER_METADATA
 from extproc.metrics import Metrics
 from extproc.netaddr import worker_addresses
 from extproc.policy import Policy, Shared, build_policy
@@ -112,6 +113,9 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):
         try:
             first = await context.read()
             if first is grpc.aio.EOF:
+                return
+            if _observing(context):  # `streaming.meter_off_path`: never answered
+                await offpath.observe(first, context, clock, self._run_after)
                 return
             # Only a client's request is shed (an Envoy local reply starts at response
             # headers).
@@ -225,6 +229,11 @@ async def probe_lag(admission: Admission, metrics: Metrics, interval: float = LA
         observe(lag)
         admission.observe_lag(lag)
         metrics.saturated.set(1 if admission.saturated else 0)
+
+
+def _observing(context: grpc.aio.ServicerContext) -> bool:
+    """A stream of the observing filter (it sends `OBSERVER_METADATA`)."""
+    return any(key == OBSERVER_METADATA for key, _ in context.invocation_metadata() or ())
 
 
 def _traceparent(context: grpc.aio.ServicerContext) -> str:
