@@ -5,7 +5,10 @@ whose usage is hidden from the client, stays synchronous."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import signal
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -199,6 +202,54 @@ def test_metered_stream_runs_off_path_and_meters_exactly(offpath):
         line = next(line for line in log.splitlines() if rid in line and "exchange route" in line)
         assert f"completion={usage['completion_tokens']} " in line
         assert "estimated=False" in line
+
+
+def test_stream_reaches_the_client_while_the_sidecar_is_stopped(offpath):
+    """Envoy never waits for the observer: with the sidecar process stopped after the
+    response headers, the whole stream still arrives. Resumed within the observer's
+    `deferred_close_timeout`, the sidecar reads the queued chunks and meters them
+    exactly. The access log line has who and what, but not the tokens: the observer's
+    answers never reach Envoy (the sidecar's log line and metrics have them)."""
+    completion_before = tokens(offpath, "completion")
+    body, headers = chat(usage=True, tokens=15)
+    headers["x-mock-delay-ms"] = "5"
+    sidecar = offpath.procs["sidecar"].pid
+    try:
+        with httpx.stream(
+            "POST", f"{offpath.base_url}/meter", json=body, headers=headers, timeout=30
+        ) as reply:
+            chunks = reply.iter_raw()
+            first = next(chunks)
+            os.kill(sidecar, signal.SIGSTOP)
+            rest = b"".join(chunks)
+    finally:
+        os.kill(sidecar, signal.SIGCONT)
+    assert reply.status_code == 200
+    assert rest.rstrip().endswith(b"data: [DONE]")
+    usage = usage_of(first + rest)
+    assert usage is not None and usage["completion_tokens"] == 15
+    assert wait_for(lambda: tokens(offpath, "completion") - completion_before == 15)
+    rid = headers["x-request-id"]
+
+    def logged() -> dict | None:
+        for line in (offpath.workdir / "access.log").read_text().splitlines():
+            entry = json.loads(line)
+            if entry["request_id"] == rid:
+                return entry
+        return None
+
+    entry = wait_for(logged)
+    assert entry["route"] == "meter" and entry["model"] == "gpt-4o-mini"
+    assert entry["completion_tokens"] is None
+
+
+def test_not_found_route_opens_no_observer(offpath):
+    """The catch-all 404 disables both ext_proc filters per route."""
+    started = "http.ai_gateway.ext_proc.observer.streams_started"
+    before = envoy_stat(offpath, started)
+    reply = httpx.post(f"{offpath.base_url}/nowhere", json={}, timeout=30)
+    assert reply.status_code == 404
+    assert envoy_stat(offpath, started) == before
 
 
 def test_guarded_route_stays_synchronous_and_masks(offpath):

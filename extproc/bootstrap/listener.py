@@ -262,7 +262,7 @@ def _observer_filter(config: Config) -> dict[str, Any]:
             },
             "observability_mode": True,
             "stat_prefix": "observer",
-            "deferred_close_timeout": "1s",
+            "deferred_close_timeout": "5s",
             "failure_mode_allow": True,
             "processing_mode": {
                 "request_header_mode": "SEND",
