@@ -180,7 +180,8 @@ def evaluate(report: dict[str, Any]) -> list[dict[str, Any]]:
                 else ("" if streams == want else f"at {streams} streams, not {want}")
             )
             t = _target(
-                f"added_p99_{setup}", f"added p99 per chunk vs Envoy alone, {setup} (gapped)",
+                f"added_p99_{setup.replace('-', '_')}",
+                f"added p99 per chunk vs Envoy alone, {setup} (gapped)",
                 added.get("p99"), "ms", "<", ADDED_P99_MS, note,
             )  # fmt: skip
             if busy > BUSY_CORES:

@@ -343,7 +343,7 @@ def test_off_path_metering_is_judged_per_chunk_against_the_noop_server() -> None
     t = by_id({**rep, "targets": targets.evaluate(rep)})
     assert t["offpath_vs_noop_gapped"]["value"] == pytest.approx(0.5)
     assert t["offpath_vs_noop_gapped"]["pass"] is True and not t["offpath_vs_noop_gapped"]["note"]
-    assert t["added_p99_meter-offpath"]["value"] == pytest.approx(0.3)
+    assert t["added_p99_meter_offpath"]["value"] == pytest.approx(0.3)
     rep["results"]["meter-offpath"]["gapped"] = run(70.0)
     t = by_id({**rep, "targets": targets.evaluate(rep)})["offpath_vs_noop_gapped"]
     assert t["value"] == pytest.approx(0.7) and t["pass"] is False

@@ -192,6 +192,8 @@ class Exchange:
         body = self.body
         if self.closed or self.decoder is None or body is response_phase.ENDED:
             return False
+        if self.off_path is not None:  # no chunk of it waits for an answer of ours
+            return False
         if body is response_phase.CLOSING or isinstance(body, response_phase.ShutdownEnding):
             return False
         self.body = response_phase.ShutdownEnding()

@@ -12,10 +12,11 @@ exchange is split over two `Process` streams of this worker:
    (`preserve_external_request_id`), and two requests sharing it must not share a meter.
 2. the observing stream opens, finds the exchange by its token and attaches.
 3. response headers (synchronous): the exchange qualifies (an event stream with no
-   stream filter, nothing to inflate, a success status) and an observer is attached:
-   the answer turns the synchronous filter's body mode off. Otherwise the observer is
-   told to leave (its stream ends, and Envoy sends it nothing more), and the
-   synchronous stream does it all.
+   stream filter, nothing to inflate, a success status): the answer turns the
+   synchronous filter's body mode off. Otherwise the observer is told to leave (its
+   stream ends, and Envoy sends it nothing more), and the synchronous stream does it
+   all. The decision never waits for the observer: its stream opened before the
+   request went upstream, on the same HTTP/2 connection, so it is on its way.
 4. the observer feeds each chunk to the exchange's own body phase (the same decoder,
    settlement, limits, metrics and log line as the synchronous path) and discards the
    answers: Envoy reads none in observability mode. So the final figures never reach
@@ -28,10 +29,9 @@ Everything here runs on the worker's event loop: no locks.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from extproc import envoy_wire as wire
@@ -49,22 +49,23 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("extproc.offpath")
 
-# How long a qualifying exchange's response headers wait for its observer to attach
-# (once per exchange; only a loop far behind its messages waits this long, and then
-# the exchange stays synchronous).
-ATTACH_WAIT_S = 0.05
+# After the synchronous stream ended, how long an off-path exchange waits for an
+# observer that has not attached: longer than the observer's `deferred_close_timeout`
+# (5 s), after which Envoy has closed that stream anyway. Then it settles as cut short.
+ORPHAN_S = 6.0
+# Content events per interim report: never (no answer of the observer reaches Envoy).
+NEVER = 1 << 62
 
 
 class Entry:
     """One exchange that may be metered off path, from its request body to its end."""
 
-    __slots__ = ("attach", "attached", "decided", "exchange", "token")
+    __slots__ = ("attached", "decided", "exchange", "token")
 
     def __init__(self, exchange: Exchange, token: str) -> None:
         self.exchange = exchange
         self.token = token
         self.attached = False  # an observing stream found it
-        self.attach = asyncio.Event()  # set when it does
         loop = asyncio.get_running_loop()
         self.decided: asyncio.Future[bool] = loop.create_future()  # off path or not
 
@@ -96,37 +97,26 @@ def claim(ex: Exchange, upstream_headers: dict[str, str]) -> None:
     upstream_headers[EXCHANGE_HEADER] = token
 
 
-def decide(ex: Exchange, answer: Response) -> Response | Awaitable[Response]:
-    """Response headers: off path when the body phase is a plain metered stream and an
-    observer is attached; the synchronous filter then skips the body.
-
-    The observer's first message left Envoy before the request went upstream, so it is
-    at most a few loop turns behind: a qualifying exchange waits for it (bounded)."""
+def decide(ex: Exchange, answer: Response) -> Response:
+    """Response headers: off path when the body phase is a plain metered stream; the
+    synchronous filter then skips the body. The observer's first message left Envoy
+    before the request went upstream, so it comes even when it has not attached yet
+    (grpc.aio dispatches a new stream a few loop turns later): `handed_over` waits
+    for it, bounded, should the synchronous stream end first."""
     entry = ex.off_path
     assert entry is not None
-    qualifies = (
+    off_path = (
         not ex.closed
         and 0 < ex.status < 400
         and not ex.hide_usage
         and ex.inflate is None
         and _plain_stream(ex)
     )
-    if qualifies and not entry.attached:
-        return _decide_later(ex, entry, answer)
-    return _decided(ex, entry, answer, qualifies and entry.attached)
-
-
-async def _decide_later(ex: Exchange, entry: Entry, answer: Response) -> Response:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(entry.attach.wait(), ATTACH_WAIT_S)
-    return _decided(ex, entry, answer, entry.attached and not ex.closed)
-
-
-def _decided(ex: Exchange, entry: Entry, answer: Response, off_path: bool) -> Response:
     entry.decide(off_path)
     if not off_path:
         ex.off_path = None
         return answer
+    ex.report_at = NEVER  # interim figures for Envoy: it reads no answer of the observer
     return wire.skip_response_body(answer)
 
 
@@ -150,7 +140,29 @@ def handed_over(ex: Exchange) -> bool:
         entry.decide(False)
         ex.off_path = None
         return False
+    if not entry.attached:
+        asyncio.get_running_loop().call_later(ORPHAN_S, _orphaned, entry)
     return True
+
+
+_AFTER: set[asyncio.Future] = set()  # settlement I/O of orphans, kept until done
+
+
+def _orphaned(entry: Entry) -> None:
+    """No observer ever came (its stream failed to open, or the loop fell more than
+    Envoy's deferred close behind): the body went unread, settle as cut short."""
+    ex = entry.exchange
+    entry.done()
+    if entry.attached or ex.closed:
+        return
+    ex.metrics.errors.labels("off_path_unobserved").inc()
+    log.warning("no observer came for an off-path stream route=%s", ex.route_name)
+    settle.settle(ex, asyncio.get_running_loop().time(), complete=False)
+    for work in ex.after:
+        task = asyncio.ensure_future(work)
+        _AFTER.add(task)
+        task.add_done_callback(_AFTER.discard)
+    ex.after.clear()
 
 
 async def observe(
@@ -165,10 +177,9 @@ async def observe(
 
     headers = wire.header_map(first) if first.WhichOneof("request") == "request_headers" else {}
     entry = REGISTRY.get(headers.get(EXCHANGE_HEADER, ""))
-    if entry is None or entry.attached:
+    if entry is None or entry.attached or entry.exchange.closed:
         return
     entry.attached = True
-    entry.attach.set()
     ex = entry.exchange
     set_exchange(ex.request_id, ex.trace_id)  # the log lines of this task name them too
     try:
