@@ -147,6 +147,16 @@ def write_policy(
         grpc_listen=f"127.0.0.1:{free_port(workers)}",
         metrics_listen=f"127.0.0.1:{free_port()}",
     )
+    # The bench measures what streams cost, not admission control: with the product's
+    # defaults (64 open exchanges per worker, a 250 ms loop-lag limit) the sweep's 200
+    # and 500 streams were mostly shed with 503 `overloaded`. A policy file given with
+    # --policy keeps its own limits.
+    for key, value in (
+        ("max_open_streams", 100_000),
+        ("max_queued_requests", 100_000),
+        ("max_queue_delay_ms", 0),
+    ):
+        config["server"].setdefault(key, value)
     config.setdefault("envoy", {}).update(
         listen=f"127.0.0.1:{free_port()}",
         admin=f"127.0.0.1:{free_port()}",

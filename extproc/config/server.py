@@ -111,8 +111,11 @@ class StreamingConfig(Section):
     resets the client's stream after the error event)
     ([errors.md](errors.md#ending-a-stream-the-gateway-blocked-streamingon_block))."""
     meter_off_path: choice(OFF_PATH_MODES, "meter_off_path mode") = "off"
-    """`auto`: a stream that is only metered (no response guard, usage not hidden from
-    the client, not inflated) is read by a second, observing ext_proc filter that Envoy
-    never waits for, so its chunks leave at Envoy's own pace; the usage still settles
-    the limits, metrics and access log at the end. `off`: every response chunk waits
-    for the sidecar's answer ([performance.md](performance.md#metering-off-the-latency-path))."""
+    """`auto`: a stream that is only metered (no response guard or other stream filter,
+    usage not hidden from the client, not gzip) is read by a second, observing ext_proc
+    filter that Envoy never waits for, so its chunks leave at Envoy's own pace; the
+    usage still settles the limits, budgets, metrics and the sidecar's log line, but
+    Envoy's access log line of such a stream has no token counts. Takes effect with
+    one sidecar endpoint only (`server.workers: 1`). `off`: every response chunk waits
+    for the sidecar's answer
+    ([performance.md](performance.md#metering-off-the-latency-path))."""

@@ -89,6 +89,8 @@ def claim(ex: Exchange, upstream_headers: dict[str, str]) -> None:
     ctx = ex.ctx
     if ctx is None or ctx.info is None or not ctx.info.stream or ex.hide_usage:
         return
+    if getattr(ctx, "translator", None) is not None:  # the client's frames are rewritten
+        return
     if not observer_enabled(ex.policy.config):
         return
     token = secrets.token_urlsafe(18)
