@@ -23,7 +23,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench.stack import REPO_ROOT, BenchStack
+from bench.stack import INCLUDE_USAGE, REPO_ROOT, BenchStack
 from extproc.bootstrap import EXTPROC_CLUSTER
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -126,6 +126,9 @@ def _get(url: str) -> str:
 
 _COUNT_RE = re.compile(r"^ai_gateway_extproc_message_seconds_count\{[^}]*\}\s+(\S+)$", re.M)
 _ENVOY_MSGS_RE = re.compile(r"\.ext_proc\.stream_msgs_sent: (\d+)$", re.M)
+# The observing filter's messages (`streaming.meter_off_path`): never answered, so the
+# sidecar times none of them; Envoy's count is the count.
+_OBSERVED_MSGS_RE = re.compile(r"\.ext_proc\.observer\.stream_msgs_sent: (\d+)$", re.M)
 _ACTIVE_RE = re.compile(rf"^cluster\.{EXTPROC_CLUSTER}\.upstream_rq_active: (\d+)$", re.M)
 
 
@@ -143,6 +146,11 @@ def extproc_messages(stack: BenchStack) -> int | None:
 def envoy_extproc_messages(stack: BenchStack) -> int:
     """Messages Envoy sent to the ext_proc server (its own stats): the cross-check."""
     return sum(int(v) for v in _ENVOY_MSGS_RE.findall(_get(f"{stack.admin_url}/stats")))
+
+
+def observed_messages(stack: BenchStack) -> int:
+    """Messages Envoy sent to the sidecar's observing filter (0 without one)."""
+    return sum(int(v) for v in _OBSERVED_MSGS_RE.findall(_get(f"{stack.admin_url}/stats")))
 
 
 def open_streams(stack: BenchStack) -> int | None:
@@ -211,6 +219,8 @@ def run_client(
     ]  # fmt: skip
     if stack.variant == "translated":  # only content frames carry a stamp through
         argv += ["--stamped", str(stack.frames)]
+    if stack.variant in INCLUDE_USAGE:
+        argv.append("--include-usage")
     env = dict(os.environ)
     if api_key:
         env["BENCH_API_KEY"] = api_key  # not on the command line
@@ -241,6 +251,7 @@ def measure(
     """One load run, with CPU, memory and message counters read around it."""
     pids = {name: stack.pid(name) for name in ("envoy", "sidecar", "mock")}
     msgs0, envoy_msgs0 = extproc_messages(stack), envoy_extproc_messages(stack)
+    observed0 = observed_messages(stack) if stack.ext_proc else 0
     rss_idle = rss_bytes(process_tree(pids["sidecar"]))
     sampler = Sampler(stack, pids["sidecar"]) if stack.ext_proc else None
     cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
@@ -260,14 +271,15 @@ def measure(
         if sampler is not None:
             memory = sampler.stop()
     msgs1, envoy_msgs1 = extproc_messages(stack), envoy_extproc_messages(stack)
+    observed = (observed_messages(stack) if stack.ext_proc else 0) - observed0
     for name in pids:
         if name == "sidecar" and stack.ext_proc is None:
             continue
         if stack.pid(name) is None:
             raise HarnessError(f"{name} died during the run:\n{stack.log(name)[-3000:]}")
     cpu = {name: cpu1[name] - cpu0[name] for name in pids}
-    messages = None if msgs0 is None or msgs1 is None else msgs1 - msgs0
-    envoy_messages = envoy_msgs1 - envoy_msgs0
+    messages = None if msgs0 is None or msgs1 is None else msgs1 - msgs0 + observed
+    envoy_messages = envoy_msgs1 - envoy_msgs0 + observed
     counted_by = "ext_proc server"
     if messages is None and stack.ext_proc is not None:
         # The sidecar's metric is missing (renamed?): fall back to Envoy's own count.
@@ -319,6 +331,7 @@ def summarise(
         if completed else None,
         "proxy_cpu_us_per_chunk": (cpu["envoy"] + cpu["sidecar"]) / chunks * 1e6
         if chunks else None,
+        "extproc_cpu_us_per_chunk": cpu["sidecar"] / chunks * 1e6 if chunks else None,
         "memory": memory,
         "host_busy": busy,
         "other_cpu_cores": max(0.0, others),

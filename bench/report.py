@@ -219,8 +219,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [
             "",
             f"| {shape} | req/s | chunk p50 / p99 (ms) | ext_proc µs CPU/msg "
-            "| proxy µs CPU/chunk |",
-            "|---|---|---|---|---|",
+            "| ext_proc µs CPU/chunk | proxy µs CPU/chunk |",
+            "|---|---|---|---|---|---|",
         ]
         for setup in meta["setups"]:
             r = report["results"].get(setup, {}).get(shape)
@@ -231,6 +231,7 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| {SETUP_LABEL[setup].lstrip('+ ')} | {c['requests_per_s']:.1f} | "
                 f"{_f(c['chunk_ms'].get('p50'))} / {_f(c['chunk_ms'].get('p99'))} | "
                 f"{_f(r['extproc_cpu_us_per_message'], '{:.0f}')} | "
+                f"{_f(r.get('extproc_cpu_us_per_chunk'), '{:.1f}')} | "
                 f"{_f(r['proxy_cpu_us_per_chunk'], '{:.1f}')} |"
             )
     lines += _markdown_sweep(report)

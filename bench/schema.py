@@ -55,6 +55,7 @@ RUN = {
         "extproc_messages_per_s": _OPT_NUM,
         "proxy_cpu_us_per_request": _OPT_NUM,
         "proxy_cpu_us_per_chunk": _OPT_NUM,
+        "extproc_cpu_us_per_chunk": _OPT_NUM,
         "memory": _MEMORY,
         "host_busy": _NUM,
         "other_cpu_cores": _NUM,

@@ -18,6 +18,8 @@ FLATNESS = 1.2  # CPU per message at any sweep level / at the lowest level
 WORKERS_EFFICIENCY = 0.8  # messages/s with N workers >= 0.8 * N * (1 worker's)
 ADDED_P99_MS = 1.0  # added p99 per chunk vs Envoy alone, gapped, strictly below
 TARGET_STREAMS = 50
+OFFPATH_VS_NOOP = 0.6  # metering off path: ext_proc CPU per chunk vs the do-nothing server
+OFFPATH_STREAMS = 20  # the off-path targets are set at 20 streams
 # CPU cores used by processes outside the bench during a run, above which its latencies
 # say more about the machine than about the gateway: latency targets are not judged.
 BUSY_CORES = 0.15
@@ -32,6 +34,15 @@ def cpu_per_message(results: dict[str, Any], setup: str, shape: str) -> float | 
     if run is None or not run["client"]["completed"]:
         return None
     return run["extproc_cpu_us_per_message"]
+
+
+def cpu_per_chunk(results: dict[str, Any], setup: str, shape: str) -> float | None:
+    """ext_proc CPU per chunk the clients received: the figure that compares a server
+    answering every message with one that answers none (the observer)."""
+    run = results.get(setup, {}).get(shape)
+    if run is None or not run["client"]["completed"]:
+        return None
+    return run.get("extproc_cpu_us_per_chunk")
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -141,20 +152,36 @@ def evaluate(report: dict[str, Any]) -> list[dict[str, Any]]:
                 f"{tid}_{shape}", f"CPU per ext_proc message, {label} ({shape})",
                 value, "x", "<=", limit, not50,
             ))  # fmt: skip
+    if {"meter-offpath", "noop"} <= setups:
+        for shape in meta["shapes"]:
+            value = ratio(
+                cpu_per_chunk(results, "meter-offpath", shape),
+                cpu_per_chunk(results, "noop", shape),
+            )
+            note = "" if streams == OFFPATH_STREAMS else (
+                f"at {streams} streams, not {OFFPATH_STREAMS}"
+            )  # fmt: skip
+            out.append(_target(
+                f"offpath_vs_noop_{shape}",
+                f"ext_proc CPU per chunk, metering off path vs no-op ({shape})",
+                value, "x", "<=", OFFPATH_VS_NOOP, note,
+            ))  # fmt: skip
     if "gapped" in meta["shapes"] and "envoy" in setups:
-        for setup in ("meter", "full"):
+        for setup in ("meter", "full", "meter-offpath"):
             added = report["derived"].get("gapped", {}).get(setup, {}).get("added_chunk_ms", {})
             if setup not in setups:
                 continue
             runs = [results.get(s, {}).get("gapped") for s in ("envoy", setup)]
             busy = max((r["other_cpu_cores"] for r in runs if r), default=0.0)
+            want = OFFPATH_STREAMS if setup == "meter-offpath" else TARGET_STREAMS
             note = (
                 f"machine busy: other processes used {busy:.2f} cores"
                 if busy > BUSY_CORES
-                else not50
+                else ("" if streams == want else f"at {streams} streams, not {want}")
             )
             t = _target(
-                f"added_p99_{setup}", f"added p99 per chunk vs Envoy alone, {setup} (gapped)",
+                f"added_p99_{setup.replace('-', '_')}",
+                f"added p99 per chunk vs Envoy alone, {setup} (gapped)",
                 added.get("p99"), "ms", "<", ADDED_P99_MS, note,
             )  # fmt: skip
             if busy > BUSY_CORES:

@@ -218,6 +218,13 @@ def continue_response_headers(
     return response
 
 
+def skip_response_body(response: ProcessingResponse) -> ProcessingResponse:
+    """A response-headers answer that also turns this filter's body mode off (the body
+    is read by the observing filter: `exchange.offpath`)."""
+    response.mode_override.response_body_mode = ProcessingMode.NONE
+    return response
+
+
 def continue_trailers(*, request: bool) -> ProcessingResponse:
     """Trailers are not requested in our processing mode; answered anyway."""
     if request:

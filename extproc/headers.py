@@ -12,4 +12,15 @@ MODEL_HEADER = "x-ai-gateway-model"
 # Set with PROVIDER_HEADER when the request was translated to the provider's API: its
 # dispatch route matches any path (the sidecar set the whole upstream path).
 TRANSLATED_HEADER = "x-ai-gateway-translated"
-INTERNAL_HEADERS = (PROVIDER_HEADER, CONSUMER_HEADER, MODEL_HEADER, TRANSLATED_HEADER)
+# Set by the sidecar on a request whose response body is metered off the latency path:
+# the random token that joins the observing ext_proc stream to its exchange.
+EXCHANGE_HEADER = "x-ai-gateway-exchange"
+INTERNAL_HEADERS = (
+    PROVIDER_HEADER,
+    CONSUMER_HEADER,
+    MODEL_HEADER,
+    TRANSLATED_HEADER,
+    EXCHANGE_HEADER,
+)
+# gRPC metadata on the observing filter's calls: the sidecar tells its streams apart.
+OBSERVER_METADATA = "x-ai-gateway-observer"

@@ -32,9 +32,10 @@ from extproc import logcontext
 from extproc.admission import Admission, Limits, shed_response
 from extproc.config import Config, ConfigError, load_config
 from extproc.envoy_wire import Response
-from extproc.exchange import Exchange
+from extproc.exchange import Exchange, offpath
 from extproc.failover.attempt import Attempt
 from extproc.failover.plan import UPSTREAM, UPSTREAM_STAGE
+from extproc.headers import OBSERVER_METADATA
 from extproc.metrics import Metrics
 from extproc.msgtimes import MessageTimes
 from extproc.netaddr import worker_addresses
@@ -115,6 +116,9 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):
         try:
             first = await context.read()
             if first is grpc.aio.EOF:
+                return
+            if _observing(context):  # `streaming.meter_off_path`: never answered
+                await offpath.observe(first, context, clock, self._run_after)
                 return
             upstream = _upstream_filter(context)
             # Only a client's request is shed (an Envoy local reply starts at response
@@ -256,6 +260,11 @@ def _upstream_filter(context: grpc.aio.ServicerContext) -> bool:
         if key == UPSTREAM_STAGE:
             return value == UPSTREAM
     return False
+
+
+def _observing(context: grpc.aio.ServicerContext) -> bool:
+    """A stream of the observing filter (it sends `OBSERVER_METADATA`)."""
+    return any(key == OBSERVER_METADATA for key, _ in context.invocation_metadata() or ())
 
 
 def _traceparent(context: grpc.aio.ServicerContext) -> str:

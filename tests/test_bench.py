@@ -316,7 +316,37 @@ def test_quick_mode_runs_every_part_small() -> None:
     args = parse_args(["--quick", "--workers-sweep", "1,2"])
     assert (args.concurrency, args.duration, args.sweep_duration) == (10, 2.5, 2.5)
     assert args.sweep_levels == [10, 50] and args.workers_levels == [1, 2]
-    assert args.setups == ["envoy", "noop", "meter", "full", "full-nomask", "translated"]
+    assert args.setups == [
+        "envoy",
+        "noop",
+        "meter",
+        "full",
+        "full-nomask",
+        "translated",
+        "meter-offpath",
+    ]
     full = parse_args([])
     assert full.concurrency == 50 and full.sweep_levels == [10, 50, 200, 500]
     assert parse_args(["--sweep", "none", "--workers-sweep", "none"]).sweep_levels == []
+
+
+def test_off_path_metering_is_judged_per_chunk_against_the_noop_server() -> None:
+    """The observer answers nothing, so the ratio is ext_proc CPU per chunk received
+    (per message would divide by the synchronous messages only)."""
+    rep = report()
+    rep["meta"]["setups"] = [*rep["meta"]["setups"], "meter-offpath"]
+    rep["meta"]["concurrency"] = 20
+    rep["results"]["meter-offpath"] = {
+        shape: run(50.0, p99=1.8) for shape in ("gapped", "coalesced")
+    }
+    rep["derived"] = derive(rep["results"], rep["sweep"])
+    t = by_id({**rep, "targets": targets.evaluate(rep)})
+    assert t["offpath_vs_noop_gapped"]["value"] == pytest.approx(0.5)
+    assert t["offpath_vs_noop_gapped"]["pass"] is True and not t["offpath_vs_noop_gapped"]["note"]
+    assert t["added_p99_meter_offpath"]["value"] == pytest.approx(0.3)
+    rep["results"]["meter-offpath"]["gapped"] = run(70.0)
+    t = by_id({**rep, "targets": targets.evaluate(rep)})["offpath_vs_noop_gapped"]
+    assert t["value"] == pytest.approx(0.7) and t["pass"] is False
+    rep["meta"]["concurrency"] = 50
+    t = by_id({**rep, "targets": targets.evaluate(rep)})["offpath_vs_noop_gapped"]
+    assert "not 20" in t["note"]

@@ -6,8 +6,8 @@ import ipaddress
 from pathlib import Path
 from typing import Any
 
-from extproc.config import ProviderConfig
-from extproc.netaddr import split_host_port, unix_socket_path
+from extproc.config import Config, ProviderConfig
+from extproc.netaddr import is_ip_literal, split_host_port, unix_socket_path
 
 # Keys the sidecar sets in METADATA_NAMESPACE; each becomes an access log field.
 METADATA_KEYS = (
@@ -32,6 +32,8 @@ METADATA_KEYS = (
 )
 EXTPROC_CLUSTER = "extproc"
 EXTPROC_FILTER = "envoy.filters.http.ext_proc"
+# The second ext_proc filter (`streaming.meter_off_path: auto`), in observability mode.
+OBSERVER_FILTER = "ai_gateway.ext_proc_observer"
 BUFFER_FILTER = "envoy.filters.http.buffer"
 # Route name of the catch-all 404; config route names cannot start with "_".
 NOT_FOUND_ROUTE = "_not_found"
@@ -69,6 +71,19 @@ _CIRCUIT_BREAKERS = {
 
 class BootstrapError(ValueError):
     """The config is valid but cannot be rendered on this machine (e.g. no CA bundle)."""
+
+
+def observer_enabled(config: Config) -> bool:
+    """`streaming.meter_off_path: auto` takes effect: the observing filter is rendered.
+
+    Both ext_proc streams of an exchange must reach the same sidecar process (the
+    exchange lives in its memory), and Envoy picks an endpoint per stream: so only
+    when the sidecar cluster has one endpoint (one worker, no DNS name that may
+    resolve to several pods)."""
+    if config.streaming.meter_off_path != "auto" or config.server.workers != 1:
+        return False
+    address = config.envoy.sidecar_address
+    return address is None or is_ip_literal(address.rpartition(":")[0].strip("[]"))
 
 
 def _duration(ms: int) -> str:

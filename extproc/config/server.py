@@ -19,6 +19,7 @@ from extproc.config.types import (
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS = ("text", "json")
 ON_BLOCK_MODES = ("drain", "close")  # streaming.on_block
+OFF_PATH_MODES = ("auto", "off")  # streaming.meter_off_path
 MAX_WORKERS = 256
 
 
@@ -109,3 +110,12 @@ class StreamingConfig(Section):
     when the provider finishes); `close` stops the provider at its next chunk (Envoy
     resets the client's stream after the error event)
     ([errors.md](errors.md#ending-a-stream-the-gateway-blocked-streamingon_block))."""
+    meter_off_path: choice(OFF_PATH_MODES, "meter_off_path mode") = "off"
+    """`auto`: a stream that is only metered (no response guard or other stream filter,
+    usage not hidden from the client, not gzip) is read by a second, observing ext_proc
+    filter that Envoy never waits for, so its chunks leave at Envoy's own pace; the
+    usage still settles the limits, budgets, metrics and the sidecar's log line, but
+    Envoy's access log line of such a stream has no token counts. Takes effect with
+    one sidecar endpoint only (`server.workers: 1`). `off`: every response chunk waits
+    for the sidecar's answer
+    ([performance.md](performance.md#metering-off-the-latency-path))."""

@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, Protocol
 from extproc import envoy_wire as wire
 from extproc.envoy_wire import Request, Response
 from extproc.errors import SIDECAR_DETAILS_PREFIX, bounded, error_body, shown
+from extproc.exchange import offpath, settle
 from extproc.exchange import request as request_phase
 from extproc.exchange import response as response_phase
-from extproc.exchange import settle
 from extproc.metrics import Metrics
 from extproc.policy import Policy, Refusal, RequestContext
 from extproc.usage import Usage
@@ -81,6 +81,7 @@ class Exchange:
         self.report_at = settle.REPORT_FIRST  # content events at which a stream's figures
         # go to Envoy next (so a stream cut short still has them in the access log)
         self.prompt_estimate = -1  # computed once, for those figures
+        self.off_path: offpath.Entry | None = None  # the body is metered by an observer
         metrics.active.inc()
 
     @property
@@ -191,6 +192,8 @@ class Exchange:
         body = self.body
         if self.closed or self.decoder is None or body is response_phase.ENDED:
             return False
+        if self.off_path is not None:  # no chunk of it waits for an answer of ours
+            return False
         if body is response_phase.CLOSING or isinstance(body, response_phase.ShutdownEnding):
             return False
         self.body = response_phase.ShutdownEnding()
@@ -203,7 +206,7 @@ class Exchange:
 
     def close(self, now: float) -> None:
         """The ext_proc stream is over (normally, or the client/provider went away)."""
-        if not self.closed:
+        if not self.closed and not offpath.handed_over(self):
             settle.settle(self, now, complete=False)
 
 
@@ -218,8 +221,9 @@ def _request_body(ex: Exchange, request: Request, now: float) -> Awaitable[Respo
     return ex.flow.request_body(ex, request.request_body.body, now)
 
 
-def _response_headers(ex: Exchange, request: Request, now: float) -> Response:
-    return response_phase.response_headers(ex, request)
+def _response_headers(ex: Exchange, request: Request, now: float) -> Response | Awaitable[Response]:
+    answer = response_phase.response_headers(ex, request)
+    return answer if ex.off_path is None else offpath.decide(ex, answer)
 
 
 def _request_trailers(ex: Exchange, request: Request, now: float) -> Response:

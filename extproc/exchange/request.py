@@ -12,8 +12,8 @@ from extproc import envoy_wire as wire
 from extproc.config import Config, RouteConfig
 from extproc.envoy_wire import BodyMode, Request, Response
 from extproc.errors import shown
+from extproc.exchange import offpath, translated
 from extproc.exchange import response as response_phase
-from extproc.exchange import translated
 from extproc.headerlimits import header_problem
 from extproc.logcontext import MAX_ID, set_exchange, trace_id_of
 from extproc.paths import METHOD_OVERRIDE_HEADERS, PathRefused, canonical, looks_like_api, matches
@@ -170,6 +170,8 @@ async def request_body(ex: Exchange, body: bytes) -> Response:
         finalize(ex.policy.cloud, ctx, body if new_body is None else new_body)
     except Refusal as refusal:
         return ex.refuse(refusal)
+    # After the signing: Envoy removes this header before the request goes upstream.
+    offpath.claim(ex, ctx.upstream_headers)
     response = wire.replace_request_body(
         new_body, ctx.upstream_headers, ctx.remove_headers, clear_route_cache=ctx.clear_route_cache
     )
