@@ -212,6 +212,11 @@ def text_frame(text: str, index: int = 0) -> bytes:
             " a",
         ),
         (text_frame(" hello")[:-1], None),  # not whole frames
+        # A key spelt with an escape is the same key to every JSON parser (the client's
+        # and the full path's), but not to a byte search: never skip such a chunk.
+        (text_frame(" a") + HEAD + b'{"index":0,"delta":{"con\\u0074ent":"4111"}}]}\n\n', None),
+        (HEAD + b'{"index":0,"delta":{"refus\\u0061l":"4111"}}]}\n\n', None),
+        (HEAD + b'{"index":1,"del\\u0074a":{"content":"4111"}}]}\n\n', None),
         (text_frame(" hello").replace(b"\n", b"\r\n"), None),
     ],
 )

@@ -301,7 +301,9 @@ def test_error_body_is_openai_shaped():
 )
 def test_text_deltas_counts_non_empty_texts_in_one_pass(keys, tails):
     """The one-pass count equals keys-with-a-string minus keys-with-an-empty-string."""
-    data = "".join(f'"{k}{t}' for k, t in zip(keys, tails, strict=False)).encode()
+    # Pieces apart as in JSON (a comma between members): run together, one key's closing
+    # quote could open the next and `bytes.count`, which does not overlap, would miss it.
+    data = ",".join(f'"{k}{t}' for k, t in zip(keys, tails, strict=False)).encode()
     count = data.count
     texts = openai_chat._TEXT_KEYS
     expected = sum(map(count, texts)) - sum(count(key + b'"') for key in texts)

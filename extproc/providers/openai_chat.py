@@ -227,7 +227,7 @@ class OpenAIChatStream(SSEDecoder):
             return None  # a refusal is guarded like content: the full path reads it
         count = chunk.count(_CONTENT_KEY)
         if not count:
-            return ""
+            return None if b"\\" in chunk else ""  # an escaped key may hide a text
         parts = []
         at = chunk.find(_CONTENT_STRING)
         while at >= 0:
@@ -242,6 +242,10 @@ class OpenAIChatStream(SSEDecoder):
         if len(parts) != count:
             return None  # a "content" that holds no string (null, parts), or elsewhere
         raw = parts[0] if count == 1 else b"".join(parts)
+        if chunk.count(b"\\") != raw.count(b"\\"):
+            # An escape outside the texts: a key spelt `"con\u0074ent"` is `content` to
+            # every JSON parser but invisible to the byte search.
+            return None
         if not raw.isascii():
             return None
         if b"\\" not in raw:
