@@ -48,6 +48,7 @@ ERROR_KINDS = (
     "credentials_unavailable",  # a provider's cloud credentials not fetched yet (503)
     "failover_exhausted",  # every target of an alias failed or was skipped (503)
     "overloaded",  # shed by admission control: the worker is over its limits (503)
+    "off_path_unobserved",  # an off-path metered stream whose observer never came
     "internal",  # the sidecar's own failure
 )
 

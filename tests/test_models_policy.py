@@ -281,6 +281,7 @@ def test_routes_dispatch_on_the_provider_header(tmp_path: Path):
             "x-ai-gateway-consumer",
             "x-ai-gateway-model",
             "x-ai-gateway-translated",
+            "x-ai-gateway-exchange",  # the off-path meter's correlation token
         }
     clusters = {c["name"] for c in boot["static_resources"]["clusters"]}
     assert {"provider_mock", "provider_backup"} <= clusters
