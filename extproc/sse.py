@@ -115,6 +115,15 @@ def _make_frame(raw: bytes) -> Frame:
     # Fast path for what OpenAI-style providers send: one `data:` line, LF endings.
     if raw[:5] == b"data:" and raw.find(b"\n") == len(raw) - 2 and b"\r" not in raw:
         return Frame(raw, raw[6:-2] if raw[5:6] == b" " else raw[5:-2])
+    # And for typed streams (Anthropic): `event: <type>` then one `data: ` line.
+    if raw[:7] == b"event: ":
+        eol = raw.find(b"\n")
+        if (
+            raw.startswith(b"data: ", eol + 1)
+            and raw.find(b"\n", eol + 1) == len(raw) - 2
+            and b"\r" not in raw
+        ):
+            return Frame(raw, raw[eol + 7 : -2], raw[7:eol])
     return _parse_frame(raw)
 
 
