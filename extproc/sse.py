@@ -63,6 +63,22 @@ class SSEFramer:
         line_start = self._line_start
         pos = self._scan
         end = len(buf)
+        while not self._has_cr and pos < end:  # LF only: jump from blank line to blank line
+            if pos == line_start and buf[pos] == 0x0A:  # a blank line right here
+                term_end = pos + 1
+            else:
+                # The first LF LF ends a frame: an earlier blank line would be at a line
+                # start before it, and the only line start before `pos` is `line_start`.
+                i = buf.find(b"\n\n", pos)
+                if i < 0:
+                    last = buf.rfind(b"\n", pos)
+                    if last >= 0:
+                        line_start = last + 1
+                    pos = end
+                    break
+                term_end = i + 2
+            frames.append(_make_frame(bytes(buf[frame_start:term_end])))
+            frame_start = line_start = pos = term_end
         while pos < end:
             if self._has_cr:
                 match = _LINE_END.search(buf, pos)
