@@ -169,6 +169,12 @@ class Masked:
         self.kept[id(event.raw)] = list(texts)
         return event.raw
 
+    def client_texts(self, event: StreamEvent) -> list[str]:
+        """The event's texts as the client gets them (a guard's masks, when it gave
+        any): what `telemetry.capture_content` keeps of a translated stream."""
+        kept = self.kept.get(id(event.raw))
+        return kept if kept is not None else [d.text for d in self._decoder.texts(event)]
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._decoder, name)
 
