@@ -84,6 +84,27 @@ def run(cls: type[AnthropicToOpenAI], native: bytes, points: list[int]) -> bytes
     return b"".join(translator.feed(c) for c in cut(native, points)) + translator.finish()
 
 
+def run_whole(native: bytes, points: list[int]) -> tuple[bytes, AnthropicToOpenAI]:
+    """As the exchange feeds a stream no guard reads: `feed_whole` where it takes the
+    chunk, else `feed`."""
+    translator = AnthropicToOpenAI(created=1, include_usage=True, max_frame_bytes=1 << 20)
+    out = b""
+    for chunk in cut(native, points):
+        whole = translator.feed_whole(chunk)
+        if whole is None:
+            out += translator.feed(chunk)
+        else:
+            out += whole[0] + whole[1]
+    return out + translator.finish(), translator
+
+
+def metered(translator: AnthropicToOpenAI) -> tuple:
+    decoder = translator.decoder
+    usage = decoder.usage
+    return (decoder.content_events, decoder.finish_reason, decoder.done,
+            usage.prompt_tokens, usage.completion_tokens)  # fmt: skip
+
+
 def mutate(data: bytes, at: int, byte: int, how: str) -> bytes:
     if how == "none" or not data:
         return data
@@ -103,7 +124,7 @@ deltas = st.lists(
         st.sampled_from(["orjson", "ascii", "utf8", "spaced"]),
         st.tuples(
             st.integers(0, 10**4),
-            st.sampled_from(b'"\\}0a \x00\x1f\x7f\xc3\xa9\xed\xff'),
+            st.sampled_from(b'"\\}0a \x00\x1f\x7f\xc3\xa9\xed\xff\n\r'),
             st.sampled_from(["none", "none", "none", "replace", "insert", "truncate"]),
         ),
     ),
@@ -116,6 +137,33 @@ def test_fast_and_reference_paths_write_the_same_bytes(cases, tool, points) -> N
     datas = [mutate(encode(k, t, i, how), *m) for k, t, i, how, m in cases]
     native = stream(datas, tool)
     assert run(AnthropicToOpenAI, native, points) == run(Reference, native, points)
+
+
+@given(deltas, st.booleans(), st.lists(st.integers(0, 10**5), max_size=6), st.booleans())
+def test_the_whole_chunk_path_writes_and_meters_as_the_reference(cases, tool, points, cr):
+    datas = [mutate(encode(k, t, i, how), *m) for k, t, i, how, m in cases]
+    native = stream(datas, tool)
+    if cr:  # CRLF line endings: the whole-chunk path steps aside
+        native = native.replace(b"\n", b"\r\n")
+    reference = Reference(created=1, include_usage=True, max_frame_bytes=1 << 20)
+    expected = b"".join(reference.feed(c) for c in cut(native, points)) + reference.finish()
+    got, translator = run_whole(native, points)
+    assert got == expected
+    assert metered(translator) == metered(reference)
+
+
+def test_a_coalesced_stream_is_taken_whole() -> None:
+    """The mock provider's stream in one chunk goes through `feed_whole` (so the
+    property above compares two paths)."""
+    translator = ChatToAnthropic()
+    upstream = translator.request(
+        {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    )
+    frames = mock.build_anthropic_stream(orjson.loads(upstream.body), mock.MockOptions(tokens=8))
+    response = translator.response(upstream, created=1)
+    whole = response.feed_whole(b"".join(frames))
+    assert whole is not None and whole[1] == b""
+    assert whole[0].endswith(b"data: [DONE]\n\n") and response.decoder.content_events == 8
 
 
 @given(st.text(max_size=24))

@@ -18,12 +18,14 @@ from typing import Any
 import orjson
 
 from extproc.providers._common import dicts, loads
-from extproc.providers.anthropic import AnthropicMessages, AnthropicStream
-from extproc.providers.base import StreamEvent
+from extproc.providers.anthropic import AnthropicMessages, AnthropicStream, is_text_delta
+from extproc.providers.base import StreamError, StreamEvent
+from extproc.sse import FrameTooLarge
 from extproc.translate.base import TranslatedError, openai_error
 from extproc.translate.openai_out import DecoderToOpenAI, completion, tool_call
 
 _DELTA_HEAD = b'{"type":"content_block_delta","index":'
+_DELTA_FRAME = b"event: content_block_delta\ndata: "
 # The delta's type -> (the bytes between the index and its string, the TextDelta kind).
 _DELTA_KINDS = (
     (b',"delta":{"type":"text_delta","text":"', "content"),
@@ -83,6 +85,41 @@ class AnthropicToOpenAI(DecoderToOpenAI):
         super().__init__(
             AnthropicStream(max_frame_bytes), created=created, include_usage=include_usage
         )
+
+    def feed_whole(self, chunk: bytes) -> tuple[bytes, bytes] | None:
+        """A chunk of whole LF-framed frames (a fast upstream's, coalesced): each
+        delta in Anthropic's shape is metered and written with no frame or event
+        object; any other frame goes through the decoder and `emit` on its own (the
+        framer is empty between frames, so it sees exactly that frame)."""
+        decoder = self.decoder
+        if (
+            self._broken
+            or not self.fast
+            or decoder.buffered
+            or chunk[-2:] != b"\n\n"
+            or chunk[:1] == b"\n"
+            or b"\r" in chunk
+            or b"\n\n\n" in chunk
+        ):
+            return None
+        out: list[bytes] = []
+        writer = self.writer
+        skip = len(_DELTA_FRAME)
+        for piece in chunk[:-2].split(b"\n\n"):
+            if piece.startswith(_DELTA_FRAME) and writer.started and not self._done:
+                data = piece[skip:]
+                found = delta_string(data) if b"\n" not in data else None
+                if found is not None:
+                    if is_text_delta(data):  # metered as AnthropicStream._event does
+                        decoder.content_events += 1
+                    out.append(writer.escaped(*found))
+                    continue
+            try:
+                events = decoder.feed(piece + b"\n\n")
+            except (StreamError, FrameTooLarge) as exc:
+                return b"".join(out), self._broke(exc)
+            out.append(self.emit(events))
+        return b"".join(out), b""
 
     def _event(self, event: StreamEvent, out: list[bytes]) -> None:
         name = event.name
