@@ -63,6 +63,22 @@ class SSEFramer:
         line_start = self._line_start
         pos = self._scan
         end = len(buf)
+        while not self._has_cr and pos < end:  # LF only: jump from blank line to blank line
+            if pos == line_start and buf[pos] == 0x0A:  # a blank line right here
+                term_end = pos + 1
+            else:
+                # The first LF LF ends a frame: an earlier blank line would be at a line
+                # start before it, and the only line start before `pos` is `line_start`.
+                i = buf.find(b"\n\n", pos)
+                if i < 0:
+                    last = buf.rfind(b"\n", pos)
+                    if last >= 0:
+                        line_start = last + 1
+                    pos = end
+                    break
+                term_end = i + 2
+            frames.append(_make_frame(bytes(buf[frame_start:term_end])))
+            frame_start = line_start = pos = term_end
         while pos < end:
             if self._has_cr:
                 match = _LINE_END.search(buf, pos)
@@ -115,6 +131,15 @@ def _make_frame(raw: bytes) -> Frame:
     # Fast path for what OpenAI-style providers send: one `data:` line, LF endings.
     if raw[:5] == b"data:" and raw.find(b"\n") == len(raw) - 2 and b"\r" not in raw:
         return Frame(raw, raw[6:-2] if raw[5:6] == b" " else raw[5:-2])
+    # And for typed streams (Anthropic): `event: <type>` then one `data: ` line.
+    if raw[:7] == b"event: ":
+        eol = raw.find(b"\n")
+        if (
+            raw.startswith(b"data: ", eol + 1)
+            and raw.find(b"\n", eol + 1) == len(raw) - 2
+            and b"\r" not in raw
+        ):
+            return Frame(raw, raw[eol + 7 : -2], raw[7:eol])
     return _parse_frame(raw)
 
 

@@ -169,6 +169,12 @@ class Masked:
         self.kept[id(event.raw)] = list(texts)
         return event.raw
 
+    def client_texts(self, event: StreamEvent) -> list[str]:
+        """The event's texts as the client gets them (a guard's masks, when it gave
+        any): what `telemetry.capture_content` keeps of a translated stream."""
+        kept = self.kept.get(id(event.raw))
+        return kept if kept is not None else [d.text for d in self._decoder.texts(event)]
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._decoder, name)
 
@@ -189,7 +195,14 @@ class TranslatedStream:
     def feed(self, ex: Exchange, chunk: bytes, end: bool, now: float) -> Response:
         translator = self.translator
         decoder = translator.decoder
-        events, broken = translator.decode(chunk, end)  # type: ignore[attr-defined]
+        events: list[StreamEvent] = []
+        out = b""
+        # No guard reads the events: the translator may take the chunk whole.
+        whole = None if self.filters else translator.feed_whole(chunk)  # type: ignore[attr-defined]
+        if whole is not None:
+            out, broken = whole
+        else:
+            events, broken = translator.decode(chunk, end)  # type: ignore[attr-defined]
         if broken:  # the translator ended the client's stream with an error frame
             ex.error_kind = "malformed_stream"
             ex.metrics.errors.labels("malformed_stream").inc()
@@ -197,23 +210,24 @@ class TranslatedStream:
                 "unreadable upstream stream route=%s model=%s", ex.route_name, shown(ex.model)
             )
             ex.body = response_phase.ENDED
-            response = wire.replace_body(broken)
+            response = wire.replace_body(out + broken)
             return ex.finish(response, now) if end else response
         if not ex.first_frame_at and decoder.content_events:
             ex.first_frame_at = now
-        texts: list[list[str] | None] | None = None
-        if self.filters:
-            passed = events
-            try:
-                for stream_filter in self.filters:
-                    passed = stream_filter.process(passed, end)
-            except StreamBlocked as blocked:
-                return ex.end_stream(blocked.message, blocked.code, now, end, blocked.kind)
-            if passed is not events:
-                kept = self.guarded.kept
-                texts = [kept.pop(id(event.raw), None) for event in passed]
-                events = passed
-        out = translator.emit(events, texts)
+        if whole is None:  # the events, read by the guards, then written
+            texts: list[list[str] | None] | None = None
+            if self.filters:
+                passed = events
+                try:
+                    for stream_filter in self.filters:
+                        passed = stream_filter.process(passed, end)
+                except StreamBlocked as blocked:
+                    return ex.end_stream(blocked.message, blocked.code, now, end, blocked.kind)
+                if passed is not events:
+                    kept = self.guarded.kept
+                    texts = [kept.pop(id(event.raw), None) for event in passed]
+                    events = passed
+            out = translator.emit(events, texts)
         if end:
             out += translator.close()  # type: ignore[attr-defined]
             response_phase._check_end(ex, decoder)

@@ -166,6 +166,11 @@ class _Counts:
         return result
 
 
+def is_text_delta(data: bytes) -> bool:
+    """A `content_block_delta` carries text (not a signature, not an empty delta)."""
+    return b"signature_delta" not in data and not data.rstrip().endswith(b':""}}')
+
+
 class AnthropicStream(SSEDecoder):
     """Decoder for one Messages event stream."""
 
@@ -184,8 +189,7 @@ class AnthropicStream(SSEDecoder):
             return StreamEvent(raw, raw)
         kind, name = event_kind(frame, data)
         if kind == b"content_block_delta":
-            content = b"signature_delta" not in data and not data.rstrip().endswith(b':""}}')
-            return self._delta(raw, data, content, name)
+            return self._delta(raw, data, is_text_delta(data), name)
         if kind == b"message_start" or kind == b"message_delta":
             obj = loads(data)
             if isinstance(obj, dict):

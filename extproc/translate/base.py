@@ -156,6 +156,13 @@ class DecoderDriven:
             return [], self._broke(exc)
         return events, b""
 
+    def feed_whole(self, chunk: bytes) -> tuple[bytes, bytes] | None:
+        """`decode` and `emit` in one pass for a caller with no guards reading the
+        events: (the client's bytes, the error bytes when the upstream stream broke),
+        or None (nothing consumed) to take those two steps. Translators without a
+        whole-chunk path always say None."""
+        return None
+
     def close(self) -> bytes:
         """After `decode(..., end=True)` and `emit`: the error when the upstream ended
         without its end marker (b"" when the client's stream is complete)."""

@@ -11,9 +11,11 @@ OpenAI's do. Reasoning goes out as `delta.reasoning_content`, the field DeepSeek
 vLLM use (the openai SDK keeps it as an extra field; clients that do not know it
 ignore it).
 
-Each chunk is one `orjson.dumps` of the delta between a prefix and a suffix built
-once per stream: the stream's cost is the decoder's plus about one small dump per
-upstream delta.
+Each chunk is the delta's text between byte templates built once per stream (id,
+created, model, the delta's key and the chunk's tail): a text chunk costs one
+`orjson.dumps` of the string, or none when the upstream's frame already holds the
+escaped text as orjson writes it (`ChunkWriter.escaped`, fed by a decoder's byte
+search).
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ class ChunkWriter:
         "_finish_suffix",
         "_head",
         "_include_usage",
+        "_open",
+        "_tail",
         "_tools",
         "finished",
         "started",
@@ -64,6 +68,10 @@ class ChunkWriter:
         self._include_usage = include_usage
         self._head = b""
         self._finish_suffix = b""
+        self._tail = b""
+        # A text chunk's bytes before its JSON string, by delta kind (rebuilt at start).
+        self._open: dict[str, bytes] = {}
+        self._templates()
         self._tools: dict[int, int] = {}  # upstream channel -> OpenAI tool-call index
         self.started = False
         self.finished = False
@@ -84,7 +92,17 @@ class ChunkWriter:
         )
         usage = b',"usage":null' if self._include_usage else b""
         self._finish_suffix = b"}]" + usage + b"}\n\n"
+        self._templates()
         return self._chunk(b'{"role":"assistant","content":"","refusal":null}')
+
+    def _templates(self) -> None:
+        """The text chunks' bytes around their JSON string, from `_head` and the suffix."""
+        self._tail = b'},"logprobs":null,"finish_reason":null' + self._finish_suffix
+        head = self._head
+        self._open = {
+            "content": head + b'{"content":',
+            "reasoning": head + b'{"reasoning_content":',
+        }
 
     def _chunk(self, delta: bytes, finish: bytes = b"null") -> bytes:
         return (
@@ -95,18 +113,26 @@ class ChunkWriter:
         """One upstream text delta (content, reasoning or tool arguments)."""
         if not delta.text or delta.final:
             return b""
-        if delta.kind == "content":
-            return self._chunk(b'{"content":' + orjson.dumps(delta.text) + b"}")
-        if delta.kind == "reasoning":
-            return self._chunk(b'{"reasoning_content":' + orjson.dumps(delta.text) + b"}")
-        index = self._tools.get(delta.channel)
+        return self._string(delta.kind, delta.channel, orjson.dumps(delta.text))
+
+    def escaped(self, kind: str, channel: int, string: bytes) -> bytes:
+        """`text` for a delta whose JSON string (quotes included) is already written
+        as `orjson.dumps` writes it: the decoder found it in the upstream's bytes."""
+        if len(string) <= 2:  # `""`: an empty delta sends nothing, as in `text`
+            return b""
+        return self._string(kind, channel, string)
+
+    def _string(self, kind: str, channel: int, string: bytes) -> bytes:
+        opening = self._open.get(kind)
+        if opening is not None:  # content, reasoning
+            return opening + string + self._tail
+        index = self._tools.get(channel)
         head = b""
         if index is None:  # arguments without a start: open the call (no name known)
-            head = self.tool_start(delta.channel, f"call_{delta.channel}", "")
-            index = self._tools[delta.channel]
-        arguments = orjson.dumps(delta.text)
+            head = self.tool_start(channel, f"call_{channel}", "")
+            index = self._tools[channel]
         return head + self._chunk(
-            b'{"tool_calls":[{"index":%d,"function":{"arguments":%b}}]}' % (index, arguments)
+            b'{"tool_calls":[{"index":%d,"function":{"arguments":%b}}]}' % (index, string)
         )
 
     def tool_start(self, channel: int, ident: str, name: str) -> bytes:
@@ -174,13 +200,21 @@ class DecoderToOpenAI(DecoderDriven):
                 self._after_done(event)
             return b""
         out: list[bytes] = []
+        hook = self._event
         try:
-            for i, event in enumerate(events):
-                if self._done:
-                    self._after_done(event)
-                else:
-                    self._texts = texts[i] if texts is not None else None
-                    self._event(event, out)
+            if texts is None:  # the usual case: no guard replaced a text
+                for event in events:
+                    if self._done:
+                        self._after_done(event)
+                    else:
+                        hook(event, out)
+            else:
+                for event, replaced in zip(events, texts, strict=True):
+                    if self._done:
+                        self._after_done(event)
+                    else:
+                        self._texts = replaced
+                        hook(event, out)
         except StreamError as exc:
             out.append(self._fail(str(exc), "malformed_stream"))
         finally:
