@@ -49,6 +49,7 @@ bench: install
 	$(PY) bench/translate_bench.py
 	$(PY) bench/sigv4_bench.py
 	$(PY) bench/failover_bench.py
+	$(PY) -m bench.idle_streams
 
 check-config: install
 	$(PY) -m extproc check-config $(CONFIG)
