@@ -248,3 +248,64 @@ def test_a_hanging_soft_limit_webhook_never_holds_a_request():
         return sample("ai_gateway_budget_webhook_calls_total", {"outcome": "timeout"})
 
     assert asyncio.run(scenario()) == 1
+
+
+DEAR = {"input": 20, "cached_input": 4, "output": 60, "reasoning": 80}  # the backup's rates
+
+
+class FailsOver(Stage):
+    """As the failover stage does: the first target named at the request, another one
+    that may answer instead, and the answer's target replacing the provider and model."""
+
+    def __init__(self, backup) -> None:
+        self.backup = backup
+
+    async def on_request(self, ctx: RequestContext) -> None:
+        ctx.alternatives = (("backup", "dear-model"),)
+
+    def on_response_headers(self, ctx: RequestContext) -> None:
+        ctx.provider = self.backup
+        ctx.info.model = "dear-model"
+
+
+def test_failover_reserves_the_dearest_target_and_charges_the_one_that_answered(tmp_path):
+    cfg = parse_config(
+        {
+            "providers": {
+                "mock": {"url": "http://127.0.0.1:1"},
+                "backup": {"url": "http://127.0.0.1:2"},
+            },
+            "routes": [{"name": "v1", "prefix": "/v1/", "provider": "mock"}],
+            "prices": {
+                "models": [
+                    {"model": CHAT["model"], **RATES},
+                    {"model": "dear-model", "provider": "backup", **DEAR},
+                ]
+            },
+            "budgets": {
+                "items": {"all": {"scope": "global", "limit_usd": "0.01", "period": "day"}}
+            },
+            "ledger": {
+                "url": f"sqlite:///{tmp_path / 'f.sqlite3'}",
+                "journal_dir": str(tmp_path / "journal-f"),
+            },
+        },
+        "test.yaml",
+    )
+    shared = Shared()
+    policy = build_policy(cfg, shared)
+    policy = type(policy)(cfg, stages=(FailsOver(cfg.providers["backup"]), *policy.stages))
+    run = Run(cfg)
+    run.metrics = shared.metrics
+    run.ex.policy = policy
+    [stage] = [s for s in policy.stages if isinstance(s, SpendStage)]
+    run.request({**CHAT, "stream": True, "max_tokens": 50})
+    prompt = estimate_prompt_tokens(["hello there"])
+    assert spent(stage) == prompt * 20 + 50 * 80  # the backup's worst case, not the first's
+    run.respond(stream_frames(3, usage=True))
+    # usage: prompt 11 (2 cached), completion 3 (1 reasoning), at the backup's rates
+    exact = 9 * 20 + 2 * 4 + 2 * 60 + 1 * 80
+    assert spent(stage) == exact
+    assert metadata(run.last)["cost_usd"] == usd(exact)
+    [row] = rows(shared)
+    assert (row.provider, row.model, row.cost_micros) == ("backup", "dear-model", exact)

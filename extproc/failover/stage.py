@@ -140,6 +140,7 @@ class FailoverStage(Stage):
         # Stages after this one (limits, spend) see the provider and model tried first;
         # the answer's target replaces both (on_response_headers).
         ctx.provider = self.config.providers[first.provider]
+        ctx.alternatives = tuple((t.provider, t.model) for t in usable[1:])
         if ctx.info is not None and ctx.info.body.get("model") != first.model:
             ctx.info.model = first.model  # each attempt sets its own; this one names it
             ctx.info.body["model"] = first.model

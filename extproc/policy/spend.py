@@ -71,6 +71,7 @@ class _Spend:
 
     price: Price | None
     teams: tuple[str, ...]
+    priced: tuple[str, str] = ("", "")  # the (provider, model) `price` is for
     checks: list[Check] = field(default_factory=list)
     reserved: int = 0  # micro-dollars
     refused: str = ""  # why this stage refused the request
@@ -115,6 +116,7 @@ class SpendStage(Stage):
             frozenset({"none", *teams}), open=self.team_claim is not None, learn=LEARN
         )
         self.provider_label = LabelValues(frozenset(config.providers), open=False, learn=0)
+        self.formats = {name: p.format for name, p in config.providers.items()}
         from extproc.labels import MetricLabels
 
         self.labels = MetricLabels.of(config)
@@ -135,7 +137,7 @@ class SpendStage(Stage):
         except Refusal:  # the ledger still records the refusal
             ctx.scratch[SCRATCH] = _Spend(None, teams, refused="model_not_priced")
             raise
-        spend = ctx.scratch[SCRATCH] = _Spend(price, teams)
+        spend = ctx.scratch[SCRATCH] = _Spend(price, teams, (ctx.provider.name, info.model))
         if self.planner is None or self.store is None:
             return
         subject = Subject(ctx.consumer, teams, ctx.route.name, info.model)
@@ -145,7 +147,11 @@ class SpendStage(Stage):
         asked = info.max_output_tokens
         output = asked if isinstance(asked, int) and asked > 0 else self.default_output
         assert price is not None  # an unpriced model under `refuse` raised already
-        worst = -(-worst_case_of(estimate_prompt(info), output, price) // PICO_PER_MICRO)
+        prompt = estimate_prompt(info)
+        worst_picos = max(
+            worst_case_of(prompt, output, p) for p in (price, *self._alternatives(ctx))
+        )
+        worst = -(-worst_picos // PICO_PER_MICRO)
         try:
             outcome = await self.store.reserve(checks, worst)
         except StoreUnavailable:
@@ -229,6 +235,30 @@ class SpendStage(Stage):
             )
         return found
 
+    def _alternatives(self, ctx: RequestContext) -> list[Price]:
+        """Prices of the failover targets that may answer instead (an unpriced one is
+        charged as the first target: see `_answered_price`)."""
+        found = []
+        for provider, model in ctx.alternatives:
+            try:
+                price, _, _ = self.book.price(provider, model, self.formats.get(provider, ""))
+            except Unpriced:
+                continue
+            found.append(price)
+        return found
+
+    def _answered_price(self, ctx: RequestContext, spend: _Spend, model: str) -> Price | None:
+        """The price of the target that answered: failover may have replaced the provider
+        and model priced at the request. One with no price is charged as the reserved one
+        (never zero: that would let a failover spend unbudgeted)."""
+        if spend.price is None or (ctx.provider.name, model) == spend.priced:
+            return spend.price
+        try:
+            price, _, _ = self.book.price(ctx.provider.name, model, ctx.provider.format)
+        except Unpriced:
+            return spend.price
+        return price
+
     def _count(self, checks: list[Check], outcome: str) -> None:
         for c in checks:
             self.metrics.budget_decisions.labels(c.budget.name, outcome).inc()
@@ -279,8 +309,9 @@ class SpendStage(Stage):
         spend: _Spend | None = ctx.scratch.pop(SCRATCH, None)
         if spend is None:
             return None
-        exact = micros_of(cost_of(usage, spend.price)) if spend.price is not None else 0
         model = ctx.info.model if ctx.info is not None else ""
+        price = self._answered_price(ctx, spend, model)
+        exact = micros_of(cost_of(usage, price)) if price is not None else 0
         consumer = ctx.consumer
         team = spend.teams[0] if spend.teams else ""
         ok = 0 < ctx.status < 400

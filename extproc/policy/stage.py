@@ -105,6 +105,9 @@ class RequestContext:
     # after the stages (ctx.provider is then the target provider).
     translator: Any = None
     answered_by: Any = None  # failover: (translator, model) of a target in another API
+    # Failover: the (provider, model) pairs that may answer in place of `provider` and
+    # `info.model` (the target tried first); spend reserves the dearest of them.
+    alternatives: tuple[tuple[str, str], ...] = ()
 
 
 class StreamFilter(Protocol):
