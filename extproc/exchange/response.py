@@ -65,11 +65,7 @@ def inspect_response(ex: Exchange, headers: dict[str, str]) -> Response:
     if ex.status == 0:
         return wire.continue_response_headers(set_headers, body=BodyMode.SKIP)
     if ex.status >= 400:
-        ex.error_kind = "upstream_error"
-        ex.metrics.errors.labels("upstream_error").inc()
-        log.warning(
-            "provider answered %d route=%s model=%s", ex.status, ex.route_name, shown(ex.model)
-        )
+        upstream_failed(ex)
         return wire.continue_response_headers(set_headers, body=BodyMode.SKIP)
     encoding = headers.get("content-encoding", "identity").strip().lower()
     if encoding in ("gzip", "x-gzip", "deflate"):
@@ -121,6 +117,20 @@ def inspect_response(ex: Exchange, headers: dict[str, str]) -> Response:
 
 
 # -- body phases ------------------------------------------------------------------------
+
+
+def upstream_failed(ex: Exchange) -> None:
+    """The provider answered 4xx/5xx: counted and logged once, whatever reads the body."""
+    ex.error_kind = "upstream_error"
+    ex.metrics.errors.labels("upstream_error").inc()
+    provider = ex.ctx.provider.name if ex.ctx is not None else "-"
+    log.warning(
+        "provider answered %d route=%s model=%s provider=%s",
+        ex.status,
+        ex.route_name,
+        shown(ex.model),
+        provider,
+    )
 
 
 class PassBody:

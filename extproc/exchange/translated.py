@@ -104,15 +104,7 @@ class Translated:
         if ex.status == 0:
             return wire.continue_response_headers(set_headers, body=BodyMode.SKIP)
         if ex.status >= 400:
-            ex.error_kind = "upstream_error"
-            ex.metrics.errors.labels("upstream_error").inc()
-            log.warning(
-                "provider answered %d route=%s model=%s provider=%s",
-                ex.status,
-                ex.route_name,
-                shown(ex.model),
-                ctx.provider.name,
-            )
+            response_phase.upstream_failed(ex)
             ex.body = Refused(ex.status, headers)
             return wire.continue_response_headers(set_headers, body=BodyMode.BUFFERED)
         remove = ["content-length"]  # the body is the translator's
