@@ -57,7 +57,7 @@ def progress(ex: Exchange, response: Response) -> Response:
     ctx = ex.ctx
     if not usage.reported and ctx is not None and ctx.info is not None:
         if ex.prompt_estimate < 0:
-            ex.prompt_estimate = estimate_prompt_tokens(ctx.info.prompt_texts)
+            ex.prompt_estimate = ctx.info.prompt_estimate()
         prompt, completion = ex.prompt_estimate, decoder.content_events
     else:
         prompt, completion = usage.prompt_tokens, usage.completion_tokens
@@ -139,8 +139,8 @@ def _meter(ex: Exchange, now: float, model: str) -> None:
             ex.finish_reason = ctx.format.completion_finish_reason(body)
     usage = ex.usage
     if not usage.reported:
-        texts = ctx.info.prompt_texts if ctx.info else []
-        usage.set_estimated(estimate_prompt_tokens(texts), content_events)
+        prompt = ctx.info.prompt_estimate() if ctx.info else estimate_prompt_tokens([])
+        usage.set_estimated(prompt, content_events)
         m.usage_estimated.labels(model).inc()
     consumer = ex.policy.labels.consumer(ex.consumer or "anonymous")
     m.tokens.labels(model, consumer, "prompt").inc(usage.prompt_tokens)

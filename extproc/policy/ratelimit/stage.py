@@ -27,7 +27,7 @@ from extproc.policy.ratelimit.gcra import Rate
 from extproc.policy.ratelimit.store import Lease, Outcome, Store, StoreBusy, StoreUnavailable
 from extproc.policy.stage import Refusal, RequestContext, Stage
 from extproc.providers.base import RequestInfo
-from extproc.usage import Usage, estimate_prompt_tokens
+from extproc.usage import Usage
 
 REQUESTS = "requests"
 TOKENS = "tokens"
@@ -121,7 +121,7 @@ class _Estimate:
 
 
 def estimate_prompt(info: RequestInfo) -> int:
-    return estimate_prompt_tokens(info.prompt_texts)
+    return info.prompt_estimate()
 
 
 def _actual(usage: Usage, count: str) -> int:
