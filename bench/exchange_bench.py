@@ -115,10 +115,10 @@ def main() -> int:
     parser.add_argument("--chunks", type=int, default=16, help="content frames per stream")
     parser.add_argument("--n", type=int, default=1000, help="exchanges per round")
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--profile", metavar="SETUP", help="cProfile one setup (gapped)")
+    parser.add_argument("--profile", metavar="SETUP", help="cProfile one setup, the first of --shapes")
     args = parser.parse_args()
     if args.profile:
-        one, _ = build(args.profile, args.chunks, "gapped")
+        one, _ = build(args.profile, args.chunks, args.shapes.split(",")[0])
         measure(one, 10, 1)
         prof = cProfile.Profile()
         prof.enable()

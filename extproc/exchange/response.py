@@ -15,7 +15,7 @@ from extproc import envoy_wire as wire
 from extproc.envoy_wire import CLEAR_BODY, CONTINUE_BODY, BodyMode, Request, Response
 from extproc.errors import StreamError, shown
 from extproc.exchange import settle
-from extproc.policy import QuietFilter, Refusal, StreamBlocked, StreamFilter
+from extproc.policy import Refusal, StreamBlocked, StreamFilter, is_quiet_filter
 from extproc.providers import decoder_label, response_decoder
 from extproc.providers._json import response_identity
 from extproc.providers.base import ResponseDecoder, StreamEvent
@@ -300,7 +300,7 @@ class StreamBody:
         self.held = False
         # The filters that can say "nothing to do" for a chunk's plain text (all of
         # them, or the pre-check is off); None: no filter, or one that cannot.
-        quiet = [f for f in filters if isinstance(f, QuietFilter)]
+        quiet = [f for f in filters if is_quiet_filter(f)]
         self.quiet = quiet if precheck and quiet and len(quiet) == len(filters) else None
 
     def feed(self, ex: Exchange, chunk: bytes, end: bool, now: float) -> Response:

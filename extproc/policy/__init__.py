@@ -25,6 +25,7 @@ from extproc.policy.stage import (
     Stage,
     StreamBlocked,
     StreamFilter,
+    is_quiet_filter,
 )
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "StreamBlocked",
     "StreamFilter",
     "build_policy",
+    "is_quiet_filter",
     "stage_builders",
 ]
 
