@@ -11,6 +11,7 @@ the work the server runs after answering (settlement). It is fed to the sans-I/O
 
   meter  usage metering only (the product's defaults)
   full   API-key auth + request guard + token limit + response mask guard + metering
+  spend  `full` + the spend stage (a price, two in-process budgets, a SQLite ledger)
 
 Reported: microseconds of this process's CPU per exchange (best of `--repeat` rounds
 of `--n` exchanges: the least disturbed by other work on the machine), and per
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -60,7 +62,21 @@ REQUEST = orjson.dumps(
 
 def build(setup: str, chunks: int, shape: str):
     """A closure running one exchange of `setup`, and its ext_proc message count."""
-    doc = setup_policy(setup)
+    doc = setup_policy("full" if setup == "spend" else setup)
+    if setup == "spend":
+        tmp = Path(tempfile.mkdtemp(prefix="exchange-bench-"))
+        doc["prices"] = {"models": [{"model": "gpt-4o-mini", "input": 0.15, "output": 0.6}]}
+        doc["budgets"] = {
+            "items": {
+                "c": {"scope": "consumer", "limit_usd": 10**6, "period": "month"},
+                "g": {"scope": "global", "limit_usd": 10**6, "window": "7d"},
+            }
+        }
+        doc["ledger"] = {
+            "url": f"sqlite:///{tmp}/ledger.sqlite3",
+            "journal_dir": str(tmp / "journal"),
+            "queue_limit": 10_000_000,
+        }
     doc["server"] = {"log_level": "warning"}  # as under load: no per-request info lines
     doc["providers"]["mock"]["url"] = "http://127.0.0.1:9"
     metrics = Metrics()
@@ -71,7 +87,7 @@ def build(setup: str, chunks: int, shape: str):
         "content-type": "application/json",
         "x-request-id": "bench-request",
     }
-    if setup.startswith("full"):
+    if setup in ("full", "spend"):
         pairs["authorization"] = f"Bearer {BENCH_KEY}"
     head = _headers(pairs, response=False)
     answer = _headers({":status": "200", "content-type": "text/event-stream"}, response=True)
@@ -115,7 +131,7 @@ def main() -> int:
     parser.add_argument("--chunks", type=int, default=16, help="content frames per stream")
     parser.add_argument("--n", type=int, default=1000, help="exchanges per round")
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--profile", metavar="SETUP", help="cProfile one setup, the first of --shapes")
+    parser.add_argument("--profile", metavar="SETUP", help="cProfile this setup (first --shapes)")
     args = parser.parse_args()
     if args.profile:
         one, _ = build(args.profile, args.chunks, args.shapes.split(",")[0])
