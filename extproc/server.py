@@ -20,7 +20,6 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable
 
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
@@ -40,6 +39,7 @@ from extproc.metrics import Metrics
 from extproc.msgtimes import MessageTimes
 from extproc.netaddr import worker_addresses
 from extproc.policy import Policy, Shared, build_policy
+from extproc.readiness import Readiness
 from extproc.reload import (
     POLL_INTERVAL_S,
     SNAPSHOT_ENV,
@@ -53,45 +53,6 @@ SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
 # How long before the end of the shutdown grace the streams still open are ended with an
 # error event (at most a quarter of the grace): a token stream sends a chunk far sooner.
 END_BEFORE_GRACE_S = 2.0
-
-
-# ------------------------------------------------------------------------ readiness
-
-# None when ready, else the reason (logged when readiness changes).
-ReadinessCheck = Callable[[], Awaitable[str | None]]
-
-
-class Readiness:
-    """Whether this worker should be sent new streams (evaluated once a second).
-
-    The policy is loaded before the server starts, so a worker that runs is ready
-    unless a check says otherwise: one registered with `add`, or any object in the
-    worker's `Shared` that has `async def readiness_check(self) -> str | None` (so
-    the shared rate-limit store can report "Redis unreachable" without plumbing).
-    """
-
-    def __init__(self, shared: Shared | None = None) -> None:
-        self.checks: dict[str, ReadinessCheck] = {}
-        self.shared = shared
-
-    def add(self, name: str, check: ReadinessCheck) -> None:
-        self.checks[name] = check
-
-    async def problems(self) -> list[str]:
-        out = []
-        checks = dict(self.checks)
-        for item in self.shared.values() if self.shared is not None else ():
-            check = getattr(item, "readiness_check", None)
-            if check is not None:
-                checks.setdefault(type(item).__name__, check)
-        for name, check in checks.items():
-            try:
-                reason = await check()
-            except Exception as exc:  # a broken check must not take the worker down
-                reason = f"check failed: {exc!r}"
-            if reason:
-                out.append(f"{name}: {reason}")
-        return out
 
 
 # ------------------------------------------------------------------------ gRPC
