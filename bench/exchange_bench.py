@@ -39,6 +39,7 @@ if str(REPO) not in sys.path:  # run as a script
     sys.path.insert(0, str(REPO))
 
 from bench.guard_bench import _body, _headers, frames  # noqa: E402
+from bench.spend_bench import spend_sections  # noqa: E402
 from bench.stack import BENCH_KEY, setup_policy  # noqa: E402
 from extproc.config import parse_config  # noqa: E402
 from extproc.exchange import Exchange  # noqa: E402
@@ -65,18 +66,7 @@ def build(setup: str, chunks: int, shape: str):
     doc = setup_policy("full" if setup == "spend" else setup)
     if setup == "spend":
         tmp = Path(tempfile.mkdtemp(prefix="exchange-bench-"))
-        doc["prices"] = {"models": [{"model": "gpt-4o-mini", "input": 0.15, "output": 0.6}]}
-        doc["budgets"] = {
-            "items": {
-                "c": {"scope": "consumer", "limit_usd": 10**6, "period": "month"},
-                "g": {"scope": "global", "limit_usd": 10**6, "window": "7d"},
-            }
-        }
-        doc["ledger"] = {
-            "url": f"sqlite:///{tmp}/ledger.sqlite3",
-            "journal_dir": str(tmp / "journal"),
-            "queue_limit": 10_000_000,
-        }
+        doc.update(spend_sections("gpt-4o-mini", 0.15, 0.6, tmp))
     doc["server"] = {"log_level": "warning"}  # as under load: no per-request info lines
     doc["providers"]["mock"]["url"] = "http://127.0.0.1:9"
     metrics = Metrics()

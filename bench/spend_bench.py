@@ -89,6 +89,25 @@ async def per_request(store, n: int, in_flight: int) -> tuple[float, float]:
     return (time.perf_counter() - wall) / n * 1e6, (time.process_time() - cpu) / n * 1e6
 
 
+def spend_sections(model: str, input_usd: float, output_usd: float, at: Path) -> dict:
+    """The policy's spend sections for a bench: one price, two budgets that never fill
+    (a calendar month and a rolling window), a SQLite ledger under `at`."""
+    return {
+        "prices": {"models": [{"model": model, "input": input_usd, "output": output_usd}]},
+        "budgets": {
+            "items": {
+                "c": {"scope": "consumer", "limit_usd": 10**6, "period": "month"},
+                "g": {"scope": "global", "limit_usd": 10**6, "window": "7d"},
+            }
+        },
+        "ledger": {
+            "url": f"sqlite:///{at}/ledger.sqlite3",
+            "journal_dir": str(at / "journal"),
+            "queue_limit": 10_000_000,
+        },
+    }
+
+
 def exchange_cpu(with_spend: bool, n: int, tmp: Path) -> float:
     """CPU microseconds per exchange through the sans-I/O Exchange."""
     import orjson
@@ -104,18 +123,7 @@ def exchange_cpu(with_spend: bool, n: int, tmp: Path) -> float:
         "routes": [{"name": "v1", "prefix": "/v1/", "provider": "mock"}],
     }
     if with_spend:
-        document["prices"] = {"models": [{"model": "gpt-4o", "input": 2.5, "output": 10}]}
-        document["budgets"] = {
-            "items": {
-                "c": {"scope": "consumer", "limit_usd": 10**6, "period": "month"},
-                "g": {"scope": "global", "limit_usd": 10**6, "window": "7d"},
-            }
-        }
-        document["ledger"] = {
-            "url": f"sqlite:///{tmp}/stage.sqlite3",
-            "journal_dir": str(tmp / "stage-journal"),
-            "queue_limit": 10_000_000,
-        }
+        document.update(spend_sections("gpt-4o", 2.5, 10, tmp / "stage"))
     metrics = Metrics()
     policy = build_policy(parse_config(document, "bench.yaml"), Shared(metrics))
     head = headers_msg(
