@@ -6,8 +6,6 @@ Every refusal is checked not to have reached the provider (the mock's exchange l
 from __future__ import annotations
 
 import base64
-import datetime
-import ipaddress
 import json
 import secrets
 import ssl
@@ -26,12 +24,10 @@ import jwt
 import openai
 import orjson
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import NameOID
 
 from tests.conftest import REPO, free_port, metric, start_stack, wait_for
+from tests.token_server import self_signed
 
 DEV_KEY = "my-secret-key"  # shipped in config/dev.yaml for the AISIX-style example
 CHAT = {"model": "my-gpt4-mini", "messages": [{"role": "user", "content": "Say hi"}]}
@@ -180,43 +176,11 @@ def test_open_route_needs_no_key_and_strips_a_sent_one(stack):
 # --------------------------------------------------------------------------- own stack
 
 
-def self_signed(directory: Path) -> tuple[Path, Path]:
-    """A CA-style self-signed certificate for 127.0.0.1, made now (nothing fixed in git)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "jwks test")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "jwks.crt", directory / "jwks.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
-
-
 class JwksServer:
     """An HTTPS JWKS endpoint the test can rotate or take down."""
 
     def __init__(self, directory: Path) -> None:
-        self.cert, key = self_signed(directory)
+        self.cert, key = self_signed(directory, "jwks")
         self.body = b'{"keys": []}'
         self.down = False
         server = self
