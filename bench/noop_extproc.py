@@ -6,7 +6,9 @@ BUFFERED, response body STREAMED), and every message answered with the matching 
 response. It counts messages by kind and serves the counts as JSON over plain HTTP,
 so the benchmark can divide this process's CPU time by the messages it handled.
 
-Run: `python -m bench.noop_extproc --listen 127.0.0.1:50051 --stats 127.0.0.1:9464`.
+Run: `python -m bench.noop_extproc --listen 127.0.0.1:50051 --stats 127.0.0.1:9464`
+(`--loop uvloop` for the `noop-uvloop` setup; the floor of the targets is the standard
+library's loop).
 """
 
 from __future__ import annotations
@@ -112,8 +114,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.noop_extproc", description=__doc__)
     parser.add_argument("--listen", default="127.0.0.1:50051", help="gRPC host:port")
     parser.add_argument("--stats", default="127.0.0.1:9464", help="host:port for the counts")
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
     args = parser.parse_args()
-    asyncio.run(serve(args.listen, args.stats))
+    if args.loop == "uvloop":
+        import uvloop
+
+        uvloop.run(serve(args.listen, args.stats))
+    else:
+        asyncio.run(serve(args.listen, args.stats))
     return 0
 
 

@@ -49,6 +49,7 @@ from bench.measure import HarnessError, measure, run_client, sample_busy  # noqa
 from bench.report import commit, cpu_model, derive, host_desc, markdown, render  # noqa: E402
 from bench.schema import SCHEMA_VERSION, validate  # noqa: E402
 from bench.stack import (  # noqa: E402
+    LOOP_SETUPS,
     SETUP_LABEL,
     SETUPS,
     SIDECARS,
@@ -223,9 +224,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.workers_levels = _csv(args.workers_sweep, int)
     else:
         args.workers_levels = list(range(1, min(4, os.cpu_count() or 1) + 1))
-    bad = [s for s in args.setups if s not in SETUPS] + [s for s in args.shapes if s not in SHAPES]
+    known = SETUPS + LOOP_SETUPS
+    bad = [s for s in args.setups if s not in known] + [s for s in args.shapes if s not in SHAPES]
     if bad:
-        p.error(f"unknown setup/shape {bad}; setups {SETUPS}, shapes {SHAPES}")
+        p.error(f"unknown setup/shape {bad}; setups {known}, shapes {SHAPES}")
     # --policy replaces the built-in policy of meter and full, never of full-nomask.
     full = [s for s in args.setups if s == "full-nomask" or (s == "full" and not args.policy)]
     if (args.workers or 1) > 1 and full:

@@ -13,6 +13,10 @@ mock provider swapped for the lighter `bench.provider`:
   translated  `meter`, but the model is an alias served by an Anthropic-format provider:
             the OpenAI client's request and stream are translated (issue 10); its base
             is `meter`
+  noop-uvloop, meter-asyncio, full-asyncio  (not in the default run: `--setups`) the
+            no-op server on uvloop, and the sidecar setups on the standard library's
+            asyncio loop (`server.event_loop: asyncio`): what the event loop is worth,
+            side by side in one run (docs/performance.md, "The event loop")
   meter-offpath  `meter` with `streaming.meter_off_path: auto`, and a client that asks
             for usage (`stream_options.include_usage`), so every stream qualifies: the
             response body goes to the observing filter, off the latency path
@@ -37,8 +41,11 @@ from extproc.envoybin import envoy_binary
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SETUPS = ("envoy", "noop", "meter", "full", "full-nomask", "translated", "meter-offpath")
+# Run only when named in `--setups`: the event loop's share, side by side.
+LOOP_SETUPS = ("noop-uvloop", "meter-asyncio", "full-asyncio")
 # Setups that run `extproc serve`.
-SIDECARS = ("meter", "full", "full-nomask", "translated", "meter-offpath")
+SIDECARS = ("meter", "full", "full-nomask", "translated", "meter-offpath", "meter-asyncio",
+            "full-asyncio")  # fmt: skip
 # Setups whose client asks for usage: the stream then qualifies to be metered off path.
 INCLUDE_USAGE = ("meter-offpath",)
 SETUP_LABEL = {
@@ -49,6 +56,9 @@ SETUP_LABEL = {
     "full-nomask": "+ full, no resp. guard",
     "translated": "+ metering, translated",
     "meter-offpath": "+ sidecar, off path",
+    "noop-uvloop": "+ no-op on uvloop",
+    "meter-asyncio": "+ metering, asyncio",
+    "full-asyncio": "+ full, asyncio",
 }
 # The key the load client sends (`BENCH_API_KEY`) for the setups with auth.
 BENCH_KEY = "bench-key-0123456789abcdef"
@@ -101,6 +111,8 @@ def setup_policy(setup: str) -> dict[str, Any]:
         policy["guards"]["rules"] = [r for r in rules if "response" not in r["phases"]]
     if setup == "translated":
         policy["models"] = {"aliases": TRANSLATED_ALIAS}
+    if setup.endswith("-asyncio"):
+        policy["server"] = {**policy["server"], "event_loop": "asyncio"}
     return policy
 
 
@@ -188,7 +200,7 @@ class BenchStack(Stack):
         """Which kind of ext_proc server runs: None (Envoy alone), "noop" or "sidecar"."""
         if self.variant == "envoy":
             return None
-        return "noop" if self.variant == "noop" else "sidecar"
+        return "noop" if self.variant.startswith("noop") else "sidecar"
 
     def start_mock(self) -> None:
         provider = self.config.providers["mock"]
@@ -206,6 +218,7 @@ class BenchStack(Stack):
             self._spawn("sidecar", [
                 sys.executable, "-m", "bench.noop_extproc",
                 "--listen", server.grpc_listen, "--stats", server.metrics_listen,
+                "--loop", "uvloop" if self.variant == "noop-uvloop" else "asyncio",
             ])  # fmt: skip
             return
         super().start_sidecar()

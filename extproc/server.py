@@ -27,7 +27,7 @@ from grpc._cython.cygrpc import BaseError as GrpcCallError  # ExecuteBatchError,
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 
-from extproc import logcontext
+from extproc import eventloop, logcontext
 from extproc.admission import Admission, Limits, shed_response
 from extproc.config import Config, ConfigError, load_config
 from extproc.envoy_wire import Response
@@ -78,10 +78,11 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):
             first = await context.read()
             if first is grpc.aio.EOF:
                 return
-            if _observing(context):  # `streaming.meter_off_path`: never answered
+            caller = _Caller(context.invocation_metadata())
+            if caller.observing:  # `streaming.meter_off_path`: never answered
                 await offpath.observe(first, context, clock, self._run_after)
                 return
-            upstream = _upstream_filter(context)
+            upstream = caller.upstream
             # Only a client's request is shed (an Envoy local reply starts at response
             # headers; a failover attempt belongs to a request already admitted).
             if first.WhichOneof("request") == "request_headers" and not upstream:
@@ -98,7 +99,7 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):
             await self._attempt(first, context)
             return
         exchange = Exchange(self.policy, self.metrics, clock())
-        exchange.traceparent = _traceparent(context)  # Envoy's span of this ext_proc call
+        exchange.traceparent = caller.traceparent  # Envoy's span of this ext_proc call
         times = MessageTimes(self.metrics.phase_time)  # added to the histogram in bulk
         self._taken.inc()
         self.open_streams += 1
@@ -216,23 +217,23 @@ async def probe_lag(admission: Admission, metrics: Metrics, interval: float = LA
         metrics.saturated.set(1 if admission.saturated else 0)
 
 
-def _upstream_filter(context: grpc.aio.ServicerContext) -> bool:
-    for key, value in context.invocation_metadata() or ():
-        if key == UPSTREAM_STAGE:
-            return value == UPSTREAM
-    return False
+class _Caller:
+    """What the gRPC metadata of a `Process` stream says, read in one pass: which
+    filter sent it (the observing one sends `OBSERVER_METADATA`, a failover attempt's
+    upstream filter `UPSTREAM_STAGE`) and Envoy's span of the call."""
 
+    __slots__ = ("observing", "traceparent", "upstream")
 
-def _observing(context: grpc.aio.ServicerContext) -> bool:
-    """A stream of the observing filter (it sends `OBSERVER_METADATA`)."""
-    return any(key == OBSERVER_METADATA for key, _ in context.invocation_metadata() or ())
-
-
-def _traceparent(context: grpc.aio.ServicerContext) -> str:
-    for key, value in context.invocation_metadata() or ():
-        if key == "traceparent":
-            return value if isinstance(value, str) else ""
-    return ""
+    def __init__(self, metadata) -> None:
+        self.observing = self.upstream = False
+        self.traceparent = ""
+        for key, value in metadata or ():
+            if key == "traceparent":
+                self.traceparent = value if isinstance(value, str) else ""
+            elif key == OBSERVER_METADATA:
+                self.observing = True
+            elif key == UPSTREAM_STAGE:
+                self.upstream = value == UPSTREAM
 
 
 def _bind(server: grpc.aio.Server, listen: str) -> None:
@@ -390,12 +391,13 @@ class Worker:
         problems = await self.readiness.problems()
         await self.set_serving(not problems, "; ".join(problems))
         log.info(
-            "ext_proc worker %d of %d listening on %s, metrics on %s, config %s",
+            "ext_proc worker %d of %d listening on %s, metrics on %s, config %s, loop %s",
             self.index,
             self.count,
             self.listen,
             metrics_at,
             self.config.path,
+            eventloop.running(),
         )
         if ready is not None:
             ready.set()
@@ -464,7 +466,7 @@ def configure_logging(level: str, log_format: str = "text") -> None:
 
 def main(config: Config) -> int:
     configure_logging(config.server.log_level, config.server.log_format)
-    asyncio.run(serve(config))
+    eventloop.run(serve(config), config.server.event_loop)
     return 0
 
 
@@ -480,5 +482,5 @@ def worker_main(config_path: str, index: int, count: int) -> int:
         return 1
     configure_logging(config.server.log_level, config.server.log_format)
     worker = Worker(config, index=index, count=count, snapshot=snapshot, snapshot_data=data)
-    asyncio.run(worker.run())
+    eventloop.run(worker.run(), config.server.event_loop)
     return 0

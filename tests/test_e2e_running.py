@@ -222,6 +222,9 @@ def test_two_workers_share_the_streams(two) -> None:
     stack, _ = two
     assert len(stack.sidecar_addresses) == 2
     assert all(grpc_serving(address) for address in stack.sidecar_addresses)
+    # `server.event_loop` defaults to uvloop: each worker says which loop it serves on.
+    for index in (0, 1):
+        assert re.search(rf"worker {index} of 2 listening on .* loop uvloop", stack.log("sidecar"))
     before = {w: metric(stack, "ai_gateway_worker_streams_total", worker=w) for w in "01"}
     requests = metric(stack, "ai_gateway_requests_total", route="v1", status="200")
     results, _, event, join = open_streams(stack, count=20, tokens=10, delay_ms=20)

@@ -20,6 +20,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS = ("text", "json")
 ON_BLOCK_MODES = ("drain", "close")  # streaming.on_block
 OFF_PATH_MODES = ("auto", "off")  # streaming.meter_off_path
+EVENT_LOOPS = ("uvloop", "asyncio")  # server.event_loop
 MAX_WORKERS = 256
 
 
@@ -44,6 +45,11 @@ class ServerConfig(Section):
     few thousand messages a second, one per core scales it. Worker N listens on the gRPC
     port + N (`unix:/path` becomes `/path.0`, `/path.1`, ...); `extproc serve --workers N`
     overrides it."""
+    event_loop: choice(EVENT_LOOPS, "event loop") = "uvloop"
+    """Each worker's event loop: `uvloop` (libuv; less CPU per ext_proc message, see
+    [performance.md](performance.md#the-event-loop)), or the standard library's
+    `asyncio` loop. Where uvloop is not installed (Windows) the worker logs so and runs
+    `asyncio`."""
     shutdown_grace_seconds: Int(0, 3600) = 30
     """On SIGTERM: refuse new streams, give open ones this long to finish, then exit."""
     max_open_streams: Int(1, 1_000_000) = 64
