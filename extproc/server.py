@@ -266,6 +266,7 @@ class Worker:
         self.snapshot = snapshot
         self._snapshot_data = snapshot_data
         self.listen = worker_addresses(config.server.grpc_listen, count)[index]
+        offpath.set_worker(index)  # its exchange tokens lead its own observer to it
         self.metrics = Metrics()
         # Outlives reloads: counters, caches, connections; stages count into our metrics.
         self.shared = Shared(self.metrics, worker=index)

@@ -94,7 +94,8 @@ def filters(bootstrap: dict) -> list[str]:
 def test_observer_filter_follows_the_synchronous_one_only_when_it_can_work(tmp_path):
     """Rendered after the synchronous filter (it then sees the exchange token that
     filter's body answer set), valid for the real Envoy; absent when off (the default)
-    and when the two streams of an exchange could reach different sidecar processes."""
+    and when the two streams of an exchange could reach different sidecar processes
+    behind one address (a DNS name). Several workers: tests/test_e2e_offpath_workers.py."""
     on = bootstrap_of(streaming={"meter_off_path": "auto"})
     names = filters(on)
     assert names.index(OBSERVER_FILTER) == names.index(EXTPROC_FILTER) + 1
@@ -111,8 +112,6 @@ def test_observer_filter_follows_the_synchronous_one_only_when_it_can_work(tmp_p
     path.write_text(yaml.safe_dump(on))
     validate(path)
     assert OBSERVER_FILTER not in filters(bootstrap_of())
-    two = bootstrap_of(streaming={"meter_off_path": "auto"}, server={"workers": 2})
-    assert OBSERVER_FILTER not in filters(two)
     dns = bootstrap_of(
         streaming={"meter_off_path": "auto"},
         envoy={"sidecar_address": "extproc.example.svc:50051"},

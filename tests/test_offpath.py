@@ -142,3 +142,18 @@ async def test_an_observer_that_never_comes_settles_the_exchange_as_cut_short(mo
 def _clean_registry():
     yield
     offpath.REGISTRY.clear()
+
+
+async def test_the_token_names_the_worker_that_holds_the_exchange():
+    """`i.` + 144 random bits: the bootstrap runs only worker i's observing filter for it."""
+    offpath.set_worker(3)
+    try:
+        ex = Exchange(Policy(AUTO), Metrics(), now=0.0)
+        token, _ = await synchronous_part(
+            ex, {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+        )
+    finally:
+        offpath.set_worker(0)
+    index, dot, rest = token.partition(".")
+    assert (index, dot) == ("3", ".") and len(rest) == 24 and "." not in rest
+    assert offpath.REGISTRY[token].exchange is ex

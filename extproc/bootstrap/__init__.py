@@ -26,11 +26,13 @@ from extproc.bootstrap.common import (
     NOT_FOUND_ROUTE,
     BootstrapError,
     _listen_address,
+    observer_enabled,
     openai_error,
     system_ca_bundle,
 )
 from extproc.bootstrap.failover import failover_clusters
 from extproc.bootstrap.listener import _dispatch_providers, _listener, translated_providers
+from extproc.bootstrap.observer import observer_clusters
 from extproc.bootstrap.replies import local_reply_config
 from extproc.bootstrap.tracing import otlp_cluster
 from extproc.config import Config
@@ -65,6 +67,8 @@ def render_bootstrap(config: Config) -> dict[str, Any]:
     )
     clusters = [_extproc_cluster(config)]
     clusters += [_provider_cluster(config.providers[name]) for name in used]
+    if observer_enabled(config):
+        clusters += observer_clusters(config)
     clusters += failover_clusters(config)
     otlp = otlp_cluster(config)
     if otlp is not None:

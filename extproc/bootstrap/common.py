@@ -74,13 +74,13 @@ class BootstrapError(ValueError):
 
 
 def observer_enabled(config: Config) -> bool:
-    """`streaming.meter_off_path: auto` takes effect: the observing filter is rendered.
+    """`streaming.meter_off_path: auto` takes effect: the observing filters are rendered.
 
     Both ext_proc streams of an exchange must reach the same sidecar process (the
-    exchange lives in its memory), and Envoy picks an endpoint per stream: so only
-    when the sidecar cluster has one endpoint (one worker, no DNS name that may
-    resolve to several pods)."""
-    if config.streaming.meter_off_path != "auto" or config.server.workers != 1:
+    exchange lives in its memory): each worker's tokens name it, and each worker has
+    its own observer (`bootstrap.observer`). A DNS `envoy.sidecar_address` (a headless
+    Service) may resolve to several pods behind one worker port, so not with one."""
+    if config.streaming.meter_off_path != "auto":
         return False
     address = config.envoy.sidecar_address
     return address is None or is_ip_literal(address.rpartition(":")[0].strip("[]"))

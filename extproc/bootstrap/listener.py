@@ -13,7 +13,6 @@ from extproc.bootstrap.common import (
     EXTPROC_FILTER,
     METADATA_KEYS,
     NOT_FOUND_ROUTE,
-    OBSERVER_FILTER,
     _authority,
     _duration,
     _listen_address,
@@ -21,6 +20,7 @@ from extproc.bootstrap.common import (
     openai_error,
 )
 from extproc.bootstrap.failover import failover_routes, has_failover
+from extproc.bootstrap.observer import observer_filters, observer_names
 from extproc.bootstrap.replies import local_reply_config
 from extproc.bootstrap.tracing import tracing
 from extproc.config import Config, ProviderConfig, RouteConfig
@@ -28,7 +28,6 @@ from extproc.headerlimits import CODEC_HEADERS_COUNT, CODEC_HEADERS_KB
 from extproc.headers import (
     INTERNAL_HEADERS,
     METADATA_NAMESPACE,
-    OBSERVER_METADATA,
     PROVIDER_HEADER,
     TRANSLATED_HEADER,
 )
@@ -187,16 +186,13 @@ def _not_found_route(config: Config) -> dict[str, Any]:
                 "@type": _TYPE + "extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
                 "disabled": True,
             },
-            **(
-                {
-                    OBSERVER_FILTER: {
-                        "@type": _TYPE + "extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
-                        "disabled": True,
-                    }
+            **{
+                name: {
+                    "@type": _TYPE + "extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
+                    "disabled": True,
                 }
-                if observer_enabled(config)
-                else {}
-            ),
+                for name in (observer_names(config) if observer_enabled(config) else ())
+            },
         },
     }
 
@@ -239,41 +235,6 @@ def _ext_proc_filter(config: Config) -> dict[str, Any]:
             # Sent with the request headers: which config route matched.
             "request_attributes": ["xds.route_name", "source.address"],
             "metadata_options": {"receiving_namespaces": {"untyped": [METADATA_NAMESPACE]}},
-        },
-    }
-
-
-def _observer_filter(config: Config) -> dict[str, Any]:
-    """`streaming.meter_off_path: auto`: a second ext_proc filter, after the first, that
-    sends the request headers (they carry the sidecar's exchange token, set by the first
-    filter's body answer) and each response chunk without waiting for an answer.
-
-    The sidecar ends this stream at once unless the exchange qualifies; then the first
-    filter's response-headers answer turns its own body mode off. Its failure must never
-    fail a response: it cannot refuse or change anything anyway. Envoy keeps an observed
-    stream open `deferred_close_timeout` after the request ends (5 s by default, which
-    exhausts stream limits under load: docs/performance.md measures what a short one
-    costs a slow sidecar)."""
-    return {
-        "name": OBSERVER_FILTER,
-        "typed_config": {
-            "@type": _TYPE + "extensions.filters.http.ext_proc.v3.ExternalProcessor",
-            "grpc_service": {
-                "envoy_grpc": {"cluster_name": EXTPROC_CLUSTER},
-                "initial_metadata": [{"key": OBSERVER_METADATA, "value": "1"}],
-            },
-            "observability_mode": True,
-            "stat_prefix": "observer",
-            "deferred_close_timeout": "5s",
-            "failure_mode_allow": True,
-            "processing_mode": {
-                "request_header_mode": "SEND",
-                "response_header_mode": "SKIP",
-                "request_body_mode": "NONE",
-                "response_body_mode": "STREAMED",
-                "request_trailer_mode": "SKIP",
-                "response_trailer_mode": "SKIP",
-            },
         },
     }
 
@@ -328,7 +289,7 @@ def _listener(config: Config) -> dict[str, Any]:
         "http_filters": [
             _buffer_filter(config),
             _ext_proc_filter(config),
-            *([_observer_filter(config)] if observer_enabled(config) else []),
+            *(observer_filters(config) if observer_enabled(config) else []),
             {
                 "name": "envoy.filters.http.router",
                 "typed_config": {"@type": _TYPE + "extensions.filters.http.router.v3.Router"},

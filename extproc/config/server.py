@@ -121,7 +121,8 @@ class StreamingConfig(Section):
     usage not hidden from the client, not gzip) is read by a second, observing ext_proc
     filter that Envoy never waits for, so its chunks leave at Envoy's own pace; the
     usage still settles the limits, budgets, metrics and the sidecar's log line, but
-    Envoy's access log line of such a stream has no token counts. Takes effect with
-    one sidecar endpoint only (`server.workers: 1`). `off`: every response chunk waits
-    for the sidecar's answer
+    Envoy's access log line of such a stream has no token counts. Works with any
+    `server.workers` (each worker gets its own observing filter); not with a DNS
+    `envoy.sidecar_address`, which may name several pods. `off`: every response chunk
+    waits for the sidecar's answer
     ([performance.md](performance.md#metering-off-the-latency-path))."""

@@ -2,14 +2,16 @@
 
 A stream that is only metered needs no answer per chunk, yet the first (synchronous)
 ext_proc filter makes Envoy wait for one. So a second filter in observability mode
-(`bootstrap.listener._observer_filter`) sends the same chunks without waiting, and the
-exchange is split over two `Process` streams of this worker:
+(`bootstrap.observer`) sends the same chunks without waiting, and the exchange is split
+over two `Process` streams of this worker:
 
 1. request body (synchronous stream): the request may go off path (a stream whose usage
    is not hidden from the client): the exchange is registered under a random token,
    set as the request header `EXCHANGE_HEADER`, which the observing filter then sends
    with its request headers. Not `x-request-id`: a client may choose that one
    (`preserve_external_request_id`), and two requests sharing it must not share a meter.
+   The token starts with this worker's index: with several workers, only that worker's
+   observing filter runs, and it reaches only this worker.
 2. the observing stream opens, finds the exchange by its token and attaches.
 3. response headers (synchronous): the exchange qualifies (an event stream with no
    stream filter, nothing to inflate, a success status): the answer turns the
@@ -79,9 +81,17 @@ class Entry:
         REGISTRY.pop(self.token, None)
 
 
-# Token -> entry, for this worker process (both streams of an exchange must reach the
-# same process: `bootstrap.common.observer_enabled`).
+# Token -> entry, for this worker process (both streams of an exchange reach it).
 REGISTRY: dict[str, Entry] = {}
+# Every token starts with this worker's index and a dot: the bootstrap gives each worker
+# its own observing filter, run only for tokens of that worker (`bootstrap.observer`).
+_prefix = "0."
+
+
+def set_worker(index: int) -> None:
+    """This process is worker `index` of the supervisor's (0 when alone)."""
+    global _prefix
+    _prefix = f"{index}."
 
 
 def claim(ex: Exchange, upstream_headers: dict[str, str]) -> None:
@@ -93,7 +103,7 @@ def claim(ex: Exchange, upstream_headers: dict[str, str]) -> None:
         return
     if not observer_enabled(ex.policy.config):
         return
-    token = secrets.token_urlsafe(18)
+    token = _prefix + secrets.token_urlsafe(18)  # 144 random bits, no dot
     entry = ex.off_path = Entry(ex, token)
     REGISTRY[token] = entry
     upstream_headers[EXCHANGE_HEADER] = token
