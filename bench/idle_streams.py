@@ -6,8 +6,8 @@ nothing for minutes (the bench provider's gap), as a reasoning model that thinks
 it answers: N such streams are held open through Envoy, the sidecar's resident memory
 (its process tree, from /proc) is read once Envoy counts them all open to it, at two
 levels, and the slope between them is the cost of one open stream (the process's fixed
-memory cancels out). Per setup: `meter`, `full`, `meter-offpath` (there an exchange
-holds two gRPC streams: the synchronous one and the observer's).
+memory cancels out). Per setup: `meter`, `full`, `meter-offpath` (there an idle exchange
+holds the observer's gRPC stream: the synchronous one ended at the response headers).
 
 Run: `python -m bench.idle_streams [--levels 100,500] [--setups meter,full,meter-offpath]`.
 Prints one line per setup and level, and a JSON summary (`--out`).
@@ -80,7 +80,9 @@ async def measure_setup(setup: str, levels: list[int], root: Path) -> dict[str, 
     stack = BenchStack(path, workdir, variant=setup)
     key = setup_api_key(setup)
     writers: list[asyncio.StreamWriter] = []
-    per_exchange = 2 if setup in INCLUDE_USAGE else 1  # the observer's stream too
+    # Off path the synchronous stream ends at the response headers: one stream each,
+    # the observer's.
+    per_exchange = 1
     points = []
     try:
         stack.start()

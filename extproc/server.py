@@ -125,6 +125,8 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):
                 await context.write(response)
                 if exchange.after:
                     self._run_after(exchange)
+                if exchange.off_path is not None and kind == "response_headers":
+                    break  # metered off path: the observer has the rest (`offpath.keep_slot`)
         except asyncio.CancelledError:
             raise  # Envoy or the client went away; `finally` settles the exchange
         except GrpcCallError as exc:
@@ -140,8 +142,9 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):
             times.flush()
             self.open_streams -= 1
             self.exchanges.discard(exchange)
-            admission.release()
             exchange.close(clock())
+            if not offpath.keep_slot(exchange, admission.release):
+                admission.release()
             if exchange.after:
                 self._run_after(exchange)
 

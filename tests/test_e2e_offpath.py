@@ -274,3 +274,30 @@ def test_hidden_usage_stays_synchronous(offpath):
     assert usage_of(reply.content) is None
     assert envoy_stat(offpath, SYNC) - sync_before > 3
     assert wait_for(lambda: tokens(offpath, "completion") - completion_before == 17)
+
+
+def test_the_synchronous_stream_ends_at_the_response_headers(offpath):
+    """Off path Envoy sends the synchronous stream nothing after the response headers,
+    so the sidecar ends it there: while the answer still streams (its tokens not yet
+    settled) Envoy has one gRPC stream open to the sidecar, the observer's, not two."""
+    active = "cluster.extproc.upstream_rq_active"
+    completion_before = tokens(offpath, "completion")
+    body, headers = chat(usage=True, tokens=8)
+    headers["x-mock-delay-ms"] = "400"
+
+    def only_the_observer_open() -> bool:
+        unsettled = tokens(offpath, "completion") == completion_before
+        streams = envoy_stat(offpath, active)
+        return streams == 1 and unsettled and tokens(offpath, "completion") == completion_before
+
+    with httpx.stream(
+        "POST", f"{offpath.base_url}/meter", json=body, headers=headers, timeout=30
+    ) as reply:
+        chunks = reply.iter_raw()
+        first = next(chunks)
+        assert wait_for(only_the_observer_open)
+        rest = b"".join(chunks)
+    usage = usage_of(first + rest)
+    assert usage is not None and usage["completion_tokens"] == 8
+    assert wait_for(lambda: tokens(offpath, "completion") - completion_before == 8)
+    assert wait_for(lambda: envoy_stat(offpath, active) == 0)

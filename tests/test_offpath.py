@@ -157,3 +157,54 @@ async def test_the_token_names_the_worker_that_holds_the_exchange():
     index, dot, rest = token.partition(".")
     assert (index, dot) == ("3", ".") and len(rest) == 24 and "." not in rest
     assert offpath.REGISTRY[token].exchange is ex
+
+
+class Slot:
+    """The admission slot a synchronous stream hands over: how often it was released."""
+
+    def __init__(self) -> None:
+        self.released = 0
+
+    def release(self) -> None:
+        self.released += 1
+
+
+async def test_the_observer_gives_back_the_slot_of_the_stream_that_ended_before_it():
+    """The synchronous stream ends at its response headers: the exchange keeps its
+    admission slot while the observer meters it, and gives it back once, at its end."""
+    ex = Exchange(Policy(AUTO), Metrics(), now=0.0)
+    token, _ = await synchronous_part(
+        ex, {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+    )
+    slot = Slot()
+    ex.close(0.04)
+    assert offpath.keep_slot(ex, slot.release) and slot.released == 0
+    context = observed(token, stream_frames(3, usage=True))
+    await offpath.observe(context.messages.pop(0), context, lambda: 0.5, lambda ex: None)
+    assert ex.closed and ex.usage.completion_tokens == 3 and slot.released == 1
+    assert not offpath.keep_slot(ex, slot.release)  # done: the caller releases it
+
+
+async def test_a_slot_is_not_kept_for_an_exchange_that_is_done_or_synchronous():
+    ex = Exchange(Policy(AUTO), Metrics(), now=0.0)
+    token, _ = await synchronous_part(
+        ex, {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+    )
+    context = observed(token, stream_frames(3, usage=True))
+    await offpath.observe(context.messages.pop(0), context, lambda: 0.5, lambda ex: None)
+    ex.close(0.6)  # the observer settled it first
+    assert not offpath.keep_slot(ex, Slot().release)
+    hidden = Exchange(Policy(AUTO), Metrics(), now=0.0)
+    await synchronous_part(hidden, {**CHAT, "stream": True})  # usage hidden: synchronous
+    assert not offpath.keep_slot(hidden, Slot().release)
+
+
+async def test_an_orphan_gives_back_its_slot(monkeypatch):
+    monkeypatch.setattr(offpath, "ORPHAN_S", 0.01)
+    ex = Exchange(Policy(AUTO), Metrics(), now=0.0)
+    await synchronous_part(ex, {**CHAT, "stream": True, "stream_options": {"include_usage": True}})
+    slot = Slot()
+    ex.close(0.5)
+    assert offpath.keep_slot(ex, slot.release)
+    await asyncio.sleep(0.05)
+    assert ex.closed and slot.released == 1

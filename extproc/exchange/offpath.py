@@ -62,12 +62,15 @@ NEVER = 1 << 62
 class Entry:
     """One exchange that may be metered off path, from its request body to its end."""
 
-    __slots__ = ("attached", "decided", "exchange", "token")
+    __slots__ = ("attached", "decided", "exchange", "release", "token")
 
     def __init__(self, exchange: Exchange, token: str) -> None:
         self.exchange = exchange
         self.token = token
         self.attached = False  # an observing stream found it
+        # The synchronous stream's admission slot, once that stream has ended: given
+        # back when the exchange is done (`keep_slot`).
+        self.release: Callable[[], None] | None = None
         loop = asyncio.get_running_loop()
         self.decided: asyncio.Future[bool] = loop.create_future()  # off path or not
 
@@ -79,6 +82,9 @@ class Entry:
 
     def done(self) -> None:
         REGISTRY.pop(self.token, None)
+        release, self.release = self.release, None
+        if release is not None:
+            release()
 
 
 # Token -> entry, for this worker process (both streams of an exchange reach it).
@@ -154,6 +160,19 @@ def handed_over(ex: Exchange) -> bool:
         return False
     if not entry.attached:
         asyncio.get_running_loop().call_later(ORPHAN_S, _orphaned, entry)
+    return True
+
+
+def keep_slot(ex: Exchange, release: Callable[[], None]) -> bool:
+    """The synchronous stream is over. Off path it ends at its response headers: Envoy
+    sends it nothing more (body mode NONE, no trailers), and an open gRPC stream costs
+    the worker ~30 KiB for the whole answer. The exchange, still metered by its
+    observer, keeps its admission slot (`release`) until it is done; False when it is
+    done already (or never was off path): the caller releases it now."""
+    entry = ex.off_path
+    if entry is None or ex.closed or REGISTRY.get(entry.token) is not entry:
+        return False
+    entry.release = release
     return True
 
 
