@@ -99,7 +99,8 @@ def test_observer_filter_follows_the_synchronous_one_only_when_it_can_work(tmp_p
     on = bootstrap_of(streaming={"meter_off_path": "auto"})
     names = filters(on)
     assert names.index(OBSERVER_FILTER) == names.index(EXTPROC_FILTER) + 1
-    observer = hcm_of(on)["http_filters"][names.index(OBSERVER_FILTER)]["typed_config"]
+    wrapped = hcm_of(on)["http_filters"][names.index(OBSERVER_FILTER)]["typed_config"]
+    observer = wrapped["extension_config"]["typed_config"]  # run for tokens of worker 0
     assert observer["observability_mode"] is True
     assert observer["processing_mode"]["response_body_mode"] == "STREAMED"
     (not_found,) = [
@@ -249,6 +250,19 @@ def test_not_found_route_opens_no_observer(offpath):
     reply = httpx.post(f"{offpath.base_url}/nowhere", json={}, timeout=30)
     assert reply.status_code == 404
     assert envoy_stat(offpath, started) == before
+
+
+def test_a_request_no_worker_claims_opens_no_observer(offpath):
+    """No token (not a stream; a stream whose usage is hidden): the observing filter's
+    matcher skips it, so no observing stream opens at all."""
+    before = envoy_stat(offpath, "http.ai_gateway.ext_proc.observer.streams_started")
+    body, headers = chat(usage=False)
+    reply = httpx.post(f"{offpath.base_url}/meter", json=body, headers=headers, timeout=30)
+    assert reply.status_code == 200 and usage_of(reply.content) is None
+    body["stream"] = False
+    reply = httpx.post(f"{offpath.base_url}/meter", json=body, headers=headers, timeout=30)
+    assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 24
+    assert envoy_stat(offpath, "http.ai_gateway.ext_proc.observer.streams_started") == before
 
 
 def test_guarded_route_stays_synchronous_and_masks(offpath):

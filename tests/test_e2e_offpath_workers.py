@@ -175,9 +175,8 @@ def test_twenty_concurrent_streams_over_two_workers_meter_exactly(two):
 
 
 def test_a_request_no_worker_claims_opens_no_observer(two):
-    """An answer that is not a stream gets no token, so every observer is skipped (with
-    one worker's bootstrap its observer opens anyway and the sidecar ends it at once),
-    even when the client sends a token of its own: the synchronous filter strips it."""
+    """An answer that is not a stream gets no token, so every observer is skipped, even
+    when the client sends a token of its own: the synchronous filter strips it."""
     before = envoy_stat(two, STARTED)
     body, headers = chat(usage=False)
     body["stream"] = False

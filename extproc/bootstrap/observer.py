@@ -8,8 +8,9 @@ index (`0.` .. `N-1.`, `exchange.offpath.claim`). So with N workers there are N
 observing filters, filter `i` reaching only worker `i` (a cluster with that one
 endpoint), each wrapped in a matcher that skips it unless the request's token starts
 with `i.`: exactly one observer runs, on the right worker, and a request no worker
-claimed (not a stream, a guarded route, a client's own copy of the header, stripped by
-the synchronous filter) opens no observing stream at all.
+claimed (not a stream, a translated one, a client's own copy of the header, which the
+synchronous filter strips) opens no observing stream at all. One worker has one such
+filter, on the sidecar cluster.
 """
 
 from __future__ import annotations
@@ -45,13 +46,17 @@ def observer_cluster_name(index: int) -> str:
 
 
 def observer_filters(config: Config) -> list[dict[str, Any]]:
-    """One filter per worker; one worker keeps the single, unwrapped filter on the
-    sidecar cluster (its one endpoint is that worker)."""
+    """One filter per worker, on that worker's cluster (one worker: the sidecar cluster,
+    whose one endpoint it is)."""
     names = observer_names(config)
-    if len(names) == 1:
-        return [{"name": names[0], "typed_config": _observer(EXTPROC_CLUSTER)}]
+    one = len(names) == 1
     return [
-        {"name": name, "typed_config": _only_for_worker(index, name)}
+        {
+            "name": name,
+            "typed_config": _only_for_worker(
+                index, name, EXTPROC_CLUSTER if one else observer_cluster_name(index)
+            ),
+        }
         for index, name in enumerate(names)
     ]
 
@@ -80,7 +85,7 @@ def observer_clusters(config: Config) -> list[dict[str, Any]]:
     return clusters
 
 
-def _only_for_worker(index: int, name: str) -> dict[str, Any]:
+def _only_for_worker(index: int, name: str, cluster: str) -> dict[str, Any]:
     """The observer of worker `index`, skipped unless the exchange token is that
     worker's. Matched at this filter's request headers, which run after the
     synchronous filter's body answer set the token."""
@@ -111,7 +116,7 @@ def _only_for_worker(index: int, name: str) -> dict[str, Any]:
                 ]
             }
         },
-        "extension_config": {"name": name, "typed_config": _observer(observer_cluster_name(index))},
+        "extension_config": {"name": name, "typed_config": _observer(cluster)},
     }
 
 
