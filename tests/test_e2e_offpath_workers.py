@@ -105,6 +105,9 @@ def test_each_worker_has_its_own_observer_and_cluster(tmp_path):
         assert matcher["on_match"]["action"]["typed_config"]["@type"].endswith(".SkipFilter")
         observer = wrapped["extension_config"]["typed_config"]
         assert observer["observability_mode"] is True
+        # Its first message carries the token alone, no other request header.
+        allowed = observer["forward_rules"]["allowed_headers"]["patterns"]
+        assert allowed == [{"exact": "x-ai-gateway-exchange"}]
         target = observer["grpc_service"]["envoy_grpc"]["cluster_name"]
         assert target == observer_cluster_name(index)
         address = endpoint_address(cluster(boot, target))["socket_address"]

@@ -138,6 +138,9 @@ def _observer(cluster: str) -> dict[str, Any]:
             "initial_metadata": [{"key": OBSERVER_METADATA, "value": "1"}],
         },
         "observability_mode": True,
+        # Its first message needs the token alone: the request's other headers (the
+        # first filter has read them) are not copied into it.
+        "forward_rules": {"allowed_headers": {"patterns": [{"exact": EXCHANGE_HEADER}]}},
         "stat_prefix": "observer",
         "deferred_close_timeout": "5s",
         "failure_mode_allow": True,
