@@ -32,7 +32,8 @@ METADATA_KEYS = (
 )
 EXTPROC_CLUSTER = "extproc"
 EXTPROC_FILTER = "envoy.filters.http.ext_proc"
-# The second ext_proc filter (`streaming.meter_off_path: auto`), in observability mode.
+# The second ext_proc filter (`streaming.meter_off_path: auto`), in observability mode
+# (with several workers, one per worker: `<name>.<index>`, `bootstrap.observer`).
 OBSERVER_FILTER = "ai_gateway.ext_proc_observer"
 BUFFER_FILTER = "envoy.filters.http.buffer"
 # Route name of the catch-all 404; config route names cannot start with "_".
