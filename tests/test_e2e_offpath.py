@@ -47,12 +47,13 @@ POLICY = {
 }
 
 
-def write_policy(directory: Path) -> Path:
+def write_policy(directory: Path, **server: object) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     policy = {
         "server": {
             "grpc_listen": f"127.0.0.1:{free_port()}",
             "metrics_listen": f"127.0.0.1:{free_port()}",
+            **server,
         },
         "envoy": {
             "listen": f"127.0.0.1:{free_port()}",
@@ -315,3 +316,43 @@ def test_the_synchronous_stream_ends_at_the_response_headers(offpath):
     assert usage is not None and usage["completion_tokens"] == 8
     assert wait_for(lambda: tokens(offpath, "completion") - completion_before == 8)
     assert wait_for(lambda: envoy_stat(offpath, active) == 0)
+
+
+def test_an_off_path_exchange_keeps_its_admission_slot_until_it_is_settled(tmp_path):
+    """Its synchronous stream ended at the response headers, yet the exchange still
+    counts against `server.max_open_streams` while its observer meters it: with one
+    slot, a second request is shed (503 `overloaded`) until the first one settled."""
+    stack = Stack(write_policy(tmp_path, max_open_streams=1, max_queue_delay_ms=0), tmp_path)
+    stack.start()
+    try:
+        active = "cluster.extproc.upstream_rq_active"
+        body, headers = chat(usage=True, tokens=8)
+        headers["x-mock-delay-ms"] = "400"
+        with httpx.stream(
+            "POST", f"{stack.base_url}/meter", json=body, headers=headers, timeout=30
+        ) as reply:
+            chunks = reply.iter_raw()
+            first = next(chunks)
+            assert wait_for(lambda: envoy_stat(stack, active) == 1)  # the observer's alone
+            second, second_headers = chat(usage=True)
+            shed = httpx.post(
+                f"{stack.base_url}/meter", json=second, headers=second_headers, timeout=30
+            )
+            first_id = headers["x-request-id"]
+            settled_lines = [
+                line
+                for line in stack.log("sidecar").splitlines()
+                if first_id in line and "exchange route" in line
+            ]
+            if not settled_lines:  # the first one was open all along: no slot was free
+                assert shed.status_code == 503, shed.text
+                assert shed.json()["error"]["code"] == "overloaded"
+            rest = b"".join(chunks)
+        assert usage_of(first + rest)["completion_tokens"] == 8
+        assert wait_for(lambda: tokens(stack, "completion") >= 8)
+        later, later_headers = chat(usage=True, tokens=5)
+        reply = httpx.post(f"{stack.base_url}/meter", json=later, headers=later_headers, timeout=30)
+        assert reply.status_code == 200, reply.text  # the slot was given back
+        assert usage_of(reply.content)["completion_tokens"] == 5
+    finally:
+        stack.stop()
