@@ -8,7 +8,8 @@ CPU per message. Ways of reading, each its own server run:
   raw       `context.read()` with no deserializer, `response_body` picked from the bytes
   write     `read` plus one answer per message (the synchronous filter's loop, for scale)
 
-Run: `python bench/grpc_read_bench.py [--streams 20] [--messages 2000] [--gap-ms 5]`.
+The server runs on the sidecar's default loop, uvloop (`--loop asyncio`: the standard one).
+Run: `python bench/grpc_read_bench.py [--streams 20] [--messages 4000] [--gap-ms 5]`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,10 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
     ProcessingResponse,
 )
 
+from extproc import eventloop
+
 REPO = Path(__file__).resolve().parent.parent
+
 METHOD = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
 MODES = ("read", "iterator", "raw", "write")
 FRAME = (
@@ -149,7 +153,7 @@ def run(mode: str, args: argparse.Namespace) -> dict:
     total = args.messages // args.streams * args.streams
     server = subprocess.Popen(
         [sys.executable, __file__, "--serve", mode, "--port-file", str(port_file),
-         "--messages", str(total)],
+         "--messages", str(total), "--loop", args.loop],
         stdout=subprocess.PIPE, text=True, cwd=REPO,
     )  # fmt: skip
     while not port_file.exists() or not port_file.read_text():
@@ -168,11 +172,12 @@ def main() -> int:
     parser.add_argument("--gap-ms", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
     parser.add_argument("--serve", choices=MODES)
     parser.add_argument("--port-file", type=Path)
     args = parser.parse_args()
     if args.serve:
-        asyncio.run(serve(args.serve, args.port_file, args.messages))
+        eventloop.run(serve(args.serve, args.port_file, args.messages), args.loop)
         return 0
     results: dict[str, list[float]] = {mode: [] for mode in args.modes.split(",")}
     for _ in range(args.rounds):  # interleaved: a busy machine hits every mode alike
