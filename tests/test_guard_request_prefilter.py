@@ -36,7 +36,9 @@ PIECES = [
     "jane", "example", "org", "fe80", "::", "10.20", ".30.40", "Project", " Falcon", "c++",
     "EMP-", "004217", "x", "Z", "\u00e9", "\uff14", "\u00a0", "\u200b", "\u0664",
 ]  # fmt: skip
-TEXTS = st.lists(st.lists(st.sampled_from(PIECES), max_size=20).map("".join), min_size=1, max_size=4)
+TEXTS = st.lists(
+    st.lists(st.sampled_from(PIECES), max_size=20).map("".join), min_size=1, max_size=4
+)
 
 
 def _exact(plan: Plan) -> Plan:
