@@ -49,6 +49,7 @@ __all__ = [
     "continue_request_headers",
     "continue_response_headers",
     "continue_trailers",
+    "fill_struct",
     "finished",
     "header_entries",
     "header_map",
@@ -279,10 +280,26 @@ def reset(status: int, details: str) -> ProcessingResponse:
 
 def with_metadata(response: ProcessingResponse, values: dict[str, object]) -> ProcessingResponse:
     """Attach `values` as dynamic metadata (namespace `ai_gateway`) to a fresh response."""
-    fields = Struct()
-    fields.update(values)
-    response.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value.CopyFrom(fields)
+    fill_struct(response.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value, values)
     return response
+
+
+def fill_struct(struct: Struct, values: Mapping[str, object]) -> None:
+    """`struct.update(values)`, written in place: the strings, numbers and booleans of
+    the metadata set their `Value` field directly (protobuf's `update` is Python that
+    tests each value's type in turn, then copies: about 3x the cost); anything else
+    goes through `update` as before."""
+    fields = struct.fields
+    for key, value in values.items():
+        kind = type(value)
+        if kind is str:
+            fields[key].string_value = value
+        elif kind is bool:
+            fields[key].bool_value = value
+        elif kind is int or kind is float:
+            fields[key].number_value = value
+        else:  # None, lists, mappings, subclasses
+            struct.update({key: value})
 
 
 def finished(response: ProcessingResponse, values: dict[str, object]) -> ProcessingResponse:

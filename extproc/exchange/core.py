@@ -82,6 +82,9 @@ class Exchange:
         # go to Envoy next (so a stream cut short still has them in the access log)
         self.prompt_estimate = -1  # computed once, for those figures
         self.off_path: offpath.Entry | None = None  # the body is metered by an observer
+        # The request body answer's metadata: Envoy keeps it (and merges later answers'
+        # fields in), so the response headers need not send the same again.
+        self.reported: dict[str, object] | None = None
         metrics.active.inc()
 
     @property

@@ -175,7 +175,7 @@ async def request_body(ex: Exchange, body: bytes) -> Response:
     response = wire.replace_request_body(
         new_body, ctx.upstream_headers, ctx.remove_headers, clear_route_cache=ctx.clear_route_cache
     )
-    metadata = {"route": ex.route_name, "model": ex.model, **ex.identity()}
+    metadata = ex.reported = {"route": ex.route_name, "model": ex.model, **ex.identity()}
     return wire.with_metadata(response, metadata)
 
 

@@ -110,10 +110,13 @@ def inspect_response(ex: Exchange, headers: dict[str, str]) -> Response:
     if decoder is None:
         return answer
     # A stream may be cut short before its last chunk: the access log knows who and
-    # what from here on (the tokens follow: `settle.REPORT_FIRST`).
-    return wire.with_metadata(
-        answer, {"route": ex.route_name, "model": shown(ex.model), **ex.identity()}
-    )
+    # what from here on (the tokens follow: `settle.REPORT_FIRST`). Envoy merges each
+    # answer's fields into what it holds, so what the request body's answer sent
+    # needs no second Struct unless a field changed since (failover: the target).
+    values = {"route": ex.route_name, "model": shown(ex.model), **ex.identity()}
+    if values == ex.reported:
+        return answer
+    return wire.with_metadata(answer, values)
 
 
 # -- body phases ------------------------------------------------------------------------
