@@ -80,11 +80,21 @@ def test_at_the_character_budget_the_request_is_checked_not_refused():
 
 def test_a_scan_over_the_time_budget_is_refused(caplog):
     # Every clock reading is 0.4 s later: the second step (second text) is past 1 s.
+    # The texts hold numbers, which the one linear pre-check search cannot clear, so
+    # each is scanned (plain words are cleared without a scan: the test below).
     run = guarded(PII, step=0.4, scan_budget_ms=1000)
-    response = ask(run, "hello", "world", "again")
+    response = ask(run, "hello 12", "world 34", "again 56")
     refused(response, 413)
     assert "scan took over 1000 ms" in caplog.text
     assert response.immediate_response.status.code == 413
+
+
+def test_texts_the_pre_check_clears_take_no_scan_and_no_time_budget():
+    """One linear RE2 search (bounded by the character budget) clears texts no
+    detector can match; no exact scan runs, so no scan step can run over time."""
+    run = guarded(PII, step=0.4, scan_budget_ms=1000)
+    response = ask(run, "hello", "world", "again")
+    assert not response.HasField("immediate_response")
 
 
 def test_a_fast_scan_is_not_refused_by_time():

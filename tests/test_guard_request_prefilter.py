@@ -1,17 +1,20 @@
-"""The request guard's pre-check: a whole text in whose (ASCII) normalised view the RE2
-prefilter finds nothing is not searched by the exact patterns. On random prompts
-built from pieces of every detection and its near misses, the findings and the masked
-texts must be the same as with the exact search alone."""
+"""The request guard's pre-checks: one RE2 search over a request's texts joined
+(anywhere.py) that clears every detector of the plan, and per text, an (ASCII)
+normalised view in which the prefilter finds nothing is not searched by the exact
+patterns. On random prompts built from pieces of every detection and its near misses,
+the findings and the masked texts must be the same as with the exact search alone."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 
-from hypothesis import HealthCheck, given, settings
+import pytest
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from extproc.config import GuardConfig, GuardPatternConfig, GuardsConfig
 from extproc.policy.guards import detectors as det
+from extproc.policy.guards.anywhere import anywhere, nothing_anywhere
 from extproc.policy.guards.engine import Findings, GuardSet, Plan, scan_texts
 from extproc.policy.guards.scanner import find_hits
 
@@ -78,3 +81,75 @@ def test_the_pre_check_is_on_and_still_finds_what_is_there() -> None:
     assert masked == {("pii", "CREDIT_CARD"): 1} and out[1] == "card <CREDIT_CARD>"
     assert logged == {("words", "KEYWORD"): 1}
     assert find_hits(PLAN.reject.scanner, "nothing to see here, a plain prompt.") == []
+
+
+# Every built-in detector and a keyword list: the plan's search over the texts joined.
+BUILTINS = [*(det.builtin(name) for name in det.DETECTORS), det.keywords(["project falcon"])]
+BUILTIN_PLAN = GuardSet(
+    GuardsConfig(
+        rules=(
+            GuardConfig(name="no-secrets", action="reject", detectors=det.expand(["secrets"])),
+            GuardConfig(name="pii", action="mask", detectors=tuple(det.DETECTORS[:8])),
+            GuardConfig(name="words", action="log", keywords=("project falcon", "c++")),
+        )
+    )
+).plan("request", "r", "")
+ANYWHERE = anywhere(d for _, g in BUILTIN_PLAN.groups for d in g.scanner.detectors)
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(TEXTS)
+def test_nothing_anywhere_means_the_exact_scan_finds_nothing(texts: list[str]) -> None:
+    """Where the joined search clears the texts, the exact scan (each text, and the
+    texts joined) finds nothing and masks nothing: skipping it changes no answer."""
+    cleared = nothing_anywhere(ANYWHERE, texts)
+    event(f"cleared: {cleared}")
+    if not cleared:
+        return
+    assert _scan(_exact(BUILTIN_PLAN), texts) == (texts, {}, {}, None)
+
+
+def test_the_joined_search_covers_every_builtin_and_clears_plain_prose() -> None:
+    assert ANYWHERE is not None and anywhere(BUILTINS) is not None
+    prose = ["You are a helpful assistant.", "Write a short poem about a gateway."]
+    assert nothing_anywhere(ANYWHERE, prose)
+    # A secret in any one text, one split over two texts, a keyword in another case.
+    assert not nothing_anywhere(ANYWHERE, [*prose, "my key sk-" + "a1" * 12])
+    assert not nothing_anywhere(ANYWHERE, ["card 4111 1111", " 1111 1111"])
+    assert not nothing_anywhere(ANYWHERE, ["about PROJECT Falcon"])
+    # A card in full-width digits is seen in the normalised view.
+    assert not nothing_anywhere(ANYWHERE, ["card \uff14\uff11\uff11\uff11 1111 1111 1111"])
+
+
+def test_an_operator_re2_pattern_gets_no_joined_search() -> None:
+    """An RE2 pattern may hold anchors that depend on where a text starts: the plan
+    falls back to the per-text checks."""
+    assert anywhere([*BUILTINS, det.custom("EMPLOYEE_ID", r"^EMP-\d{6}")]) is None
+    assert PLAN.mask is not None
+    assert anywhere(PLAN.mask.scanner.detectors) is None  # it has employee_id
+
+
+@pytest.mark.parametrize("planted", [None, "sk-" + "b2" * 12])
+def test_the_stage_scans_only_what_the_joined_search_could_not_clear(
+    planted: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from extproc.policy import guards as guards_module
+    from tests.test_exchange import CHAT
+    from tests.test_guard_stage import guarded
+
+    scanned = []
+    real = guards_module.scan_steps
+
+    def spy(*args):  # type: ignore[no-untyped-def]
+        scanned.append(args[1])
+        return real(*args)
+
+    monkeypatch.setattr(guards_module, "scan_steps", spy)
+    run = guarded(GuardConfig(name="no-secrets", action="reject", detectors=("secrets",)))
+    content = "a plain prompt" if planted is None else f"a prompt with {planted}"
+    _, answer = run.request({**CHAT, "messages": [{"role": "user", "content": content}]})
+    if planted is None:
+        assert scanned == [] and not answer.HasField("immediate_response")
+    else:
+        assert scanned == [[content]]
+        assert answer.immediate_response.status.code == 403  # the guard default

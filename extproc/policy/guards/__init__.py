@@ -13,10 +13,12 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping
+from typing import Any
 
 from extproc.config import Config
 from extproc.metrics import Metrics
 from extproc.policy import Refusal, RequestContext, Shared, Stage, StreamBlocked, StreamFilter
+from extproc.policy.guards.anywhere import anywhere, nothing_anywhere
 from extproc.policy.guards.engine import (
     Entry,
     Findings,
@@ -57,6 +59,8 @@ class GuardStage(Stage):
             for g in guards.guards
             if g.config.webhook is not None
         }
+        # Per request plan: one RE2 search clearing all its detectors (anywhere.py).
+        self._anywhere: dict[Plan, Any] = {}
 
     # -- requests ---------------------------------------------------------------------
 
@@ -67,12 +71,17 @@ class GuardStage(Stage):
         plan = self.guards.plan("request", ctx.route.name, ctx.consumer)
         if plan.empty or not info.prompt_texts:
             return
-        texts = info.prompt_texts
-        findings = Findings()
-        masked = await self._scan_request(ctx, plan, texts, findings)
-        self._record(ctx, "request", findings)
-        if findings.rejected is not None:
-            raise _refusal(findings.rejected.guard, "request")
+        texts = masked = info.prompt_texts
+        total = sum(map(len, texts))
+        if total > self.guards.budget_chars:
+            why = f"{total} characters to scan, budget {self.guards.budget_chars}"
+            raise self._over_budget(ctx, why)
+        if not nothing_anywhere_in(self._anywhere, plan, texts):  # else: nothing to find
+            findings = Findings()
+            masked = await self._scan_request(ctx, plan, texts, total, findings)
+            self._record(ctx, "request", findings)
+            if findings.rejected is not None:
+                raise _refusal(findings.rejected.guard, "request")
         for guard in plan.webhooks:
             masked = await self._ask(ctx, guard, masked)
         if masked != texts:
@@ -80,16 +89,13 @@ class GuardStage(Stage):
             ctx.body_dirty = True
 
     async def _scan_request(
-        self, ctx: RequestContext, plan: Plan, texts: list[str], findings: Findings
+        self, ctx: RequestContext, plan: Plan, texts: list[str], total: int, findings: Findings
     ) -> list[str]:
-        """The request's texts scanned within the budget: refused (413/400) when they
-        are too long to check or the check takes too long, never a worker stalled.
-        Long scans let the event loop run other streams every YIELD_SECONDS."""
+        """The request's texts (`total` characters, within the budget's) scanned within
+        the time budget: refused (413/400) when the check takes too long, never a
+        worker stalled. Long scans let the event loop run other streams every
+        YIELD_SECONDS."""
         guards = self.guards
-        total = sum(map(len, texts))
-        if total > guards.budget_chars:
-            why = f"{total} characters to scan, budget {guards.budget_chars}"
-            raise self._over_budget(ctx, why)
         out: list[str] = []
         spent = 0.0
         clock = self.clock
@@ -272,6 +278,17 @@ class GuardStage(Stage):
                 ctx.route.name,
                 ctx.consumer or "-",
             )
+
+
+def nothing_anywhere_in(cache: dict[Plan, Any], plan: Plan, texts: list[str]) -> bool:
+    """`nothing_anywhere` with the plan's regex, built once per plan (bounded)."""
+    if plan not in cache:
+        if len(cache) > 1024:  # as GuardSet's plans: consumers come and go
+            cache.clear()
+        detectors = [d for _, group in plan.groups for d in group.scanner.detectors]
+        cache[plan] = anywhere(detectors)
+    regex = cache[plan]
+    return regex is not None and nothing_anywhere(regex, texts)
 
 
 def _one(entry: Entry) -> Findings:

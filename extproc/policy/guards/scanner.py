@@ -191,10 +191,12 @@ def find_hits(scanner: Scanner, text: str) -> list[Hit]:
     original offsets: a mask covers what the client wrote, invisible characters
     inside the match included. An ASCII view in which the RE2 prefilter finds nothing
     has no match (no detector can match there): one linear search stands in for the
-    exact alternation, which costs a few steps per detector at every position."""
+    exact alternation, which costs a few steps per detector at every position. (Given
+    bytes, re2's wrapper skips mapping character offsets to UTF-8 ones and back:
+    ASCII offsets are the same.)"""
     view, starts = normalize(text)
     pre = scanner._pre
-    if pre is not None and view.isascii() and pre[0].search(view) is None:
+    if pre is not None and view.isascii() and pre[0].search(view.encode()) is None:
         return []
     hits = scanner.find_all(view)
     if starts is None or not hits:
