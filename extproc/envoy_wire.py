@@ -24,7 +24,6 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
     BodyResponse,
     CommonResponse,
     HeaderMutation,
-    HeadersResponse,
     ImmediateResponse,
     ProcessingRequest,
     ProcessingResponse,
@@ -152,11 +151,20 @@ def _header(key: str, value: str) -> HeaderValueOption:
     return HeaderValueOption(header=HeaderValue(key=key, raw_value=value.encode()))
 
 
-def _mutation(set_headers: Mapping[str, str], remove: Iterable[str] = ()) -> HeaderMutation:
-    mutation = HeaderMutation(remove_headers=remove)
+def _fill_mutation(
+    mutation: HeaderMutation, set_headers: Mapping[str, str], remove: Iterable[str]
+) -> None:
+    """`mutation` (present, maybe empty) given the headers to set and remove, written
+    by attribute paths: about a quarter of the cost of nested constructors and copies
+    (the headers answers of every exchange)."""
+    mutation.SetInParent()
+    if remove:
+        mutation.remove_headers.extend(remove)
+    add = mutation.set_headers.add
     for name, value in set_headers.items():
-        mutation.set_headers.append(_header(name, value))
-    return mutation
+        header = add().header  # Envoy reads only raw_value in mutations
+        header.key = name
+        header.raw_value = value.encode()
 
 
 def continue_request_headers(
@@ -168,11 +176,12 @@ def continue_request_headers(
 ) -> ProcessingResponse:
     """Let the request headers go on, changed as given (`None`: no mutation at all);
     `skip_bodies` when nothing will be inspected (neither body is sent to us)."""
-    mutation = None if set_headers is None else _mutation(set_headers, remove)
-    response = ProcessingResponse(
-        request_headers=HeadersResponse(response=CommonResponse(header_mutation=mutation))
-    )
-    response.request_headers.response.clear_route_cache = clear_route_cache
+    response = ProcessingResponse()
+    common = response.request_headers.response
+    common.SetInParent()
+    if set_headers is not None:
+        _fill_mutation(common.header_mutation, set_headers, remove)
+    common.clear_route_cache = clear_route_cache
     if skip_bodies:
         response.mode_override.request_body_mode = ProcessingMode.NONE
         response.mode_override.response_body_mode = ProcessingMode.NONE
@@ -193,12 +202,15 @@ def replace_request_body(
 ) -> ProcessingResponse:
     """The buffered request body goes on, replaced when `body` is given; the request
     headers may still change here (the model in the body may pick route and path)."""
-    common = CommonResponse(clear_route_cache=clear_route_cache)
+    response = ProcessingResponse()
+    common = response.request_body.response
+    common.SetInParent()
+    common.clear_route_cache = clear_route_cache
     if body is not None:
         common.body_mutation.body = body
     if set_headers or remove:
-        common.header_mutation.CopyFrom(_mutation(set_headers, remove))
-    return ProcessingResponse(request_body=BodyResponse(response=common))
+        _fill_mutation(common.header_mutation, set_headers, remove)
+    return response
 
 
 def continue_response_headers(
@@ -208,10 +220,11 @@ def continue_response_headers(
     body: BodyMode = BodyMode.AS_CONFIGURED,
 ) -> ProcessingResponse:
     """Let the response headers go on to the client, changed as given."""
-    mutation = None if set_headers is None else _mutation(set_headers, remove)
-    response = ProcessingResponse(
-        response_headers=HeadersResponse(response=CommonResponse(header_mutation=mutation))
-    )
+    response = ProcessingResponse()
+    common = response.response_headers.response
+    common.SetInParent()
+    if set_headers is not None:
+        _fill_mutation(common.header_mutation, set_headers, remove)
     if body is BodyMode.SKIP:
         response.mode_override.response_body_mode = ProcessingMode.NONE
     elif body is BodyMode.BUFFERED:

@@ -68,3 +68,71 @@ def test_a_stream_s_response_headers_send_metadata_only_when_it_changed() -> Non
     again.ex.ctx.metadata["target"] = "b"
     changed = again.send(headers)
     assert metadata(changed)["target"] == "b" and metadata(changed)["model"] == CHAT["model"]
+
+
+# -- header mutations by attribute paths -------------------------------------------------
+
+HEADERS = st.dictionaries(st.text(max_size=12), st.text(max_size=12), max_size=4)
+REMOVE = st.lists(st.text(max_size=12), max_size=3)
+
+
+def _old_mutation(set_headers: dict, remove: list) -> object:
+    """The nested-constructor form these answers had before (the reference)."""
+    from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
+    from envoy.service.ext_proc.v3.external_processor_pb2 import HeaderMutation
+
+    mutation = HeaderMutation(remove_headers=remove)
+    for name, value in set_headers.items():
+        mutation.set_headers.append(
+            HeaderValueOption(header=HeaderValue(key=name, raw_value=value.encode()))
+        )
+    return mutation
+
+
+def _same(a: object, b: object) -> bool:
+    return a.SerializeToString(deterministic=True) == b.SerializeToString(deterministic=True)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(st.none(), HEADERS), REMOVE, st.booleans(), st.booleans())
+def test_headers_answers_are_the_messages_nested_constructors_built(
+    set_headers: dict | None, remove: list, clear: bool, skip: bool
+) -> None:
+    from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
+    from envoy.service.ext_proc.v3.external_processor_pb2 import (
+        BodyResponse,
+        CommonResponse,
+        HeadersResponse,
+        ProcessingResponse,
+    )
+
+    mutation = None if set_headers is None else _old_mutation(set_headers, remove)
+    want = ProcessingResponse(
+        request_headers=HeadersResponse(
+            response=CommonResponse(header_mutation=mutation, clear_route_cache=clear)
+        )
+    )
+    if skip:
+        want.mode_override.request_body_mode = ProcessingMode.NONE
+        want.mode_override.response_body_mode = ProcessingMode.NONE
+    got = wire.continue_request_headers(
+        set_headers, remove, clear_route_cache=clear, skip_bodies=skip
+    )
+    assert _same(got, want)
+
+    want = ProcessingResponse(
+        response_headers=HeadersResponse(response=CommonResponse(header_mutation=mutation))
+    )
+    assert _same(wire.continue_response_headers(set_headers, remove), want)
+
+    common = CommonResponse(clear_route_cache=clear)
+    body = None if skip else b'{"model":"m"}'
+    if body is not None:
+        common.body_mutation.body = body
+    headers = set_headers or {}
+    if headers or remove:
+        common.header_mutation.CopyFrom(_old_mutation(headers, remove))
+    want = ProcessingResponse(request_body=BodyResponse(response=common))
+    got = wire.replace_request_body(body, headers, remove, clear_route_cache=clear)
+    assert _same(got, want)
+    assert got.HasField("request_body") and got.request_body.HasField("response")
