@@ -12,11 +12,14 @@ took a stream is the one per-worker figure: `ai_gateway_worker_streams_total{wor
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LATENCY = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300)
 _PER_TOKEN = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1)
 _MESSAGE = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05)
+CHILDREN = 4096  # label children remembered by `Metrics.child`
 PHASES = ("request_headers", "request_body", "response_headers", "response_body")
 # Every `ai_gateway_errors_total{kind}` the code counts, so its HELP (what an operator
 # reads next to a dashboard) names them all; tests/test_metrics_help.py finds the kinds
@@ -343,3 +346,17 @@ class Metrics:
             registry=r,
         )
         self.phase_time = {p: self.message_time.labels(p) for p in PHASES}
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def child(self, metric: Any, *values: str) -> Any:
+        """`metric.labels(*values)`, remembered: the per-exchange series (settlement's
+        requests, tokens, durations) cost a dict lookup instead of labels()' checks,
+        conversions and lock. Bounded: label values come from bounded sets (labels.py),
+        and the cache starts over past CHILDREN (labels() returns the same child)."""
+        key = (metric, *values)
+        found = self._children.get(key)
+        if found is None:
+            if len(self._children) >= CHILDREN:
+                self._children.clear()
+            found = self._children[key] = metric.labels(*values)
+        return found

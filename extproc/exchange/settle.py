@@ -104,7 +104,7 @@ def settle(ex: Exchange, now: float, complete: bool) -> None:
             if pending is not None:
                 ex.after.append(pending)
     status = str(ex.status) if ex.status else "none"
-    m.requests.labels(ex.route_name, model, status).inc()
+    m.child(m.requests, ex.route_name, model, status).inc()
     log.info(
         "exchange route=%s consumer=%s model=%s status=%s prompt=%d completion=%d "
         "estimated=%s duration_ms=%.1f%s",
@@ -143,16 +143,17 @@ def _meter(ex: Exchange, now: float, model: str) -> None:
         usage.set_estimated(prompt, content_events)
         m.usage_estimated.labels(model).inc()
     consumer = ex.policy.labels.consumer(ex.consumer or "anonymous")
-    m.tokens.labels(model, consumer, "prompt").inc(usage.prompt_tokens)
-    m.tokens.labels(model, consumer, "completion").inc(usage.completion_tokens)
+    child = m.child
+    child(m.tokens, model, consumer, "prompt").inc(usage.prompt_tokens)
+    child(m.tokens, model, consumer, "completion").inc(usage.completion_tokens)
     if usage.cached_tokens:
-        m.tokens.labels(model, consumer, "cached").inc(usage.cached_tokens)
+        child(m.tokens, model, consumer, "cached").inc(usage.cached_tokens)
     if usage.reasoning_tokens:
-        m.tokens.labels(model, consumer, "reasoning").inc(usage.reasoning_tokens)
-    m.stream_duration.labels(ex.route_name, model).observe(now - ex.started)
+        child(m.tokens, model, consumer, "reasoning").inc(usage.reasoning_tokens)
+    child(m.stream_duration, ex.route_name, model).observe(now - ex.started)
     if ex.first_frame_at:
-        m.ttft.labels(ex.route_name, model).observe(ex.first_frame_at - ex.started)
+        child(m.ttft, ex.route_name, model).observe(ex.first_frame_at - ex.started)
         if usage.completion_tokens > 1 and ex.body.paced:
-            m.tpot.labels(ex.route_name, model).observe(
+            child(m.tpot, ex.route_name, model).observe(
                 (now - ex.first_frame_at) / (usage.completion_tokens - 1)
             )
