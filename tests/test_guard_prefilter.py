@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from extproc.policy.guards import detectors as det
-from extproc.policy.guards.prefilter import prefilter
+from extproc.policy.guards.prefilter import ascii_finder, prefilter
 from extproc.policy.guards.scanner import Scanner
 
 DETECTORS = [
@@ -56,3 +56,26 @@ def test_an_unreadable_pattern_means_no_prefilter():
     rewrite cannot read gives no prefilter at all (the exact search decides)."""
     assert prefilter([("re2", r"(?:ID\pL{3})")]) is not None
     assert prefilter([("py", r"(a)\1")]) is None  # a backreference: RE2 has none
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(st.sampled_from([p for p in PIECES if p.isascii()]), max_size=24), st.integers(0, 60)
+)
+def test_the_direct_re2_call_answers_as_search_does(pieces, start):
+    """`ascii_finder` (RE2's own `Match`, no wrapper) finds exactly where the public
+    `search` finds, on the ASCII texts the pre-check gives it (a google-re2 version
+    that changed what `Match` returns fails here, not in a leaked detection)."""
+    text = "".join(pieces)
+    start = min(start, len(text))
+    regex, _ = SCANNER._pre
+    found = ascii_finder(regex)
+    assert found(text, start) is (regex.search(text, start) is not None), (text, start)
+
+
+def test_the_direct_re2_call_can_say_yes_and_no():
+    regex, _ = SCANNER._pre
+    found = ascii_finder(regex)
+    assert found("call 415-555-2671 now", 0)
+    assert not found("call 415-555-2671 now", 17)  # the number is before `start`
+    assert not found(" the quick brown fox, gateway lantern orbit", 0)

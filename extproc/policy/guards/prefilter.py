@@ -24,10 +24,15 @@ RE2's beyond ASCII); operators' patterns are RE2 already and go in as written.
 from __future__ import annotations
 
 import re._constants as C  # the parser's opcodes
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from extproc.patterns import PatternError, compile_re2
+
+try:
+    import re2 as _re2
+except ImportError:  # pragma: no cover - compile_re2 says so
+    _re2 = None
 from extproc.policy.guards.prefix import Unsupported, _Emitter, _parse
 
 _MAX_COUNT = 64
@@ -102,6 +107,26 @@ class _Loose(_Emitter):
             else:
                 out.append(super().charset([(op, av)])[1:-1])
         return "[" + "".join(out) + "]"
+
+
+def ascii_finder(regex: Any) -> Callable[[str, int], bool]:
+    """`found(text, start)`: does `regex` (RE2) match in ASCII `text` from `start` on.
+
+    google-re2's `search` on a `str` builds a generator, encodes the text, converts
+    the offsets between characters and bytes and wraps the spans in a match object:
+    about 1.5 µs a call on a chunk's few characters, most of the pre-check. On ASCII
+    text characters and bytes are the same offsets, so the compiled RE2 object's own
+    `Match` answers with the spans alone (a third of the cost). A version without
+    those internals gets the public `search`."""
+    raw = getattr(getattr(regex, "_regexp", None), "Match", None)
+    anchor = getattr(getattr(_re2, "_Anchor", None), "UNANCHORED", None)
+    if raw is None or anchor is None:
+        return lambda text, start: regex.search(text, start) is not None
+
+    def found(text: str, start: int) -> bool:
+        return raw(anchor, text.encode(), start, len(text))[0][0] >= 0
+
+    return found
 
 
 def prefilter(sources: Sequence[tuple[str, str]]) -> tuple[Any, int] | None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from extproc.policy.guards.detectors import CONTEXT_CHARS, Detector, compile_re2
 from extproc.policy.guards.normalize import normalize
-from extproc.policy.guards.prefilter import prefilter
+from extproc.policy.guards.prefilter import ascii_finder, prefilter
 
 _NONE = (1 << 62, 1 << 62)  # "no candidate" (sorts after every real position)
 
@@ -42,7 +42,7 @@ class Scanner:
     before the detectors are searched one by one.
     """
 
-    __slots__ = ("_any", "_pre", "_tails", "detectors", "windows")
+    __slots__ = ("_any", "_back", "_found", "_pre", "_tails", "detectors", "windows")
 
     def __init__(self, detectors: Sequence[Detector], max_holdback: int) -> None:
         self.detectors = tuple(detectors)
@@ -68,6 +68,8 @@ class Scanner:
             for ch in map(chr, range(128))
         }
         self._pre = prefilter([(d.engine, d.source) for d in self.detectors])
+        self._found = ascii_finder(self._pre[0]) if self._pre is not None else None
+        self._back = self._pre[1] if self._pre is not None else 0
 
     def find_all(self, text: str) -> list[Hit]:
         """Matches in a whole text."""
@@ -124,11 +126,9 @@ class Scanner:
                     m = viable.search(text, max(pos, n - window))
                     if m is not None and m.start() < n:
                         return False
-        pre = self._pre
-        if pre is not None and text.isascii():
-            regex, back = pre
-            if regex.search(text, max(0, pos - back)) is None:
-                return True  # no detector can match: no need for the exact search
+        found = self._found
+        if found is not None and text.isascii() and not found(text, max(0, pos - self._back)):
+            return True  # no detector can match: no need for the exact search
         for regex in self._any:  # noqa: SIM110 - no generator per chunk
             if regex.search(text, pos) is not None:
                 return False
