@@ -308,3 +308,35 @@ def test_text_deltas_counts_non_empty_texts_in_one_pass(keys, tails):
     texts = openai_chat._TEXT_KEYS
     expected = sum(map(count, texts)) - sum(count(key + b'"') for key in texts)
     assert openai_chat._text_deltas(data) == expected
+
+
+# Where `"usage"` can sit in a frame, null or not, spaced or not, at the edges of the
+# byte search (`feed_whole` decides "no usage figure here" without a parse).
+USAGE_FRAMES = [
+    *FRAMES,
+    frame(choice('{"content":"a"}'), usage=" null"),
+    frame(choice('{"content":"\\"usage\\":null"}')),
+    frame(choice('{"content":"b"}'), usage='{"prompt_tokens":1,"completion_tokens":2}'),
+    f'data: {{"usage":null,{HEAD[1:]}{choice("{}")}]}}\n\n'.encode(),
+    f'data: {HEAD}{choice(chr(123) + chr(125))}],"usage":null,"usage":{USAGE}}}\n\n'.encode(),
+    f'data: {HEAD}],"usage":null}}\n\n'.encode(),
+    b'data: "usage":null\n\n',
+    b'data: {"x":1,"usage"usage":null}\n\n',
+]
+
+
+@given(st.lists(st.sampled_from(USAGE_FRAMES), min_size=1, max_size=6), st.booleans())
+def test_whole_frames_meter_as_the_frame_by_frame_parse(frames, hide):
+    """The byte search's answer (untouched, or the usage frame dropped) and its meter
+    readings are those of the full parse of the same frames."""
+    chunk = b"".join(frames)
+    fast, full = decoder(hide_usage=hide), decoder(hide_usage=hide)
+    whole = fast.feed_whole(chunk)
+    assert whole is not None
+    assert whole == out_of(full.feed(chunk))
+    assert usage_tuple(fast.usage) == usage_tuple(full.usage)
+    assert (fast.content_events, fast.finish_reason, fast.done) == (
+        full.content_events,
+        full.finish_reason,
+        full.done,
+    )

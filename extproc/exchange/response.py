@@ -317,7 +317,7 @@ class StreamBody:
                 if end:
                     _check_end(ex, decoder)
                 response = CONTINUE_BODY if whole is chunk else wire.replace_body(whole)
-                if end or _just_done(ex, decoder):
+                if end or (decoder.done and not ex.closed):  # `_just_done`, inline
                     return ex.finish(response, now)
                 if decoder.content_events >= ex.report_at and not ex.closed:
                     return settle.progress(ex, response)

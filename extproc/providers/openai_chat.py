@@ -57,9 +57,9 @@ _DONE = b"[DONE]"
 _CONTENT_KEY = b'"content"'
 _REFUSAL_KEY = b'"refusal"'
 _NO_REFUSAL = b'"refusal":null'
-# Keys of the texts `plain_text` does not read: four substring searches (memchr-fast
-# C loops) cost less than one regex search over the chunk.
-_OTHER_TEXT = (b'"tool_calls"', b'"arguments"', b'"reasoning"', b'"reasoning_content"')
+# Keys of the texts `plain_text` does not read (one pass over the chunk: measured, half
+# the cost of four substring searches, whose needles start with the frequent `"`).
+_OTHER_TEXT = re.compile(rb'"(?:tool_calls|arguments|reasoning(?:_content)?)"')
 _CONTENT_STRING = b'"content":"'
 _CHOICE0 = b'{"index":0,"delta":{'  # the content key right after it, or after the role
 _CHOICE0_ROLE = b'{"index":0,"delta":{"role":"assistant",'
@@ -192,6 +192,8 @@ class OpenAIChatStream(SSEDecoder):
         frames and CR line endings take the frame-by-frame path (None)."""
         if self._framer.buffered or chunk[-2:] != b"\n\n" or b"\r" in chunk:
             return None
+        # Two counts (C loops, no Python per occurrence): measured cheaper than a
+        # search loop over each `"usage"`, in time and in instructions.
         if chunk.count(_USAGE_KEY) == chunk.count(_USAGE_NULL):
             return self._count(chunk)  # no usage figure here: the usual chunk
         parts: list[bytes] = []
@@ -221,8 +223,7 @@ class OpenAIChatStream(SSEDecoder):
         Non-ASCII text is None too: the guards' normalised view must see it."""
         if self._framer.buffered or chunk[-2:] != b"\n\n" or b"\r" in chunk:
             return None
-        tools, arguments, reasoning, reasoning_content = _OTHER_TEXT
-        if tools in chunk or arguments in chunk or reasoning in chunk or reasoning_content in chunk:
+        if _OTHER_TEXT.search(chunk) is not None:
             return None  # texts of other channels or kinds (not the usage's reasoning_tokens)
         refusals = chunk.count(_REFUSAL_KEY)
         if refusals and refusals != chunk.count(_NO_REFUSAL):
