@@ -80,7 +80,7 @@ class Scanner:
         decided, text from it on must wait for more (or for `final`)."""
         n = len(text)
         hold = n if final else self._hold(text, pos)
-        if not any(regex.search(text, pos) for regex in self._any):
+        if self._unmatched(text, pos):
             return [], n if final else max(pos, hold)
         detectors = self.detectors
         cand: list[tuple[int, int]] = [(-1, -1)] * len(detectors)
@@ -126,6 +126,12 @@ class Scanner:
                     m = viable.search(text, max(pos, n - window))
                     if m is not None and m.start() < n:
                         return False
+        return self._unmatched(text, pos)
+
+    def _unmatched(self, text: str, pos: int) -> bool:
+        """No candidate of any detector in `text[pos:]`: the RE2 prefilter's one search
+        says so for ASCII text (linear; the exact alternation of lookbehind-led patterns
+        costs steps per detector at every position), else the exact search does."""
         found = self._found
         if found is not None and text.isascii() and not found(text, max(0, pos - self._back)):
             return True  # no detector can match: no need for the exact search
