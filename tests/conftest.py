@@ -13,12 +13,24 @@ import httpx
 import pytest
 import yaml
 
-from extproc.dev.devstack import Stack
+from extproc.dev import devstack
 
 REPO = Path(__file__).resolve().parent.parent
 DEV_CONFIG = REPO / "config" / "dev.yaml"
 # The consumer key config/dev.yaml ships: its /v1 routes require a key.
 DEV_API_KEY = "my-secret-key"
+# Envoy writes a file access log out every 10 s by default (`--file-flush-interval-msec`):
+# a test reading its request's line would wait for that.
+ACCESS_LOG_FLUSH_MS = 20
+
+
+class Stack(devstack.Stack):
+    """The dev stack, but Envoy flushes its access log within ACCESS_LOG_FLUSH_MS."""
+
+    def _spawn(self, name: str, argv: list[str]) -> None:
+        if name == "envoy":
+            argv = [*argv, "--file-flush-interval-msec", str(ACCESS_LOG_FLUSH_MS)]
+        super()._spawn(name, argv)
 
 
 def free_port() -> int:

@@ -40,6 +40,7 @@ from extproc.bootstrap import (
 )
 from extproc.config import Config, load_config, parse_config
 from extproc.envoybin import envoy_binary
+from tests.conftest import ACCESS_LOG_FLUSH_MS
 
 REPO = Path(__file__).resolve().parent.parent
 DEV = REPO / "config" / "dev.yaml"
@@ -442,7 +443,11 @@ def envoy_stack(
     log = tmp / "envoy.log"
     with log.open("wb") as log_file:
         envoy = subprocess.Popen(
-            [str(envoy_binary()), "-c", str(bootstrap), "--use-dynamic-base-id", "-l", "warning"],
+            [
+                str(envoy_binary()),
+                *("-c", str(bootstrap), "--use-dynamic-base-id", "-l", "warning"),
+                *("--file-flush-interval-msec", str(ACCESS_LOG_FLUSH_MS)),  # lines at once
+            ],
             stdout=log_file,
             stderr=subprocess.STDOUT,
         )

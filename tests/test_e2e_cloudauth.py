@@ -17,8 +17,7 @@ import httpx
 import pytest
 import yaml
 
-from extproc.dev.devstack import Stack
-from tests.conftest import metric, mock_exchange, wait_for, write_config
+from tests.conftest import Stack, metric, mock_exchange, wait_for, write_config
 from tests.token_server import TokenServer
 
 GW_KEY_ID, GW_SECRET, GW_TOKEN = "AKIDGATEWAYE2E", "gateway-e2e-secret", "gateway-session-tok"

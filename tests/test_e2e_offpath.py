@@ -21,8 +21,7 @@ import yaml
 from extproc.bootstrap import EXTPROC_FILTER, NOT_FOUND_ROUTE, render_bootstrap
 from extproc.bootstrap.common import OBSERVER_FILTER
 from extproc.config import parse_config
-from extproc.dev.devstack import Stack
-from tests.conftest import free_port, metric, sse_payloads, wait_for
+from tests.conftest import Stack, free_port, metric, sse_payloads, wait_for
 from tests.test_bootstrap import hcm_of, validate
 
 CARD = "4111 1111 1111 1111"

@@ -19,11 +19,10 @@ import pytest
 import yaml
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
-from extproc.dev.devstack import Stack
 from extproc.envoybin import envoy_binary
 from extproc.policy.ratelimit.stage import estimate_prompt
 from extproc.providers import format_for
-from tests.conftest import REPO, free_port, metric, wait_for
+from tests.conftest import REPO, Stack, free_port, metric, wait_for
 from tests.redis_server import RedisServer
 
 ROUTE_NAMES = ("conc", "hdr", "big", "req", "outage")

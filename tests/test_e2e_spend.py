@@ -16,8 +16,7 @@ import httpx
 import openai
 import pytest
 
-from extproc.dev.devstack import Stack
-from tests.conftest import free_port, metric, wait_for
+from tests.conftest import Stack, free_port, metric, wait_for
 from tests.spend_helpers import MODEL, hand_price, sqlite_rows, write_policy
 
 ALICE, BOB = "alice-key-0123456789", "bob-key-0123456789"

@@ -18,8 +18,7 @@ import psycopg
 import pytest
 import redis as redis_py
 
-from extproc.dev.devstack import Stack
-from tests.conftest import metric, wait_for
+from tests.conftest import Stack, metric, wait_for
 from tests.postgres_server import PostgresServer
 from tests.redis_server import RedisServer
 from tests.spend_helpers import MODEL, hand_price, write_policy

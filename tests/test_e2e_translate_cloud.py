@@ -12,8 +12,7 @@ import openai
 import pytest
 import yaml
 
-from extproc.dev.devstack import Stack
-from tests.conftest import DEV_API_KEY, mock_exchange, write_config
+from tests.conftest import DEV_API_KEY, Stack, mock_exchange, write_config
 
 KEY_ID, SECRET, TOKEN = "AKIDTRANSLATEDE2E", "translated-e2e-secret", "translated-session-tok"
 MESSAGES = [{"role": "user", "content": "Tell me about the weather in Paris."}]

@@ -14,8 +14,7 @@ from typing import Any
 import httpx
 import yaml
 
-from extproc.dev.devstack import Stack
-from tests.conftest import wait_for, write_config
+from tests.conftest import Stack, wait_for, write_config
 from tests.test_e2e_providers import Fmt, events
 
 ALIASES = {
