@@ -26,9 +26,11 @@ import orjson
 import pytest
 import yaml
 
-from extproc.dev.devstack import Stack, grpc_serving
+from extproc.bootstrap import EXTPROC_CLUSTER
+from extproc.dev.devstack import grpc_serving
 from tests.conftest import (
     DEV_API_KEY,
+    Stack,
     consecutive_free_ports,
     metric,
     sse_payloads,
@@ -82,10 +84,30 @@ def running_policy(directory: Path, workers: int, **sections) -> str:
     return yaml.safe_dump(config, sort_keys=False)
 
 
+def healthy_workers(stack: Stack) -> int:
+    """How many sidecar endpoints Envoy counts healthy (its gRPC health checks)."""
+    clusters = httpx.get(f"{stack.admin_url}/clusters", timeout=5).text
+    return sum(
+        line.startswith(f"{EXTPROC_CLUSTER}::") and line.endswith("health_flags::healthy")
+        for line in clusters.splitlines()
+    )
+
+
 def start(directory: Path, workers: int, **sections) -> tuple[Stack, ConfigMapDir]:
+    """The stack, once Envoy sees every worker healthy.
+
+    Envoy is ready after its first round of health checks, but a first check that
+    timed out under load leaves that worker unhealthy for a while, and Envoy then
+    sends every stream to the other one: tests that count streams per worker wait.
+    """
     mount = ConfigMapDir(directory / "mount", running_policy(directory, workers, **sections))
     stack = Stack(mount.path, directory)
     stack.start()
+    try:
+        assert wait_for(lambda: healthy_workers(stack) == workers, timeout=30)
+    except BaseException:
+        stack.stop()
+        raise
     return stack, mount
 
 
@@ -93,13 +115,39 @@ def reloads(stack: Stack, result: str) -> float:
     return metric(stack, "ai_gateway_config_reloads_total", result=result)
 
 
+def worker_reloads(stack: Stack) -> list[int]:
+    """Per supervised worker, how many times it applied the supervisor's snapshot.
+
+    The supervisor counts a reload once it validated the file, then signals the
+    workers, which apply it a moment later: a test that sends a request right
+    after the count could still reach a worker on the old policy.
+    """
+    log = stack.log("sidecar")
+    workers = len(stack.sidecar_addresses)
+    return [
+        len(re.findall(rf"worker {i}: (?:policy reloaded|keys re-read)", log))
+        for i in range(workers)
+    ]
+
+
+def wait_reloaded(stack: Stack, successes: float, applied: list[int]) -> None:
+    """Wait until the reload after `successes` is counted and, supervised, every
+    worker applied it (a single worker applies it before it counts it)."""
+    assert wait_for(lambda: reloads(stack, "success") == successes + 1, timeout=30)
+    if len(applied) > 1:
+        assert wait_for(
+            lambda: all(n > a for n, a in zip(worker_reloads(stack), applied, strict=True)),
+            timeout=30,
+        ), (applied, worker_reloads(stack))
+
+
 def change_policy(stack: Stack, mount: ConfigMapDir, edit: Callable[[dict], None]) -> None:
     """Apply an edit to the mounted policy and wait until the sidecar took it."""
-    before = reloads(stack, "success")
+    before, applied = reloads(stack, "success"), worker_reloads(stack)
     config = yaml.safe_load(mount.text())
     edit(config)
     mount.update(yaml.safe_dump(config, sort_keys=False))
-    assert wait_for(lambda: reloads(stack, "success") == before + 1, timeout=30)
+    wait_reloaded(stack, before, applied)
 
 
 def mock_request(stack: Stack, request_id: str) -> dict:
@@ -221,7 +269,8 @@ def two(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, Confi
 def test_two_workers_share_the_streams(two) -> None:
     stack, _ = two
     assert len(stack.sidecar_addresses) == 2
-    assert all(grpc_serving(address) for address in stack.sidecar_addresses)
+    # Each check has a 1 s deadline, which a loaded machine can miss: polled.
+    assert wait_for(lambda: all(grpc_serving(a) for a in stack.sidecar_addresses))
     # `server.event_loop` defaults to uvloop: each worker says which loop it serves on.
     for index in (0, 1):
         assert re.search(rf"worker {index} of 2 listening on .* loop uvloop", stack.log("sidecar"))
@@ -280,9 +329,10 @@ def test_invalid_change_is_refused_and_the_old_policy_stays(two) -> None:
     mount.update(good.replace("ensure_usage: true", "ensure_usage: maybe"))
     try:
         assert wait_for(lambda: reloads(stack, "failure") == failures + 1, timeout=30)
-        log = stack.log("sidecar")
-        assert f"{mount.path}: streaming.ensure_usage: expected true or false" in log
-        assert "keeping the previous policy" in log
+        # Counted, then logged: the lines may come a moment after the count.
+        refused = f"{mount.path}: streaming.ensure_usage: expected true or false"
+        assert wait_for(lambda: refused in stack.log("sidecar")), stack.log("sidecar")[-2000:]
+        assert "keeping the previous policy" in stack.log("sidecar")
         # A worker that dies now comes back with the last good policy, not the file.
         os.kill(worker_pids(stack)[1], signal.SIGKILL)
         assert wait_for(
@@ -301,9 +351,9 @@ def test_invalid_change_is_refused_and_the_old_policy_stays(two) -> None:
         assert wait_for(restarted_worker_took_one, timeout=30)
         assert reloads(stack, "failure") == failures + 1  # reported once, not every poll
     finally:
-        successes = reloads(stack, "success")
+        successes, applied = reloads(stack, "success"), worker_reloads(stack)
         mount.update(good)
-        assert wait_for(lambda: reloads(stack, "success") == successes + 1, timeout=30)
+        wait_reloaded(stack, successes, applied)
 
 
 def test_rotated_key_file_is_read_again(tmp_path: Path, two) -> None:
@@ -313,9 +363,9 @@ def test_rotated_key_file_is_read_again(tmp_path: Path, two) -> None:
     change_policy(stack, mount, lambda c: c["providers"]["mock"].update(api_key_file=str(key.path)))
     request_id, _ = chat(stack)
     assert mock_request(stack, request_id)["headers"]["authorization"] == "Bearer key-one"
-    before = reloads(stack, "success")
+    before, applied = reloads(stack, "success"), worker_reloads(stack)
     key.update("key-two\n")
-    assert wait_for(lambda: reloads(stack, "success") == before + 1, timeout=30)
+    wait_reloaded(stack, before, applied)
     for _ in range(4):  # both workers
         request_id, _ = chat(stack)
         assert mock_request(stack, request_id)["headers"]["authorization"] == "Bearer key-two"
@@ -379,7 +429,8 @@ def test_single_worker_watches_its_own_policy(tmp_path: Path) -> None:
         failures = reloads(stack, "failure")
         mount.update("routes: [")
         assert wait_for(lambda: reloads(stack, "failure") == failures + 1, timeout=30)
-        assert f"{mount.path}: line 1" in stack.log("sidecar")
+        # Counted, then logged: the line may come a moment after the count.
+        assert wait_for(lambda: f"{mount.path}: line 1" in stack.log("sidecar"))
         request_id, _ = chat(stack)
         assert "stream_options" not in mock_request(stack, request_id)["body"]
     finally:
