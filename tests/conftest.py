@@ -22,15 +22,25 @@ DEV_API_KEY = "my-secret-key"
 # Envoy writes a file access log out every 10 s by default (`--file-flush-interval-msec`):
 # a test reading its request's line would wait for that.
 ACCESS_LOG_FLUSH_MS = 20
+# How the tests run Envoy. Hot restart off instead of `--use-dynamic-base-id`: two
+# Envoys starting at once (pytest-xdist workers, other runs on the machine) can pick
+# the same base id, and then one takes the other over.
+ENVOY_TEST_FLAGS = (
+    "--disable-hot-restart",
+    *("--file-flush-interval-msec", str(ACCESS_LOG_FLUSH_MS)),
+)
+
+
+def envoy_test_argv(argv: list[str]) -> list[str]:
+    """An Envoy command line with the tests' flags (ENVOY_TEST_FLAGS)."""
+    return [*(a for a in argv if a != "--use-dynamic-base-id"), *ENVOY_TEST_FLAGS]
 
 
 class Stack(devstack.Stack):
-    """The dev stack, but Envoy flushes its access log within ACCESS_LOG_FLUSH_MS."""
+    """The dev stack, with Envoy run by `envoy_test_argv`."""
 
     def _spawn(self, name: str, argv: list[str]) -> None:
-        if name == "envoy":
-            argv = [*argv, "--file-flush-interval-msec", str(ACCESS_LOG_FLUSH_MS)]
-        super()._spawn(name, argv)
+        super()._spawn(name, envoy_test_argv(argv) if name == "envoy" else argv)
 
 
 def free_port() -> int:
@@ -65,7 +75,8 @@ def write_config(directory: Path, **sections: dict) -> Path:
     """The dev policy with fresh loopback ports, plus overrides per section."""
     config = yaml.safe_load(DEV_CONFIG.read_text())
     config.setdefault("server", {}).update(
-        grpc_listen=f"127.0.0.1:{free_port()}", metrics_listen=f"127.0.0.1:{free_port()}"
+        grpc_listen=f"127.0.0.1:{free_port()}",
+        metrics_listen=f"127.0.0.1:{free_port()}",
     )
     config.setdefault("envoy", {}).update(
         listen=f"127.0.0.1:{free_port()}",

@@ -40,7 +40,7 @@ from extproc.bootstrap import (
 )
 from extproc.config import Config, load_config, parse_config
 from extproc.envoybin import envoy_binary
-from tests.conftest import ACCESS_LOG_FLUSH_MS
+from tests.conftest import envoy_test_argv
 
 REPO = Path(__file__).resolve().parent.parent
 DEV = REPO / "config" / "dev.yaml"
@@ -443,11 +443,7 @@ def envoy_stack(
     log = tmp / "envoy.log"
     with log.open("wb") as log_file:
         envoy = subprocess.Popen(
-            [
-                str(envoy_binary()),
-                *("-c", str(bootstrap), "--use-dynamic-base-id", "-l", "warning"),
-                *("--file-flush-interval-msec", str(ACCESS_LOG_FLUSH_MS)),  # lines at once
-            ],
+            envoy_test_argv([str(envoy_binary()), "-c", str(bootstrap), "-l", "warning"]),
             stdout=log_file,
             stderr=subprocess.STDOUT,
         )
