@@ -2,8 +2,8 @@
 whether the provider keeps generating, for `streaming.on_block: drain` and `close`.
 
 The mock provider streams a long answer slowly (`x-mock-text`: the blocked words come
-first, about 400 more tokens follow, `x-mock-delay-ms: 20`) and records whether Envoy
-went away before it finished (`client_went_away` in /_mock/exchanges/{id}), so the
+first, about 400 more tokens follow, 100 for drain, `x-mock-delay-ms: 20`) and records
+whether Envoy went away before it finished (`client_went_away` in /_mock/exchanges/{id}), so the
 provider side is checked without timing anything.
 
 - drain: the client gets the error event, `[DONE]` and a clean end (curl exit 0), but
@@ -43,6 +43,9 @@ GUARDS = {
 # The blocked words early, then a long tail the provider keeps generating.
 TEXT = "Here is the forbidden fruit you asked for" + " and more" * 200
 SLOW = {"x-mock-delay-ms": "20", "x-mock-text": TEXT}
+# Drain waits for the provider's whole answer: a shorter tail (2 s, not 8) shows it as
+# well. The close tests keep the long one (the provider is stopped within its first half).
+DRAIN_TEXT = "Here is the forbidden fruit you asked for" + " and more" * 50
 KEY = "my-secret-key"  # the dev policy's consumer (route /v1/ requires a key)
 CURL_PARTIAL_FILE = 18  # HTTP/1.1: connection closed before the terminating chunk
 CURL_HTTP2_STREAM = 92  # HTTP/2: stream reset (RST_STREAM) before END_STREAM
@@ -73,8 +76,11 @@ def chat_body() -> str:
     )
 
 
-def curl(stack: Stack, request_id: str, *options: str) -> subprocess.CompletedProcess:
-    headers = {**SLOW, "content-type": "application/json", "x-mock-request-id": request_id}
+def curl(
+    stack: Stack, request_id: str, *options: str, text: str = TEXT
+) -> subprocess.CompletedProcess:
+    headers = {**SLOW, "x-mock-text": text, "content-type": "application/json"}
+    headers["x-mock-request-id"] = request_id
     argv = ["curl", "-sN", *options, f"{stack.base_url}/openai", "-d", chat_body()]
     for name, value in headers.items():
         argv += ["-H", f"{name}: {value}"]
@@ -106,7 +112,7 @@ def assert_error_event_then_done(body: bytes) -> None:
 def test_drain_ends_the_client_cleanly_but_the_provider_finishes(stacks):
     stack = stacks["drain"]
     rid = uuid.uuid4().hex
-    out = curl(stack, rid)
+    out = curl(stack, rid, text=DRAIN_TEXT)
     assert out.returncode == 0, out.stderr
     assert_error_event_then_done(out.stdout)
     provider = provider_side(stack, rid)
