@@ -19,6 +19,11 @@ REPO = Path(__file__).resolve().parent.parent
 DEV_CONFIG = REPO / "config" / "dev.yaml"
 # The consumer key config/dev.yaml ships: its /v1 routes require a key.
 DEV_API_KEY = "my-secret-key"
+# What every test policy sets in `server`: no shedding on event-loop lag. A machine
+# busy with other tests (pytest-xdist, other runs) delays a sidecar's loop past the
+# 250 ms default now and then, and a test's request got a 503 `overloaded` instead of
+# its answer; the admission tests set their own limits.
+TEST_SERVER = {"max_queue_delay_ms": 0}
 # Envoy writes a file access log out every 10 s by default (`--file-flush-interval-msec`):
 # a test reading its request's line would wait for that.
 ACCESS_LOG_FLUSH_MS = 20
@@ -77,6 +82,7 @@ def write_config(directory: Path, **sections: dict) -> Path:
     config.setdefault("server", {}).update(
         grpc_listen=f"127.0.0.1:{free_port()}",
         metrics_listen=f"127.0.0.1:{free_port()}",
+        **TEST_SERVER,
     )
     config.setdefault("envoy", {}).update(
         listen=f"127.0.0.1:{free_port()}",

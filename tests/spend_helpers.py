@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from tests.conftest import free_port
+from tests.conftest import TEST_SERVER, free_port
 
 MODEL = "gpt-4o-mini"
 # $ per 1M tokens, set by the policy (so the figures below are the hand computation):
@@ -52,6 +52,7 @@ def write_policy(directory: Path, **sections: Any) -> Path:
             "grpc_listen": f"127.0.0.1:{free_port()}",
             "metrics_listen": f"127.0.0.1:{free_port()}",
             "shutdown_grace_seconds": 2,
+            **TEST_SERVER,
         },
         "envoy": {
             "listen": f"127.0.0.1:{free_port()}",
