@@ -22,10 +22,18 @@ install: $(VENV)/.installed
 run: install
 	$(PY) -m extproc run --config $(CONFIG)
 
-# The whole suite, unit to end-to-end through a real Envoy.
+# The whole suite, unit to end-to-end through a real Envoy: on TEST_WORKERS processes
+# (pytest-xdist; a file's tests stay on one, with its module-scoped stack), then the
+# tests marked `serial` alone. TEST_WORKERS=0: everything in this one process.
+TEST_WORKERS ?= 2
 test: install
 	$(PY) -m ruff check extproc tests bench
+ifeq ($(TEST_WORKERS),0)
 	$(PY) -m pytest -q
+else
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not serial"
+	$(PY) -m pytest -q -m serial
+endif
 
 lint: install
 	$(PY) -m ruff check extproc tests bench

@@ -20,6 +20,9 @@ from tests.conftest import sse_payloads, start_stack
 # sidecar's own included, to its `request_too_large` error (see the branch report).
 GUARDS = {"rules": [{"name": "pii", "detectors": ["pii", "secrets"]}], "scan_budget_status": 400}
 SIZE = 900_000
+# The answer must beat Envoy's 2 s message timeout with a 1 s scan budget: a worker
+# sharing its core with a parallel test file missed it once (504).
+pytestmark = pytest.mark.serial
 
 
 @pytest.fixture(scope="module")
