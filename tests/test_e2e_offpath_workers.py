@@ -18,8 +18,7 @@ from extproc.bootstrap import render_bootstrap
 from extproc.bootstrap.common import EXTPROC_FILTER, OBSERVER_FILTER
 from extproc.bootstrap.observer import observer_cluster_name
 from extproc.config import parse_config
-from extproc.dev.devstack import Stack
-from tests.conftest import consecutive_free_ports, free_port, metric, wait_for
+from tests.conftest import Stack, consecutive_free_ports, free_port, metric, wait_for
 from tests.redis_server import RedisServer
 from tests.test_bootstrap import cluster, endpoint_address, hcm_of, validate
 from tests.test_e2e_offpath import (
