@@ -22,10 +22,10 @@ install: $(VENV)/.installed
 run: install
 	$(PY) -m extproc run --config $(CONFIG)
 
-# The whole suite, unit to end-to-end through a real Envoy: on TEST_WORKERS processes
-# (pytest-xdist; a file's tests stay on one, with its module-scoped stack), then the
-# tests marked `serial` alone. TEST_WORKERS=0: everything in this one process.
-TEST_WORKERS ?= 2
+# The whole suite, unit to end-to-end through a real Envoy, in one process. TEST_WORKERS=2:
+# on 2 processes (pytest-xdist; a file's tests stay on one, with its module-scoped stack),
+# then the tests marked `serial` alone: faster, but Envoy's timeouts meet a busier CPU.
+TEST_WORKERS ?= 0
 test: install
 	$(PY) -m ruff check extproc tests bench
 ifeq ($(TEST_WORKERS),0)
