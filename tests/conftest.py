@@ -76,6 +76,26 @@ def consecutive_free_ports(count: int) -> int:
     raise RuntimeError("no run of free ports")
 
 
+def loopback_sections(directory: Path, **server: object) -> dict:
+    """`server`, `envoy` and a `mock` provider on free loopback ports (the access log in
+    `directory`): the start of a test policy written from scratch; `server` adds to or
+    replaces the server keys."""
+    return {
+        "server": {
+            "grpc_listen": f"127.0.0.1:{free_port()}",
+            "metrics_listen": f"127.0.0.1:{free_port()}",
+            **TEST_SERVER,
+            **server,
+        },
+        "envoy": {
+            "listen": f"127.0.0.1:{free_port()}",
+            "admin": f"127.0.0.1:{free_port()}",
+            "access_log": str(directory / "access.log"),
+        },
+        "providers": {"mock": {"url": f"http://127.0.0.1:{free_port()}"}},
+    }
+
+
 def write_config(directory: Path, **sections: dict) -> Path:
     """The dev policy with fresh loopback ports, plus overrides per section."""
     config = yaml.safe_load(DEV_CONFIG.read_text())

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from tests.conftest import TEST_SERVER, free_port
+from tests.conftest import loopback_sections
 
 MODEL = "gpt-4o-mini"
 # $ per 1M tokens, set by the policy (so the figures below are the hand computation):
@@ -48,18 +48,7 @@ def write_policy(directory: Path, **sections: Any) -> Path:
     """Envoy + sidecar + the mock on free ports; `sections` are added as written."""
     directory.mkdir(parents=True, exist_ok=True)
     policy: dict[str, Any] = {
-        "server": {
-            "grpc_listen": f"127.0.0.1:{free_port()}",
-            "metrics_listen": f"127.0.0.1:{free_port()}",
-            "shutdown_grace_seconds": 2,
-            **TEST_SERVER,
-        },
-        "envoy": {
-            "listen": f"127.0.0.1:{free_port()}",
-            "admin": f"127.0.0.1:{free_port()}",
-            "access_log": str(directory / "access.log"),
-        },
-        "providers": {"mock": {"url": f"http://127.0.0.1:{free_port()}"}},
+        **loopback_sections(directory, shutdown_grace_seconds=2),
         "routes": [{"name": "v1", "prefix": "/v1/", "provider": "mock"}],
         "prices": PRICES,
         **sections,

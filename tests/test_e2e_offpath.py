@@ -21,7 +21,7 @@ import yaml
 from extproc.bootstrap import EXTPROC_FILTER, NOT_FOUND_ROUTE, render_bootstrap
 from extproc.bootstrap.common import OBSERVER_FILTER
 from extproc.config import parse_config
-from tests.conftest import TEST_SERVER, Stack, free_port, metric, sse_payloads, wait_for
+from tests.conftest import Stack, loopback_sections, metric, sse_payloads, wait_for
 from tests.test_bootstrap import hcm_of, validate
 
 CARD = "4111 1111 1111 1111"
@@ -49,18 +49,7 @@ POLICY = {
 def write_policy(directory: Path, **server: object) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     policy = {
-        "server": {
-            "grpc_listen": f"127.0.0.1:{free_port()}",
-            "metrics_listen": f"127.0.0.1:{free_port()}",
-            **TEST_SERVER,
-            **server,
-        },
-        "envoy": {
-            "listen": f"127.0.0.1:{free_port()}",
-            "admin": f"127.0.0.1:{free_port()}",
-            "access_log": str(directory / "access.log"),
-        },
-        "providers": {"mock": {"url": f"http://127.0.0.1:{free_port()}"}},
+        **loopback_sections(directory, **server),
         **POLICY,
     }
     path = directory / "policy.yaml"

@@ -18,7 +18,13 @@ from extproc.bootstrap import render_bootstrap
 from extproc.bootstrap.common import EXTPROC_FILTER, OBSERVER_FILTER
 from extproc.bootstrap.observer import observer_cluster_name
 from extproc.config import parse_config
-from tests.conftest import Stack, consecutive_free_ports, free_port, metric, wait_for
+from tests.conftest import (
+    Stack,
+    consecutive_free_ports,
+    loopback_sections,
+    metric,
+    wait_for,
+)
 from tests.redis_server import RedisServer
 from tests.test_bootstrap import cluster, endpoint_address, hcm_of, validate
 from tests.test_e2e_offpath import (
@@ -41,20 +47,13 @@ def write_policy(directory: Path, workers: int, redis_url: str) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     limits = {**POLICY["rate_limits"], "store": "redis", "redis": {"url": redis_url}}
     policy = {
-        "server": {
-            "workers": workers,
-            # Accounting is under test, not shedding: a busy shared machine's loop lag
-            # must not turn a request away (`overloaded`).
-            "max_queue_delay_ms": 0,
-            "grpc_listen": f"127.0.0.1:{consecutive_free_ports(workers)}",
-            "metrics_listen": f"127.0.0.1:{free_port()}",
-        },
-        "envoy": {
-            "listen": f"127.0.0.1:{free_port()}",
-            "admin": f"127.0.0.1:{free_port()}",
-            "access_log": str(directory / "access.log"),
-        },
-        "providers": {"mock": {"url": f"http://127.0.0.1:{free_port()}"}},
+        # Accounting is under test, not shedding (TEST_SERVER): a busy shared machine's
+        # loop lag must not turn a request away (`overloaded`).
+        **loopback_sections(
+            directory,
+            workers=workers,
+            grpc_listen=f"127.0.0.1:{consecutive_free_ports(workers)}",
+        ),
         **POLICY,
         "rate_limits": limits,
     }

@@ -22,7 +22,7 @@ from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from extproc.envoybin import envoy_binary
 from extproc.policy.ratelimit.stage import estimate_prompt
 from extproc.providers import format_for
-from tests.conftest import REPO, TEST_SERVER, Stack, free_port, metric, wait_for
+from tests.conftest import REPO, Stack, loopback_sections, metric, wait_for
 from tests.redis_server import RedisServer
 
 ROUTE_NAMES = ("conc", "hdr", "big", "req", "outage")
@@ -55,17 +55,7 @@ def reservation() -> int:
 def write_policy(directory: Path, rate_limits: dict | None) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     policy = {
-        "server": {
-            "grpc_listen": f"127.0.0.1:{free_port()}",
-            "metrics_listen": f"127.0.0.1:{free_port()}",
-            **TEST_SERVER,
-        },
-        "envoy": {
-            "listen": f"127.0.0.1:{free_port()}",
-            "admin": f"127.0.0.1:{free_port()}",
-            "access_log": str(directory / "access.log"),
-        },
-        "providers": {"mock": {"url": f"http://127.0.0.1:{free_port()}"}},
+        **loopback_sections(directory),
         "routes": ROUTES,
     }
     if rate_limits is not None:
