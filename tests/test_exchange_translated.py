@@ -12,10 +12,12 @@ import orjson
 from hypothesis import given, settings
 
 from extproc.config import parse_config
-from extproc.dev.mock import build_anthropic_stream
+from extproc.dev.mock import build_anthropic_stream, build_bedrock_stream
+from extproc.dev.mock.bedrock import EVENTSTREAM_CONTENT_TYPE as EVENTSTREAM
 from extproc.dev.mock.knobs import MockOptions
 from extproc.policy import Shared, build_policy
 from extproc.translate import ChatToAnthropic
+from extproc.translate.chat_to_bedrock import ChatToBedrock
 from tests.providers_helpers import cut, cuts
 from tests.test_exchange import Run, apply_body, body_msg, headers_msg, metadata
 
@@ -190,3 +192,36 @@ def test_an_upstream_error_event_mid_stream_is_an_openai_error_frame():
         "type": "server_error",
         "code": "overloaded_error",
     }
+
+
+def test_a_bedrock_stream_is_complete_at_its_metadata_event():
+    """ConverseStream's last event is `metadata` (the usage): the translated stream's
+    `[DONE]` goes with it and the openai SDK may hang up there, before Envoy's end of
+    stream, so that chunk's answer must carry the access-log figures."""
+    doc = {
+        **DOC,
+        "providers": {
+            **DOC["providers"],
+            "nova": {
+                "url": "https://bedrock-runtime.us-east-1.amazonaws.com",
+                "format": "bedrock",
+                "api_key_env": "ANTHROPIC_KEY",
+            },
+        },
+        "models": {"aliases": {"my-nova": {"provider": "nova", "model": "amazon.nova-lite-v1:0"}}},
+    }
+    run = run_of(doc)
+    ask = {**ASK, "model": "my-nova"}
+    post(run, ask)
+    converse = ChatToBedrock().request(orjson.loads(orjson.dumps(ask)), "amazon.nova-lite-v1:0")
+    frames = build_bedrock_stream(orjson.loads(converse.body), "amazon.nova-lite-v1:0")
+    run.send(headers_msg({":status": "200", "content-type": EVENTSTREAM}, response=True))
+    answers = [run.send(body_msg(f, end=False, response=True)) for f in frames]
+    assert b"[DONE]" in apply_body(answers[-1], frames[-1])
+    figures = metadata(answers[-1])  # no end of stream came
+    assert figures["usage_estimated"] is False
+    assert figures["prompt_tokens"] == run.ex.usage.prompt_tokens > 0
+    assert figures["completion_tokens"] == run.ex.usage.completion_tokens > 0
+    assert all(not a.HasField("dynamic_metadata") for a in answers[:-1])
+    run.ex.close(2.0)  # the hang-up
+    assert run.metric("ai_gateway_errors_total", {"kind": "stream_aborted"}) == 0

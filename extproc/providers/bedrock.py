@@ -190,6 +190,9 @@ class BedrockStream(EventDecoder):
             obj = loads(payload)
             if isinstance(obj, dict) and isinstance(obj.get("usage"), dict):
                 self.usage = _usage_from(obj["usage"])
+            # ConverseStream's last event: the answer is complete here (a client may hang
+            # up at it, before Envoy's end of stream: the figures go with this chunk).
+            self.done = True
         elif name == "messageStop":
             obj = loads(payload)
             if isinstance(obj, dict):
