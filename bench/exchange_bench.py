@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 # Run as a script, bench/ is sys.path[0] and its profile.py would shadow the stdlib's.
@@ -34,6 +35,10 @@ import cProfile  # noqa: E402
 import pstats  # noqa: E402
 
 import orjson  # noqa: E402
+from envoy.service.ext_proc.v3.external_processor_pb2 import (  # noqa: E402
+    HttpBody,
+    ProcessingRequest,
+)
 
 if str(REPO) not in sys.path:  # run as a script
     sys.path.insert(0, str(REPO))
@@ -61,8 +66,8 @@ REQUEST = orjson.dumps(
 )
 
 
-def build(setup: str, chunks: int, shape: str):
-    """A closure running one exchange of `setup`, and its ext_proc message count."""
+def bench_policy(setup: str) -> tuple[Any, Metrics]:
+    """The built-in policy of `setup` (bench/stack.py), as the sidecar builds it."""
     doc = setup_policy("full" if setup == "spend" else setup)
     if setup == "spend":
         tmp = Path(tempfile.mkdtemp(prefix="exchange-bench-"))
@@ -70,20 +75,33 @@ def build(setup: str, chunks: int, shape: str):
     doc["server"] = {"log_level": "warning"}  # as under load: no per-request info lines
     doc["providers"]["mock"]["url"] = "http://127.0.0.1:9"
     metrics = Metrics()
-    policy = build_policy(parse_config(doc, "bench"), Shared(metrics), {})
+    return build_policy(parse_config(doc, "bench"), Shared(metrics), {}), metrics
+
+
+def exchange_messages(setup: str, chunks: int, shape: str) -> list[ProcessingRequest]:
+    """What Envoy sends for one streamed chat completion, in order."""
     pairs = {
         ":method": "POST",
         ":path": "/v1/chat/completions",
         "content-type": "application/json",
         "x-request-id": "bench-request",
     }
-    if setup in ("full", "spend"):
+    if setup in ("full", "full-nomask", "spend"):
         pairs["authorization"] = f"Bearer {BENCH_KEY}"
-    head = _headers(pairs, response=False)
-    answer = _headers({":status": "200", "content-type": "text/event-stream"}, response=True)
     body = frames(chunks, planted=False)
     parts = [b"".join(body)] if shape == "coalesced" else body
-    messages = [_body(data, i == len(parts) - 1) for i, data in enumerate(parts)]
+    return [
+        _headers(pairs, response=False),
+        ProcessingRequest(request_body=HttpBody(body=REQUEST, end_of_stream=True)),
+        _headers({":status": "200", "content-type": "text/event-stream"}, response=True),
+        *(_body(data, i == len(parts) - 1) for i, data in enumerate(parts)),
+    ]
+
+
+def build(setup: str, chunks: int, shape: str):
+    """A closure running one exchange of `setup`, and its ext_proc message count."""
+    policy, metrics = bench_policy(setup)
+    head, _, answer, *messages = exchange_messages(setup, chunks, shape)
     loop = asyncio.new_event_loop()
 
     def one() -> None:
