@@ -94,10 +94,14 @@ def _row(label: str, r: dict[str, Any], d: dict[str, Any]) -> str:
 
 
 def _all_runs(report: dict[str, Any]):
-    """(where, run) for every run in the report, for the problem and load checks."""
-    for setup, per_shape in report["results"].items():
-        for shape, r in per_shape.items():
-            yield f"{SETUP_LABEL[setup]} [{shape}]", r
+    """(where, run) for every run in the report, for the problem and load checks (with
+    rounds, every round's raw runs: a median would hide a failed request or a busy run)."""
+    rounds = report.get("rounds") or [{"results": report["results"]}]
+    for k, rnd in enumerate(rounds):
+        tag = f"round {k + 1}, " if len(rounds) > 1 else ""
+        for setup, per_shape in rnd["results"].items():
+            for shape, r in per_shape.items():
+                yield f"{tag}{SETUP_LABEL[setup]} [{shape}]", r
     for setup, levels in (report.get("sweep") or {}).items():
         for level, r in levels.items():
             yield f"{SETUP_LABEL[setup]} [{level} streams]", r
@@ -135,12 +139,20 @@ def render(report: dict[str, Any]) -> str:
         "ext_proc CPU per request; x Envoy: that vs Envoy alone.",
         "host busy: whole machine; other: CPU cores used by processes outside the bench.",
     ]
+    n = _rounds(report)
+    if n > 1:
+        lines.append(
+            f"Main runs: {n} rounds (odd rounds in the reverse order); the tables show each "
+            "figure's median over the rounds, a target the median of its per-round figures."
+        )
     for shape in meta["shapes"]:
         desc = (
             f"one write per frame, {meta['gap_ms']:g} ms apart"
             if shape == "gapped"
             else "all frames in one write"
         )
+        if n > 1:
+            desc += f"; median of {n} rounds"
         lines += ["", f"[{shape}] {desc}", HEADER, "-" * len(HEADER)]
         for setup in meta["setups"]:
             r = results.get(setup, {}).get(shape)
@@ -149,6 +161,8 @@ def render(report: dict[str, Any]) -> str:
                 lines.append(f"{SETUP_LABEL[setup]:<23} FAILED: {failure.splitlines()[0][:100]}")
                 continue
             lines.append(_row(SETUP_LABEL[setup], r, derived.get(shape, {}).get(setup, {})))
+    if n > 1:
+        lines += ["", *_per_round_text(report)]
     sweep = report.get("sweep") or {}
     if sweep:
         lines += [
@@ -197,13 +211,71 @@ def render(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _rounds(report: dict[str, Any]) -> int:
+    return len(report.get("rounds") or ()) or 1
+
+
+def _per_round(report: dict[str, Any]):
+    """(setup, shape, [µs CPU/msg of each round], median) for the per-round tables."""
+    meta, rounds = report["meta"], report["rounds"]
+    for setup in meta["setups"]:
+        for shape in meta["shapes"]:
+            runs = [r["results"].get(setup, {}).get(shape) for r in rounds]
+            if any(runs):
+                median = report["results"].get(setup, {}).get(shape) or {}
+                yield (
+                    setup,
+                    shape,
+                    [r and r["extproc_cpu_us_per_message"] for r in runs],
+                    median.get("extproc_cpu_us_per_message"),
+                )
+
+
+def _orders(report: dict[str, Any]) -> str:
+    return "; ".join(
+        f"round {k + 1}: {', '.join(r['order'])}" for k, r in enumerate(report["rounds"])
+    )
+
+
+def _per_round_text(report: dict[str, Any]) -> list[str]:
+    n = _rounds(report)
+    head = f"{'setup':<23} {'shape':<9} " + " ".join(f"{f'r{k + 1}':>6}" for k in range(n))
+    lines = [
+        f"[rounds] ext_proc µs CPU/msg in each round ({_orders(report)})",
+        f"{head} {'median':>6}",
+        "-" * (len(head) + 7),
+    ]
+    for setup, shape, values, median in _per_round(report):
+        cells = " ".join(f"{_f(v, '{:.0f}'):>6}" for v in values)
+        lines.append(f"{SETUP_LABEL[setup]:<23} {shape:<9} {cells} {_f(median, '{:.0f}'):>6}")
+    return lines
+
+
+def _per_round_markdown(report: dict[str, Any]) -> list[str]:
+    n = _rounds(report)
+    lines = [
+        "",
+        f"ext_proc µs CPU per message in each round ({_orders(report)}):",
+        "",
+        "| setup | shape | " + " | ".join(f"round {k + 1}" for k in range(n)) + " | median |",
+        "|---|---" + "|---" * (n + 1) + "|",
+    ]
+    for setup, shape, values, median in _per_round(report):
+        cells = " | ".join(_f(v, "{:.0f}") for v in values)
+        lines.append(
+            f"| {SETUP_LABEL[setup].lstrip('+ ')} | {shape} | {cells} | {_f(median, '{:.0f}')} |"
+        )
+    return lines
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The targets and the main figures as Markdown tables, for docs/performance.md."""
-    meta = report["meta"]
+    meta, n = report["meta"], _rounds(report)
+    rounds = f"; main runs: median of {n} rounds (odd rounds in reverse order)" if n > 1 else ""
     lines = [
         f"Measured {meta['when']} at commit `{meta['commit']}` on {meta['host_desc']}; "
         f"{meta['concurrency']} streams of {meta['frames']} content frames, "
-        f"{meta['duration_s']:g} s per run{' (quick mode)' if meta['quick'] else ''}.",
+        f"{meta['duration_s']:g} s per run{' (quick mode)' if meta['quick'] else ''}{rounds}.",
         "",
         "| target | measured | limit | result |",
         "|---|---|---|---|",
@@ -218,7 +290,8 @@ def markdown(report: dict[str, Any]) -> str:
     for shape in meta["shapes"]:
         lines += [
             "",
-            f"| {shape} | req/s | chunk p50 / p99 (ms) | ext_proc µs CPU/msg "
+            f"| {shape}{f', median of {n} rounds' if n > 1 else ''} | req/s "
+            "| chunk p50 / p99 (ms) | ext_proc µs CPU/msg "
             "| ext_proc µs CPU/chunk | proxy µs CPU/chunk |",
             "|---|---|---|---|---|---|",
         ]
@@ -234,6 +307,8 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{_f(r.get('extproc_cpu_us_per_chunk'), '{:.1f}')} | "
                 f"{_f(r['proxy_cpu_us_per_chunk'], '{:.1f}')} |"
             )
+    if n > 1:
+        lines += _per_round_markdown(report)
     lines += _markdown_sweep(report)
     other = max((r["other_cpu_cores"] for _, r in _all_runs(report)), default=0.0)
     lines += [

@@ -8,7 +8,9 @@ do-nothing ext_proc server, side by side in one run, with the targets of issue 1
 Parts, each on fresh stacks (bench/stack.py for the setups):
   main     every setup (envoy, noop, meter, full, full-nomask, translated) at 50 streams, gapped
            (one write per frame, 5 ms apart, as providers stream) and coalesced (every
-           frame in one write)
+           frame in one write); with --rounds N, N times, odd rounds in reverse order,
+           the targets judged on the median of the rounds' ratios (bench/rounds.py),
+           and the sweep and profiles after the rounds, on fresh stacks
   sweep    envoy, noop, meter, full at 10/50/200/500 streams, the same offered load at
            each level (bench/sweep.py); memory per open stream from it
   workers  metering only at 1..N sidecar workers (N = CPUs, at most 4)
@@ -46,8 +48,9 @@ from jsonschema import ValidationError  # noqa: E402
 
 from bench import profile as spy  # noqa: E402
 from bench.measure import HarnessError, measure, run_client, sample_busy  # noqa: E402
-from bench.report import commit, cpu_model, derive, host_desc, markdown, render  # noqa: E402
-from bench.schema import SCHEMA_VERSION, validate  # noqa: E402
+from bench.report import commit, cpu_model, host_desc, markdown, render  # noqa: E402
+from bench.rounds import assemble, round_order, unanswered  # noqa: E402
+from bench.schema import validate  # noqa: E402
 from bench.stack import (  # noqa: E402
     LOOP_SETUPS,
     SETUP_LABEL,
@@ -65,7 +68,7 @@ from bench.sweep import (  # noqa: E402
     concurrency_sweep,
     workers_sweep,
 )
-from bench.targets import TARGET_STREAMS, evaluate  # noqa: E402
+from bench.targets import TARGET_STREAMS  # noqa: E402
 from extproc.dev.devstack import StackError  # noqa: E402
 from extproc.envoybin import EnvoyNotFoundError, envoy_binary  # noqa: E402
 
@@ -81,9 +84,18 @@ def _progress(text: str) -> None:
     print(text, end="", flush=True)
 
 
-def run_setup(variant: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
-    """One setup's stack: warm-up, the main shapes, its sweep levels, its profiles."""
-    workdir = root / variant
+def needs_extras(variant: str, args: argparse.Namespace) -> bool:
+    """Whether the setup has a sweep or a profile to run (after the rounds, with several)."""
+    swept = variant in args.sweep_setups and bool(args.sweep_levels)
+    return swept or (bool(args.profile) and variant != "envoy")
+
+
+def run_setup(
+    variant: str, args: argparse.Namespace, workdir: Path, *, main: bool = True,
+    extras: bool = True,
+) -> dict[str, Any]:  # fmt: skip
+    """One setup's stack: warm-up, the main shapes, its sweep levels, its profiles
+    (`main` or `extras` False leaves out the main shapes or the sweep and profiles)."""
     workdir.mkdir(parents=True)
     policy = args.policy if variant in ("meter", "full") else None
     telemetry = None
@@ -108,15 +120,15 @@ def run_setup(variant: str, args: argparse.Namespace, root: Path) -> dict[str, A
                 f"no request succeeded during warm-up: {warm['first_error'].strip()}"
                 f"{stack.log_hint()}"
             )
-        for shape in args.shapes:
+        for shape in args.shapes if main else ():
             _progress(f", {shape}")
             out["main"][shape] = measure(
                 stack, shape, args.concurrency, args.duration, workdir, key
             )
-        if variant in args.sweep_setups and args.sweep_levels:
+        if extras and variant in args.sweep_setups and args.sweep_levels:
             _progress(", sweep")
             out["sweep"] = concurrency_sweep(stack, args, workdir, _progress)
-        if args.profile and stack.ext_proc is not None:
+        if extras and args.profile and stack.ext_proc is not None:
             for shape in args.shapes:
                 _progress(f", profile {shape}")
                 out["profiles"][shape] = profile_run(stack, shape, args, workdir, key)
@@ -204,7 +216,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=RESULTS / "latest.json", help="JSON results")
     p.add_argument("--plot", type=Path, default=RESULTS / "sweep.png", help="the sweep's PNG")
     p.add_argument("--keep", action="store_true", help="keep the work dir (logs, configs)")
+    p.add_argument("--rounds", type=int, default=1, metavar="N",
+                   help="run the main runs N times, odd rounds in reverse order, and judge "
+                   "each target on the median of its per-round figures (5 to judge a "
+                   "lever; the sweeps run once, after the rounds)")  # fmt: skip
     args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error("--rounds: at least 1")
     quick = args.quick
     args.concurrency = args.concurrency or (10 if quick else TARGET_STREAMS)
     args.duration = args.duration or (2.5 if quick else 15.0)
@@ -282,6 +300,7 @@ def build_meta(args: argparse.Namespace, started: float, busy: float) -> dict[st
         "workers_levels": args.workers_levels,
         "quick": args.quick,
         "profiled": args.profile,
+        "rounds": args.rounds,
         "wall_s": time.monotonic() - started,
     }
 
@@ -335,30 +354,52 @@ def _main(args: argparse.Namespace) -> int:
     root = Path(tempfile.mkdtemp(prefix="extproc-bench-"))
     started = time.monotonic()
     busy = sample_busy(1.0)
+    rounds = f", {args.rounds} rounds" if args.rounds > 1 else ""
     print(
         f"bench: {len(args.setups)} setups x {len(args.shapes)} shapes at {args.concurrency} "
-        f"streams, {args.duration:g} s each; sweep {args.sweep_levels or 'off'}; workers "
+        f"streams, {args.duration:g} s each{rounds}; sweep {args.sweep_levels or 'off'}; workers "
         f"{args.workers_levels or 'off'} (work dir {root}); machine {busy * 100:.0f}% busy "
         "before start",
         flush=True,
     )
-    results: dict[str, Any] = {}
+    rounds: list[dict[str, Any]] = []
     sweep: dict[str, Any] = {}
     profiles: dict[str, Any] = {}
     workers: dict[str, Any] = {}
-    failures: dict[str, str] = {}
+    after: dict[str, str] = {}  # setups broken in the sweeps and profiles after the rounds
+    single = args.rounds == 1
+
+    def run(variant: str, workdir: Path, failures: dict[str, str], **parts: bool) -> dict:
+        try:
+            got = run_setup(variant, args, workdir, **parts)
+        except SetupBroken as exc:
+            failures[variant] = str(exc)
+            return {}
+        if got["sweep"]:
+            sweep[variant] = got["sweep"]
+        if got["profiles"]:
+            profiles[variant] = got["profiles"]
+        return got
+
     try:
-        for variant in args.setups:
-            try:
-                got = run_setup(variant, args, root)
-            except SetupBroken as exc:
-                failures[variant] = str(exc)
-                continue
-            results[variant] = got["main"]
-            if got["sweep"]:
-                sweep[variant] = got["sweep"]
-            if got["profiles"]:
-                profiles[variant] = got["profiles"]
+        # One round: each setup's sweep and profiles on the stack of its main runs, as
+        # ever. Several: the rounds' main runs first, then the extras on fresh stacks.
+        for k in range(args.rounds):
+            order = round_order(args.setups, k)
+            if not single:
+                print(f"  round {k + 1} of {args.rounds}: {', '.join(order)}", flush=True)
+            rnd: dict[str, Any] = {"order": order, "results": {}, "failures": {}}
+            for variant in order:
+                workdir = root / variant if single else root / f"round-{k + 1}" / variant
+                got = run(variant, workdir, rnd["failures"], extras=single)
+                if got:
+                    rnd["results"][variant] = got["main"]
+            rounds.append(rnd)
+        extras = [] if single else [v for v in args.setups if needs_extras(v, args)]
+        if extras:
+            print("  after the rounds: sweep and profiles", flush=True)
+        for variant in extras:
+            run(variant, root / "after" / variant, after, main=False)
         if args.workers_levels:
             _progress("  sidecar workers (metering, coalesced):")
             workers = workers_sweep(args, root, _progress)
@@ -372,26 +413,11 @@ def _main(args: argparse.Namespace) -> int:
             return 130
         print(f"\nbench: harness failure: {exc}\n(logs kept in {root})", file=sys.stderr)
         return 2
-    report: dict[str, Any] = {
-        "schema": SCHEMA_VERSION,
-        "meta": build_meta(args, started, busy),
-        "results": results,
-        "sweep": sweep,
-        "workers": workers,
-        "profiles": profiles,
-        "failures": failures,
-        "derived": derive(results, sweep),
-    }
-    report["targets"] = evaluate(report)
+    report = assemble(build_meta(args, started, busy), rounds, sweep, workers, profiles, after)
     print(render(report))
     valid = write_outputs(report, args)
     print(f" (wall {report['meta']['wall_s']:.0f} s)")
-    broken = sorted(failures) + [
-        f"{setup}/{shape}"
-        for setup, per_shape in results.items()
-        for shape, r in per_shape.items()
-        if r["client"]["completed"] == 0
-    ]
+    broken = unanswered(report)
     if broken:
         print(
             f"bench: nothing measured for {', '.join(broken)}; logs kept in {root}", file=sys.stderr

@@ -78,6 +78,19 @@ TARGET = {
         "limit": _NUM,
         "pass": {"type": ["boolean", "null"]},
         "note": {"type": "string"},
+        # --rounds N > 1: each round's value, in round order (`value` is their median)
+        "rounds": {"type": "array", "minItems": 2, "items": _OPT_NUM},
+    },
+    "additionalProperties": False,
+}
+# --rounds N > 1: one round's main runs, raw (`results` is then the rounds' medians).
+ROUND = {
+    "type": "object",
+    "required": ["order", "results", "failures"],
+    "properties": {
+        "order": {"type": "array", "items": {"type": "string"}},
+        "results": _RUNS_BY,
+        "failures": {"type": "object", "additionalProperties": {"type": "string"}},
     },
     "additionalProperties": False,
 }
@@ -111,6 +124,7 @@ REPORT = {
                 "sweep_levels": {"type": "array", "items": {"type": "integer"}},
                 "workers_levels": {"type": "array", "items": {"type": "integer"}},
                 "quick": {"type": "boolean"},
+                "rounds": {"type": "integer", "minimum": 1},
             },
         },
         "results": _RUNS_BY,
@@ -121,6 +135,7 @@ REPORT = {
         "targets": {"type": "array", "items": TARGET},
         "profiles": {"type": "object", "additionalProperties": {
             "type": "object", "additionalProperties": _PROFILE}},
+        "rounds": {"type": "array", "minItems": 2, "items": ROUND},
     },
 }  # fmt: skip
 
