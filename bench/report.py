@@ -221,14 +221,10 @@ def _per_round(report: dict[str, Any]):
     for setup in meta["setups"]:
         for shape in meta["shapes"]:
             runs = [r["results"].get(setup, {}).get(shape) for r in rounds]
-            if any(runs):
+            values = [r and r["extproc_cpu_us_per_message"] for r in runs]
+            if any(v is not None for v in values):  # not Envoy alone, not broken throughout
                 median = report["results"].get(setup, {}).get(shape) or {}
-                yield (
-                    setup,
-                    shape,
-                    [r and r["extproc_cpu_us_per_message"] for r in runs],
-                    median.get("extproc_cpu_us_per_message"),
-                )
+                yield setup, shape, values, median.get("extproc_cpu_us_per_message")
 
 
 def _orders(report: dict[str, Any]) -> str:

@@ -419,6 +419,7 @@ def test_three_rounds_judge_the_median_of_the_per_round_ratios() -> None:
     assert "| 1.05x (median of 1.30, 1.05, 1.00) | <= 1.1x | met |" in md
     assert "| gapped, median of 3 rounds | req/s |" in md
     assert "| sidecar, metering | gapped | 130 | 52 | 200 | 130 |" in md
+    assert "| Envoy alone | gapped |" not in md  # no ext_proc, no figure
 
 
 def test_an_even_count_of_rounds_takes_the_mean_of_the_middle_two() -> None:
