@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from extproc.policy.guards.detectors import CONTEXT_CHARS, Detector, compile_re2
 from extproc.policy.guards.normalize import normalize
@@ -57,16 +58,9 @@ class Scanner:
             if any(d.engine == engine for d in self.detectors)
         ]
         # For `quiet`: one RE2 search over ASCII text that rules every detector out
-        # (prefilter.py), and, by a text's last (ASCII) character, the detectors whose viable
-        # tail could end in it, with their windows (what `_hold` searches).
-        self._tails = {
-            ch: tuple(
-                (d.viable, w)
-                for d, w in zip(self.detectors, self.windows, strict=True)
-                if d.alphabet is None or ch in d.alphabet
-            )
-            for ch in map(chr, range(128))
-        }
+        # (prefilter.py), and, by a text's last (ASCII) character, one search per engine
+        # for a viable tail of any detector that can end in it (`_tail_checks`).
+        self._tails = _tail_checks(self.detectors, self.windows)
         self._pre = prefilter([(d.engine, d.source) for d in self.detectors])
         self._found = ascii_finder(self._pre[0]) if self._pre is not None else None
         self._back = self._pre[1] if self._pre is not None else 0
@@ -115,15 +109,17 @@ class Scanner:
         streaming pre-check (`RunningText.skip`) asks this instead of scanning."""
         n = len(text)
         if pos < n:
-            tails = self._tails.get(text[-1])
-            if tails is None:
+            check = self._tails.get(text[-1])
+            if check is None:  # not ASCII
                 if self._hold(text, pos) < n:
                     return False
+            elif check is HOLDS:
+                return False  # a detector that can end in it holds its width
             else:
-                for viable, window in tails:  # `_hold`, for one last character
-                    if viable is None:
-                        return False  # it holds its width
-                    m = viable.search(text, max(pos, n - window))
+                window, searches = check  # `_hold`, for one last character
+                low = max(pos, n - window)
+                for search in searches:
+                    m = search(text, low)
                     if m is not None and m.start() < n:
                         return False
         return self._unmatched(text, pos)
@@ -166,6 +162,50 @@ class Scanner:
 
 def _compile(engine: str, pattern: str):
     return re.compile(pattern) if engine == "py" else compile_re2(pattern)
+
+
+_GLOBAL_FLAGS = re.compile(r"\(\?([ims]+)\)")  # how prefix.py writes a pattern's flags
+
+
+def _scoped(pattern: str) -> str:
+    """A pattern as one group of an alternation: its leading flags scoped to it."""
+    m = _GLOBAL_FLAGS.match(pattern)
+    return f"(?{m[1]}:{pattern[m.end() :]})" if m else f"(?:{pattern})"
+
+
+HOLDS = "holds"  # `_tail_checks`: a detector without a viable-prefix regex may end here
+
+
+def _tail_checks(detectors: Sequence[Detector], windows: Sequence[int]) -> dict[str, Any]:
+    """By a text's last ASCII character: `HOLDS`, or the widest window of the detectors
+    whose tail can end in that character with one search per engine over all their
+    viable-prefix regexes (one search where `_hold` makes one per detector).
+
+    The widest window finds what each detector's own finds: a viable tail is a prefix
+    of a match, so no longer than its detector's width, and a window is the width or
+    the cap (`max_holdback`), the widest. (A custom pattern's `max_length` below its
+    width may make a longer tail viable: `quiet` then says no and the text is scanned,
+    which is slower, never different.)"""
+    built: dict[tuple[int, ...], Any] = {}
+    checks: dict[str, Any] = {}
+    for ch in map(chr, range(128)):
+        group = tuple(i for i, d in enumerate(detectors) if d.alphabet is None or ch in d.alphabet)
+        if group not in built:
+            if any(detectors[i].viable is None for i in group):
+                built[group] = HOLDS
+            else:
+                searches = tuple(
+                    _compile(engine, "|".join(
+                        _scoped(detectors[i].viable.pattern)
+                        for i in group
+                        if detectors[i].engine == engine
+                    )).search
+                    for engine in ("py", "re2")
+                    if any(detectors[i].engine == engine for i in group)
+                )  # fmt: skip
+                built[group] = (max((windows[i] for i in group), default=0), searches)
+        checks[ch] = built[group]
+    return checks
 
 
 def _next(
