@@ -27,30 +27,47 @@ def _aggregatable(child: Any) -> bool:
     )
 
 
-class MessageTimes:
-    """One stream's message times by phase, added to the histogram in bulk."""
+# The buckets' bounds by histogram, or None where a child lacks the bulk attributes:
+# checked once per set of children (the Metrics of a process), not per stream.
+_BOUNDS: dict[int, tuple[Mapping[str, Any], list[float] | None]] = {}
 
-    __slots__ = ("_bounds", "_children", "_counts", "_direct", "_pending", "_sums")
+
+def _bounds_of(children: Mapping[str, Any]) -> list[float] | None:
+    known = _BOUNDS.get(id(children))
+    if known is not None and known[0] is children:  # held here, so its id is not reused
+        return known[1]
+    first = next(iter(children.values()), None)
+    bulk = first is not None and all(_aggregatable(c) for c in children.values())
+    bounds = list(first._upper_bounds) if bulk else None
+    if len(_BOUNDS) >= 16:  # a process has one Metrics (tests make many): stay small
+        _BOUNDS.clear()
+    _BOUNDS[id(children)] = (children, bounds)
+    return bounds
+
+
+class MessageTimes:
+    """One stream's message times by phase, added to the histogram in bulk. A stream
+    touches a few buckets of a few phases: only those are kept, and added."""
+
+    __slots__ = ("_bounds", "_children", "_counts", "_pending", "_sums")
 
     def __init__(self, children: Mapping[str, Any]) -> None:
         self._children = children
-        first = next(iter(children.values()), None)
-        self._direct = not all(_aggregatable(c) for c in children.values())
-        self._bounds: list[float] = [] if self._direct else list(first._upper_bounds)
-        self._counts: dict[str, list[int]] = {}
+        self._bounds = _bounds_of(children)
+        self._counts: dict[tuple[str, int], int] = {}  # (phase, bucket) -> messages
         self._sums: dict[str, float] = {}
         self._pending = 0
 
     def observe(self, phase: str, seconds: float) -> None:
-        if self._direct:
+        bounds = self._bounds
+        if bounds is None:
             self._children[phase].observe(seconds)
             return
-        counts = self._counts.get(phase)
-        if counts is None:
-            counts = self._counts[phase] = [0] * len(self._bounds)
-            self._sums[phase] = 0.0
-        counts[bisect_left(self._bounds, seconds)] += 1  # the first bound >= seconds
-        self._sums[phase] += seconds
+        key = (phase, bisect_left(bounds, seconds))  # the first bound >= seconds
+        counts = self._counts
+        counts[key] = counts.get(key, 0) + 1
+        sums = self._sums
+        sums[phase] = sums.get(phase, 0.0) + seconds
         self._pending += 1
         if self._pending >= FLUSH_EVERY:
             self.flush()
@@ -60,16 +77,10 @@ class MessageTimes:
         if not self._pending:
             return
         self._pending = 0
-        sums = self._sums
-        for phase, counts in self._counts.items():
-            total = sums[phase]
-            if not total and not any(counts):
-                continue
-            child = self._children[phase]
-            buckets = child._buckets
-            for i, count in enumerate(counts):
-                if count:
-                    buckets[i].inc(count)
-                    counts[i] = 0
-            child._sum.inc(total)
-            sums[phase] = 0.0
+        children = self._children
+        for (phase, bucket), count in self._counts.items():
+            children[phase]._buckets[bucket].inc(count)
+        for phase, total in self._sums.items():
+            children[phase]._sum.inc(total)
+        self._counts.clear()
+        self._sums.clear()
