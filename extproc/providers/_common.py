@@ -419,15 +419,21 @@ class JSONWireFormat:
         client_wants_usage: bool = True,
     ) -> RequestInfo:
         """A checked request's RequestInfo, its `prompt_texts` read through
-        `_prompt_slots`: the same walk `replace_request_texts` writes back through."""
+        `_prompt_slots` on first use: the same walk `replace_request_texts` writes back
+        through."""
         return RequestInfo(
             model=model,
             stream=stream,
             body=obj,
-            prompt_texts=[slot.get() for slot in cls._prompt_slots(obj)],
             client_wants_usage=client_wants_usage,
             max_output_tokens=max_output_tokens,
+            read_texts=cls._read_prompt_texts,
         )
+
+    @classmethod
+    def _read_prompt_texts(cls, body: dict[str, Any]) -> list[str]:
+        """Every prompt text of a parsed request, in `_prompt_slots` order."""
+        return [slot.get() for slot in cls._prompt_slots(body)]
 
     @classmethod
     def replace_request_texts(cls, info: RequestInfo, texts: list[str]) -> bytes:
