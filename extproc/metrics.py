@@ -12,6 +12,8 @@ took a stream is the one per-worker figure: `ai_gateway_worker_streams_total{wor
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -360,3 +362,80 @@ class Metrics:
                 self._children.clear()
             found = self._children[key] = metric.labels(*values)
         return found
+
+    def settled(self, route: str, model: str, consumer: str) -> Settled:
+        """The series settlement adds to for one route, model and consumer, remembered
+        like `child` (one lookup per exchange instead of one per series)."""
+        key = ("settled", route, model, consumer)
+        found = self._children.get(key)
+        if found is None:
+            if len(self._children) >= CHILDREN:
+                self._children.clear()
+            found = self._children[key] = Settled(self, route, model, consumer)
+        return found
+
+
+def adder(child: Any) -> Callable[[float], None]:
+    """`child.inc` of a counter child without its per-call checks: the value's own `inc`
+    (prometheus-client's `_value`, in-process or multiprocess). Callers add counts,
+    never a negative amount (which `inc` would refuse)."""
+    value = getattr(child, "_value", None)
+    return value.inc if callable(getattr(value, "inc", None)) else child.inc
+
+
+def observer(child: Any) -> Callable[[float], None]:
+    """`child.observe` of a histogram child, the bucket found by `bisect` rather than
+    its Python loop over the bounds: the same sum and bucket (a NaN lands in none, as
+    with `observe`). A child without prometheus-client's attributes gets `observe`."""
+    bounds = tuple(getattr(child, "_upper_bounds", ()))
+    buckets = getattr(child, "_buckets", None)
+    total = getattr(child, "_sum", None)
+    if not bounds or buckets is None or len(buckets) != len(bounds) or total is None:
+        return child.observe
+    add_sum = total.inc
+    last = len(bounds)
+
+    def observe(amount: float) -> None:
+        add_sum(amount)
+        at = bisect_left(bounds, amount)  # the first bound >= amount
+        if at < last and amount <= bounds[at]:
+            buckets[at].inc(1)
+
+    return observe
+
+
+def _lazy(make: Callable[[], Callable[[float], None]]) -> Callable[[float], None]:
+    """A series bound on its first use: a label child shows in /metrics once made, so
+    one that an exchange never adds to (cached tokens, time per token) is not made."""
+    bound: Callable[[float], None] | None = None
+
+    def add(amount: float) -> None:
+        nonlocal bound
+        if bound is None:
+            bound = make()
+        bound(amount)
+
+    return add
+
+
+class Settled:
+    """Settlement's series of one route, model and consumer: the tokens counters by
+    kind and the duration, TTFT and per-token histograms, each an `adder` or
+    `observer` of the child `Metrics.child` gives, bound on first use."""
+
+    __slots__ = ("cached", "completion", "duration", "prompt", "reasoning", "tpot", "ttft")
+
+    def __init__(self, m: Metrics, route: str, model: str, consumer: str) -> None:
+        def tokens(kind: str) -> Callable[[float], None]:
+            return _lazy(lambda: adder(m.child(m.tokens, model, consumer, kind)))
+
+        def seconds(metric: Any) -> Callable[[float], None]:
+            return _lazy(lambda: observer(m.child(metric, route, model)))
+
+        self.prompt = tokens("prompt")
+        self.completion = tokens("completion")
+        self.cached = tokens("cached")
+        self.reasoning = tokens("reasoning")
+        self.duration = seconds(m.stream_duration)
+        self.ttft = seconds(m.ttft)
+        self.tpot = seconds(m.tpot)

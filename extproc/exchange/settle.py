@@ -141,19 +141,17 @@ def _meter(ex: Exchange, now: float, model: str) -> None:
     if not usage.reported:
         prompt = ctx.info.prompt_estimate() if ctx.info else estimate_prompt_tokens([])
         usage.set_estimated(prompt, content_events)
-        m.usage_estimated.labels(model).inc()
+        m.child(m.usage_estimated, model).inc()
     consumer = ex.policy.labels.consumer(ex.consumer or "anonymous")
-    child = m.child
-    child(m.tokens, model, consumer, "prompt").inc(usage.prompt_tokens)
-    child(m.tokens, model, consumer, "completion").inc(usage.completion_tokens)
+    series = m.settled(ex.route_name, model, consumer)
+    series.prompt(usage.prompt_tokens)
+    series.completion(usage.completion_tokens)
     if usage.cached_tokens:
-        child(m.tokens, model, consumer, "cached").inc(usage.cached_tokens)
+        series.cached(usage.cached_tokens)
     if usage.reasoning_tokens:
-        child(m.tokens, model, consumer, "reasoning").inc(usage.reasoning_tokens)
-    child(m.stream_duration, ex.route_name, model).observe(now - ex.started)
+        series.reasoning(usage.reasoning_tokens)
+    series.duration(now - ex.started)
     if ex.first_frame_at:
-        child(m.ttft, ex.route_name, model).observe(ex.first_frame_at - ex.started)
+        series.ttft(ex.first_frame_at - ex.started)
         if usage.completion_tokens > 1 and ex.body.paced:
-            child(m.tpot, ex.route_name, model).observe(
-                (now - ex.first_frame_at) / (usage.completion_tokens - 1)
-            )
+            series.tpot((now - ex.first_frame_at) / (usage.completion_tokens - 1))
