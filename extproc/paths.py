@@ -13,6 +13,7 @@ Sans-I/O: strings in, a decoded path or a `PathRefused` out.
 
 from __future__ import annotations
 
+import re
 import string
 from urllib.parse import unquote
 
@@ -39,8 +40,23 @@ class PathRefused(ValueError):
     """A path with more than one plausible reading; the message says which part."""
 
 
+# A path that is canonical as sent: segments of unreserved characters (and `:`, as in
+# Gemini's `models/x:generateContent`) that cannot be `.` or `..` (none starts with a
+# dot), none empty but a trailing one, no `%`; the query is not read. `canonical` gives
+# such a path back unchanged, so it is answered without the character walk (every API
+# request's path is one).
+_PLAIN = re.compile(r"(?:/[A-Za-z0-9_~:-][A-Za-z0-9._~:-]*)+/?(?:\?.*)?", re.DOTALL)
+
+
 def canonical(raw: str) -> str:
     """The decoded path (query kept as sent) of a canonical `raw` path, else PathRefused."""
+    if _PLAIN.fullmatch(raw) is not None:
+        return raw
+    return _canonical(raw)
+
+
+def _canonical(raw: str) -> str:
+    """`canonical` by the character walk: every path the fast check does not pass."""
     path, sep, query = raw.partition("?")
     if not path.startswith("/"):
         raise PathRefused("The request path must start with '/'.")

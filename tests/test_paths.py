@@ -83,3 +83,57 @@ def test_passthrough_patterns_are_exact_or_trailing_star_prefixes() -> None:
     assert matches("/v1/files", patterns) and matches("/v1/files/f-1/content", patterns)
     assert not matches("/v1/file", patterns)
     assert not matches("/v1/embeddings", ())
+
+
+def test_the_plain_path_check_answers_as_the_character_walk() -> None:
+    """`canonical`'s fast check passes only paths the walk gives back unchanged."""
+    import random
+
+    from extproc.paths import _PLAIN, _canonical
+
+    def walk(raw: str) -> str | type:
+        try:
+            return _canonical(raw)
+        except PathRefused:
+            return PathRefused
+
+    def fast(raw: str) -> str | type:
+        try:
+            return canonical(raw)
+        except PathRefused:
+            return PathRefused
+
+    rng = random.Random(14)
+    segments = [
+        "v1",
+        "chat",
+        "completions",
+        "a",
+        ":gen",
+        "x:y",
+        "-",
+        "_",
+        "~",
+        ".x",
+        "a.",
+        "..",
+        ".",
+        "%2F",
+        "%41",
+        "%zz",
+        "#",
+        ";",
+        "é",
+    ]
+    segments += ["", "\\", " ", "\n", "a?b", "?q=1/.."]
+    raws = [
+        rng.choice(["/", "/", "", "x"])
+        + "/".join(rng.choice(segments) for _ in range(rng.randint(1, 5)))
+        + rng.choice(["", "", "/", "?alt=sse", "?a=%zz/../"])
+        for _ in range(5000)
+    ]
+    raws += ["/v1/chat/completions", "/v1/", "/models/gemini:streamGenerateContent?alt=sse"]
+    plain = [raw for raw in raws if _PLAIN.fullmatch(raw)]
+    assert len(plain) > 500  # the fast check is exercised, and refuses the rest
+    assert [fast(raw) for raw in raws] == [walk(raw) for raw in raws]
+    assert all(walk(raw) == raw for raw in plain)
