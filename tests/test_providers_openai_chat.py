@@ -7,7 +7,7 @@ import httpx
 import openai
 import orjson
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from extproc.providers import openai_chat
@@ -340,3 +340,35 @@ def test_whole_frames_meter_as_the_frame_by_frame_parse(frames, hide):
         full.finish_reason,
         full.done,
     )
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from(
+            [
+                b'"usage"',
+                b":null",
+                b',"usage":null',
+                b'"usage":null',
+                b",",
+                b"\n\n",
+                b"{",
+                b"x",
+                b'"usage":{"prompt_tokens":1}',
+                b":",
+                b'"',
+                b' "usage" :null',
+                b"null",
+            ]
+        ),
+        max_size=14,
+    ),
+    st.integers(0, 40),
+)
+def test_the_usage_figure_search_stops_where_the_walk_over_each_key_does(pieces, start):
+    """One regex search finds the `"usage"` the key-by-key walk stops at, wherever nulls,
+    commas and keys sit (`null"usage"`, right after a null, is the walk's own answer)."""
+    chunk = b"".join(pieces)
+    start = min(start, len(chunk))
+    assert openai_chat._usage_figure(chunk, start) == openai_chat._usage_walk(chunk, start)

@@ -198,18 +198,15 @@ class OpenAIChatStream(SSEDecoder):
             return self._count(chunk)  # no usage figure here: the usual chunk
         parts: list[bytes] = []
         start = 0
-        at = chunk.find(_USAGE_KEY)
+        at = _usage_figure(chunk, 0)
         while at >= 0:
-            if chunk.startswith(_USAGE_NULL, at - 1):
-                at = chunk.find(_USAGE_KEY, at + len(_USAGE_NULL))
-                continue
             begin = chunk.rfind(b"\n\n", start, at)
             begin = start if begin < 0 else begin + 2
             end = chunk.find(b"\n\n", at) + 2
             parts.append(self._count(chunk[start:begin]))
             parts.extend(event.out for event in self.feed(chunk[begin:end]))
             start = end
-            at = chunk.find(_USAGE_KEY, end)
+            at = _usage_figure(chunk, end)
         parts.append(self._count(chunk[start:]))
         # Untouched unless the gateway added usage and this chunk has its usage-only
         # frame: the chunk itself is answered with "no mutation".
@@ -336,6 +333,33 @@ def _string_end(data: bytes, start: int) -> int:
             break  # an even run: the backslashes escape each other
         end = data.find(b'"', end + 1)
     return end
+
+
+# A `"usage"` key not written `,"usage":null` (what a provider asked for usage puts in
+# every chunk): a usage figure, or at least not the null the byte counts expect.
+_USAGE_FIGURE = re.compile(rb'"usage"(?:(?!:null)|(?<!,"usage"))')
+
+
+def _usage_figure(chunk: bytes, start: int) -> int:
+    """Where, from `start`, `_usage_walk` stops (-1: nowhere), found by one regex search
+    instead of a Python step per `"usage":null` (a coalesced chunk has one per frame).
+    The walk skips 13 bytes past each null, so a key right after one (`null"usage"`, not
+    JSON) is not visited: there, the walk itself answers."""
+    found = _USAGE_FIGURE.search(chunk, start)
+    if found is None:
+        return -1
+    at = found.start()
+    if at >= len(_USAGE_NULL) and chunk.startswith(_USAGE_NULL, at - len(_USAGE_NULL)):
+        return _usage_walk(chunk, start)
+    return at
+
+
+def _usage_walk(chunk: bytes, start: int) -> int:
+    """The first `"usage"` from `start` not written `,"usage":null`, each checked in turn."""
+    at = chunk.find(_USAGE_KEY, start)
+    while at >= 0 and chunk.startswith(_USAGE_NULL, at - 1):
+        at = chunk.find(_USAGE_KEY, at + len(_USAGE_NULL))
+    return at
 
 
 def _is_null_after(data: bytes, at: int) -> bool:
