@@ -64,6 +64,12 @@ _CONTENT_STRING = b'"content":"'
 _CHOICE0 = b'{"index":0,"delta":{'  # the content key right after it, or after the role
 _CHOICE0_ROLE = b'{"index":0,"delta":{"role":"assistant",'
 _DONE_FRAME = b"[DONE]\n\n"  # JSON escapes newlines: only the end marker ends so
+# Choice 0's content string right after `_CHOICE0` or `_CHOICE0_ROLE`, its text up to
+# the first quote not escaped by an odd run of backslashes (as `_string_end` reads it).
+_CHOICE0_CONTENT = re.compile(
+    re.escape(_CHOICE0) + rb'(?:"role":"assistant",)?"content":"((?:[^"\\]|\\.)*)"',
+    re.DOTALL,
+)
 
 
 class OpenAIChat(JSONWireFormat):
@@ -228,19 +234,13 @@ class OpenAIChatStream(SSEDecoder):
         count = chunk.count(_CONTENT_KEY)
         if not count:
             return None if b"\\" in chunk else ""  # an escaped key may hide a text
-        parts = []
-        at = chunk.find(_CONTENT_STRING)
-        while at >= 0:
-            if not (chunk.endswith(_CHOICE0, 0, at) or chunk.endswith(_CHOICE0_ROLE, 0, at)):
-                return None  # not choice 0's delta as OpenAI writes it
-            start = at + len(_CONTENT_STRING)
-            end = _string_end(chunk, start)
-            if end < 0:
-                return None
-            parts.append(chunk[start:end])
-            at = chunk.find(_CONTENT_STRING, end)
+        # One regex pass collects the strings in C (a coalesced chunk has one per
+        # frame); when it finds fewer than keys, the walk decides.
+        parts = _CHOICE0_CONTENT.findall(chunk)
         if len(parts) != count:
-            return None  # a "content" that holds no string (null, parts), or elsewhere
+            parts = _walk_contents(chunk, count)
+            if parts is None:
+                return None
         raw = parts[0] if count == 1 else b"".join(parts)
         if chunk.count(b"\\") != raw.count(b"\\"):
             # An escape outside the texts: a key spelt `"con\u0074ent"` is `content` to
@@ -319,6 +319,26 @@ class OpenAIChatStream(SSEDecoder):
         """An OpenAI-style error frame then `[DONE]`: the SDKs raise on the former."""
         body = orjson.dumps({"error": {"message": message, "type": "server_error", "code": code}})
         return b"data: " + body + b"\n\ndata: [DONE]\n\n"
+
+
+def _walk_contents(chunk: bytes, count: int) -> list[bytes] | None:
+    """Choice 0's content strings key by key, or None where a content key is not in
+    choice 0's delta as OpenAI writes it, holds no string (null, parts) or is unclosed.
+    As many strings as keys, the regex pass finds the same ones; where it finds fewer,
+    this walk still reads a string whose closing quote opens the next delta's prefix
+    (`"content":"{"index":0,...`: not JSON, but the answer stays the walk's)."""
+    parts = []
+    at = chunk.find(_CONTENT_STRING)
+    while at >= 0:
+        if not (chunk.endswith(_CHOICE0, 0, at) or chunk.endswith(_CHOICE0_ROLE, 0, at)):
+            return None  # not choice 0's delta as OpenAI writes it
+        start = at + len(_CONTENT_STRING)
+        end = _string_end(chunk, start)
+        if end < 0:
+            return None
+        parts.append(chunk[start:end])
+        at = chunk.find(_CONTENT_STRING, end)
+    return parts if len(parts) == count else None
 
 
 def _string_end(data: bytes, start: int) -> int:
