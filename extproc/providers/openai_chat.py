@@ -65,9 +65,10 @@ _CHOICE0 = b'{"index":0,"delta":{'  # the content key right after it, or after t
 _CHOICE0_ROLE = b'{"index":0,"delta":{"role":"assistant",'
 _DONE_FRAME = b"[DONE]\n\n"  # JSON escapes newlines: only the end marker ends so
 # Choice 0's content string right after `_CHOICE0` or `_CHOICE0_ROLE`, its text up to
-# the first quote not escaped by an odd run of backslashes (as `_string_end` reads it).
+# the first quote not escaped by an odd run of backslashes (as `_string_end` reads it;
+# written unrolled, runs of plain bytes at a time: half the cost of one byte a step).
 _CHOICE0_CONTENT = re.compile(
-    re.escape(_CHOICE0) + rb'(?:"role":"assistant",)?"content":"((?:[^"\\]|\\.)*)"',
+    re.escape(_CHOICE0) + rb'(?:"role":"assistant",)?"content":"([^"\\]*(?:\\.[^"\\]*)*)"',
     re.DOTALL,
 )
 
