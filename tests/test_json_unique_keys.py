@@ -177,3 +177,19 @@ def test_a_body_too_deep_for_the_strict_parse_is_a_400_not_a_crash() -> None:
         parse_json_object(body, "a JSON object")
     assert info.value.code == "invalid_json"
     assert info.value.status == 400
+
+
+@pytest.mark.parametrize("escaped_colon", [False, True])
+def test_a_body_deeper_than_the_gateway_can_re_encode_is_a_400(escaped_colon: bool) -> None:
+    """orjson reads 1024 levels but writes 255: a body in between would pass the checks
+    and then fail inside the exchange, where a stage rewrites it (the model, usage)."""
+    depth = 300
+    note = b',"n":"a\\u003ab"' if escaped_colon else b""
+    body = b'{"a":' + b'{"p":' * depth + b"{}" + b"}" * depth + note + b"}"
+    with pytest.raises(RequestError) as info:
+        parse_json_object(body, "a JSON object")
+    assert info.value.code == "invalid_json"
+    assert info.value.status == 400
+    assert "nests too deeply" in str(info.value)
+    shallow = b'{"a":' + b'{"p":' * 200 + b"{}" + b"}" * 200 + note + b"}"
+    assert parse_json_object(shallow, "a JSON object") == orjson.loads(shallow)

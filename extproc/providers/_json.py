@@ -86,18 +86,24 @@ def keys_proven_unique(body: bytes, obj: Any) -> bool:
     parse of the ASCII-lowercased re-serialisation (whose keys are literal: orjson
     escapes only quotes, backslashes and control characters) catches keys that differ
     only in ASCII letter case; a non-ASCII re-serialisation gets the fold of each
-    object's keys instead (`_fold`, as the strict parse)."""
-    if b"\\" in body and (b"\\u003a" in body or b"\\u003A" in body):
-        return False
+    object's keys instead (`_fold`, as the strict parse). A body deeper than orjson
+    writes (255 levels) is refused here: the stages that rewrite a body (the model,
+    usage, masks) could not, and would fail inside the exchange."""
     try:
         again = orjson.dumps(obj)
-        colons = again.count(b":")
-        if colons != body.count(b":"):
-            return False  # a key repeated (as written, or decoded from escapes)
-        if again.isascii():
-            return orjson.dumps(orjson.loads(again.lower())).count(b":") == colons
-    except (orjson.JSONEncodeError, orjson.JSONDecodeError):  # deeper than orjson writes
+    except orjson.JSONEncodeError:  # deeper than orjson writes: no stage could rewrite it
+        reject_duplicate_keys(body)  # a repeated key is named first, as for any body
+        raise RequestError(
+            "The request body nests too deeply for the gateway to re-encode; flatten it.",
+            "invalid_json",
+        ) from None
+    if b"\\" in body and (b"\\u003a" in body or b"\\u003A" in body):
         return False
+    colons = again.count(b":")
+    if colons != body.count(b":"):
+        return False  # a key repeated (as written, or decoded from escapes)
+    if again.isascii():
+        return orjson.dumps(orjson.loads(again.lower())).count(b":") == colons
     return _folds_unique(obj)
 
 
