@@ -87,7 +87,7 @@ def inspect_response(ex: Exchange, headers: dict[str, str]) -> Response:
         max_frame_bytes=ex.policy.config.streaming.max_frame_bytes,
     )
     if decoder is not None or "json" in content_type:
-        ex.metrics.decoders.labels(decoder_label(ctx.format, decoder)).inc()
+        ex.metrics.child(ex.metrics.decoders, decoder_label(ctx.format, decoder)).inc()
     inflated = ex.inflate is not None
     mode = BodyMode.AS_CONFIGURED
     body: BodyPhase = INFLATED_PASS if inflated else PASS_BODY

@@ -127,12 +127,12 @@ class Translated:
             body = TranslatedStream(translator, filters, guarded)
             set_headers["content-type"] = translator.content_type
             mode = BodyMode.AS_CONFIGURED
-            ex.metrics.decoders.labels(decoder.name).inc()
+            ex.metrics.child(ex.metrics.decoders, decoder.name).inc()
         else:
             body = TranslatedWhole(self.target)
             set_headers["content-type"] = "application/json"
             mode = BodyMode.BUFFERED  # translated in one piece
-            ex.metrics.decoders.labels(decoder_label(self.target, None)).inc()
+            ex.metrics.child(ex.metrics.decoders, decoder_label(self.target, None)).inc()
         inflated = ex.inflate is not None
         after = response_phase.Inflating(body) if inflated else body
         first = response_phase.FirstChunk(body, after)
