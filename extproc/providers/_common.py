@@ -418,9 +418,7 @@ class JSONWireFormat:
         max_output_tokens: int | None,
         client_wants_usage: bool = True,
     ) -> RequestInfo:
-        """A checked request's RequestInfo, its `prompt_texts` read through
-        `_prompt_slots` on first use: the same walk `replace_request_texts` writes back
-        through."""
+        """A checked request's RequestInfo; its `prompt_texts` are read on first use."""
         return RequestInfo(
             model=model,
             stream=stream,
@@ -432,7 +430,7 @@ class JSONWireFormat:
 
     @classmethod
     def _read_prompt_texts(cls, body: dict[str, Any]) -> list[str]:
-        """Every prompt text of a parsed request, in `_prompt_slots` order."""
+        """Every prompt text, by `_prompt_slots`: the walk `replace_request_texts` writes."""
         return [slot.get() for slot in cls._prompt_slots(body)]
 
     @classmethod
