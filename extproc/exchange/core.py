@@ -33,7 +33,7 @@ class Flow(Protocol):
 
     async def request_body(self, ex: Exchange, body: bytes, now: float) -> Response: ...
 
-    def response_headers(self, ex: Exchange, headers: dict[str, str]) -> Response: ...
+    def response_headers(self, ex: Exchange, headers: dict[str, str], now: float) -> Response: ...
 
 
 class BodyPhase(Protocol):
@@ -225,7 +225,7 @@ def _request_body(ex: Exchange, request: Request, now: float) -> Awaitable[Respo
 
 
 def _response_headers(ex: Exchange, request: Request, now: float) -> Response | Awaitable[Response]:
-    answer = response_phase.response_headers(ex, request)
+    answer = response_phase.response_headers(ex, request, now)
     return answer if ex.off_path is None else offpath.decide(ex, answer)
 
 

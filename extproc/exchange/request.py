@@ -34,7 +34,7 @@ class PassThrough:
     async def request_body(self, ex: Exchange, body: bytes, now: float) -> Response:
         return wire.continue_request_body()
 
-    def response_headers(self, ex: Exchange, headers: dict[str, str]) -> Response:
+    def response_headers(self, ex: Exchange, headers: dict[str, str], now: float) -> Response:
         assert ex.ctx is not None
         return wire.continue_response_headers(ex.ctx.response_headers, body=BodyMode.SKIP)
 
@@ -47,8 +47,8 @@ class Inspected:
     async def request_body(self, ex: Exchange, body: bytes, now: float) -> Response:
         return await request_body(ex, body)
 
-    def response_headers(self, ex: Exchange, headers: dict[str, str]) -> Response:
-        return response_phase.inspect_response(ex, headers)
+    def response_headers(self, ex: Exchange, headers: dict[str, str], now: float) -> Response:
+        return response_phase.inspect_response(ex, headers, now)
 
 
 PASS_THROUGH = PassThrough()

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("extproc.exchange")
 
 
-def response_headers(ex: Exchange, request: Request) -> Response:
+def response_headers(ex: Exchange, request: Request, now: float) -> Response:
     """The provider's (or Envoy's own) status and headers; the stages add theirs."""
     headers = wire.header_map(request)
     try:
@@ -50,13 +50,13 @@ def response_headers(ex: Exchange, request: Request) -> Response:
         from extproc.failover.answer import adopt
 
         adopt(ex, ctx)
-    answer = ex.flow.response_headers(ex, headers)
+    answer = ex.flow.response_headers(ex, headers, now)
     if ctx.response_remove and answer.HasField("response_headers"):  # whatever the flow
         answer.response_headers.response.header_mutation.remove_headers.extend(ctx.response_remove)
     return answer
 
 
-def inspect_response(ex: Exchange, headers: dict[str, str]) -> Response:
+def inspect_response(ex: Exchange, headers: dict[str, str], now: float) -> Response:
     """An inspected API answered: choose the body phase (decoder, filters, inflation)."""
     ctx = ex.ctx
     assert ctx is not None
@@ -67,17 +67,11 @@ def inspect_response(ex: Exchange, headers: dict[str, str]) -> Response:
     if ex.status >= 400:
         upstream_failed(ex)
         return wire.continue_response_headers(set_headers, body=BodyMode.SKIP)
-    encoding = headers.get("content-encoding", "identity").strip().lower()
-    if encoding in ("gzip", "x-gzip", "deflate"):
-        # The provider ignored accept-encoding: decode incrementally (linear) and
-        # send identity on, so the client and our inspection see the same bytes.
-        ex.inflate = zlib.decompressobj(47)  # 32 + 15: gzip or zlib header
+    unreadable = choose_inflation(ex, headers)
+    if unreadable is not None:
+        return refuse_unreadable(ex, unreadable, now)
+    if ex.inflate is not None:
         remove.extend(("content-encoding", "content-length"))
-    elif encoding != "identity":
-        log.warning("cannot inspect content-encoding %r; passing through", shown(encoding))
-        ex.error_kind = "decode_error"
-        ex.metrics.errors.labels("decode_error").inc()
-        return wire.continue_response_headers(set_headers, body=BodyMode.SKIP)
     content_type = ctx.content_type = headers.get("content-type", "")
     decoder = ex.decoder = response_decoder(
         ctx.format,
@@ -117,6 +111,44 @@ def inspect_response(ex: Exchange, headers: dict[str, str]) -> Response:
     if values == ex.reported:
         return answer
     return wire.with_metadata(answer, values)
+
+
+# Content codings the gateway decodes (zlib: gzip, or zlib-wrapped deflate).
+INFLATABLE = frozenset(("gzip", "x-gzip", "deflate"))
+# One compressed chunk inflates to at most this many times its size, or to
+# `streaming.max_frame_bytes` when that is more: SSE and JSON compress 5-20x, a bomb
+# 1000x, and the inflated bytes are held, decoded and sent back in one answer.
+INFLATE_RATIO = 100
+
+
+def choose_inflation(ex: Exchange, headers: dict[str, str]) -> str | None:
+    """Reads the answer's content coding: identity (None), one the gateway inflates
+    (sets `ex.inflate`, None), or one it cannot read (returned). The gateway asked for
+    identity; a provider that sends anything else must not blind the guards and meter."""
+    codings = [
+        c.strip() for c in headers.get("content-encoding", "").lower().split(",") if c.strip()
+    ]
+    codings = [c for c in codings if c != "identity"]
+    if not codings:
+        return None
+    if len(codings) == 1 and codings[0] in INFLATABLE:
+        # Decoded incrementally (linear) and sent on as identity, so the client and
+        # the inspection see the same bytes.
+        ex.inflate = zlib.decompressobj(47)  # 32 + 15: gzip or zlib header
+        return None
+    return ", ".join(codings)
+
+
+def refuse_unreadable(ex: Exchange, encoding: str, now: float) -> Response:
+    """An answer the gateway cannot decode (br, zstd, stacked codings) would pass its
+    guards and meter unread: the client gets a 502 before any of it, and the exchange
+    settles as metered without the answer (the prompt, estimated)."""
+    ex.error_kind = "decode_error"  # `refuse` counts it
+    settle.settle(ex, now, complete=True)
+    message = (
+        f"The provider answered in a content encoding the gateway cannot read ({shown(encoding)})."
+    )
+    return ex.refuse(Refusal(502, message, "decode_error", kind="decode_error"))
 
 
 # -- body phases ------------------------------------------------------------------------
@@ -183,13 +215,23 @@ class Inflating:
     def feed(self, ex: Exchange, chunk: bytes, end: bool, now: float) -> Response:
         inflate = ex.inflate
         assert inflate is not None
+        most = max(INFLATE_RATIO * len(chunk), ex.policy.config.streaming.max_frame_bytes)
         try:
-            chunk = inflate.decompress(chunk) + (inflate.flush() if end else b"")
+            inflated = inflate.decompress(chunk, most)
+            if not inflate.unconsumed_tail and end:
+                inflated += inflate.flush()
         except zlib.error as exc:
             return ex.end_stream(
                 f"could not decode the provider's gzip stream: {exc}", "decode_error", now, end
             )
-        return self.inner.feed(ex, chunk, end, now)
+        if inflate.unconsumed_tail or len(inflated) > most:
+            return ex.end_stream(
+                f"the provider's gzip stream inflates past {most} bytes in one chunk",
+                "decode_error",
+                now,
+                end,
+            )
+        return self.inner.feed(ex, inflated, end, now)
 
 
 class Ended:

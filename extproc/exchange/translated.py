@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import time
-import zlib
 from typing import TYPE_CHECKING, Any
 
 from extproc import envoy_wire as wire
@@ -96,7 +95,7 @@ class Translated:
     async def request_body(self, ex: Exchange, body: bytes, now: float) -> Response:
         return wire.continue_request_body()  # not reached: the flow is set by that phase
 
-    def response_headers(self, ex: Exchange, headers: dict[str, str]) -> Response:
+    def response_headers(self, ex: Exchange, headers: dict[str, str], now: float) -> Response:
         ctx = ex.ctx
         translator = ex.translator
         assert ctx is not None and translator is not None
@@ -108,13 +107,11 @@ class Translated:
             ex.body = Refused(ex.status, headers)
             return wire.continue_response_headers(set_headers, body=BodyMode.BUFFERED)
         remove = ["content-length"]  # the body is the translator's
-        encoding = headers.get("content-encoding", "identity").strip().lower()
-        if encoding in ("gzip", "x-gzip", "deflate"):
-            ex.inflate = zlib.decompressobj(47)  # as native: decoded incrementally
+        unreadable = response_phase.choose_inflation(ex, headers)  # as native
+        if unreadable is not None:
+            return response_phase.refuse_unreadable(ex, unreadable, now)
+        if ex.inflate is not None:
             remove.append("content-encoding")
-        elif encoding != "identity":
-            ex.body = Unreadable(encoding)
-            return wire.continue_response_headers(set_headers, body=BodyMode.BUFFERED)
         ctx.content_type = headers.get("content-type", "")
         body: BodyPhase
         if self.upstream.stream:
@@ -307,24 +304,3 @@ class Refused:
             wire.refuse(error.status, headers, error.body, details),
             settle.final_metadata(ex),
         )
-
-
-class Unreadable:
-    """An answer in a content encoding the gateway cannot decode: it cannot be
-    translated, so the client gets a 502 rather than bytes in the provider's API."""
-
-    __slots__ = ("encoding",)
-    paced = False
-
-    def __init__(self, encoding: str) -> None:
-        self.encoding = encoding
-
-    def feed(self, ex: Exchange, chunk: bytes, end: bool, now: float) -> Response:
-        if not end:
-            return CLEAR_BODY
-        settle.settle(ex, now, complete=True)
-        message = (
-            "The provider answered in a content encoding the gateway cannot read "
-            f"({shown(self.encoding)})."
-        )
-        return ex.refuse(Refusal(502, message, "decode_error", kind="decode_error"))

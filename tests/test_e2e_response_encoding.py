@@ -1,0 +1,139 @@
+"""The provider's content coding through the real Envoy: a provider that ignores the
+gateway's `accept-encoding: identity`. gzip is inflated and guarded like identity; a
+coding the gateway cannot read (br) is a 502 before any byte, not a stream that passes
+the mask guard unread; a gzip bomb ends the stream with the error event."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import zlib
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from aiohttp import web
+
+from extproc.dev.devstack import Stack
+from tests.conftest import free_port, metric, start_stack, wait_for
+
+KEY = "sk-consumer-encoding"
+CARD = "4111 1111 1111 1111"
+
+
+def frame(content: str | None, finish: str | None = None, usage: dict | None = None) -> bytes:
+    delta = {} if content is None else {"content": content}
+    body = {
+        "id": "c1",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "gpt-4o-mini",
+        "choices": [] if usage else [{"index": 0, "delta": delta, "finish_reason": finish}],
+        "usage": usage,
+    }
+    return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
+
+
+FRAMES = [
+    frame("Your card is "),
+    frame(CARD),
+    frame(".", "stop"),
+    frame(None, usage={"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}),
+    b"data: [DONE]\n\n",
+]
+
+
+async def answer(request: web.Request) -> web.StreamResponse:
+    await request.read()
+    mode = request.headers.get("x-test-coding", "gzip")
+    coding = "br" if mode == "br" else "gzip"
+    response = web.StreamResponse(
+        headers={"content-type": "text/event-stream", "content-encoding": coding}
+    )
+    await response.prepare(request)
+    comp = zlib.compressobj(wbits=31)
+    if mode == "bomb":
+        await response.write(comp.compress(FRAMES[0]) + comp.flush(zlib.Z_SYNC_FLUSH))
+        await response.write(comp.compress(b"data: " + b"A" * (64 << 20)) + comp.flush())
+    else:  # gzip, or bytes labelled br (the gateway must not read them either way)
+        for piece in FRAMES:
+            await response.write(comp.compress(piece) + comp.flush(zlib.Z_SYNC_FLUSH))
+            await asyncio.sleep(0.01)
+        await response.write(comp.flush())
+    await response.write_eof()
+    return response
+
+
+class Provider(threading.Thread):
+    """An OpenAI-style provider that compresses whatever the client asked for."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(daemon=True)
+        self.port = port
+        self.loop = asyncio.new_event_loop()
+
+    def run(self) -> None:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", answer)
+        runner = web.AppRunner(app)
+        self.loop.run_until_complete(runner.setup())
+        self.loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
+        self.loop.run_forever()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    port = free_port()
+    Provider(port).start()
+    s = start_stack(
+        tmp_path_factory.mktemp("encoding"),
+        providers={"packed": {"url": f"http://127.0.0.1:{port}", "format": "openai"}},
+        consumers={"app": {"keys": [{"value": KEY}]}},
+        routes=[{"name": "v1", "prefix": "/v1/", "provider": "packed", "auth": "required"}],
+        guards={"rules": [{"name": "pii", "detectors": ["credit_card"]}]},
+    )
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def post(stack: Stack, mode: str) -> httpx.Response:
+    body = {
+        "model": "gpt-4o-mini",
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "messages": [{"role": "user", "content": "what is my card?"}],
+    }
+    headers = {"authorization": f"Bearer {KEY}", "x-test-coding": mode}
+    return httpx.post(f"{stack.base_url}/v1/chat/completions", json=body, headers=headers,
+                      timeout=60)  # fmt: skip
+
+
+def test_a_gzip_answer_reaches_the_client_as_identity_and_masked(stack: Stack):
+    r = post(stack, "gzip")
+    assert r.status_code == 200
+    assert "content-encoding" not in r.headers
+    assert CARD not in r.text and "<CREDIT_CARD>" in r.text
+    assert r.text.endswith("data: [DONE]\n\n")
+
+
+def test_an_answer_in_br_is_a_502_not_an_unguarded_stream(stack: Stack):
+    before = metric(stack, "ai_gateway_errors_total", kind="decode_error")
+    r = post(stack, "br")
+    assert r.status_code == 502
+    assert r.json()["error"]["code"] == "decode_error"
+    assert "br" in r.json()["error"]["message"]
+    assert wait_for(
+        lambda: metric(stack, "ai_gateway_errors_total", kind="decode_error") == before + 1
+    )
+
+
+def test_a_gzip_bomb_ends_the_stream_with_the_error_event(stack: Stack):
+    r = post(stack, "bomb")
+    assert r.status_code == 200  # the first frame had gone out
+    assert len(r.content) < 1 << 20
+    assert '"code":"decode_error"' in r.text and "inflates past" in r.text
+    # The sidecar is still serving.
+    assert post(stack, "gzip").status_code == 200

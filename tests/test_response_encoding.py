@@ -1,0 +1,114 @@
+"""The provider's content coding, in process: the gateway asks for identity; gzip and
+deflate it inflates (bounded per chunk), anything else is refused before the client
+gets a byte, because a body the gateway cannot read passes its guards and meter unread."""
+
+from __future__ import annotations
+
+import zlib
+
+import orjson
+import pytest
+
+from extproc.exchange.response import INFLATE_RATIO
+from tests.test_exchange import CHAT, Run, apply_body, body_msg, headers_msg, stream_frames
+
+SSE = {":status": "200", "content-type": "text/event-stream"}
+
+
+def gzip_pieces(frames: list[bytes]) -> list[bytes]:
+    """One sync-flushed gzip piece per frame, as a provider that compresses streams."""
+    comp = zlib.compressobj(wbits=31)
+    pieces = [comp.compress(f) + comp.flush(zlib.Z_SYNC_FLUSH) for f in frames]
+    pieces[-1] += comp.flush()
+    return pieces
+
+
+def immediate(resp) -> tuple[int, bytes]:
+    assert resp.WhichOneof("response") == "immediate_response", resp
+    return resp.immediate_response.status.code, resp.immediate_response.body
+
+
+@pytest.mark.parametrize("coding", ["br", "zstd", "compress", "gzip, br", "gzip, gzip", "x-y"])
+def test_a_coding_the_gateway_cannot_read_is_a_502_before_any_byte(coding):
+    run = Run()
+    run.request({**CHAT, "stream": True})
+    answer = run.send(headers_msg({**SSE, "content-encoding": coding}, response=True))
+    status, body = immediate(answer)
+    assert status == 502
+    assert b'"code":"decode_error"' in body and b'"type":"server_error"' in body
+    assert run.metric("ai_gateway_errors_total", {"kind": "decode_error"}) == 1
+    # Settled once, as an exchange the provider answered: the prompt is charged.
+    assert run.ex.closed
+    assert run.ex.usage.prompt_tokens > 0 and run.ex.usage.estimated
+
+
+@pytest.mark.parametrize("coding", ["identity", "gzip, identity", "GZip", " x-gzip "])
+def test_identity_and_gzip_spelt_any_way_are_read(coding):
+    run = Run()
+    run.request({**CHAT, "stream": True, "stream_options": {"include_usage": True}})
+    frames = stream_frames(3, usage=True)
+    chunks = frames if coding == "identity" else gzip_pieces(frames)
+    client = run.respond(chunks, {"content-encoding": coding})
+    assert client == b"".join(frames)
+    assert run.metric("ai_gateway_errors_total", {"kind": "decode_error"}) == 0
+
+
+def test_a_gzip_bomb_ends_the_stream_without_inflating_it():
+    """200 MB of one letter in ~200 KB of gzip: the answer to that chunk is the error
+    event, and no answer carries more than the per-chunk bound."""
+    run = Run()
+    run.request({**CHAT, "stream": True})
+    comp = zlib.compressobj(wbits=31)
+    head = comp.compress(stream_frames(1, usage=True)[0]) + comp.flush(zlib.Z_SYNC_FLUSH)
+    bomb = comp.compress(b"data: " + b"A" * (200 << 20)) + comp.flush()
+    run.send(headers_msg({**SSE, "content-encoding": "gzip"}, response=True))
+    first = apply_body(run.send(body_msg(head, end=False, response=True)), head)
+    assert first.startswith(b"data: {")
+    answer = run.send(body_msg(bomb, end=True, response=True))
+    sent = apply_body(answer, bomb)
+    assert len(sent) <= INFLATE_RATIO * len(bomb)
+    assert b'"code":"decode_error"' in sent and b"inflates past" in sent
+    assert run.metric("ai_gateway_errors_total", {"kind": "decode_error"}) == 1
+
+
+def test_a_stream_that_compresses_well_is_not_taken_for_a_bomb():
+    """Sixty-four frames in one chunk, deflated as well as zlib can: SSE compresses far
+    less than the bound."""
+    run = Run()
+    run.request({**CHAT, "stream": True, "stream_options": {"include_usage": True}})
+    frames = stream_frames(64, usage=True)
+    whole = b"".join(frames)
+    packed = zlib.compress(whole, 9, wbits=31)
+    assert len(whole) / len(packed) < INFLATE_RATIO
+    assert run.respond([packed], {"content-encoding": "gzip"}) == whole
+
+
+@pytest.mark.parametrize("coding", ["br", "gzip, br"])
+def test_a_translated_answer_in_a_coding_the_gateway_cannot_read_is_a_502(coding):
+    """The OpenAI client asked for an alias served in Anthropic's API: the answer
+    cannot be translated unread, so it is refused at its headers, in the client's API."""
+    from tests.test_exchange_translated import ASK, SSE, post, run_of
+
+    run = run_of()
+    post(run, ASK)
+    answer = run.send(headers_msg({**SSE, "content-encoding": coding}, response=True))
+    status, body = immediate(answer)
+    assert status == 502
+    assert b'"code":"decode_error"' in body and b'"type":"server_error"' in body
+    assert run.metric("ai_gateway_errors_total", {"kind": "decode_error"}) == 1
+
+
+def test_a_translated_gzip_answer_is_read():
+    from tests.test_exchange_translated import ASK, SSE, post, run_of, upstream_stream
+
+    run = run_of()
+    post(run, ASK)
+    run.send(headers_msg({**SSE, "content-encoding": "gzip"}, response=True))
+    packed = zlib.compress(upstream_stream("hello from claude"), 9, wbits=31)
+    client = apply_body(run.send(body_msg(packed, end=True, response=True)), packed)
+    deltas = [
+        orjson.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+        for line in client.split(b"\n\n")
+        if line.startswith(b"data: {")
+    ]
+    assert "".join(deltas) == "hello from claude"
