@@ -7,6 +7,8 @@ CPU per message. Ways of reading, each its own server run:
   iterator  `async for request in request_iterator`
   raw       `context.read()` with no deserializer, `response_body` picked from the bytes
   write     `read` plus one answer per message (the synchronous filter's loop, for scale)
+  sync-read, sync-write   the same on grpcio's threaded server (one thread per stream,
+            the request iterator): is the non-asyncio server a cheaper floor? (it is not)
 
 The server runs on the sidecar's default loop, uvloop (`--loop asyncio`: the standard one).
 Run: `python bench/grpc_read_bench.py [--streams 20] [--messages 4000] [--gap-ms 5]`.
@@ -21,7 +23,9 @@ import os
 import resource
 import subprocess
 import sys
+import threading
 import time
+from concurrent import futures
 from pathlib import Path
 
 import grpc
@@ -37,7 +41,7 @@ from extproc import eventloop
 REPO = Path(__file__).resolve().parent.parent
 
 METHOD = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
-MODES = ("read", "iterator", "raw", "write")
+MODES = ("read", "iterator", "raw", "write", "sync-read", "sync-write")
 FRAME = (
     b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,'
     b'"model":"gpt-4o-mini","choices":[{"index":0,"delta":{"content":" word"},'
@@ -77,6 +81,56 @@ def response_body(buf: bytes) -> tuple[bytes, bool] | None:
     return body, eos
 
 
+def _handler(handler, raw: bool = False) -> grpc.GenericRpcHandler:
+    rpc = grpc.stream_stream_rpc_method_handler(
+        handler,
+        request_deserializer=None if raw else ProcessingRequest.FromString,
+        response_serializer=ProcessingResponse.SerializeToString,
+    )
+
+    class Generic(grpc.GenericRpcHandler):
+        def service(self, details):
+            return rpc if details.method == METHOD else None
+
+    return Generic()
+
+
+def _report(mode: str, seen: int, start: resource.struct_rusage) -> None:
+    end = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (end.ru_utime - start.ru_utime) + (end.ru_stime - start.ru_stime)
+    print(json.dumps({"mode": mode, "messages": seen, "us_per_msg": cpu / seen * 1e6}))
+
+
+def serve_sync(mode: str, port_file: Path, total: int) -> None:
+    """grpcio's threaded server: a thread per stream reads the request iterator."""
+    seen = 0
+    lock = threading.Lock()
+    done = threading.Event()
+
+    def handler(request_iterator, context):
+        nonlocal seen
+        count = 0
+        for request in request_iterator:
+            request.response_body.body  # noqa: B018
+            count += 1
+            if mode == "sync-write":
+                yield ANSWER
+        with lock:
+            seen += count
+            if seen >= total:
+                done.set()
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=64))
+    server.add_generic_rpc_handlers((_handler(handler),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    start = resource.getrusage(resource.RUSAGE_SELF)
+    port_file.write_text(str(port))
+    done.wait()
+    _report(mode, seen, start)
+    server.stop(1.0)
+
+
 async def serve(mode: str, port_file: Path, total: int) -> None:
     seen = 0
     done = asyncio.Event()
@@ -102,27 +156,14 @@ async def serve(mode: str, port_file: Path, total: int) -> None:
         if seen >= total:
             done.set()
 
-    raw = mode == "raw"
-    rpc = grpc.stream_stream_rpc_method_handler(
-        handler,
-        request_deserializer=None if raw else ProcessingRequest.FromString,
-        response_serializer=ProcessingResponse.SerializeToString,
-    )
-
-    class Generic(grpc.GenericRpcHandler):
-        def service(self, details):
-            return rpc if details.method == METHOD else None
-
     server = grpc.aio.server()
-    server.add_generic_rpc_handlers((Generic(),))
+    server.add_generic_rpc_handlers((_handler(handler, raw=mode == "raw"),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     start = resource.getrusage(resource.RUSAGE_SELF)
     port_file.write_text(str(port))
     await done.wait()
-    end = resource.getrusage(resource.RUSAGE_SELF)
-    cpu = (end.ru_utime - start.ru_utime) + (end.ru_stime - start.ru_stime)
-    print(json.dumps({"mode": mode, "messages": seen, "us_per_msg": cpu / seen * 1e6}))
+    _report(mode, seen, start)
     await server.stop(1.0)
 
 
@@ -159,7 +200,8 @@ def run(mode: str, args: argparse.Namespace) -> dict:
     while not port_file.exists() or not port_file.read_text():
         time.sleep(0.05)
     port = int(port_file.read_text())
-    asyncio.run(drive(port, args.streams, args.messages, args.gap_ms / 1000, mode == "write"))
+    answers = mode in ("write", "sync-write")
+    asyncio.run(drive(port, args.streams, args.messages, args.gap_ms / 1000, answers))
     out, _ = server.communicate(timeout=60)
     port_file.unlink(missing_ok=True)
     return json.loads(out.strip().splitlines()[-1])
@@ -176,6 +218,9 @@ def main() -> int:
     parser.add_argument("--serve", choices=MODES)
     parser.add_argument("--port-file", type=Path)
     args = parser.parse_args()
+    if args.serve in ("sync-read", "sync-write"):
+        serve_sync(args.serve, args.port_file, args.messages)
+        return 0
     if args.serve:
         eventloop.run(serve(args.serve, args.port_file, args.messages), args.loop)
         return 0
