@@ -69,7 +69,7 @@ def inspect_response(ex: Exchange, headers: dict[str, str], now: float) -> Respo
         return wire.continue_response_headers(set_headers, body=BodyMode.SKIP)
     unreadable = choose_inflation(ex, headers)
     if unreadable is not None:
-        return refuse_unreadable(ex, unreadable, now)
+        return refuse_unreadable(ex, f"content encoding ({unreadable})", now)
     if ex.inflate is not None:
         remove.extend(("content-encoding", "content-length"))
     content_type = ctx.content_type = headers.get("content-type", "")
@@ -97,6 +97,10 @@ def inspect_response(ex: Exchange, headers: dict[str, str], now: float) -> Respo
         if ctx.buffer_response:
             # A stage must see the whole answer before the client gets any of it.
             mode = BodyMode.BUFFERED
+    elif ex.status < 300:
+        # Every inspected API answers JSON or its stream type: a success in anything
+        # else (text/plain SSE, none) is read by the client's SDK but by no guard or meter.
+        return refuse_unreadable(ex, f"content type ({content_type or 'none'})", now)
     after = Inflating(body) if inflated else body
     first = FirstChunk(body, after)
     ex.body = Inflating(first) if inflated else first
@@ -139,15 +143,13 @@ def choose_inflation(ex: Exchange, headers: dict[str, str]) -> str | None:
     return ", ".join(codings)
 
 
-def refuse_unreadable(ex: Exchange, encoding: str, now: float) -> Response:
-    """An answer the gateway cannot decode (br, zstd, stacked codings) would pass its
-    guards and meter unread: the client gets a 502 before any of it, and the exchange
-    settles as metered without the answer (the prompt, estimated)."""
+def refuse_unreadable(ex: Exchange, what: str, now: float) -> Response:
+    """A success the gateway cannot read (a coding it does not inflate, a content type
+    its format does not read) would pass the guards and meter unread: the client gets a
+    502 before any byte, and the exchange settles as answered (the prompt, estimated)."""
     ex.error_kind = "decode_error"  # `refuse` counts it
     settle.settle(ex, now, complete=True)
-    message = (
-        f"The provider answered in a content encoding the gateway cannot read ({shown(encoding)})."
-    )
+    message = f"The provider answered in a {shown(what)} the gateway cannot read."
     return ex.refuse(Refusal(502, message, "decode_error", kind="decode_error"))
 
 

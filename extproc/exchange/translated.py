@@ -109,7 +109,7 @@ class Translated:
         remove = ["content-length"]  # the body is the translator's
         unreadable = response_phase.choose_inflation(ex, headers)  # as native
         if unreadable is not None:
-            return response_phase.refuse_unreadable(ex, unreadable, now)
+            return response_phase.refuse_unreadable(ex, f"content encoding ({unreadable})", now)
         if ex.inflate is not None:
             remove.append("content-encoding")
         ctx.content_type = headers.get("content-type", "")

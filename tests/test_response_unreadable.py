@@ -1,6 +1,7 @@
-"""The provider's content coding, in process: the gateway asks for identity; gzip and
-deflate it inflates (bounded per chunk), anything else is refused before the client
-gets a byte, because a body the gateway cannot read passes its guards and meter unread."""
+"""Answers the gateway cannot read, in process. It asks for identity; gzip and deflate
+it inflates (bounded per chunk); any other coding, and a success in a content type the
+format does not read, is refused before the client gets a byte: a body the gateway
+cannot read would pass its guards and meter unread."""
 
 from __future__ import annotations
 
@@ -112,3 +113,26 @@ def test_a_translated_gzip_answer_is_read():
         if line.startswith(b"data: {")
     ]
     assert "".join(deltas) == "hello from claude"
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "", "application/octet-stream"])
+def test_a_stream_in_a_content_type_the_format_does_not_read_is_a_502(content_type):
+    """SSE labelled text/plain (or nothing) is read by the client's SDK all the same:
+    passed on, it would be metered 0 completion tokens and read by no guard."""
+    run = Run()
+    run.request({**CHAT, "stream": True})
+    answer = run.send(headers_msg({**SSE, "content-type": content_type}, response=True))
+    status, body = immediate(answer)
+    assert status == 502
+    assert b'"code":"decode_error"' in body
+    assert (content_type or "none").encode() in body
+    assert run.metric("ai_gateway_errors_total", {"kind": "decode_error"}) == 1
+
+
+def test_a_redirect_is_passed_on_as_it_came():
+    run = Run()
+    run.request({**CHAT, "stream": True})
+    headers = {":status": "307", "location": "https://elsewhere.example/v1/chat/completions"}
+    answer = run.send(headers_msg({**headers, "content-type": "text/html"}, response=True))
+    assert answer.WhichOneof("response") == "response_headers"
+    assert run.metric("ai_gateway_errors_total", {"kind": "decode_error"}) == 0

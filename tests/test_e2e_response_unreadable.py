@@ -1,7 +1,8 @@
-"""The provider's content coding through the real Envoy: a provider that ignores the
-gateway's `accept-encoding: identity`. gzip is inflated and guarded like identity; a
-coding the gateway cannot read (br) is a 502 before any byte, not a stream that passes
-the mask guard unread; a gzip bomb ends the stream with the error event."""
+"""Answers the gateway cannot read, through the real Envoy, from a provider that ignores
+the gateway's `accept-encoding: identity` and labels its streams as it likes. gzip is
+inflated and guarded like identity; a coding the gateway cannot read (br) and SSE
+labelled text/plain are 502s before any byte, not streams that pass the mask guard
+unread; a gzip bomb ends the stream with the error event."""
 
 from __future__ import annotations
 
@@ -47,16 +48,18 @@ FRAMES = [
 async def answer(request: web.Request) -> web.StreamResponse:
     await request.read()
     mode = request.headers.get("x-test-coding", "gzip")
-    coding = "br" if mode == "br" else "gzip"
-    response = web.StreamResponse(
-        headers={"content-type": "text/event-stream", "content-encoding": coding}
-    )
+    headers = {"content-type": "text/event-stream", "content-encoding": "gzip"}
+    if mode == "br":
+        headers["content-encoding"] = "br"
+    elif mode == "text/plain":
+        headers["content-type"] = "text/plain"
+    response = web.StreamResponse(headers=headers)
     await response.prepare(request)
     comp = zlib.compressobj(wbits=31)
     if mode == "bomb":
         await response.write(comp.compress(FRAMES[0]) + comp.flush(zlib.Z_SYNC_FLUSH))
         await response.write(comp.compress(b"data: " + b"A" * (64 << 20)) + comp.flush())
-    else:  # gzip, or bytes labelled br (the gateway must not read them either way)
+    else:  # gzip, or mislabelled: the gateway must not pass it unread
         for piece in FRAMES:
             await response.write(comp.compress(piece) + comp.flush(zlib.Z_SYNC_FLUSH))
             await asyncio.sleep(0.01)
@@ -137,3 +140,11 @@ def test_a_gzip_bomb_ends_the_stream_with_the_error_event(stack: Stack):
     assert '"code":"decode_error"' in r.text and "inflates past" in r.text
     # The sidecar is still serving.
     assert post(stack, "gzip").status_code == 200
+
+
+def test_sse_labelled_text_plain_is_a_502_not_an_unguarded_stream(stack: Stack):
+    r = post(stack, "text/plain")
+    assert r.status_code == 502
+    assert r.json()["error"]["code"] == "decode_error"
+    assert "text/plain" in r.json()["error"]["message"]
+    assert CARD not in r.text
