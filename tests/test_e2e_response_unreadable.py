@@ -2,7 +2,8 @@
 the gateway's `accept-encoding: identity` and labels its streams as it likes. gzip is
 inflated and guarded like identity; a coding the gateway cannot read (br) and SSE
 labelled text/plain are 502s before any byte, not streams that pass the mask guard
-unread; a gzip bomb ends the stream with the error event."""
+unread; SSE under a JSON label is read as the stream the SDK reads; a gzip bomb ends
+the stream with the error event."""
 
 from __future__ import annotations
 
@@ -51,8 +52,8 @@ async def answer(request: web.Request) -> web.StreamResponse:
     headers = {"content-type": "text/event-stream", "content-encoding": "gzip"}
     if mode == "br":
         headers["content-encoding"] = "br"
-    elif mode == "text/plain":
-        headers["content-type"] = "text/plain"
+    elif mode in ("text/plain", "application/json"):
+        headers["content-type"] = mode
     response = web.StreamResponse(headers=headers)
     await response.prepare(request)
     comp = zlib.compressobj(wbits=31)
@@ -148,3 +149,28 @@ def test_sse_labelled_text_plain_is_a_502_not_an_unguarded_stream(stack: Stack):
     assert r.json()["error"]["code"] == "decode_error"
     assert "text/plain" in r.json()["error"]["message"]
     assert CARD not in r.text
+
+
+def test_a_stream_under_a_json_label_is_masked_as_the_sdk_reads_it(stack: Stack):
+    """The openai SDK reads the stream it asked for whatever the label says."""
+    import openai
+
+    client = openai.OpenAI(
+        base_url=f"{stack.base_url}/v1",
+        api_key=KEY,
+        default_headers={"x-test-coding": "application/json"},
+        max_retries=0,
+    )
+    stream = client.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "what is my card?"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    text, usage = "", None
+    for chunk in stream:
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+        usage = chunk.usage or usage
+    assert CARD not in text and "<CREDIT_CARD>" in text
+    assert usage is not None and usage.completion_tokens == 3

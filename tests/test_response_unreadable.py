@@ -10,7 +10,7 @@ import zlib
 import orjson
 import pytest
 
-from extproc.exchange.response import INFLATE_RATIO
+from extproc.exchange.unreadable import INFLATE_RATIO
 from tests.test_exchange import CHAT, Run, apply_body, body_msg, headers_msg, stream_frames
 
 SSE = {":status": "200", "content-type": "text/event-stream"}
@@ -136,3 +136,91 @@ def test_a_redirect_is_passed_on_as_it_came():
     answer = run.send(headers_msg({**headers, "content-type": "text/html"}, response=True))
     assert answer.WhichOneof("response") == "response_headers"
     assert run.metric("ai_gateway_errors_total", {"kind": "decode_error"}) == 0
+
+
+# -- labels the client's SDK does not read by: a response guard must read what it reads
+
+CARD = "4111 1111 1111 1111"
+
+
+def guarded_run(**streaming) -> Run:
+    from extproc.config import parse_config
+    from extproc.policy import Shared, build_policy
+
+    doc = {
+        "providers": {"mock": {"url": "http://127.0.0.1:1"}},
+        "routes": [{"name": "v1", "prefix": "/v1/", "provider": "mock"}],
+        "streaming": {"max_frame_bytes": 4096, **streaming},
+        "guards": {"rules": [{"name": "pii", "detectors": ["credit_card"]}]},
+    }
+    config = parse_config(doc, "t.yaml")
+    run = Run(config)
+    run.ex.policy = build_policy(config, Shared(), {})
+    return run
+
+
+def content_frame(text: str) -> bytes:
+    choice = {"index": 0, "delta": {"content": text}, "finish_reason": None}
+    body = {"id": "c1", "object": "chat.completion.chunk", "model": "m", "choices": [choice]}
+    return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
+def completion(text: str) -> bytes:
+    return orjson.dumps({
+        "id": "x", "object": "chat.completion", "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                     "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 4, "completion_tokens": 7, "total_tokens": 11},
+    })  # fmt: skip
+
+
+@pytest.mark.parametrize("label", ["application/json", "application/json; charset=utf-8"])
+def test_a_stream_under_a_json_label_is_read_as_the_stream_the_sdk_reads(label):
+    """The OpenAI SDKs read a stream by the request's `stream` flag, not the label."""
+    run = guarded_run()
+    run.request({**CHAT, "stream": True})
+    frames = [content_frame("card: "), content_frame(CARD), b"data: [DONE]\n\n"]
+    client = run.respond(frames, {"content-type": label})
+    assert CARD.encode() not in client and b"<CREDIT_CARD>" in client
+    assert client.endswith(b"data: [DONE]\n\n")
+    assert run.ex.usage.completion_tokens > 0
+
+
+def test_a_stream_request_answered_with_a_whole_json_document_is_read_as_one():
+    run = guarded_run()
+    run.request({**CHAT, "stream": True})
+    whole = completion("card " + CARD)
+    client = run.respond([whole[:40], whole[40:]], {"content-type": "application/json"})
+    assert CARD.encode() not in client and b"<CREDIT_CARD>" in client
+    assert (run.ex.usage.prompt_tokens, run.ex.usage.completion_tokens) == (4, 7)
+
+
+def test_an_answer_under_a_json_label_that_is_not_json_is_a_502_when_a_guard_must_read_it():
+    run = guarded_run()
+    run.request(CHAT)
+    sse = content_frame("card: ") + content_frame(CARD) + b"data: [DONE]\n\n"
+    run.send(headers_msg({":status": "200", "content-type": "application/json"}, response=True))
+    status, body = immediate(run.send(body_msg(sse, end=True, response=True)))
+    assert status == 502 and CARD.encode() not in body
+    assert b'"code":"decode_error"' in body
+
+
+def test_a_whole_answer_too_large_for_the_guard_to_read_is_a_502():
+    """Over `streaming.max_json_response_bytes` the answer is not kept; with a response
+    guard it used to pass on unread (a card in it unmasked)."""
+    run = guarded_run(max_json_response_bytes=1000)
+    run.request(CHAT)
+    whole = completion("x" * 1500 + " card " + CARD)
+    run.send(headers_msg({":status": "200", "content-type": "application/json"}, response=True))
+    status, body = immediate(run.send(body_msg(whole, end=True, response=True)))
+    assert status == 502 and CARD.encode() not in body
+    assert b'"code":"guard_budget_exceeded"' in body
+    assert run.metric("ai_gateway_errors_total", {"kind": "guard_budget_exceeded"}) == 1
+
+
+def test_without_a_response_guard_a_large_answer_passes_and_is_estimated():
+    run = Run()
+    run.request(CHAT)
+    whole = completion("y" * 9000)
+    client = run.respond([whole], {"content-type": "application/json"})
+    assert client == whole

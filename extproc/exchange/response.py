@@ -15,6 +15,12 @@ from extproc import envoy_wire as wire
 from extproc.envoy_wire import CLEAR_BODY, CONTINUE_BODY, BodyMode, Request, Response
 from extproc.errors import StreamError, shown
 from extproc.exchange import settle
+from extproc.exchange.unreadable import (
+    Sniffed,
+    choose_inflation,
+    inflate_limit,
+    refuse_unreadable,
+)
 from extproc.policy import Refusal, StreamBlocked, StreamFilter, is_quiet_filter
 from extproc.providers import decoder_label, response_decoder
 from extproc.providers._json import response_identity
@@ -86,10 +92,8 @@ def inspect_response(ex: Exchange, headers: dict[str, str], now: float) -> Respo
     mode = BodyMode.AS_CONFIGURED
     body: BodyPhase = INFLATED_PASS if inflated else PASS_BODY
     if decoder is not None:
-        ctx.decoder = decoder  # filters read and rewrite its events
-        filters = [f for stage in ex.policy.stages if (f := stage.stream_filter(ctx)) is not None]
-        body = StreamBody(decoder, filters, inflated)
-        if "content-length" in headers and (ex.hide_usage or filters):
+        body = _stream_body(ex, decoder, inflated)
+        if "content-length" in headers and (ex.hide_usage or body.filters):
             remove.append("content-length")
     elif "json" in content_type:
         ex.json = bytearray()
@@ -97,6 +101,13 @@ def inspect_response(ex: Exchange, headers: dict[str, str], now: float) -> Respo
         if ctx.buffer_response:
             # A stage must see the whole answer before the client gets any of it.
             mode = BodyMode.BUFFERED
+        if ctx.info is not None and ctx.info.stream:  # the SDK reads a stream anyway
+            body = Sniffed(
+                body,
+                lambda decoder: _stream_body(ex, decoder, inflated),
+                Inflating if inflated else _same,
+            )
+            remove.append("content-length")  # a stream's frames may be rewritten
     elif ex.status < 300:
         # Every inspected API answers JSON or its stream type: a success in anything
         # else (text/plain SSE, none) is read by the client's SDK but by no guard or meter.
@@ -117,40 +128,16 @@ def inspect_response(ex: Exchange, headers: dict[str, str], now: float) -> Respo
     return wire.with_metadata(answer, values)
 
 
-# Content codings the gateway decodes (zlib: gzip, or zlib-wrapped deflate).
-INFLATABLE = frozenset(("gzip", "x-gzip", "deflate"))
-# One compressed chunk inflates to at most this many times its size, or to
-# `streaming.max_frame_bytes` when that is more: SSE and JSON compress 5-20x, a bomb
-# 1000x, and the inflated bytes are held, decoded and sent back in one answer.
-INFLATE_RATIO = 100
+def _stream_body(ex: Exchange, decoder: ResponseDecoder, inflated: bool) -> StreamBody:
+    ctx = ex.ctx
+    assert ctx is not None
+    ctx.decoder = decoder  # filters read and rewrite its events
+    filters = [f for stage in ex.policy.stages if (f := stage.stream_filter(ctx)) is not None]
+    return StreamBody(decoder, filters, inflated)
 
 
-def choose_inflation(ex: Exchange, headers: dict[str, str]) -> str | None:
-    """Reads the answer's content coding: identity (None), one the gateway inflates
-    (sets `ex.inflate`, None), or one it cannot read (returned). The gateway asked for
-    identity; a provider that sends anything else must not blind the guards and meter."""
-    codings = [
-        c.strip() for c in headers.get("content-encoding", "").lower().split(",") if c.strip()
-    ]
-    codings = [c for c in codings if c != "identity"]
-    if not codings:
-        return None
-    if len(codings) == 1 and codings[0] in INFLATABLE:
-        # Decoded incrementally (linear) and sent on as identity, so the client and
-        # the inspection see the same bytes.
-        ex.inflate = zlib.decompressobj(47)  # 32 + 15: gzip or zlib header
-        return None
-    return ", ".join(codings)
-
-
-def refuse_unreadable(ex: Exchange, what: str, now: float) -> Response:
-    """A success the gateway cannot read (a coding it does not inflate, a content type
-    its format does not read) would pass the guards and meter unread: the client gets a
-    502 before any byte, and the exchange settles as answered (the prompt, estimated)."""
-    ex.error_kind = "decode_error"  # `refuse` counts it
-    settle.settle(ex, now, complete=True)
-    message = f"The provider answered in a {shown(what)} the gateway cannot read."
-    return ex.refuse(Refusal(502, message, "decode_error", kind="decode_error"))
+def _same(body: BodyPhase) -> BodyPhase:
+    return body
 
 
 # -- body phases ------------------------------------------------------------------------
@@ -217,7 +204,7 @@ class Inflating:
     def feed(self, ex: Exchange, chunk: bytes, end: bool, now: float) -> Response:
         inflate = ex.inflate
         assert inflate is not None
-        most = max(INFLATE_RATIO * len(chunk), ex.policy.config.streaming.max_frame_bytes)
+        most = inflate_limit(ex, chunk)
         try:
             inflated = inflate.decompress(chunk, most)
             if not inflate.unconsumed_tail and end:
@@ -284,6 +271,9 @@ class Closing:
 CLOSING = Closing()
 
 
+KIND_TOO_LARGE = "guard_budget_exceeded"  # the guard's reading budget, as for requests
+
+
 class JsonBody:
     """A whole JSON answer: kept (bounded) to meter, or buffered for a stage to see."""
 
@@ -301,6 +291,13 @@ class JsonBody:
             else:
                 kept = ex.json = None  # too big to keep; usage will be estimated
         ctx = ex.ctx
+        if end and ctx is not None and ctx.must_read_response and kept is None:
+            settle.settle(ex, now, complete=True)
+            message = (
+                f"The answer is larger than the gateway reads whole ({limit} bytes, "
+                "streaming.max_json_response_bytes), so the response guard cannot read it."
+            )
+            return ex.refuse(Refusal(502, message, KIND_TOO_LARGE, kind=KIND_TOO_LARGE))
         if end and ctx is not None and ctx.buffer_response and kept is not None:
             body = bytes(kept)
             try:

@@ -24,7 +24,7 @@ from extproc import envoy_wire as wire
 from extproc.envoy_wire import CLEAR_BODY, BodyMode, Response
 from extproc.errors import SIDECAR_DETAILS_PREFIX, shown
 from extproc.exchange import response as response_phase
-from extproc.exchange import settle
+from extproc.exchange import settle, unreadable
 from extproc.headers import TRANSLATED_HEADER
 from extproc.policy import Refusal, StreamBlocked, StreamFilter, credentials
 from extproc.providers import RequestError, RequestInfo, decoder_label, format_for
@@ -107,9 +107,9 @@ class Translated:
             ex.body = Refused(ex.status, headers)
             return wire.continue_response_headers(set_headers, body=BodyMode.BUFFERED)
         remove = ["content-length"]  # the body is the translator's
-        unreadable = response_phase.choose_inflation(ex, headers)  # as native
-        if unreadable is not None:
-            return response_phase.refuse_unreadable(ex, f"content encoding ({unreadable})", now)
+        coding = unreadable.choose_inflation(ex, headers)  # as native
+        if coding is not None:
+            return unreadable.refuse_unreadable(ex, f"content encoding ({coding})", now)
         if ex.inflate is not None:
             remove.append("content-encoding")
         ctx.content_type = headers.get("content-type", "")

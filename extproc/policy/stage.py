@@ -93,6 +93,9 @@ class RequestContext:
     metadata: dict[str, Any] = field(default_factory=dict)  # extra dynamic metadata
     status: int = 0  # provider's status, from the response-headers phase on
     buffer_response: bool = False  # a stage needs whole non-streaming bodies
+    # A stage must read that whole body (a response guard): one too large to keep, or
+    # not JSON, is refused rather than passed on unread.
+    must_read_response: bool = False
     # Set on a buffered answer once it was metered (its headers wait for the body):
     # the exact cost of a JSON answer, say.
     completion_headers: dict[str, str] = field(default_factory=dict)

@@ -30,6 +30,7 @@ from extproc.policy.guards.engine import (
 )
 from extproc.policy.guards.stream import BUDGET_CODE, GuardStream
 from extproc.policy.guards.webhook import Webhook, WebhookError
+from extproc.providers._json import loads
 
 __all__ = ["GuardStage", "build"]
 
@@ -186,6 +187,7 @@ class GuardStage(Stage):
     def on_response_headers(self, ctx: RequestContext) -> None:
         if self._response_plan(ctx) is not None:
             ctx.buffer_response = True  # a whole JSON answer is checked before it leaves
+            ctx.must_read_response = True
 
     def stream_filter(self, ctx: RequestContext) -> StreamFilter | None:
         plan = self._response_plan(ctx)
@@ -229,6 +231,13 @@ class GuardStage(Stage):
             return None
         deltas = ctx.format.completion_texts(body)
         if not deltas:
+            if loads(body) is None:  # SSE under a JSON label, say: the client reads it
+                raise Refusal(
+                    502,
+                    "The provider's answer is not JSON, so the response guard cannot read it.",
+                    "decode_error",
+                    kind="decode_error",
+                )
             return None
         texts = [d.text for d in deltas]
         findings = Findings()
