@@ -50,6 +50,7 @@ async def answer(request: web.Request) -> web.StreamResponse:
     await request.read()
     mode = request.headers.get("x-test-coding", "gzip")
     headers = {"content-type": "text/event-stream", "content-encoding": "gzip"}
+    headers["x-ai-gateway-cost-usd"] = "0.0"  # spoofed: the gateway's headers are its own
     if mode == "br":
         headers["content-encoding"] = "br"
     elif mode in ("text/plain", "application/json"):
@@ -119,6 +120,7 @@ def test_a_gzip_answer_reaches_the_client_as_identity_and_masked(stack: Stack):
     r = post(stack, "gzip")
     assert r.status_code == 200
     assert "content-encoding" not in r.headers
+    assert "x-ai-gateway-cost-usd" not in r.headers
     assert CARD not in r.text and "<CREDIT_CARD>" in r.text
     assert r.text.endswith("data: [DONE]\n\n")
 

@@ -224,3 +224,14 @@ def test_without_a_response_guard_a_large_answer_passes_and_is_estimated():
     whole = completion("y" * 9000)
     client = run.respond([whole], {"content-type": "application/json"})
     assert client == whole
+
+
+def test_a_providers_copies_of_the_gateways_own_headers_are_removed():
+    """Cost, budget and guard headers come from the gateway alone."""
+    run = Run()
+    run.request({**CHAT, "stream": True})
+    spoofed = {"x-ai-gateway-cost-usd": "0", "x-ai-gateway-guard": "none", "x-other": "kept"}
+    answer = run.send(headers_msg({**SSE, **spoofed}, response=True))
+    removed = answer.response_headers.response.header_mutation.remove_headers
+    assert set(removed) >= {"x-ai-gateway-cost-usd", "x-ai-gateway-guard"}
+    assert "x-other" not in removed

@@ -21,6 +21,7 @@ from extproc.exchange.unreadable import (
     inflate_limit,
     refuse_unreadable,
 )
+from extproc.headers import INTERNAL_HEADER_PREFIX
 from extproc.policy import Refusal, StreamBlocked, StreamFilter, is_quiet_filter
 from extproc.providers import decoder_label, response_decoder
 from extproc.providers._json import response_identity
@@ -57,8 +58,18 @@ def response_headers(ex: Exchange, request: Request, now: float) -> Response:
 
         adopt(ex, ctx)
     answer = ex.flow.response_headers(ex, headers, now)
-    if ctx.response_remove and answer.HasField("response_headers"):  # whatever the flow
-        answer.response_headers.response.header_mutation.remove_headers.extend(ctx.response_remove)
+    # The gateway's own headers (cost, budget, guard) come from the gateway alone: a
+    # provider's copies are removed, whatever the flow.
+    remove = [*ctx.response_remove]
+    remove += [
+        name
+        for name in headers
+        if name.startswith(INTERNAL_HEADER_PREFIX)
+        and name not in ctx.response_headers
+        and name not in remove
+    ]
+    if remove and answer.HasField("response_headers"):
+        answer.response_headers.response.header_mutation.remove_headers.extend(remove)
     return answer
 
 
