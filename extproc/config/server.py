@@ -109,8 +109,9 @@ class StreamingConfig(Section):
     """Ask OpenAI-style providers for usage on streams; the extra usage chunk is hidden
     from clients that did not ask."""
     max_json_response_bytes: Int() = 8 << 20
-    """Non-streaming JSON responses up to this size are read for their usage and by
-    response guards; with a response guard, a larger one is refused (502)."""
+    """Non-streaming JSON responses up to this size are kept whole (for their usage and
+    response guards). A larger one is metered from its last 64 KiB, where every API
+    writes its usage; with a response guard it is refused (502)."""
     on_block: choice(ON_BLOCK_MODES, "on_block mode") = "drain"
     """After the gateway ended a stream (guard block, oversized frame, undecodable
     stream): `drain` clears the provider's later chunks (the client's stream ends cleanly

@@ -68,6 +68,7 @@ class Exchange:
         self.translator: ResponseTranslator | None = None
         self.inflate: zlib._Decompress | None = None
         self.json: bytearray | None = None  # a whole JSON answer, kept (bounded) to meter
+        self.json_tail: bytearray | None = None  # one too large to keep: its last bytes
         self.first_frame_at = 0.0
         self.response_id: str | None = None  # the answer's own id and model, if named
         self.response_model: str | None = None

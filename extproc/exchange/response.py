@@ -283,6 +283,7 @@ CLOSING = Closing()
 
 
 KIND_TOO_LARGE = "guard_budget_exceeded"  # the guard's reading budget, as for requests
+JSON_TAIL_BYTES = 64 << 10  # what follows an answer's texts (usage, ids) fits in this
 
 
 class JsonBody:
@@ -296,11 +297,15 @@ class JsonBody:
     def feed(self, ex: Exchange, chunk: bytes, end: bool, now: float) -> Response:
         limit = ex.policy.config.streaming.max_json_response_bytes
         kept = ex.json
-        if kept is not None:
-            if len(kept) + len(chunk) <= limit:
-                kept += chunk
-            else:
-                kept = ex.json = None  # too big to keep; usage will be estimated
+        if kept is not None and len(kept) + len(chunk) <= limit:
+            kept += chunk
+        elif kept is not None or ex.json_tail is not None:
+            # Too big to keep: its last bytes still hold the usage (`settle`).
+            tail = ex.json_tail = ex.json_tail if ex.json_tail is not None else kept
+            assert tail is not None
+            tail += chunk
+            del tail[:-JSON_TAIL_BYTES]
+            kept = ex.json = None
         ctx = ex.ctx
         if end and ctx is not None and ctx.must_read_response and kept is None:
             settle.settle(ex, now, complete=True)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from extproc import envoy_wire as wire
 from extproc.envoy_wire import Response
 from extproc.errors import shown
+from extproc.providers._json import usage_in_tail
 from extproc.usage import estimate_prompt_tokens
 
 if TYPE_CHECKING:
@@ -137,6 +138,9 @@ def _meter(ex: Exchange, now: float, model: str) -> None:
             body = bytes(ex.json)
             ex.usage = ctx.format.completion_usage(body) or ex.usage
             ex.finish_reason = ctx.format.completion_finish_reason(body)
+        elif ex.json_tail:  # too large to keep whole: the usage from its end
+            tail = bytes(ex.json_tail)
+            ex.usage = usage_in_tail(tail, ctx.format.completion_usage) or ex.usage
     usage = ex.usage
     if not usage.reported:
         prompt = ctx.info.prompt_estimate() if ctx.info else estimate_prompt_tokens([])

@@ -1,12 +1,13 @@
 """Strict JSON for request bodies, with the gateway's error codes: one object, no
-repeated key at any depth (in any letter case or Unicode form), typed fields."""
+repeated key at any depth (in any letter case or Unicode form), typed fields; and the
+few reads of answers that need no whole parse."""
 
 from __future__ import annotations
 
 import json
 import re
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import orjson
@@ -202,3 +203,26 @@ def response_identity(data: bytes) -> tuple[str | None, str | None]:
             if len(found) == 2:
                 break
     return found.get("id"), found.get("model")
+
+
+# A usage object's key, unescaped (inside a JSON string a quote is escaped, so this is
+# a key): OpenAI, Anthropic and Bedrock write `usage`, Gemini `usageMetadata`.
+_USAGE_OBJECT = re.compile(rb'"(usage|usageMetadata)"\s*:\s*\{')
+_RAW = json.JSONDecoder()
+
+
+def usage_in_tail(tail: bytes, completion_usage: Callable[[bytes], Any]) -> Any:
+    """The usage of a whole answer too large to keep, from its last bytes: every API
+    writes it after the answer's texts. The last usage object in `tail`, read as the
+    format reads a whole answer's (`completion_usage`), or None."""
+    found = None
+    for found in _USAGE_OBJECT.finditer(tail):  # noqa: B007 - the last one
+        pass
+    if found is None:
+        return None
+    text = tail[found.end() - 1 :].decode("utf-8", "replace")
+    try:
+        obj, _ = _RAW.raw_decode(text)
+    except ValueError:
+        return None
+    return completion_usage(orjson.dumps({found.group(1).decode(): obj}))
