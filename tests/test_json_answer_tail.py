@@ -107,3 +107,19 @@ def test_a_usage_key_inside_a_text_is_not_taken_for_the_answers():
     assert usage.completion_tokens == 777
     only_fake = orjson.dumps({"choices": [{"message": {"content": fake}}]})
     assert usage_in_tail(only_fake, OpenAIChat.completion_usage) is None
+
+
+def test_a_translated_answer_too_large_to_translate_is_refused_but_charged():
+    from tests.test_exchange import body_msg, headers_msg
+    from tests.test_exchange_translated import DOC, post, run_of
+
+    run = run_of({**DOC, "streaming": {"max_json_response_bytes": LIMIT}})
+    post(run, {"model": "my-claude", "messages": [{"role": "user", "content": "hi"}]})
+    answer = {"id": "m", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
+              "content": [{"type": "text", "text": "a " * 5000}], "stop_reason": "end_turn",
+              "usage": {"input_tokens": 5, "output_tokens": 5000}}  # fmt: skip
+    run.send(headers_msg({":status": "200", "content-type": "application/json"}, response=True))
+    refused = run.send(body_msg(orjson.dumps(answer), end=True, response=True))
+    assert refused.immediate_response.status.code == 502
+    usage = run.ex.usage
+    assert (usage.prompt_tokens, usage.completion_tokens) == (5, 5000) and usage.reported

@@ -25,9 +25,11 @@ from extproc.envoy_wire import CLEAR_BODY, BodyMode, Response
 from extproc.errors import SIDECAR_DETAILS_PREFIX, shown
 from extproc.exchange import response as response_phase
 from extproc.exchange import settle, unreadable
+from extproc.exchange.response import JSON_TAIL_BYTES
 from extproc.headers import TRANSLATED_HEADER
 from extproc.policy import Refusal, StreamBlocked, StreamFilter, credentials
 from extproc.providers import RequestError, RequestInfo, decoder_label, format_for
+from extproc.providers._json import usage_in_tail
 from extproc.providers.base import ResponseDecoder, StreamEvent, WireFormat
 from extproc.usage import Usage
 
@@ -242,6 +244,9 @@ class TranslatedWhole:
     def feed(self, ex: Exchange, chunk: bytes, end: bool, now: float) -> Response:
         kept = self.kept
         if len(kept) + len(chunk) > ex.policy.config.streaming.max_json_response_bytes:
+            # Not translated, but charged: the upstream's usage is in its last bytes.
+            tail = bytes(kept[-JSON_TAIL_BYTES:]) + chunk[-JSON_TAIL_BYTES:]
+            ex.usage = usage_in_tail(tail, self.target.completion_usage) or ex.usage
             settle.settle(ex, now, complete=True)
             return ex.refuse(
                 Refusal(
