@@ -17,7 +17,12 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from extproc.errors import RequestError
-from extproc.providers._json import keys_proven_unique, parse_json_object, reject_duplicate_keys
+from extproc.providers._json import (
+    _reject_wide_integers,
+    keys_proven_unique,
+    parse_json_object,
+    reject_duplicate_keys,
+)
 
 # Keys that collide exactly, by letter case, or only after NFKC + casefold: the long s
 # (U+017F) reads as "s", the Kelvin sign as "k", U+1D3C as "O", the ligature as "fi".
@@ -102,11 +107,13 @@ def _strict(body: bytes) -> str | None:
 
 
 def _old_parse(body: bytes, expected: str) -> Any:
-    """parse_json_object before the pre-check: orjson, then always the strict parse."""
+    """parse_json_object before the pre-check: orjson, then always the strict parse
+    (and, as since, integers beyond 64 bits refused: orjson reads them as floats)."""
     obj = orjson.loads(body)
     if not isinstance(obj, dict):
         raise RequestError("The request body must be a JSON object.", "invalid_type")
     reject_duplicate_keys(body)
+    _reject_wide_integers(body)
     return obj
 
 

@@ -114,6 +114,8 @@ def request_headers(ex: Exchange, request: Request) -> Response:
         for stage in ex.policy.stages:
             stage.on_request_headers(ctx)
         _check_served(route, inspect, method, upstream_path)
+        if inspect:
+            _check_identity_body(headers)
         if inspect and wire.end_of_stream(request):  # no body: Envoy sends no body message
             raise Refusal.of(
                 RequestError("The request body is empty; expected a JSON object.", "missing_body")
@@ -209,6 +211,21 @@ def _check_served(route: RouteConfig, api: bool, method: str, path: str) -> None
             f"Unknown endpoint on route '{route.name}': '{shown(path.partition('?')[0])}'.",
             "unknown_url",
             kind="invalid_path",
+        )
+
+
+def _check_identity_body(headers: dict[str, str]) -> None:
+    """Refuse a compressed request body: the stages read the bytes as JSON, so a body
+    the provider would decompress first is one the policy never read (Envoy joins
+    repeated `content-encoding` headers with commas: any coding but identity counts)."""
+    coding = headers.get("content-encoding", "").strip().lower()
+    if coding and coding != "identity":
+        raise Refusal(
+            415,
+            f"Compressed request bodies are not accepted (content-encoding "
+            f"'{shown(coding, 32)}'); send the JSON body uncompressed.",
+            "unsupported_content_encoding",
+            kind="bad_request",
         )
 
 

@@ -104,6 +104,17 @@ class FailoverStage(Stage):
         alias = ctx.scratch.get(ALIAS_SCRATCH)
         if alias is None:
             return
+        if ctx.info is not None and STASH_KEY in ctx.info.body:
+            # The upstream attempt takes its path and source API from this key: a
+            # client's copy would send the request, with the provider's credential,
+            # to a path (or through a translation) the policy never checked.
+            raise Refusal(
+                400,
+                f"The body key '{STASH_KEY}' is reserved for the gateway; remove it.",
+                "invalid_request",
+                kind="bad_request",
+                param=STASH_KEY,
+            )
         now = self.clock()
         counter = self.metrics.failover_attempts
         choice = Choice(alias, ())

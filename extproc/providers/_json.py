@@ -48,7 +48,44 @@ def parse_json_object(body: bytes, expected: str) -> dict[str, Any]:
         raise RequestError("The request body must be a JSON object.", "invalid_type")
     if not keys_proven_unique(body, obj):
         reject_duplicate_keys(body)  # the strict parse decides (and names the key)
+    if _LONG_DIGITS.search(body) is not None:  # rare: a long digit run anywhere
+        _reject_wide_integers(body)
     return obj
+
+
+# orjson reads an integer beyond 64 bits as a float (2**64 becomes 1.8446744073709552e+19),
+# where a provider's parser keeps it exact: one number, two readings. Every such integer
+# has at least 19 digits; the exact check runs only on a body with such a run.
+_LONG_DIGITS = re.compile(rb"\d{19}")
+_INT_RANGE = range(-(2**63), 2**64)
+
+
+def _wide(text: str) -> int:
+    value = int(text)
+    if value not in _INT_RANGE:
+        raise _WideInteger(text)
+    return value
+
+
+class _WideInteger(ValueError):
+    pass
+
+
+def _reject_wide_integers(body: bytes) -> None:
+    """Refuse a body with an integer outside [-2**63, 2**64): orjson would not read it
+    as the integer the client wrote."""
+    try:
+        json.loads(body, parse_int=_wide)
+    except _WideInteger as exc:
+        raise RequestError(
+            f"The request body holds an integer beyond 64 bits ({str(exc)[:24]}...); "
+            "send it as a string or a float.",
+            "invalid_json",
+        ) from None
+    except RecursionError:  # deeper than Python's parser goes: refused as too deep
+        raise RequestError(
+            "The request body nests too deeply to check; flatten it.", "invalid_json"
+        ) from None
 
 
 class _DuplicateKey(ValueError):
