@@ -75,7 +75,8 @@ def local_reply_config(config: Config) -> dict[str, Any]:
         "mappers": [
             _mapper(
                 400,
-                "The request path percent-encodes a slash or backslash; send the path unencoded.",
+                "The request path cannot be normalised (a percent-encoded slash or backslash, a "
+                "'#' fragment); send the path plain.",
                 "invalid_request_error",
                 "invalid_path",
                 when="response.code_details == 'path_normalization_failed'",
