@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from extproc.providers import openai_chat
-from extproc.providers.base import TextDelta
+from extproc.providers.base import RequestError, TextDelta
 from extproc.providers.openai_chat import AzureOpenAIChat, OpenAIChat, OpenAIChatStream
 from tests.providers_helpers import (
     CARD,
@@ -257,8 +257,14 @@ def test_azure_deployment_path_names_the_model():
     body = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
     assert AzureOpenAIChat.handles(path)
     assert AzureOpenAIChat.parse_request(orjson.dumps(body), path).model == "gpt-4o-prod"
+    body["model"] = "gpt-4o-prod"  # the SDK sends the deployment in both places
+    assert AzureOpenAIChat.parse_request(orjson.dumps(body), path).model == "gpt-4o-prod"
+    # Azure serves the path's deployment: a body naming another model is refused, so
+    # the policy never checks one model while another is served (security.md).
     body["model"] = "gpt-4o"
-    assert AzureOpenAIChat.parse_request(orjson.dumps(body), path).model == "gpt-4o"
+    with pytest.raises(RequestError) as refused:
+        AzureOpenAIChat.parse_request(orjson.dumps(body), path)
+    assert refused.value.code == "model_mismatch" and refused.value.param == "model"
     # Outside Azure's deployment paths a missing model stays empty for a policy default
     # to fill; the exchange refuses the request if it is still empty (test_exchange).
     assert OpenAIChat.parse_request(orjson.dumps({"messages": body["messages"]}), path).model == ""

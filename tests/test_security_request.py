@@ -243,3 +243,50 @@ def test_an_identity_body_goes_on_to_the_body_phase(extra: dict[str, str]) -> No
 )
 def test_64_bit_integers_and_long_digit_strings_pass(body: bytes) -> None:
     assert parse_json_object(body, "a JSON object") == orjson.loads(body)
+
+
+# -- the model in the path and in the body -----------------------------------------------
+
+GEMINI_PATH = "/v1beta/models/gemini-2.5-flash:generateContent"
+AZURE_PATH = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
+SAY = [{"role": "user", "content": "x"}]
+G = "gemini-2.5-flash"
+
+
+@pytest.mark.parametrize(
+    ("fmt", "path", "body"),
+    [
+        ("gemini", GEMINI_PATH, {"model": "gemini-2.5-pro", "contents": []}),
+        ("gemini", GEMINI_PATH, {"model": "models/gemini-2.5-pro", "contents": []}),
+        ("gemini", GEMINI_PATH, {"model": 7, "contents": []}),
+        ("azure", AZURE_PATH, {"model": "gpt-4o", "messages": SAY}),
+        ("azure", AZURE_PATH, {"model": "GPT-4o-mini", "messages": SAY}),
+    ],
+)  # fmt: skip
+def test_a_body_naming_another_model_than_the_path_is_refused(fmt, path, body) -> None:
+    """The provider serves the model of the path (Azure's deployment, Gemini's
+    `models/{model}`); the policy must check that one, so a body naming another is
+    a 400, not a model checked while another is served."""
+    from extproc.providers import AzureOpenAIChat, Gemini
+
+    parse = {"gemini": Gemini, "azure": AzureOpenAIChat}[fmt].parse_request
+    with pytest.raises(RequestError) as refused:
+        parse(orjson.dumps(body), path)
+    assert refused.value.code == "model_mismatch" and refused.value.param == "model"
+
+
+@pytest.mark.parametrize(
+    ("fmt", "path", "body", "model"),
+    [
+        ("gemini", GEMINI_PATH, {"contents": []}, G),
+        ("gemini", GEMINI_PATH, {"model": G, "contents": []}, G),
+        ("gemini", GEMINI_PATH, {"model": f"models/{G}", "contents": []}, G),
+        ("azure", AZURE_PATH, {"messages": SAY}, "gpt-4o-mini"),
+        ("azure", AZURE_PATH, {"model": "gpt-4o-mini", "messages": SAY}, "gpt-4o-mini"),
+    ],
+)  # fmt: skip
+def test_the_same_model_in_both_places_is_the_model(fmt, path, body, model) -> None:
+    from extproc.providers import AzureOpenAIChat, Gemini
+
+    parse = {"gemini": Gemini, "azure": AzureOpenAIChat}[fmt].parse_request
+    assert parse(orjson.dumps(body), path).model == model

@@ -27,6 +27,7 @@ from urllib.parse import unquote
 
 import orjson
 
+from extproc.errors import shown
 from extproc.providers._common import (
     EventDecoder,
     JSONWireFormat,
@@ -136,6 +137,15 @@ class Gemini(JSONWireFormat):
                 "model",
             )
         model = model.removeprefix("models/")
+        named = obj.get("model")
+        if found and named is not None and named != model and named != f"models/{model}":
+            # The path names the model; a body naming another is read two ways.
+            raise RequestError(
+                f"The body's model '{shown(named)}' is not the model '{shown(model)}' in "
+                "the path; send one model (or the same in both).",
+                "model_mismatch",
+                "model",
+            )
         contents = obj.get("contents")
         if contents is None:
             raise RequestError(

@@ -25,6 +25,7 @@ from urllib.parse import unquote
 
 import orjson
 
+from extproc.errors import shown
 from extproc.providers._common import (
     JSONWireFormat,
     Slot,
@@ -125,7 +126,18 @@ class AzureOpenAIChat(OpenAIChat):
 
     @staticmethod
     def parse_request(body: bytes, path: str = "") -> RequestInfo:
-        return _parse_chat(body, default_model=azure_deployment(path))
+        deployment = azure_deployment(path)
+        info = _parse_chat(body, default_model=deployment)
+        if deployment is not None and info.model != deployment:
+            # Azure serves the deployment in the path, whatever the body names: a policy
+            # that read the body's model would check one model and let another be served.
+            raise RequestError(
+                f"The body's model '{shown(info.model)}' is not the deployment "
+                f"'{shown(deployment)}' in the path; send one model (or the same in both).",
+                "model_mismatch",
+                "model",
+            )
+        return info
 
 
 def azure_deployment(path: str) -> str | None:
