@@ -10,10 +10,14 @@ from __future__ import annotations
 import gzip
 import json
 import socket
+import uuid
 import zlib
+from collections.abc import Iterator
 
+import httpx
 import pytest
 
+from extproc.dev.devstack import Stack
 from tests import test_e2e_security_paths as paths
 from tests.test_e2e_security_paths import (
     CARD,
@@ -23,6 +27,7 @@ from tests.test_e2e_security_paths import (
     chat,
     raw_request,
 )
+from tests.translate_e2e import never_reached, start_translate_stack
 
 world = paths.world  # the same stack (fixture), started once for this module
 
@@ -234,3 +239,37 @@ def test_head_and_options_on_a_model_api_are_405(world: World) -> None:
         if method == "OPTIONS":  # HEAD answers carry no body, by HTTP
             assert json.loads(payload)["error"]["code"] == "method_not_allowed"
     assert world.log() == []
+
+
+# -- the sidecar's own headers, on a path no route serves ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def translating(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A stack with aliases served through translators: Envoy has routes that take any
+    path when the sidecar's `x-ai-gateway-provider` and `-translated` headers are set."""
+    stack = start_translate_stack(tmp_path_factory.mktemp("translating"))
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+@pytest.mark.parametrize("path", ["/anything", "/nothing/v1/messages", "/v2/chat/completions"])
+def test_internal_headers_on_an_unrouted_path_reach_no_provider(translating, path) -> None:
+    """A client's copies of the translation headers made Envoy pick the translated
+    provider's route (it matches any path); on a path outside every route of the policy
+    the sidecar let it pass, so the provider got it unauthenticated, unmetered and with
+    the client's own `x-api-key`. Now a JSON 404."""
+    rid = uuid.uuid4().hex
+    headers = {
+        "x-ai-gateway-provider": "mock_anthropic",
+        "x-ai-gateway-translated": "1",
+        "x-mock-request-id": rid,
+        "x-api-key": "sk-client-own",
+    }
+    body = {"model": "claude-x", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+    r = httpx.post(translating.base_url + path, json=body, headers=headers, timeout=30)
+    assert r.status_code == 404, r.text
+    assert r.json()["error"]["code"] == "unknown_url"
+    assert never_reached(translating, rid)

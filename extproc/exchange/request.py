@@ -15,6 +15,7 @@ from extproc.errors import shown
 from extproc.exchange import offpath, translated
 from extproc.exchange import response as response_phase
 from extproc.headerlimits import header_problem
+from extproc.headers import INTERNAL_HEADER_PREFIX
 from extproc.logcontext import MAX_ID, set_exchange, trace_id_of
 from extproc.paths import METHOD_OVERRIDE_HEADERS, PathRefused, canonical, looks_like_api, matches
 from extproc.policy import Refusal, RequestContext
@@ -74,6 +75,18 @@ def request_headers(ex: Exchange, request: Request) -> Response:
     name = wire.route_name(request)
     route = (config.route(name) if name else None) or _route_by_prefix(config, path)
     if route is None:
+        if any(name.startswith(INTERNAL_HEADER_PREFIX) for name in headers):
+            # Envoy chose the route on a client's copies of the sidecar's headers (a
+            # translated provider's route takes any path), and no route of the policy
+            # is there to strip them: the provider would get it unchecked.
+            return ex.refuse(
+                Refusal(
+                    404,
+                    f"Unknown endpoint: '{shown(path.partition('?')[0])}'.",
+                    "unknown_url",
+                    kind="invalid_path",
+                )
+            )
         return wire.continue_request_headers(None, skip_bodies=True)
     ex.route_name = route.name
     provider = config.providers[route.provider]
