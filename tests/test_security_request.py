@@ -290,3 +290,50 @@ def test_the_same_model_in_both_places_is_the_model(fmt, path, body, model) -> N
 
     parse = {"gemini": Gemini, "azure": AzureOpenAIChat}[fmt].parse_request
     assert parse(orjson.dumps(body), path).model == model
+
+
+# -- text fields the guards did not read -------------------------------------------------
+
+SECRET = "4111 1111 1111 1111"
+USER = [{"role": "user", "content": "hi"}]
+SCHEMA = {"type": "object", "properties": {"n": {"type": "string", "description": SECRET}}}
+
+
+@pytest.mark.parametrize(
+    ("fmt", "path", "body"),
+    [
+        ("chat", "/v1/chat/completions", {"model": "m", "messages": USER,
+                                          "prediction": {"type": "content", "content": SECRET}}),
+        ("chat", "/v1/chat/completions", {"model": "m", "messages": USER, "prediction": {
+            "type": "content", "content": [{"type": "text", "text": SECRET}]}}),
+        ("chat", "/v1/chat/completions", {"model": "m", "messages": USER, "response_format": {
+            "type": "json_schema", "json_schema": {"name": "x", "description": SECRET}}}),
+        ("chat", "/v1/chat/completions", {"model": "m", "messages": USER, "response_format": {
+            "type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}}}),
+        ("responses", "/v1/responses", {"model": "m", "input": "hi",
+                                        "prompt": {"id": "p", "variables": {"v": SECRET}}}),
+        ("responses", "/v1/responses", {"model": "m", "input": "hi", "prompt": {
+            "id": "p", "variables": {"v": {"type": "input_text", "text": SECRET}}}}),
+        ("responses", "/v1/responses", {"model": "m", "input": "hi", "text": {"format": {
+            "type": "json_schema", "name": "x", "schema": SCHEMA}}}),
+        ("gemini", GEMINI_PATH, {"contents": [], "generationConfig": {"responseSchema": SCHEMA}}),
+        ("gemini", GEMINI_PATH, {"contents": [],
+                                 "generation_config": {"response_json_schema": SCHEMA}}),
+        ("bedrock", "/model/m/converse", {"messages": [],
+                                          "promptVariables": {"v": {"text": SECRET}}}),
+    ],
+)  # fmt: skip
+def test_every_text_the_model_reads_is_a_prompt_text(fmt: str, path: str, body: dict) -> None:
+    """A predicted output, a response schema's descriptions, a stored prompt's variables
+    reach the model as text: a guard that skipped them let a secret through to the
+    provider. Each is a prompt text, and a mask written back lands in the body."""
+    from extproc.providers import BedrockConverse, Gemini, OpenAIChat, OpenAIResponses
+
+    wire = {"chat": OpenAIChat, "responses": OpenAIResponses, "gemini": Gemini,
+            "bedrock": BedrockConverse}[fmt]  # fmt: skip
+    info = wire.parse_request(orjson.dumps(body), path)
+    assert any(SECRET in text for text in info.prompt_texts), info.prompt_texts
+    masked = [text.replace(SECRET, "<CREDIT_CARD>") for text in info.prompt_texts]
+    sent = wire.replace_request_texts(info, masked)
+    assert SECRET.encode() not in sent and b"<CREDIT_CARD>" in sent
+    assert orjson.loads(sent).keys() == body.keys()

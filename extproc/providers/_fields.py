@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from extproc.providers._common import Slot, dicts, object_slot, string_slot
+from extproc.providers._common import Slot, content_slots, dicts, object_slot, string_slot
 
 
 def _opt(slot: Slot | None) -> Iterator[Slot]:
@@ -72,6 +72,13 @@ def chat_extras(body: dict[str, Any]) -> Iterator[Slot]:
     for function in dicts(body.get("functions")):
         yield from described(function, "parameters")
     yield from _opt(string_slot(body, "user"))
+    # The model reads these too: a predicted output, a response schema's descriptions.
+    prediction = body.get("prediction")
+    if isinstance(prediction, dict):
+        yield from content_slots(prediction, "content")
+    response_format = body.get("response_format")
+    if isinstance(response_format, dict):
+        yield from described(response_format.get("json_schema"), "schema")
 
 
 def responses_extras(body: dict[str, Any]) -> Iterator[Slot]:
@@ -89,6 +96,24 @@ def responses_extras(body: dict[str, Any]) -> Iterator[Slot]:
     for tool in dicts(body.get("tools")):
         yield from described(tool, "parameters")
     yield from _opt(string_slot(body, "user"))
+    # A stored prompt's variables are put into the prompt; a response schema is read.
+    prompt = body.get("prompt")
+    if isinstance(prompt, dict):
+        yield from _variables(prompt.get("variables"))
+    text = body.get("text")
+    if isinstance(text, dict):
+        yield from described(text.get("format"), "schema")
+
+
+def _variables(variables: Any) -> Iterator[Slot]:
+    """Prompt-template variables: strings, or parts with a `text`."""
+    if not isinstance(variables, dict):
+        return
+    for key, value in variables.items():
+        if isinstance(value, str):
+            yield Slot(variables, key)
+        elif isinstance(value, dict):
+            yield from _opt(string_slot(value, "text"))
 
 
 def anthropic_extras(body: dict[str, Any]) -> Iterator[Slot]:
@@ -125,7 +150,7 @@ def _anthropic_block(block: dict[str, Any]) -> Iterator[Slot]:
 
 
 def gemini_extras(body: dict[str, Any]) -> Iterator[Slot]:
-    """Gemini: function declarations (description, parameters)."""
+    """Gemini: function declarations (description, parameters), response schemas."""
     for tool in dicts(body.get("tools")):
         for key in ("functionDeclarations", "function_declarations"):
             for declaration in dicts(tool.get(key)):
@@ -135,6 +160,19 @@ def gemini_extras(body: dict[str, Any]) -> Iterator[Slot]:
                     "parametersJsonSchema",
                     "parameters_json_schema",
                 )
+    for key in ("generationConfig", "generation_config"):
+        config = body.get(key)
+        if isinstance(config, dict):
+            for schema in _GEMINI_SCHEMAS:
+                yield from _opt(object_slot(config, schema))
+
+
+_GEMINI_SCHEMAS = (
+    "responseSchema",
+    "response_schema",
+    "responseJsonSchema",
+    "response_json_schema",
+)
 
 
 def bedrock_extras(body: dict[str, Any]) -> Iterator[Slot]:
@@ -153,6 +191,12 @@ def bedrock_extras(body: dict[str, Any]) -> Iterator[Slot]:
                 schema = spec.get("inputSchema")
                 if isinstance(schema, dict):
                     yield from _opt(object_slot(schema, "json"))
+    # A managed prompt's variables (`{"name": {"text": ...}}`) go into its prompt.
+    variables = body.get("promptVariables")
+    if isinstance(variables, dict):
+        for value in variables.values():
+            if isinstance(value, dict):
+                yield from _opt(string_slot(value, "text"))
 
 
 def _guard_content(block: dict[str, Any]) -> Iterator[Slot]:
