@@ -273,3 +273,19 @@ def test_internal_headers_on_an_unrouted_path_reach_no_provider(translating, pat
     assert r.status_code == 404, r.text
     assert r.json()["error"]["code"] == "unknown_url"
     assert never_reached(translating, rid)
+
+
+def test_a_coding_hidden_behind_a_second_content_encoding_is_415(world: World) -> None:
+    """Whichever copy a reader keeps, a coding but identity in any of them is refused."""
+    world.clear()
+    body = chat("gpt-4o-mini", f"card {CARD}")
+    for first, second in (("gzip", "identity"), ("identity", "gzip")):
+        head = _head(
+            f"Authorization: Bearer {KEY}",
+            f"Content-Encoding: {first}",
+            f"Content-Encoding: {second}",
+            f"Content-Length: {len(body)}",
+        )
+        status, _, payload = send_raw(world, head, body)
+        assert status == 415, (first, second, payload)
+    assert world.log() == []

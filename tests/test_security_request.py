@@ -337,3 +337,29 @@ def test_every_text_the_model_reads_is_a_prompt_text(fmt: str, path: str, body: 
     sent = wire.replace_request_texts(info, masked)
     assert SECRET.encode() not in sent and b"<CREDIT_CARD>" in sent
     assert orjson.loads(sent).keys() == body.keys()
+
+
+def test_every_copy_of_content_encoding_counts() -> None:
+    """Envoy joins repeated `content-encoding` headers, another proxy may pass both: a
+    coding in the first copy is refused even when the last says identity."""
+    from envoy.config.core.v3.base_pb2 import HeaderMap, HeaderValue
+
+    message = headers_msg({":method": "POST"}, route="v1")
+    pairs = [
+        (":method", "POST"),
+        (":path", "/v1/chat/completions"),
+        ("authorization", "Bearer key-a"),
+        ("content-encoding", "gzip"),
+        ("content-encoding", "identity"),
+    ]
+    message.request_headers.headers.CopyFrom(
+        HeaderMap(headers=[HeaderValue(key=k, raw_value=v.encode()) for k, v in pairs])
+    )
+    from tests.test_exchange import Run
+    from tests.test_models_policy import config_of as models_config
+
+    config = models_config()
+    run = Run(config)
+    run.ex.policy = build_policy(config, Shared(), ENV)
+    status, error = error_of(run.send(message))
+    assert status == 415 and error["code"] == "unsupported_content_encoding"

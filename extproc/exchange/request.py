@@ -127,8 +127,8 @@ def request_headers(ex: Exchange, request: Request) -> Response:
         for stage in ex.policy.stages:
             stage.on_request_headers(ctx)
         _check_served(route, inspect, method, upstream_path)
-        if inspect:
-            _check_identity_body(headers)
+        if inspect and "content-encoding" in headers:
+            _check_identity_body(entries)
         if inspect and wire.end_of_stream(request):  # no body: Envoy sends no body message
             raise Refusal.of(
                 RequestError("The request body is empty; expected a JSON object.", "missing_body")
@@ -227,12 +227,16 @@ def _check_served(route: RouteConfig, api: bool, method: str, path: str) -> None
         )
 
 
-def _check_identity_body(headers: dict[str, str]) -> None:
+def _check_identity_body(entries: list[tuple[str, str]]) -> None:
     """Refuse a compressed request body: the stages read the bytes as JSON, so a body
-    the provider would decompress first is one the policy never read (Envoy joins
-    repeated `content-encoding` headers with commas: any coding but identity counts)."""
-    coding = headers.get("content-encoding", "").strip().lower()
-    if coding and coding != "identity":
+    the provider would decompress first is one the policy never read. Every copy of
+    `content-encoding` counts (Envoy joins them with commas; another proxy may not)."""
+    for name, value in entries:
+        if name != "content-encoding":
+            continue
+        coding = value.strip().lower()
+        if not coding or coding == "identity":
+            continue
         raise Refusal(
             415,
             f"Compressed request bodies are not accepted (content-encoding "
