@@ -135,12 +135,14 @@ def upstream_host_fields(request: ProcessingRequest, namespace: str) -> dict[str
 
 
 def client_address(request: ProcessingRequest, headers: Mapping[str, str]) -> str:
-    """Envoy's view of the peer (`source.address`), else the first X-Forwarded-For hop."""
+    """Envoy's view of the peer (`source.address`), else the last X-Forwarded-For hop:
+    the one the proxy in front of us appended. The first is whatever the client wrote
+    (a client-IP rate limit keyed on it is evaded by changing it each request)."""
     address = _attribute(request, "source.address")
     if address:
         host, sep, port = address.rpartition(":")
         return host.strip("[]") if sep and port.isdigit() else address
-    return headers.get("x-forwarded-for", "").split(",")[0].strip()
+    return headers.get("x-forwarded-for", "").rpartition(",")[2].strip()
 
 
 # -- decisions --------------------------------------------------------------------------

@@ -363,3 +363,27 @@ def test_every_copy_of_content_encoding_counts() -> None:
     run.ex.policy = build_policy(config, Shared(), ENV)
     status, error = error_of(run.send(message))
     assert status == 415 and error["code"] == "unsupported_content_encoding"
+
+
+# -- the client address a client-IP limit is keyed on -------------------------------------
+
+
+def test_a_client_cannot_choose_its_address_with_x_forwarded_for() -> None:
+    """Where Envoy sends no `source.address` (Envoy Gateway's ext_proc sends no
+    attributes unless asked), the address is the X-Forwarded-For hop the proxy in
+    front appended, the last one: a client rotating the first hop stays one client."""
+    from google.protobuf.struct_pb2 import Struct
+
+    from extproc import envoy_wire as wire
+
+    seen = set()
+    for spoofed in ("6.6.6.6", "7.7.7.7, 8.8.8.8", ""):
+        xff = f"{spoofed}, 10.0.0.9" if spoofed else "10.0.0.9"
+        message = headers_msg({":path": "/v1/chat/completions", "x-forwarded-for": xff})
+        seen.add(wire.client_address(message, {"x-forwarded-for": xff}))
+    assert seen == {"10.0.0.9"}
+    message = headers_msg({":path": "/"})
+    attrs = Struct()
+    attrs.update({"source.address": "192.0.2.7:51234"})
+    message.attributes["envoy.filters.http.ext_proc"].CopyFrom(attrs)
+    assert wire.client_address(message, {"x-forwarded-for": "6.6.6.6"}) == "192.0.2.7"
