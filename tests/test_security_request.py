@@ -387,3 +387,19 @@ def test_a_client_cannot_choose_its_address_with_x_forwarded_for() -> None:
     attrs.update({"source.address": "192.0.2.7:51234"})
     message.attributes["envoy.filters.http.ext_proc"].CopyFrom(attrs)
     assert wire.client_address(message, {"x-forwarded-for": "6.6.6.6"}) == "192.0.2.7"
+
+
+@pytest.mark.parametrize(
+    ("path", "clean"),
+    [
+        ("/v1beta/models/g:generate?alt=sse;key=AIza", "/v1beta/models/g:generate"),
+        ("/v1/x?a=1&b=2;api_key=sk-1", "/v1/x?a=1"),
+        ("/v1/x?a=1;b=2", "/v1/x?a=1;b=2"),
+    ],
+)
+def test_a_query_key_behind_a_semicolon_is_stripped(path: str, clean: str) -> None:
+    """Frameworks that split the query on `;` too read `key` here: it never goes
+    upstream or into a log (the whole `&` parameter holding it is dropped)."""
+    from extproc.policy.credentials import strip_query_credentials
+
+    assert strip_query_credentials(path) == clean

@@ -69,6 +69,11 @@ def strip_query_credentials(path: str) -> str:
 
 
 def _carries_credential(param: str) -> bool:
+    # Some frameworks also split the query on `;` (`?alt=sse;key=...`): each piece counts.
+    return any(_names_credential(piece) for piece in param.split(";"))
+
+
+def _names_credential(param: str) -> bool:
     name = param.partition("=")[0]
     if "%" in name or "+" in name:
         name = unquote_plus(name)
