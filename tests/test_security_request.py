@@ -321,16 +321,41 @@ SCHEMA = {"type": "object", "properties": {"n": {"type": "string", "description"
                                  "generation_config": {"response_json_schema": SCHEMA}}),
         ("bedrock", "/model/m/converse", {"messages": [],
                                           "promptVariables": {"v": {"text": SECRET}}}),
+        ("bedrock", "/model/m/converse", {"messages": [],
+                                          "additionalModelRequestFields": {"x": [SECRET]}}),
+        ("chat", "/v1/chat/completions", {"model": "m", "messages": USER, "tools": [{
+            "type": "custom", "custom": {"name": "t", "description": SECRET}}]}),
+        ("chat", "/v1/chat/completions", {"model": "m", "messages": USER, "tools": [{
+            "type": "custom", "custom": {"name": "t", "format": {
+                "type": "grammar", "grammar": {"syntax": "lark", "definition": SECRET}}}}]}),
+        ("responses", "/v1/responses", {"model": "m", "input": [{"type": "reasoning", "id": "r",
+            "summary": [{"type": "summary_text", "text": SECRET}]}]}),
+        ("responses", "/v1/responses", {"model": "m", "input": "hi", "tools": [{
+            "type": "custom", "name": "t", "format": {"type": "grammar", "definition": SECRET}}]}),
+        ("anthropic", "/v1/messages", {"model": "m", "max_tokens": 5, "messages": USER,
+            "output_format": {"type": "json_schema", "schema": SCHEMA}}),
+        ("gemini", GEMINI_PATH, {"contents": [{"role": "model", "parts": [
+            {"executableCode": {"language": "PYTHON", "code": f"print('{SECRET}')"}}]}]}),
+        ("gemini", GEMINI_PATH, {"contents": [{"role": "user", "parts": [
+            {"codeExecutionResult": {"outcome": "OUTCOME_OK", "output": SECRET}}]}]}),
+        ("gemini", GEMINI_PATH, {"contents": [{"role": "user", "parts": [
+            {"fileData": {"mimeType": "text/plain", "fileUri": f"https://x.test/?c={SECRET}"}}]}]}),
     ],
 )  # fmt: skip
 def test_every_text_the_model_reads_is_a_prompt_text(fmt: str, path: str, body: dict) -> None:
     """A predicted output, a response schema's descriptions, a stored prompt's variables
     reach the model as text: a guard that skipped them let a secret through to the
     provider. Each is a prompt text, and a mask written back lands in the body."""
-    from extproc.providers import BedrockConverse, Gemini, OpenAIChat, OpenAIResponses
+    from extproc.providers import (
+        AnthropicMessages,
+        BedrockConverse,
+        Gemini,
+        OpenAIChat,
+        OpenAIResponses,
+    )
 
     wire = {"chat": OpenAIChat, "responses": OpenAIResponses, "gemini": Gemini,
-            "bedrock": BedrockConverse}[fmt]  # fmt: skip
+            "bedrock": BedrockConverse, "anthropic": AnthropicMessages}[fmt]  # fmt: skip
     info = wire.parse_request(orjson.dumps(body), path)
     assert any(SECRET in text for text in info.prompt_texts), info.prompt_texts
     masked = [text.replace(SECRET, "<CREDIT_CARD>") for text in info.prompt_texts]

@@ -17,7 +17,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from extproc.providers._common import Slot, content_slots, dicts, object_slot, string_slot
+from extproc.providers._common import (
+    Slot,
+    content_slots,
+    dicts,
+    object_slot,
+    string_slot,
+    text_parts,
+)
 
 
 def _opt(slot: Slot | None) -> Iterator[Slot]:
@@ -69,6 +76,7 @@ def chat_extras(body: dict[str, Any]) -> Iterator[Slot]:
             yield from _opt(string_slot(call, "arguments", kind="tool_arguments"))
     for tool in dicts(body.get("tools")):
         yield from described(tool.get("function"), "parameters")
+        yield from described(tool.get("custom"), "format")  # a custom tool's grammar
     for function in dicts(body.get("functions")):
         yield from described(function, "parameters")
     yield from _opt(string_slot(body, "user"))
@@ -93,8 +101,11 @@ def responses_extras(body: dict[str, Any]) -> Iterator[Slot]:
                 yield from url_slot(part, "file_url")
             elif kind == "refusal":
                 yield from _opt(string_slot(part, "refusal"))
+        if item.get("type") == "reasoning":  # a summary given back is read as context
+            yield from text_parts(item.get("summary"))
     for tool in dicts(body.get("tools")):
         yield from described(tool, "parameters")
+        yield from _opt(object_slot(tool, "format"))  # a custom tool's grammar
     yield from _opt(string_slot(body, "user"))
     # A stored prompt's variables are put into the prompt; a response schema is read.
     prompt = body.get("prompt")
@@ -130,6 +141,9 @@ def anthropic_extras(body: dict[str, Any]) -> Iterator[Slot]:
     metadata = body.get("metadata")
     if isinstance(metadata, dict):
         yield from _opt(string_slot(metadata, "user_id"))
+    output = body.get("output_format")  # structured outputs: the schema is read
+    if isinstance(output, dict):
+        yield from _opt(object_slot(output, "schema"))
 
 
 def _anthropic_block(block: dict[str, Any]) -> Iterator[Slot]:
@@ -160,6 +174,9 @@ def gemini_extras(body: dict[str, Any]) -> Iterator[Slot]:
                     "parametersJsonSchema",
                     "parameters_json_schema",
                 )
+    for content in dicts(body.get("contents")):
+        for part in dicts(content.get("parts")):
+            yield from _gemini_part(part)
     for key in ("generationConfig", "generation_config"):
         config = body.get(key)
         if isinstance(config, dict):
@@ -167,6 +184,22 @@ def gemini_extras(body: dict[str, Any]) -> Iterator[Slot]:
                 yield from _opt(object_slot(config, schema))
 
 
+def _gemini_part(part: dict[str, Any]) -> Iterator[Slot]:
+    """Executed code and its output (the model reads both), a file's URI."""
+    for key, field in _GEMINI_CODE:
+        inner = part.get(key)
+        if isinstance(inner, dict):
+            yield from _opt(string_slot(inner, field))
+    for key, field in (("fileData", "fileUri"), ("file_data", "file_uri")):
+        yield from url_slot(part.get(key), field)
+
+
+_GEMINI_CODE = (
+    ("executableCode", "code"),
+    ("executable_code", "code"),
+    ("codeExecutionResult", "output"),
+    ("code_execution_result", "output"),
+)
 _GEMINI_SCHEMAS = (
     "responseSchema",
     "response_schema",
@@ -191,6 +224,8 @@ def bedrock_extras(body: dict[str, Any]) -> Iterator[Slot]:
                 schema = spec.get("inputSchema")
                 if isinstance(schema, dict):
                     yield from _opt(object_slot(schema, "json"))
+    # Merged into the model's own request body: any text in it reaches the model.
+    yield from _opt(object_slot(body, "additionalModelRequestFields"))
     # A managed prompt's variables (`{"name": {"text": ...}}`) go into its prompt.
     variables = body.get("promptVariables")
     if isinstance(variables, dict):
