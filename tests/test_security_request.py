@@ -332,6 +332,11 @@ SCHEMA = {"type": "object", "properties": {"n": {"type": "string", "description"
             "summary": [{"type": "summary_text", "text": SECRET}]}]}),
         ("responses", "/v1/responses", {"model": "m", "input": "hi", "tools": [{
             "type": "custom", "name": "t", "format": {"type": "grammar", "definition": SECRET}}]}),
+        ("chat", "/v1/chat/completions", {"model": "m", "messages": USER,
+                                          "safety_identifier": SECRET}),
+        ("responses", "/v1/responses", {"model": "m", "input": "hi", "safety_identifier": SECRET}),
+        ("chat", "/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": [
+            {"type": "file", "file": {"filename": SECRET, "file_data": "data:x;base64,AA=="}}]}]}),
         ("anthropic", "/v1/messages", {"model": "m", "max_tokens": 5, "messages": USER,
             "output_format": {"type": "json_schema", "schema": SCHEMA}}),
         ("gemini", GEMINI_PATH, {"contents": [{"role": "model", "parts": [

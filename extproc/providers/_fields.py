@@ -71,6 +71,9 @@ def chat_extras(body: dict[str, Any]) -> Iterator[Slot]:
                 yield from _opt(string_slot(part, "refusal"))
             elif kind == "image_url":
                 yield from url_slot(part.get("image_url"), "url")
+            elif kind == "file" and isinstance(part.get("file"), dict):
+                # Translated to Anthropic, it is a document's title.
+                yield from _opt(string_slot(part["file"], "filename"))
         call = message.get("function_call")
         if isinstance(call, dict):
             yield from _opt(string_slot(call, "arguments", kind="tool_arguments"))
@@ -80,6 +83,7 @@ def chat_extras(body: dict[str, Any]) -> Iterator[Slot]:
     for function in dicts(body.get("functions")):
         yield from described(function, "parameters")
     yield from _opt(string_slot(body, "user"))
+    yield from _opt(string_slot(body, "safety_identifier"))  # `user`'s successor
     # The model reads these too: a predicted output, a response schema's descriptions.
     prediction = body.get("prediction")
     if isinstance(prediction, dict):
@@ -107,6 +111,7 @@ def responses_extras(body: dict[str, Any]) -> Iterator[Slot]:
         yield from described(tool, "parameters")
         yield from _opt(object_slot(tool, "format"))  # a custom tool's grammar
     yield from _opt(string_slot(body, "user"))
+    yield from _opt(string_slot(body, "safety_identifier"))
     # A stored prompt's variables are put into the prompt; a response schema is read.
     prompt = body.get("prompt")
     if isinstance(prompt, dict):
