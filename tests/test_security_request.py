@@ -250,6 +250,8 @@ def test_64_bit_integers_and_long_digit_strings_pass(body: bytes) -> None:
 GEMINI_PATH = "/v1beta/models/gemini-2.5-flash:generateContent"
 AZURE_PATH = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
 SAY = [{"role": "user", "content": "x"}]
+VERTEX_MODEL = "projects/p/locations/l/publishers/google/models/gemini-2.5-pro"
+VERTEX_PATH = f"/v1/{VERTEX_MODEL}:generateContent"
 G = "gemini-2.5-flash"
 
 
@@ -259,6 +261,8 @@ G = "gemini-2.5-flash"
         ("gemini", GEMINI_PATH, {"model": "gemini-2.5-pro", "contents": []}),
         ("gemini", GEMINI_PATH, {"model": "models/gemini-2.5-pro", "contents": []}),
         ("gemini", GEMINI_PATH, {"model": 7, "contents": []}),
+        ("gemini", VERTEX_PATH, {"model": VERTEX_MODEL.replace("google", "evil"),
+                                 "contents": []}),
         ("azure", AZURE_PATH, {"model": "gpt-4o", "messages": SAY}),
         ("azure", AZURE_PATH, {"model": "GPT-4o-mini", "messages": SAY}),
     ],
@@ -281,6 +285,7 @@ def test_a_body_naming_another_model_than_the_path_is_refused(fmt, path, body) -
         ("gemini", GEMINI_PATH, {"contents": []}, G),
         ("gemini", GEMINI_PATH, {"model": G, "contents": []}, G),
         ("gemini", GEMINI_PATH, {"model": f"models/{G}", "contents": []}, G),
+        ("gemini", VERTEX_PATH, {"model": VERTEX_MODEL, "contents": []}, "gemini-2.5-pro"),
         ("azure", AZURE_PATH, {"messages": SAY}, "gpt-4o-mini"),
         ("azure", AZURE_PATH, {"model": "gpt-4o-mini", "messages": SAY}, "gpt-4o-mini"),
     ],

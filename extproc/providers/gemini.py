@@ -85,6 +85,14 @@ STATUS_NAMES = {
 _ACTIONS = ("generateContent", "streamGenerateContent")
 
 
+def _names_path_model(named: Any, model: str, path: str) -> bool:
+    """Whether a body's `model` is the path's: the id, `models/{id}`, or the path's
+    whole resource name (`projects/.../models/{id}`, as Vertex writes it)."""
+    if not isinstance(named, str):
+        return False
+    return named in (model, f"models/{model}") or f"/{unquote(named)}:" in unquote(path)
+
+
 def model_and_action(path: str) -> tuple[str, str] | None:
     """`.../models/{model}:{action}` -> (model, action), None for other paths."""
     last = path_only(path).rstrip("/").rsplit("/", 1)[-1]
@@ -138,7 +146,7 @@ class Gemini(JSONWireFormat):
             )
         model = model.removeprefix("models/")
         named = obj.get("model")
-        if found and named is not None and named != model and named != f"models/{model}":
+        if found and named is not None and not _names_path_model(named, model, path):
             # The path names the model; a body naming another is read two ways.
             raise RequestError(
                 f"The body's model '{shown(named)}' is not the model '{shown(model)}' in "
