@@ -19,6 +19,8 @@ import pytest
 
 from extproc.dev.devstack import Stack
 from tests import test_e2e_security_paths as paths
+from tests.conftest import DEV_API_KEY, start_stack
+from tests.failover_helpers import Flaky
 from tests.test_e2e_security_paths import (
     CARD,
     KEY,
@@ -289,3 +291,41 @@ def test_a_coding_hidden_behind_a_second_content_encoding_is_415(world: World) -
         status, _, payload = send_raw(world, head, body)
         assert status == 415, (first, second, payload)
     assert world.log() == []
+
+
+# -- a client's copy of the failover stash ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def failing_over(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, Flaky]]:
+    with Flaky("primary") as primary, Flaky("secondary") as secondary:
+        targets = [
+            {"provider": "primary", "model": "model-primary"},
+            {"provider": "secondary", "model": "model-secondary"},
+        ]
+        stack = start_stack(
+            tmp_path_factory.mktemp("stash"),
+            providers={"primary": {"url": primary.url}, "secondary": {"url": secondary.url}},
+            models={"aliases": {"fo": {"targets": targets}}},
+        )
+        try:
+            yield stack, primary
+        finally:
+            stack.stop()
+
+
+def test_a_client_stash_cannot_send_an_attempt_elsewhere(failing_over) -> None:
+    """The upstream attempt sets `:path` from the body key `x-ai-gateway`: a client's
+    copy sent the chat request, with the provider's key, to a path of its choosing."""
+    stack, primary = failing_over
+    url = f"{stack.base_url}/v1/chat/completions"
+    auth = {"authorization": f"Bearer {DEV_API_KEY}"}
+    chat_body = {"model": "fo", "messages": [{"role": "user", "content": "hi"}]}
+    stash = {"path": "/v1/fine_tuning/jobs", "api": ""}
+    r = httpx.post(url, json={**chat_body, "x-ai-gateway": stash}, headers=auth, timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "x-ai-gateway"
+    assert primary.count == 0
+    r = httpx.post(url, json=chat_body, headers=auth, timeout=30)  # so the above can fail
+    assert r.status_code == 200, r.text
+    assert [seen["path"] for seen in primary.requests] == ["/v1/chat/completions"]
