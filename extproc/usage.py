@@ -42,10 +42,11 @@ class Usage:
         reasoning: int = 0,
         cache_write: int = 0,
     ) -> None:
-        """Set, never add: providers report cumulative figures."""
+        """Set, never add: providers report cumulative figures. A total below prompt +
+        completion is not believed (a `total` token limit would charge it)."""
         self.prompt_tokens = prompt
         self.completion_tokens = completion
-        self.total_tokens = total if total is not None else prompt + completion
+        self.total_tokens = max(total or 0, prompt + completion)
         self.cached_tokens = cached
         self.reasoning_tokens = reasoning
         self.cache_write_tokens = cache_write

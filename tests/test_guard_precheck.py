@@ -267,26 +267,3 @@ def test_plain_text_is_the_parse_of_choice_0_content_or_unsure(frames):
     if plain is not None:
         assert all((d.channel, d.kind) == (0, "content") for d in texts)
         assert plain == "".join(d.text for d in texts)
-
-
-PLAIN_PIECES = [
-    b'{"index":0,"delta":{"content":"', b'{"index":0,"delta":{"role":"assistant","content":"',
-    b'{"index":1,"delta":{"content":"', b'"content":"', b'"content":null', b'"content"', b"ab",
-    b"\\", b"\\\\", b'\\"', b'"', b'"}}', b"],", b"{", b"\n", b'"role":"assistant",',
-]  # fmt: skip
-
-
-@settings(max_examples=600, deadline=None)
-@given(st.lists(st.sampled_from(PLAIN_PIECES), max_size=12), st.booleans())
-def test_the_regex_pass_finds_the_content_strings_the_key_walk_finds(pieces, framed):
-    """Where the one regex pass finds as many content strings as keys, they are the
-    strings the key-by-key walk reads (so `plain_text` answers as the walk alone did)."""
-    from extproc.providers.openai_chat import _CHOICE0_CONTENT, _walk_contents
-
-    chunk = b"".join(pieces)
-    if framed:
-        chunk = HEAD + chunk + b"\n\n"
-    count = chunk.count(b'"content"')
-    found = _CHOICE0_CONTENT.findall(chunk)
-    if len(found) == count:
-        assert _walk_contents(chunk, count) == found

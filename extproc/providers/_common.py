@@ -14,9 +14,9 @@ from urllib.parse import parse_qs, urlsplit
 import orjson
 
 from extproc.errors import error_body as openai_error_body
-
-# The JSON helpers live in `_json`; the formats import them from here with the rest.
 from extproc.providers._json import (  # noqa: F401
+    figure,
+    figures,
     loads,
     optional_bool,
     optional_int,
@@ -25,6 +25,15 @@ from extproc.providers._json import (  # noqa: F401
     request_model,
     require_string,
     uint,
+)
+
+# The JSON helpers live in `_json`; the formats import them from here with the rest.
+from extproc.providers._typed import (  # noqa: F401
+    AmbiguousEvent,
+    check_type,
+    event_kind,
+    leading_type,
+    opens_with_type,
 )
 from extproc.providers.base import RequestInfo, StreamEvent, TextDelta, ToolCallStart
 from extproc.sse import Frame, SSEFramer
@@ -288,27 +297,6 @@ class SSEDecoder(EventDecoder):
         eol = self.eol
         head = b"event: " + event + eol if event is not None else b""
         return head + b"data: " + data + eol + eol
-
-
-_TYPE = b'"type":"'
-
-
-def leading_type(data: bytes) -> bytes | None:
-    """The `type` of an event whose frame had no `event:` line (tolerated, not sent by
-    the providers): the first `"type":"..."`, which leads the object."""
-    at = data.find(_TYPE)
-    if at < 0:
-        return None
-    start = at + len(_TYPE)
-    end = data.find(b'"', start)
-    return data[start:end] if end > start else None
-
-
-def event_kind(frame: Frame, data: bytes) -> tuple[bytes | None, str | None]:
-    """A typed SSE frame's type: as bytes for the hot path's comparisons, and as the
-    str `StreamEvent.name` carries. The `event:` line names it, else the leading type."""
-    kind = frame.event if frame.event is not None else leading_type(data)
-    return kind, kind.decode("utf-8", "replace") if kind is not None else None
 
 
 # --------------------------------------------------------------------------- HTTP bits

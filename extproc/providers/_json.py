@@ -30,6 +30,39 @@ def uint(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
+# No answer has this many tokens; past it a figure would overflow the stores (Redis
+# and SQL integers are 64-bit, sums of micro-dollars stay exact below 2^53).
+MAX_FIGURE = 1 << 40
+
+
+def figure(value: Any) -> int | None:
+    """A reported token count the SDKs read as a number (an int, or a float without a
+    fraction: `12.0`), or None for anything else (a fraction, a string, a bool, a
+    negative, null, absent, past MAX_FIGURE): a usage whose main figures are None is
+    not trusted at all (the estimate stands), never metered as 0."""
+    if type(value) is int:
+        return value if 0 <= value <= MAX_FIGURE else None
+    if type(value) is float and value.is_integer() and 0 <= value <= MAX_FIGURE:
+        return int(value)
+    return None
+
+
+def figures(obj: dict[str, Any], *keys: str) -> list[int] | None:
+    """The counts under `keys` (absent or null: 0, as formats that leave zeros out
+    write them), or None when one of them is there but is no count (`figure`)."""
+    out = []
+    for key in keys:
+        value = obj.get(key)
+        if value is None:
+            out.append(0)
+            continue
+        count = figure(value)
+        if count is None:
+            return None
+        out.append(count)
+    return out
+
+
 def parse_json_object(body: bytes, expected: str) -> dict[str, Any]:
     """The request body as a JSON object, or the RequestError a client can act on."""
     if not body.strip():

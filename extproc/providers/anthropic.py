@@ -21,22 +21,25 @@ from typing import Any
 import orjson
 
 from extproc.providers._common import (
+    AmbiguousEvent,
     JSONWireFormat,
     Slot,
     SSEDecoder,
+    check_type,
     content_slots,
     dicts,
     event_kind,
+    figure,
     index_of,
     loads,
     normalize_finish,
     object_slot,
+    opens_with_type,
     optional_bool,
     optional_int,
     parse_json_object,
     request_model,
     string_slot,
-    uint,
 )
 from extproc.providers._fields import anthropic_extras
 from extproc.providers.base import RequestError, RequestInfo, StreamEvent, ToolCallStart
@@ -136,25 +139,29 @@ class AnthropicMessages(JSONWireFormat):
 class _Counts:
     """Anthropic's token fields as last reported (each one set, never added)."""
 
-    __slots__ = ("cache_read", "cache_write", "input", "output")
+    __slots__ = ("bad", "cache_read", "cache_write", "input", "output")
 
     def __init__(self) -> None:
         self.input = self.cache_write = self.cache_read = self.output = 0
+        self.bad = False  # a figure that is no count came: not trusted, estimated
 
     def update(self, usage: dict[str, Any]) -> None:
         # message_delta repeats input/cache fields on newer API versions, sometimes as
         # null: only numbers overwrite.
-        if isinstance(usage.get("input_tokens"), int):
-            self.input = uint(usage["input_tokens"])
-        if isinstance(usage.get("cache_creation_input_tokens"), int):
-            self.cache_write = uint(usage["cache_creation_input_tokens"])
-        if isinstance(usage.get("cache_read_input_tokens"), int):
-            self.cache_read = uint(usage["cache_read_input_tokens"])
-        if isinstance(usage.get("output_tokens"), int):
-            self.output = uint(usage["output_tokens"])
+        for key in _USAGE_FIELDS:
+            value = usage.get(key)
+            if value is None:
+                continue
+            count = figure(value)
+            if count is None:
+                self.bad = True
+            else:
+                setattr(self, _USAGE_FIELDS[key], count)
 
     def usage(self) -> Usage:
         result = Usage()
+        if self.bad:
+            return result
         prompt = self.input + self.cache_write + self.cache_read
         result.set_reported(
             prompt,
@@ -164,6 +171,19 @@ class _Counts:
             cache_write=self.cache_write,
         )
         return result
+
+
+_USAGE_FIELDS = {
+    "input_tokens": "input",
+    "cache_creation_input_tokens": "cache_write",
+    "cache_read_input_tokens": "cache_read",
+    "output_tokens": "output",
+}
+
+
+# How many `"type"` keys a frame of each kind holds (its own, and its delta's or
+# block's); other kinds hold one.
+_TYPE_KEYS = {b"content_block_delta": 2, b"content_block_start": 2, b"error": 2}
 
 
 def is_text_delta(data: bytes) -> bool:
@@ -188,16 +208,30 @@ class AnthropicStream(SSEDecoder):
         if data is None:
             return StreamEvent(raw, raw)
         kind, name = event_kind(frame, data)
-        if kind == b"content_block_delta":
-            return self._delta(raw, data, is_text_delta(data), name)
+        if frame.event is None:  # the SDKs skip it; a client of its own may show it
+            raise AmbiguousEvent("The provider sent an event without its type line.")
         if kind == b"message_start" or kind == b"message_delta":
             obj = loads(data)
-            if isinstance(obj, dict):
-                self._read(obj)
-        elif kind == b"message_stop":
+            check_type(obj, kind)
+            self._read(obj)
+            return StreamEvent(raw, raw, data, name=name)
+        # The SDKs dispatch on the data's `type`, not the `event:` line: where the data
+        # does not plainly open with the line's type alone, the parse must agree.
+        if (
+            not opens_with_type(data, kind)  # type: ignore[arg-type]
+            or data.count(b'"type"') != _TYPE_KEYS.get(kind, 1)  # type: ignore[arg-type]
+            or b"\\u" in data  # a key spelt with escapes (`"t\\u0079pe"`)
+        ):
+            check_type(loads(data), kind)
+        if kind == b"content_block_delta":
+            return self._delta(raw, data, is_text_delta(data), name)
+        if kind == b"content_block_start":
+            # A block may open with text (the SDKs' message keeps it): guarded too.
+            return StreamEvent(raw, raw, data, is_content=True, name=name)
+        if kind == b"message_stop":
             self.done = True
             return StreamEvent(raw, raw, data, is_done=True, name=name)
-        elif kind == b"error":
+        if kind == b"error":
             self.finish_reason = "error"
         return StreamEvent(raw, raw, data, name=name)
 

@@ -30,6 +30,7 @@ from extproc.providers._common import (
     JSONWireFormat,
     Slot,
     dicts,
+    figures,
     index_of,
     loads,
     normalize_finish,
@@ -38,7 +39,6 @@ from extproc.providers._common import (
     path_only,
     string_slot,
     text_parts,
-    uint,
 )
 from extproc.providers._fields import bedrock_extras
 from extproc.providers.base import RequestError, RequestInfo, StreamEvent, ToolCallStart
@@ -246,11 +246,14 @@ class BedrockStream(EventDecoder):
 
 
 def _usage_from(usage: dict[str, Any]) -> Usage:
-    cache_read = uint(usage.get("cacheReadInputTokens"))
-    cache_write = uint(usage.get("cacheWriteInputTokens"))
-    prompt = uint(usage.get("inputTokens")) + cache_read + cache_write
-    completion = uint(usage.get("outputTokens"))
+    counts = figures(
+        usage, "cacheReadInputTokens", "cacheWriteInputTokens", "inputTokens", "outputTokens"
+    )
     result = Usage()
+    if counts is None:  # a figure that is no count: not trusted, the estimate stands
+        return result
+    cache_read, cache_write, inputs, completion = counts
+    prompt = inputs + cache_read + cache_write
     result.set_reported(
         prompt, completion, prompt + completion, cached=cache_read, cache_write=cache_write
     )

@@ -35,6 +35,7 @@ from extproc.providers._common import (
     SSEDecoder,
     channel,
     dicts,
+    figures,
     index_of,
     loads,
     normalize_finish,
@@ -433,14 +434,20 @@ def _usage_from(element: Any) -> Usage | None:
     meta = element.get("usageMetadata") if isinstance(element, dict) else None
     if not isinstance(meta, dict):
         return None
-    prompt = uint(meta.get("promptTokenCount")) + uint(meta.get("toolUsePromptTokenCount"))
-    thoughts = uint(meta.get("thoughtsTokenCount"))
-    completion = uint(meta.get("candidatesTokenCount")) + thoughts
+    counts = figures(
+        meta, "promptTokenCount", "toolUsePromptTokenCount", "thoughtsTokenCount",
+        "candidatesTokenCount",
+    )  # fmt: skip
     result = Usage()
+    if counts is None:  # a figure that is no count: not trusted, the estimate stands
+        return result
+    prompt = counts[0] + counts[1]
+    thoughts = counts[2]
+    completion = counts[3] + thoughts
     result.set_reported(
         prompt,
         completion,
-        uint(meta.get("totalTokenCount")) or prompt + completion,
+        uint(meta.get("totalTokenCount")),
         cached=uint(meta.get("cachedContentTokenCount")),
         reasoning=thoughts,
     )

@@ -33,6 +33,7 @@ from extproc.providers._common import (
     channel,
     content_slots,
     dicts,
+    figure,
     index_of,
     loads,
     parse_json_object,
@@ -55,23 +56,31 @@ _REASONING = b'"reasoning_content":"'
 _REASONING_OLLAMA = b'"reasoning":"'
 _REFUSAL = b'"refusal":"'
 _DONE = b"[DONE]"
-_CONTENT_KEY = b'"content"'
-_REFUSAL_KEY = b'"refusal"'
-_NO_REFUSAL = b'"refusal":null'
-# Keys of the texts `plain_text` does not read (one pass over the chunk: measured, half
-# the cost of four substring searches, whose needles start with the frequent `"`).
-_OTHER_TEXT = re.compile(rb'"(?:tool_calls|arguments|reasoning(?:_content)?)"')
-_CONTENT_STRING = b'"content":"'
-_CHOICE0 = b'{"index":0,"delta":{'  # the content key right after it, or after the role
-_CHOICE0_ROLE = b'{"index":0,"delta":{"role":"assistant",'
-_DONE_FRAME = b"[DONE]\n\n"  # JSON escapes newlines: only the end marker ends so
-# Choice 0's content string right after `_CHOICE0` or `_CHOICE0_ROLE`, its text up to
-# the first quote not escaped by an odd run of backslashes (as `_string_end` reads it;
-# written unrolled, runs of plain bytes at a time: half the cost of one byte a step).
-_CHOICE0_CONTENT = re.compile(
-    re.escape(_CHOICE0) + rb'(?:"role":"assistant",)?"content":"([^"\\]*(?:\\.[^"\\]*)*)"',
-    re.DOTALL,
+# The guards' pre-check reads a chunk by byte search only where every frame has the
+# shape OpenAI writes, so the texts it finds are exactly what the SDKs show (JSON
+# parsers keep the last of repeated keys: a second `"index"`, `"delta"` or `"choices"`
+# after the text would move it elsewhere or hide it, and hidden text read as content
+# splits a card number the full path sees whole). A frame is `data: {` + members that
+# hold no object, array or escape + `"choices":[` + choice 0 (or none) + `]` + more
+# such members or objects two levels deep (the usage) + `}`; choice 0 is
+# `{"index":0,"delta":{` + the role, then the content string, + `}` + scalar members
+# that are not `index` or `delta`. The one `"choices"` of each frame is counted.
+_MEMBERS = rb"[^{}\[\]\n\\]*"
+_OBJECT = rb"\{" + _MEMBERS + rb"(?:\{" + _MEMBERS + rb"\}" + _MEMBERS + rb")*\}"
+# The content string's text, up to the first quote no backslash escapes (unrolled:
+# runs of plain bytes at a time).
+_TEXT = rb'([^"\\\n]*(?:\\[^\n][^"\\\n]*)*)'
+_CHOICE = (
+    rb'\{"index":0,"delta":(?:\{(?:"role":"assistant",)?"content":"' + _TEXT + rb'"'
+    rb'(?:,"refusal":null)?\}|\{(?:"role":"assistant"(?:,"refusal":null)?)?\})'
+    rb'(?:,"(?!index"|delta")[a-z_]+":(?:"[^"\\\n]*"|[^,{}\[\]\n\\"]*))*\}'
 )
+_PLAIN_FRAME = re.compile(
+    rb'data: \{' + _MEMBERS + rb'"choices":\[(?:' + _CHOICE + rb")?\](?:" + _MEMBERS
+    + _OBJECT + rb")*" + _MEMBERS + rb"\}\n\n|data: \[DONE\]\n\n"
+)  # fmt: skip
+_CHOICES_KEY = b'"choices"'
+_DONE_FRAME = b"data: [DONE]\n\n"  # JSON escapes newlines: only the end marker ends so
 
 
 class OpenAIChat(JSONWireFormat):
@@ -208,8 +217,9 @@ class OpenAIChatStream(SSEDecoder):
     def feed_whole(self, chunk: bytes) -> bytes | None:
         """Whole LF-framed frames are metered with a few `bytes.count` calls; only a
         frame carrying a usage figure (one per stream) is decoded on its own. Partial
-        frames and CR line endings take the frame-by-frame path (None)."""
-        if self._framer.buffered or chunk[-2:] != b"\n\n" or b"\r" in chunk:
+        frames, CR line endings and an end marker not sent as its own frame take the
+        frame-by-frame path (None)."""
+        if not self._whole(chunk):
             return None
         # Two counts (C loops, no Python per occurrence): measured cheaper than a
         # search loop over each `"usage"`, in time and in instructions.
@@ -231,34 +241,38 @@ class OpenAIChatStream(SSEDecoder):
         # frame: the chunk itself is answered with "no mutation".
         return b"".join(parts) if self._hide_usage else chunk
 
-    def plain_text(self, chunk: bytes) -> str | None:
-        """Choice 0's content in a chunk of whole frames, by byte search: every
-        `"content"` key must hold a string and sit in choice 0's delta as OpenAI
-        writes it (`{"index":0,"delta":{"content":"`, or after `"role":"assistant",`),
-        and no other text key (tool arguments, reasoning) may appear, else None.
-        Non-ASCII text is None too: the guards' normalised view must see it."""
+    def _whole(self, chunk: bytes) -> bool:
+        """The chunks `feed_whole` takes (and so `plain_text` may read): whole LF-framed
+        frames, every `[DONE]` in them a `data: [DONE]` frame of its own (a comment or
+        an `id:` line saying `[DONE]` is no end: the SDKs read on)."""
         if self._framer.buffered or chunk[-2:] != b"\n\n" or b"\r" in chunk:
+            return False
+        at = chunk.find(_DONE)
+        while at >= 0:  # once a stream: a loop is cheap here
+            start = at - 6  # where its `data: ` must begin: the chunk's or a frame's start
+            if start < 0 or not chunk.startswith(_DONE_FRAME, start):
+                return False
+            if start and (start < 2 or chunk[start - 2 : start] != b"\n\n"):
+                return False
+            at = chunk.find(_DONE, at + 6)
+        return True
+
+    def plain_text(self, chunk: bytes) -> str | None:
+        """Choice 0's content in a chunk of whole frames, by one regex pass: every frame
+        must have the shape OpenAI writes (`_PLAIN_FRAME`), so no other text, no other
+        choice, no repeated key that would move or hide the text, and no escape outside
+        the texts (a key spelt `"con\\u0074ent"` is `content` to every JSON parser), else
+        None. Non-ASCII text is None too: the guards' normalised view must see it."""
+        if not self._whole(chunk):
             return None
-        if _OTHER_TEXT.search(chunk) is not None:
-            return None  # texts of other channels or kinds (not the usage's reasoning_tokens)
-        refusals = chunk.count(_REFUSAL_KEY)
-        if refusals and refusals != chunk.count(_NO_REFUSAL):
-            return None  # a refusal is guarded like content: the full path reads it
-        count = chunk.count(_CONTENT_KEY)
-        if not count:
-            return None if b"\\" in chunk else ""  # an escaped key may hide a text
-        # One regex pass collects the strings in C (a coalesced chunk has one per
-        # frame); when it finds fewer than keys, the walk decides.
-        parts = _CHOICE0_CONTENT.findall(chunk)
-        if len(parts) != count:
-            parts = _walk_contents(chunk, count)
-            if parts is None:
-                return None
-        raw = parts[0] if count == 1 else b"".join(parts)
-        if chunk.count(b"\\") != raw.count(b"\\"):
-            # An escape outside the texts: a key spelt `"con\u0074ent"` is `content` to
-            # every JSON parser but invisible to the byte search.
+        parts = _PLAIN_FRAME.split(chunk)  # [gap, text or None, gap, ...]: gaps empty
+        if any(parts[::2]):
             return None
+        frames = len(parts) >> 1
+        if chunk.count(_CHOICES_KEY) != frames - chunk.count(_DONE_FRAME):
+            return None  # a second `"choices"` in a frame: the last one is read
+        texts = [text for text in parts[1::2] if text]
+        raw = texts[0] if len(texts) == 1 else b"".join(texts)
         if not raw.isascii():
             return None
         if b"\\" not in raw:
@@ -287,7 +301,11 @@ class OpenAIChatStream(SSEDecoder):
             self.done = True
             return StreamEvent(raw, raw, data, is_done=True)
         at = data.find(_USAGE_KEY)
-        if at >= 0 and not _is_null_after(data, at + len(_USAGE_KEY)):
+        # Parsed unless its one `"usage"` is null: parsers keep the last of repeated
+        # keys, so `"usage":null,"usage":{...}` is a figure to the SDKs.
+        if at >= 0 and (
+            not _is_null_after(data, at + len(_USAGE_KEY)) or data.find(_USAGE_KEY, at + 7) >= 0
+        ):
             obj = loads(data)
             if isinstance(obj, dict) and isinstance(obj.get("usage"), dict):
                 self.usage = usage_from(obj["usage"])
@@ -332,40 +350,6 @@ class OpenAIChatStream(SSEDecoder):
         """An OpenAI-style error frame then `[DONE]`: the SDKs raise on the former."""
         body = orjson.dumps({"error": {"message": message, "type": "server_error", "code": code}})
         return b"data: " + body + b"\n\ndata: [DONE]\n\n"
-
-
-def _walk_contents(chunk: bytes, count: int) -> list[bytes] | None:
-    """Choice 0's content strings key by key, or None where a content key is not in
-    choice 0's delta as OpenAI writes it, holds no string (null, parts) or is unclosed.
-    As many strings as keys, the regex pass finds the same ones; where it finds fewer,
-    this walk still reads a string whose closing quote opens the next delta's prefix
-    (`"content":"{"index":0,...`: not JSON, but the answer stays the walk's)."""
-    parts = []
-    at = chunk.find(_CONTENT_STRING)
-    while at >= 0:
-        if not (chunk.endswith(_CHOICE0, 0, at) or chunk.endswith(_CHOICE0_ROLE, 0, at)):
-            return None  # not choice 0's delta as OpenAI writes it
-        start = at + len(_CONTENT_STRING)
-        end = _string_end(chunk, start)
-        if end < 0:
-            return None
-        parts.append(chunk[start:end])
-        at = chunk.find(_CONTENT_STRING, end)
-    return parts if len(parts) == count else None
-
-
-def _string_end(data: bytes, start: int) -> int:
-    """Where the JSON string whose text starts at `start` ends (its closing quote:
-    one not escaped by an odd run of backslashes), or -1."""
-    end = data.find(b'"', start)
-    while end > start and data[end - 1] == 0x5C:
-        back = end - 1
-        while back > start and data[back - 1] == 0x5C:
-            back -= 1
-        if (end - back) % 2 == 0:
-            break  # an even run: the backslashes escape each other
-        end = data.find(b'"', end + 1)
-    return end
 
 
 # A `"usage"` key not written `,"usage":null` (what a provider asked for usage puts in
@@ -429,17 +413,20 @@ RESPONSES_USAGE_KEYS = (
 
 def usage_from(usage: dict[str, Any], keys: tuple[str, str, str, str] = CHAT_USAGE_KEYS) -> Usage:
     """An OpenAI usage object (Chat or Responses naming): cached tokens and reasoning
-    tokens come from the two details objects."""
+    tokens come from the two details objects. Unreported (the estimate stands) unless
+    both main figures are counts (`figure`)."""
     prompt_key, completion_key, prompt_details_key, completion_details_key = keys
-    prompt = uint(usage.get(prompt_key))
-    completion = uint(usage.get(completion_key))
+    prompt = figure(usage.get(prompt_key))
+    completion = figure(usage.get(completion_key))
+    result = Usage()
+    if prompt is None or completion is None:
+        return result
     prompt_details = usage.get(prompt_details_key)
     completion_details = usage.get(completion_details_key)
-    result = Usage()
     result.set_reported(
         prompt,
         completion,
-        uint(usage.get("total_tokens")) or prompt + completion,
+        uint(usage.get("total_tokens")),
         cached=uint(prompt_details.get("cached_tokens")) if isinstance(prompt_details, dict) else 0,
         reasoning=uint(completion_details.get("reasoning_tokens"))
         if isinstance(completion_details, dict)
@@ -460,10 +447,14 @@ def _request_slots(body: dict[str, Any]) -> Iterator[Slot]:
     yield from chat_extras(body)
 
 
+LEGACY_CALL = 0xFFFF  # the legacy function call's channel, apart from tool calls
+
+
 def _choice_slots(obj: Any, field: str, *, final: bool) -> Iterator[Slot]:
     """Texts of each choice's `delta` (stream) or `message` (completion): reasoning
     (vLLM's `reasoning_content`, Ollama's `reasoning`), content, the model's `refusal`
-    (shown to the user like content, so guarded like it), tool-call arguments."""
+    (shown to the user like content, so guarded like it), tool-call arguments and the
+    legacy `function_call` arguments."""
     if not isinstance(obj, dict):
         return
     for position, choice in enumerate(dicts(obj.get("choices"))):
@@ -490,3 +481,13 @@ def _choice_slots(obj: Any, field: str, *, final: bool) -> Iterator[Slot]:
             )
             if slot is not None:
                 yield slot
+        # The legacy `function_call` (a `functions` request): the SDKs still show it.
+        slot = string_slot(
+            body.get("function_call"),
+            "arguments",
+            channel=channel(index, LEGACY_CALL),
+            kind="tool_arguments",
+            final=final,
+        )
+        if slot is not None:
+            yield slot

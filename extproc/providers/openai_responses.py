@@ -24,11 +24,13 @@ from extproc.providers._common import (
     Slot,
     SSEDecoder,
     channel,
+    check_type,
     content_slots,
     dicts,
     event_kind,
     index_of,
     loads,
+    opens_with_type,
     optional_bool,
     optional_int,
     parse_json_object,
@@ -42,6 +44,7 @@ from extproc.sse import Frame
 from extproc.usage import Usage
 
 _SEQ = b'"sequence_number":'
+_RESPONSE_TYPE = b'"type":"response.'  # an event's type (nested objects have others)
 _EMPTY_DELTA = b'"delta":""'
 
 # Delta events: (kind, field with the text, key of the inner index).
@@ -143,6 +146,17 @@ class OpenAIResponsesStream(SSEDecoder):
         if data is None:
             return StreamEvent(raw, raw)
         kind, name = event_kind(frame, data)
+        # The SDK dispatches on the data's `type`, not the `event:` line: where the data
+        # does not plainly open with that type, once, the parse must agree (a repeated
+        # `type` would turn a `response.in_progress` into a text delta, unguarded).
+        if (
+            kind is None
+            or not opens_with_type(data, kind)
+            or data.count(_RESPONSE_TYPE) != kind.startswith(b"response.")
+            or data.count(b'"type"') != data.count(b'"type":"')
+            or b"\\u" in data  # a key or a type spelt with escapes
+        ):
+            check_type(loads(data), kind)
         at = data.find(_SEQ)
         if at >= 0:
             digits = data[at + len(_SEQ) : at + len(_SEQ) + 20].lstrip()
