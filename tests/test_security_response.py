@@ -377,3 +377,86 @@ def test_random_hidden_frames_never_change_what_is_masked():
         rng.shuffle(frames)
         chunks = [ROLE, b"".join(frames[:2]), frames[2], END]
         assert guarded_stream(CARDS, chunks) == guarded_stream(CARDS, chunks, on=False)
+
+
+# -- "no text here" decided by bytes: only in the exact empty shapes ---------------------
+
+
+def is_guarded(decoder, wire: bytes) -> bool:
+    """The frame's texts reach the guards, and the card is among them."""
+    events = decoder.feed(wire)
+    return any(
+        event.is_content and any(CARD.decode() in d.text for d in decoder.texts(event))
+        for event in events
+    )
+
+
+@pytest.mark.parametrize(
+    "delta",
+    [
+        {"type": "text_delta", "text": CARD.decode(), "x": ""},  # ends in `:""}}`
+        {"type": "signature_delta", "type ": 0, "text": CARD.decode()},
+    ],
+    ids=["empty-other-key", "signature-named"],
+)
+def test_an_anthropic_delta_is_no_text_only_in_the_exact_empty_shapes(delta):
+    obj = {"type": "content_block_delta", "index": 0, "delta": delta}
+    if "type " in delta:  # a second `type` key: the last (text_delta) is what parsers keep
+        data = orjson.dumps(obj).replace(b'"type ":0', b'"type":"text_delta"')
+    else:
+        data = orjson.dumps(obj)
+    wire = b"event: content_block_delta\ndata: " + data + b"\n\n"
+    assert CARD.decode() in sdk_text(A_START + A_BLOCK + wire + A_END)
+    decoder = AnthropicMessages.stream_decoder(hide_usage=False, max_frame_bytes=1 << 16)
+    assert is_guarded(decoder, A_START + A_BLOCK + wire)
+
+
+def test_a_responses_delta_is_empty_only_as_its_one_plain_delta():
+    obj = {"type": "response.output_text.delta", "sequence_number": 3, "item_id": "i",
+           "output_index": 0, "content_index": 0, "delta": CARD.decode(),
+           "logprobs": [{"token": "", "delta": ""}]}  # fmt: skip
+    wire = b"event: response.output_text.delta\ndata: " + orjson.dumps(obj) + b"\n\n"
+    assert any(getattr(e, "delta", None) == CARD.decode() for e in sdk_events(wire))
+    assert is_guarded(
+        OpenAIResponses.stream_decoder(hide_usage=False, max_frame_bytes=1 << 16), wire
+    )
+
+
+def test_a_bedrock_delta_is_empty_only_as_the_one_empty_text():
+    from tests.test_providers_bedrock import decoder as bedrock_decoder
+    from tests.test_providers_bedrock import delta as bedrock_delta
+    from tests.test_providers_bedrock import message
+
+    wire = bedrock_delta(0, {"toolUse": {"input": CARD.decode()}, "x": {"text": ""}}, 3)
+    assert is_guarded(bedrock_decoder(), wire)
+    # `text` twice (once spelt with an escape): parsers keep the card, not the "".
+    payload = b'{"contentBlockIndex":0,"delta":{"text":"","t\\u0065xt":"' + CARD + b'"}}'
+    assert json.loads(payload)["delta"]["text"] == CARD.decode()
+    headers = [(":event-type", "contentBlockDelta"), (":content-type", "application/json"),
+               (":message-type", "event")]  # fmt: skip
+    assert is_guarded(bedrock_decoder(), message(headers, payload))
+
+
+GEMINI_PARTS = {
+    "escaped key": b'{"t\\u0065xt":"4111 1111 1111 1111"}',
+    "snake_case call": b'{"function_call":{"name":"f","args":{"card":"4111 1111 1111 1111"}}}',
+    "code": b'{"executableCode":{"language":"PYTHON","code":"print(\\"4111 1111 1111 1111\\")"}}',
+    "code output": b'{"codeExecutionResult":{"outcome":"OUTCOME_OK",'
+    b'"output":"4111 1111 1111 1111"}}',
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(GEMINI_PARTS))
+def test_gemini_parts_the_sdk_reads_reach_the_guards(name):
+    from google.genai import types
+
+    from extproc.providers.gemini import Gemini
+    from tests.test_providers_gemini import sdk_client as gemini_client
+
+    data = b'{"candidates":[{"content":{"role":"model","parts":[' + GEMINI_PARTS[name] + b"]}}]}"
+    wire = b"data: " + data + b"\n\n"
+    chunks = list(gemini_client(wire).models.generate_content_stream(model="m", contents="x"))
+    part = chunks[0].candidates[0].content.parts[0]
+    assert isinstance(part, types.Part) and "4111 1111 1111 1111" in str(part)
+    decoder = Gemini.stream_decoder(hide_usage=False, max_frame_bytes=1 << 16)
+    assert is_guarded(decoder, wire)

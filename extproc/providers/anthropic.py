@@ -15,6 +15,7 @@ Clients authenticate with `x-api-key` (or `Authorization: Bearer`).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -187,8 +188,19 @@ _TYPE_KEYS = {b"content_block_delta": 2, b"content_block_start": 2, b"error": 2}
 
 
 def is_text_delta(data: bytes) -> bool:
-    """A `content_block_delta` carries text (not a signature, not an empty delta)."""
-    return b"signature_delta" not in data and not data.rstrip().endswith(b':""}}')
+    """A `content_block_delta` carries text (not a signature, not an empty delta). Only
+    the exact shapes of those are no text: an empty string of another key (`"x":""`),
+    or a second `type`, left a text the SDKs show unguarded."""
+    if b"signature_delta" not in data and not data.rstrip().endswith(b':""}}'):
+        return True
+    return _NO_TEXT.fullmatch(data) is None
+
+
+_NO_TEXT = re.compile(
+    rb'\{"type":"content_block_delta","index":\d+,"delta":\{"type":"(?:(?:text_delta","text'
+    rb'|thinking_delta","thinking|input_json_delta","partial_json)":""'
+    rb'|signature_delta","signature":"[^"\\]*")\}\}\s*'
+)
 
 
 class AnthropicStream(SSEDecoder):

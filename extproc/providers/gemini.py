@@ -56,6 +56,13 @@ _USAGE = b'"usageMetadata"'
 _FINISH_RE = re.compile(rb'"finishReason"\s*:\s*"([A-Z_]+)"')
 _TEXT = b'"text"'
 _CALL = b'"functionCall"'
+_PARTS = b'"parts"'
+_CODE_FIELDS = (
+    ("executableCode", "code"),
+    ("executable_code", "code"),
+    ("codeExecutionResult", "output"),
+    ("code_execution_result", "output"),
+)
 _BLOCKED = b'"blockReason"'
 _FINISH = {
     "STOP": "stop",
@@ -305,7 +312,11 @@ class _GeminiEvents:
         content = call or _TEXT in data
         if content:
             self.content_events += 1  # type: ignore[attr-defined]
-        return content
+            return True
+        # Parts without a plain `"text"` or `"functionCall"` may still carry what the
+        # SDK shows (a key spelt with escapes, snake_case `function_call`, code): the
+        # guards read them (metering counts text and calls only, as before).
+        return _PARTS in data or b"\\u" in data
 
     def _current_usage(self) -> Usage:
         src = self._usage_src  # type: ignore[attr-defined]
@@ -469,9 +480,16 @@ def _response_slots(element: Any, *, final: bool) -> Iterator[Slot]:
             slot = string_slot(part, "text", channel=index, kind=kind, final=final)
             if slot is not None:
                 yield slot
-            call = part.get("functionCall")
-            if isinstance(call, dict):
-                slot = object_slot(call, "args", channel=index, kind="tool_arguments", final=True)
+            for key in ("functionCall", "function_call"):  # google-genai reads both
+                call = part.get(key)
+                if isinstance(call, dict):
+                    slot = object_slot(
+                        call, "args", channel=index, kind="tool_arguments", final=True
+                    )
+                    if slot is not None:
+                        yield slot
+            for key, field in _CODE_FIELDS:  # code execution: the code and its output
+                slot = string_slot(part.get(key), field, channel=channel(index, 1), final=True)
                 if slot is not None:
                     yield slot
 

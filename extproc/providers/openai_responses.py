@@ -166,7 +166,10 @@ class OpenAIResponsesStream(SSEDecoder):
             if end:
                 self._sequence = int(digits[:end])
         if kind in _DELTAS:
-            return self._delta(raw, data, _EMPTY_DELTA not in data, name)
+            # Empty only as one plain `"delta":""` (another one nested, or spelt with
+            # escapes, would hide the text the SDK reads from the guards).
+            empty = _EMPTY_DELTA in data and data.count(b'"delta"') == 1 and b"\\u" not in data
+            return self._delta(raw, data, not empty, name)
         if kind in _TERMINAL:
             obj = loads(data)
             response = obj.get("response") if isinstance(obj, dict) else None
