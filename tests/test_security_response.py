@@ -460,3 +460,13 @@ def test_gemini_parts_the_sdk_reads_reach_the_guards(name):
     assert isinstance(part, types.Part) and "4111 1111 1111 1111" in str(part)
     decoder = Gemini.stream_decoder(hide_usage=False, max_frame_bytes=1 << 16)
     assert is_guarded(decoder, wire)
+
+
+def test_the_end_marker_is_its_own_frame_whatever_the_text_says():
+    """A model may write `[DONE]` in its text: the marker frame after it still ends the
+    stream (settled there); a comment saying it does not."""
+    decoder = OpenAIChat.stream_decoder(hide_usage=False, max_frame_bytes=1 << 16)
+    assert decoder.feed_whole(content(b"say [DONE]") + b": [DONE]\n\n") is not None
+    assert not decoder.done
+    assert decoder.feed_whole(content(b"[DONE]") + b"data: [DONE]\n\n") is not None
+    assert decoder.done

@@ -217,9 +217,8 @@ class OpenAIChatStream(SSEDecoder):
     def feed_whole(self, chunk: bytes) -> bytes | None:
         """Whole LF-framed frames are metered with a few `bytes.count` calls; only a
         frame carrying a usage figure (one per stream) is decoded on its own. Partial
-        frames, CR line endings and an end marker not sent as its own frame take the
-        frame-by-frame path (None)."""
-        if not self._whole(chunk):
+        frames and CR line endings take the frame-by-frame path (None)."""
+        if self._framer.buffered or chunk[-2:] != b"\n\n" or b"\r" in chunk:
             return None
         # Two counts (C loops, no Python per occurrence): measured cheaper than a
         # search loop over each `"usage"`, in time and in instructions.
@@ -241,30 +240,14 @@ class OpenAIChatStream(SSEDecoder):
         # frame: the chunk itself is answered with "no mutation".
         return b"".join(parts) if self._hide_usage else chunk
 
-    def _whole(self, chunk: bytes) -> bool:
-        """The chunks `feed_whole` takes (and so `plain_text` may read): whole LF-framed
-        frames, every `[DONE]` in them a `data: [DONE]` frame of its own (a comment or
-        an `id:` line saying `[DONE]` is no end: the SDKs read on)."""
-        if self._framer.buffered or chunk[-2:] != b"\n\n" or b"\r" in chunk:
-            return False
-        at = chunk.find(_DONE)
-        while at >= 0:  # once a stream: a loop is cheap here
-            start = at - 6  # where its `data: ` must begin: the chunk's or a frame's start
-            if start < 0 or not chunk.startswith(_DONE_FRAME, start):
-                return False
-            if start and (start < 2 or chunk[start - 2 : start] != b"\n\n"):
-                return False
-            at = chunk.find(_DONE, at + 6)
-        return True
-
     def plain_text(self, chunk: bytes) -> str | None:
         """Choice 0's content in a chunk of whole frames, by one regex pass: every frame
         must have the shape OpenAI writes (`_PLAIN_FRAME`), so no other text, no other
         choice, no repeated key that would move or hide the text, and no escape outside
         the texts (a key spelt `"con\\u0074ent"` is `content` to every JSON parser), else
         None. Non-ASCII text is None too: the guards' normalised view must see it."""
-        if not self._whole(chunk):
-            return None
+        if self._framer.buffered or chunk[-2:] != b"\n\n" or b"\r" in chunk:
+            return None  # not a chunk `feed_whole` takes, as `StreamBody._passes` needs
         parts = _PLAIN_FRAME.split(chunk)  # [gap, text or None, gap, ...]: gaps empty
         if any(parts[::2]):
             return None
@@ -283,7 +266,7 @@ class OpenAIChatStream(SSEDecoder):
     def _count(self, frames: bytes) -> bytes:
         """Meter whole frames that carry no usage figure; they go on as they came."""
         self.content_events += _text_deltas(frames)
-        if _DONE_FRAME in frames:
+        if _DONE_FRAME in frames and _done_frames(frames):
             self.done = True
         at = frames.rfind(_FINISH)
         if at >= 0:
@@ -355,6 +338,17 @@ class OpenAIChatStream(SSEDecoder):
 # A `"usage"` key not written `,"usage":null` (what a provider asked for usage puts in
 # every chunk): a usage figure, or at least not the null the byte counts expect.
 _USAGE_FIGURE = re.compile(rb'"usage"(?:(?!:null)|(?<!,"usage"))')
+
+
+def _done_frames(frames: bytes) -> bool:
+    """A `data: [DONE]` frame of its own is among these whole frames (a comment or an
+    `id:` line saying `[DONE]` is no end: the SDKs read on)."""
+    at = frames.find(_DONE_FRAME)
+    while at >= 0:  # once a stream: a loop is cheap here
+        if at == 0 or frames.startswith(b"\n\n", at - 2):
+            return True
+        at = frames.find(_DONE_FRAME, at + 1)
+    return False
 
 
 def _usage_figure(chunk: bytes, start: int) -> int:
