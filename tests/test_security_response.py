@@ -470,3 +470,22 @@ def test_the_end_marker_is_its_own_frame_whatever_the_text_says():
     assert not decoder.done
     assert decoder.feed_whole(content(b"[DONE]") + b"data: [DONE]\n\n") is not None
     assert decoder.done
+
+
+ODD_FRAMINGS = {
+    "no space after data:": b"data:" + frame(b"", b',"usage":' + FIGURES)[6:],
+    "multi-line data": HEAD + b'],\ndata: "usage":' + FIGURES + b"}\n\n",
+    "event line": b"event: message\n" + frame(b"", b',"usage":' + FIGURES),
+    "CRLF": frame(b"", b',"usage":' + FIGURES).replace(b"\n", b"\r\n"),
+    "spaced null first": HEAD + b'],"usage": null,"usage":' + FIGURES + b"}\n\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(ODD_FRAMINGS))
+def test_odd_framings_meter_what_the_sdk_reads(name):
+    """Held: the byte search steps aside (or reads alike) for every framing the SDK
+    accepts; whole chunks and byte-split ones meter the SDK's figure."""
+    body = [TEXT, ODD_FRAMINGS[name], b"data: [DONE]\n\n"]
+    figures = [c.usage.completion_tokens for c in sdk_stream(b"".join(body)) if c.usage]
+    assert figures == [9999]
+    assert metered(body) == metered(body, split=True) == (10, 9999, False)
