@@ -191,7 +191,7 @@ def gemini_extras(body: dict[str, Any]) -> Iterator[Slot]:
 
 def _gemini_part(part: dict[str, Any]) -> Iterator[Slot]:
     """Executed code and its output (the model reads both), a file's URI."""
-    for key, field in _GEMINI_CODE:
+    for key, field in GEMINI_CODE:
         inner = part.get(key)
         if isinstance(inner, dict):
             yield from _opt(string_slot(inner, field))
@@ -199,7 +199,7 @@ def _gemini_part(part: dict[str, Any]) -> Iterator[Slot]:
         yield from url_slot(part.get(key), field)
 
 
-_GEMINI_CODE = (
+GEMINI_CODE = (
     ("executableCode", "code"),
     ("executable_code", "code"),
     ("codeExecutionResult", "output"),

@@ -45,7 +45,7 @@ from extproc.providers._common import (
     string_slot,
     uint,
 )
-from extproc.providers._fields import gemini_extras
+from extproc.providers._fields import GEMINI_CODE, gemini_extras
 from extproc.providers.base import RequestError, RequestInfo, StreamEvent, ToolCallStart
 from extproc.providers.jsonarray import JSONArraySplitter, Piece, State
 from extproc.sse import Frame
@@ -57,12 +57,6 @@ _FINISH_RE = re.compile(rb'"finishReason"\s*:\s*"([A-Z_]+)"')
 _TEXT = b'"text"'
 _CALL = b'"functionCall"'
 _PARTS = b'"parts"'
-_CODE_FIELDS = (
-    ("executableCode", "code"),
-    ("executable_code", "code"),
-    ("codeExecutionResult", "output"),
-    ("code_execution_result", "output"),
-)
 _BLOCKED = b'"blockReason"'
 _FINISH = {
     "STOP": "stop",
@@ -313,9 +307,7 @@ class _GeminiEvents:
         if content:
             self.content_events += 1  # type: ignore[attr-defined]
             return True
-        # Parts without a plain `"text"` or `"functionCall"` may still carry what the
-        # SDK shows (a key spelt with escapes, snake_case `function_call`, code): the
-        # guards read them (metering counts text and calls only, as before).
+        # Other parts the SDK shows (escaped keys, `function_call`, code): guarded too.
         return _PARTS in data or b"\\u" in data
 
     def _current_usage(self) -> Usage:
@@ -441,20 +433,20 @@ def _finish_of(element: dict[str, Any]) -> str | None:
     return normalize_finish(reason, _FINISH)
 
 
+_COUNTS = ("promptTokenCount", "toolUsePromptTokenCount", "thoughtsTokenCount",
+           "candidatesTokenCount")  # fmt: skip
+
+
 def _usage_from(element: Any) -> Usage | None:
     meta = element.get("usageMetadata") if isinstance(element, dict) else None
     if not isinstance(meta, dict):
         return None
-    counts = figures(
-        meta, "promptTokenCount", "toolUsePromptTokenCount", "thoughtsTokenCount",
-        "candidatesTokenCount",
-    )  # fmt: skip
+    counts = figures(meta, *_COUNTS)
     result = Usage()
     if counts is None:  # a figure that is no count: not trusted, the estimate stands
         return result
-    prompt = counts[0] + counts[1]
-    thoughts = counts[2]
-    completion = counts[3] + thoughts
+    prompt, tools, thoughts, candidates = counts
+    prompt, completion = prompt + tools, candidates + thoughts
     result.set_reported(
         prompt,
         completion,
@@ -481,14 +473,11 @@ def _response_slots(element: Any, *, final: bool) -> Iterator[Slot]:
             if slot is not None:
                 yield slot
             for key in ("functionCall", "function_call"):  # google-genai reads both
-                call = part.get(key)
-                if isinstance(call, dict):
-                    slot = object_slot(
-                        call, "args", channel=index, kind="tool_arguments", final=True
-                    )
-                    if slot is not None:
-                        yield slot
-            for key, field in _CODE_FIELDS:  # code execution: the code and its output
+                args = part.get(key)
+                slot = object_slot(args, "args", channel=index, kind="tool_arguments", final=True)
+                if slot is not None:
+                    yield slot
+            for key, field in GEMINI_CODE:  # code execution: the code and its output
                 slot = string_slot(part.get(key), field, channel=channel(index, 1), final=True)
                 if slot is not None:
                     yield slot
