@@ -16,7 +16,7 @@ from extproc.dev.mock.errors import MockError, parse
 from extproc.dev.mock.knobs import DEFAULT_OPTIONS, MockOptions
 from extproc.providers import Gemini, Vertex, WireFormat
 from extproc.providers._common import path_only, query_param
-from extproc.providers.gemini import model_and_action
+from extproc.providers.gemini_paths import model_and_action
 
 JSON_ARRAY_CONTENT_TYPE = "application/json; charset=UTF-8"
 
