@@ -238,3 +238,15 @@ def test_per_consumer_guard(guarded):
         f"{guarded.base_url}/openai", json=chat("tell me about codename zephyr"), timeout=30
     )
     assert r.status_code == 200
+
+
+def test_the_openai_sdk_asking_for_logprobs_under_a_response_guard_gets_a_400(guarded):
+    """Log probabilities would repeat a masked card token by token."""
+    with pytest.raises(openai.BadRequestError) as refused:
+        sdk(guarded).chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "contact?"}],
+            logprobs=True,
+            top_logprobs=2,
+        )
+    assert refused.value.code == "logprobs_unguarded"

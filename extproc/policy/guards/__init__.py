@@ -69,6 +69,16 @@ class GuardStage(Stage):
         info = ctx.info
         if info is None:
             return
+        asked = _logprobs_param(info.body)
+        if asked is not None and self._response_plan(ctx) is not None:
+            raise Refusal(
+                400,
+                "Log probabilities repeat the answer's tokens, which this route's response "
+                f"guard masks in the text only: send the request without {asked}.",
+                "logprobs_unguarded",
+                param=asked,
+                kind="bad_request",
+            )
         plan = self.guards.plan("request", ctx.route.name, ctx.consumer)
         if plan.empty or not info.prompt_texts:
             return
@@ -308,6 +318,27 @@ def _one(entry: Entry) -> Findings:
 
 def _code(guard: Guard) -> str:
     return guard.config.reject.code
+
+
+def _logprobs_param(body: Any) -> str | None:
+    """The field by which a request asks for log probabilities, if any: OpenAI chat's
+    `logprobs` / `top_logprobs`, the Responses API's `top_logprobs` and `include`,
+    Gemini's `responseLogprobs` / `logprobs` (either spelling of its config)."""
+    if not isinstance(body, dict):
+        return None
+    for key in ("logprobs", "top_logprobs"):
+        if body.get(key) not in (None, False, 0):
+            return key
+    include = body.get("include")
+    if isinstance(include, list) and any("logprobs" in str(item) for item in include):
+        return "include"
+    for key in ("generationConfig", "generation_config"):
+        config = body.get(key)
+        if isinstance(config, dict):
+            for name in ("responseLogprobs", "response_logprobs", "logprobs"):
+                if config.get(name) not in (None, False, 0):
+                    return f"{key}.{name}"
+    return None
 
 
 def _refusal(guard: Guard, phase: str) -> Refusal:
