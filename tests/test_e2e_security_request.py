@@ -25,6 +25,7 @@ from tests.test_e2e_security_paths import (
     CARD,
     KEY,
     World,
+    _unchunk,
     assert_openai_error,
     chat,
     raw_request,
@@ -49,18 +50,6 @@ def send_raw(world: World, head: bytes, body: bytes = b"") -> tuple[int, bytes, 
     if b"transfer-encoding: chunked" in header.lower():
         payload = _unchunk(payload)
     return status, header, payload
-
-
-def _unchunk(data: bytes) -> bytes:
-    out = b""
-    while data:
-        size, _, rest = data.partition(b"\r\n")
-        n = int(size, 16)
-        if n == 0:
-            break
-        out += rest[:n]
-        data = rest[n + 2 :]
-    return out
 
 
 def _head(*lines: str) -> bytes:

@@ -16,11 +16,12 @@ import anthropic
 import httpx
 import httpx2
 import openai
-import orjson
 import pytest
 
 from extproc.dev.devstack import Stack
 from tests.conftest import DEV_API_KEY, free_port, start_stack
+from tests.test_security_response import MESSAGE
+from tests.test_security_response import aev as anthropic_event
 
 CARD = "4111 1111 1111 1111"
 HEAD = (
@@ -37,14 +38,6 @@ def text(value: bytes, after: bytes = b"") -> bytes:
     return chat(b'{"index":0,"delta":{"content":"' + value + b'"}' + after + b"}")
 
 
-def anthropic_event(name: bytes, obj: dict) -> bytes:
-    return b"event: " + name + b"\ndata: " + orjson.dumps(obj) + b"\n\n"
-
-
-MESSAGE = {
-    "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-test-model",
-    "content": [], "stop_reason": None, "usage": {"input_tokens": 10, "output_tokens": 1},
-}  # fmt: skip
 DELTA = {"type": "content_block_delta", "index": 0,
          "delta": {"type": "text_delta", "text": f"card {CARD} ok"}}  # fmt: skip
 
