@@ -71,13 +71,20 @@ class World:
 
 def raw_request(stack: Stack, method: str, path: str, body: bytes, **headers: str) -> tuple:
     """One HTTP/1.1 request with the path byte for byte (clients normalise paths)."""
-    host, port = stack.config.envoy.listen.rsplit(":", 1)
     lines = [f"{method} {path} HTTP/1.1", "Host: gateway", f"Authorization: Bearer {KEY}"]
     lines += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
     lines += [f"{k.replace('_', '-')}: {v}" for k, v in headers.items()]
     lines.append("Connection: close")
+    raw = ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+    status, head, payload = send_bytes(stack, raw)
+    return status, head.decode("latin-1"), payload
+
+
+def send_bytes(stack: Stack, raw: bytes) -> tuple[int, bytes, bytes]:
+    """Send `raw` to Envoy as it is; the status, head and (unchunked) body of its answer."""
+    host, port = stack.config.envoy.listen.rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=30) as sock:
-        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+        sock.sendall(raw)
         data = b""
         while chunk := sock.recv(65536):
             data += chunk
@@ -85,7 +92,7 @@ def raw_request(stack: Stack, method: str, path: str, body: bytes, **headers: st
     status = int(head.split(b" ", 2)[1])
     if b"transfer-encoding: chunked" in head.lower():
         payload = _unchunk(payload)
-    return status, head.decode("latin-1"), payload
+    return status, head, payload
 
 
 def _unchunk(data: bytes) -> bytes:

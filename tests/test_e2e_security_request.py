@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import socket
 import uuid
 import zlib
 from collections.abc import Iterator
@@ -25,10 +24,10 @@ from tests.test_e2e_security_paths import (
     CARD,
     KEY,
     World,
-    _unchunk,
     assert_openai_error,
     chat,
     raw_request,
+    send_bytes,
 )
 from tests.translate_e2e import never_reached, start_translate_stack
 
@@ -39,17 +38,7 @@ API = "/v1/chat/completions"
 
 def send_raw(world: World, head: bytes, body: bytes = b"") -> tuple[int, bytes, bytes]:
     """Request bytes exactly as given (headers repeated, framing of our choosing)."""
-    host, port = world.stack.config.envoy.listen.rsplit(":", 1)
-    with socket.create_connection((host, int(port)), timeout=30) as sock:
-        sock.sendall(head + b"Connection: close\r\n\r\n" + body)
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    header, _, payload = data.partition(b"\r\n\r\n")
-    status = int(header.split(b" ", 2)[1])
-    if b"transfer-encoding: chunked" in header.lower():
-        payload = _unchunk(payload)
-    return status, header, payload
+    return send_bytes(world.stack, head + b"Connection: close\r\n\r\n" + body)
 
 
 def _head(*lines: str) -> bytes:
