@@ -29,6 +29,8 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
 )
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from extproc.h2stream import EOF
+
 SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
 # One prebuilt answer per phase: "continue, change nothing".
 ANSWERS = {
@@ -41,26 +43,39 @@ ANSWERS = {
 }
 
 
-class NoopProcessor(ext_proc_grpc.ExternalProcessorServicer):
+class NoopProcessor:
     def __init__(self) -> None:
         self.counts = dict.fromkeys(ANSWERS, 0)
         self.streams = 0
 
-    async def Process(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
+    async def run(self, context, eof: object) -> None:
         self.streams += 1
         counts = self.counts
+        read, write = context.read, context.write
         while True:
-            request = await context.read()
-            if request is grpc.aio.EOF:
+            request = await read()
+            if request is eof:
                 break
             kind = request.WhichOneof("request")
             counts[kind] += 1
-            await context.write(ANSWERS[kind])
+            await write(ANSWERS[kind])
+
+    async def Process(self, context) -> None:
+        """A stream of the sidecar's transport (`extproc.h2grpc`)."""
+        await self.run(context, EOF)
 
     def stats(self) -> bytes:
         return orjson.dumps(
             {"messages": sum(self.counts.values()), "streams": self.streams, "by_kind": self.counts}
         )
+
+
+class GrpcioServicer(ext_proc_grpc.ExternalProcessorServicer):
+    def __init__(self, processor: NoopProcessor) -> None:
+        self.processor = processor
+
+    async def Process(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
+        await self.processor.run(context, grpc.aio.EOF)
 
 
 async def _stats_server(processor: NoopProcessor, host: str, port: int) -> asyncio.Server:
@@ -80,6 +95,38 @@ async def _stats_server(processor: NoopProcessor, host: str, port: int) -> async
     return await asyncio.start_server(handle, host, port)
 
 
+async def serve_h2(listen: str, stats: str) -> None:
+    """The same answers over the sidecar's own transport (`extproc.h2grpc`)."""
+    from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest
+
+    from extproc.h2grpc import Method, Server
+
+    processor = NoopProcessor()
+
+    async def check(stream) -> None:
+        await stream.read()
+        await stream.write(
+            health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+        )
+
+    server = Server({
+        f"/{SERVICE_NAME}/Process": Method(ProcessingRequest.FromString, processor.Process),
+        "/grpc.health.v1.Health/Check": Method(health_pb2.HealthCheckRequest.FromString, check),
+    })  # fmt: skip
+    await server.listen(listen)
+    host, _, port = stats.rpartition(":")
+    stats_server = await _stats_server(processor, host or "127.0.0.1", int(port))
+    print(f"noop ext_proc (h2grpc) on {listen}, stats on http://{stats}/", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    stats_server.close()
+    await server.stop(grace=2)
+    print(f"noop ext_proc handled {processor.stats().decode()}", flush=True)
+
+
 async def serve(listen: str, stats: str) -> None:
     server = grpc.aio.server(
         options=[
@@ -89,7 +136,7 @@ async def serve(listen: str, stats: str) -> None:
         ]
     )
     processor = NoopProcessor()
-    ext_proc_grpc.add_ExternalProcessorServicer_to_server(processor, server)
+    ext_proc_grpc.add_ExternalProcessorServicer_to_server(GrpcioServicer(processor), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if server.add_insecure_port(listen) == 0:
@@ -115,13 +162,15 @@ def main() -> int:
     parser.add_argument("--listen", default="127.0.0.1:50051", help="gRPC host:port")
     parser.add_argument("--stats", default="127.0.0.1:9464", help="host:port for the counts")
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
+    parser.add_argument("--transport", choices=("grpcio", "h2grpc"), default="grpcio")
     args = parser.parse_args()
+    main_coro = (serve_h2 if args.transport == "h2grpc" else serve)(args.listen, args.stats)
     if args.loop == "uvloop":
         import uvloop
 
-        uvloop.run(serve(args.listen, args.stats))
+        uvloop.run(main_coro)
     else:
-        asyncio.run(serve(args.listen, args.stats))
+        asyncio.run(main_coro)
     return 0
 
 

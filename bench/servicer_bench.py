@@ -35,12 +35,12 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "bench"
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import grpc  # noqa: E402
 from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest  # noqa: E402
 
 from bench.exchange_bench import bench_policy, exchange_messages  # noqa: E402
 from bench.noop_extproc import NoopProcessor  # noqa: E402
 from extproc import eventloop  # noqa: E402
+from extproc.h2stream import EOF  # noqa: E402
 from extproc.server import ExternalProcessor  # noqa: E402
 
 SETUPS = ("noop", "meter", "full", "full-nomask")
@@ -78,7 +78,7 @@ class Context:
 
     async def read(self) -> Any:
         if self._at == len(self._messages):
-            return grpc.aio.EOF
+            return EOF
         if self._evict is not None:
             self._evict()
         data = self._messages[self._at]
@@ -100,7 +100,7 @@ def servicer(setup: str) -> Any:
 async def run(processor: Any, messages: list[bytes], n: int, evict: Evictor | None) -> None:
     for _ in range(n):
         context = Context(messages, evict)
-        await processor.Process(None, context)
+        await processor.Process(context)
         if context.answers != len(messages):  # a refusal, or a stream that broke
             raise SystemExit(f"servicer_bench: {context.answers} answers to {len(messages)}")
 

@@ -42,7 +42,7 @@ from extproc.envoybin import envoy_binary
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SETUPS = ("envoy", "noop", "meter", "full", "full-nomask", "translated", "meter-offpath")
 # Run only when named in `--setups`: the event loop's share, side by side.
-LOOP_SETUPS = ("noop-uvloop", "meter-asyncio", "full-asyncio")
+LOOP_SETUPS = ("noop-uvloop", "meter-asyncio", "full-asyncio", "noop-h2", "noop-h2-uvloop")
 # Setups that run `extproc serve`.
 SIDECARS = ("meter", "full", "full-nomask", "translated", "meter-offpath", "meter-asyncio",
             "full-asyncio")  # fmt: skip
@@ -57,6 +57,8 @@ SETUP_LABEL = {
     "translated": "+ metering, translated",
     "meter-offpath": "+ sidecar, off path",
     "noop-uvloop": "+ no-op on uvloop",
+    "noop-h2": "+ no-op on h2grpc",
+    "noop-h2-uvloop": "+ no-op, h2grpc, uvloop",
     "meter-asyncio": "+ metering, asyncio",
     "full-asyncio": "+ full, asyncio",
 }
@@ -218,7 +220,8 @@ class BenchStack(Stack):
             self._spawn("sidecar", [
                 sys.executable, "-m", "bench.noop_extproc",
                 "--listen", server.grpc_listen, "--stats", server.metrics_listen,
-                "--loop", "uvloop" if self.variant == "noop-uvloop" else "asyncio",
+                "--loop", "uvloop" if self.variant.endswith("uvloop") else "asyncio",
+                "--transport", "h2grpc" if "-h2" in self.variant else "grpcio",
             ])  # fmt: skip
             return
         super().start_sidecar()

@@ -21,10 +21,8 @@ import signal
 import sys
 import time
 
-import grpc
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
-from grpc._cython.cygrpc import BaseError as GrpcCallError  # ExecuteBatchError, UsageError
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest
+from grpc_health.v1 import health_pb2
 from prometheus_client import start_http_server
 
 from extproc import eventloop, logcontext
@@ -34,6 +32,9 @@ from extproc.envoy_wire import Response
 from extproc.exchange import Exchange, offpath
 from extproc.failover.attempt import Attempt
 from extproc.failover.plan import UPSTREAM, UPSTREAM_STAGE
+from extproc.h2grpc import Server
+from extproc.h2stream import EOF, Abort, Method, Stream
+from extproc.h2stream import StreamEnded as GrpcCallError
 from extproc.headers import OBSERVER_METADATA
 from extproc.metrics import Metrics
 from extproc.msgtimes import MessageTimes
@@ -58,7 +59,7 @@ END_BEFORE_GRACE_S = 2.0
 # ------------------------------------------------------------------------ gRPC
 
 
-class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):
+class ExternalProcessor:
     def __init__(self, policy: Policy, metrics: Metrics, worker: int = 0) -> None:
         self.policy = policy  # swapped whole on reload; each exchange keeps its own
         self.metrics = metrics
@@ -71,12 +72,12 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):
         self._shed = shed_response()
         self._shed_requests = metrics.requests.labels("unknown", "", "503")
 
-    async def Process(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
+    async def Process(self, context: Stream) -> None:
         clock = time.perf_counter
         admission = self.admission
         try:
             first = await context.read()
-            if first is grpc.aio.EOF:
+            if first is EOF:
                 return
             caller = _Caller(context.invocation_metadata())
             if caller.observing:  # `streaming.meter_off_path`: never answered
@@ -150,13 +151,13 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):
             if exchange.after:
                 self._run_after(exchange)
 
-    async def _attempt(self, first, context: grpc.aio.ServicerContext) -> None:
+    async def _attempt(self, first, context: Stream) -> None:
         """A stream of the upstream (cluster-level) filter: one failover attempt."""
         attempt = Attempt(self.policy, self.metrics)
         self.open_streams += 1
         try:
             request = first
-            while request is not grpc.aio.EOF:
+            while request is not EOF:
                 await context.write(attempt.on(request))
                 request = await context.read()
         except GrpcCallError as exc:  # Envoy ended the attempt (reset, per-try timeout)
@@ -166,7 +167,7 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):
             self.admission.release()
             attempt.close()
 
-    async def _refuse_overloaded(self, context: grpc.aio.ServicerContext, reason: str) -> None:
+    async def _refuse_overloaded(self, context: Stream, reason: str) -> None:
         """503 `overloaded` at once; no Exchange, no stage, nothing reaches the provider.
         Not logged per request (a flood would be logged as one): counted, and readiness
         says so."""
@@ -174,7 +175,7 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):
         self.metrics.shed.labels(reason).inc()
         self._shed_requests.inc()  # in the 5xx ratio: no route or model was read
         await context.write(self._shed)
-        while await context.read() is not grpc.aio.EOF:  # Envoy ends the stream
+        while await context.read() is not EOF:  # Envoy ends the stream
             pass
 
     def _run_after(self, exchange: Exchange) -> None:
@@ -222,9 +223,6 @@ async def probe_lag(admission: Admission, metrics: Metrics, interval: float = LA
         metrics.saturated.set(1 if admission.saturated else 0)
 
 
-EOF = grpc.aio.EOF
-
-
 class _Caller:
     """What the gRPC metadata of a `Process` stream says, read in one pass: which
     filter sent it (the observing one sends `OBSERVER_METADATA`, a failover attempt's
@@ -244,10 +242,34 @@ class _Caller:
                 self.upstream = value == UPSTREAM
 
 
-def _bind(server: grpc.aio.Server, listen: str) -> None:
-    """`host:port` or `unix:/path`; grpc says 0 when a TCP port cannot be bound."""
-    if server.add_insecure_port(listen) == 0 and not listen.startswith("unix:"):
-        raise OSError(f"cannot listen on {listen}")
+class Health:
+    """grpc.health.v1 `Check` (Envoy's health check, Kubernetes' gRPC probes): the
+    status of the server (`""`) and of the ext_proc service."""
+
+    def __init__(self) -> None:
+        self.status: dict[str, int] = {}
+
+    async def set(self, service: str, status: int) -> None:
+        self.status[service] = status
+
+    async def Check(self, context: Stream) -> None:
+        request = await context.read()
+        if request is EOF:
+            raise Abort(3, "no request")  # INVALID_ARGUMENT
+        status = self.status.get(request.service)
+        if status is None:
+            raise Abort(5, "unknown service")  # NOT_FOUND, as grpc_health answers
+        await context.write(health_pb2.HealthCheckResponse(status=status))
+
+
+def grpc_server(processor: ExternalProcessor, health_check: Health) -> Server:
+    """The worker's gRPC methods on the sidecar's own transport (`extproc.h2grpc`)."""
+    return Server({
+        f"/{SERVICE_NAME}/Process": Method(ProcessingRequest.FromString, processor.Process),
+        "/grpc.health.v1.Health/Check": Method(
+            health_pb2.HealthCheckRequest.FromString, health_check.Check
+        ),
+    })  # fmt: skip
 
 
 class Worker:
@@ -283,7 +305,7 @@ class Worker:
         )
         self.readiness = Readiness(self.shared)
         self.readiness.add("admission", self._admission_check)
-        self.health = health.aio.HealthServicer()
+        self.health = Health()
         self.watcher = PolicyWatcher(config.path, config) if snapshot is None else None
         self._serving: bool | None = None
         self._parent = os.getppid()
@@ -380,23 +402,14 @@ class Worker:
         loop.add_signal_handler(signal.SIGHUP, reload.set)
         if self.snapshot is not None and read_file(self.snapshot) != self._snapshot_data:
             reload.set()  # a SIGHUP may have come before the handler was in place
-        server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", 64 << 20),
-                ("grpc.max_concurrent_streams", 10000),
-                ("grpc.so_reuseport", 0),
-            ]
-        )
-        ext_proc_grpc.add_ExternalProcessorServicer_to_server(self.processor, server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        _bind(server, self.listen)
+        server = grpc_server(self.processor, self.health)
+        await server.listen(self.listen)
         await self.shared.start()  # the spend ledger replays, budgets rebuilt: then serve
         metrics_at = "the supervisor's"
         if self.count == 1 and self.snapshot is None:
             host, _, port = self.config.server.metrics_listen.rpartition(":")
             start_http_server(int(port), addr=host or "0.0.0.0", registry=self.metrics.registry)
             metrics_at = f"http://{self.config.server.metrics_listen}/metrics"
-        await server.start()
         problems = await self.readiness.problems()
         await self.set_serving(not problems, "; ".join(problems))
         log.info(
@@ -419,7 +432,7 @@ class Worker:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
 
-    async def shutdown(self, server: grpc.aio.Server) -> None:
+    async def shutdown(self, server: Server) -> None:
         """NOT_SERVING, refuse new streams, let open ones finish within the grace period."""
         grace = self.policy.config.server.shutdown_grace_seconds
         await self.set_serving(False, "shutting down")

@@ -2,7 +2,7 @@
 test over the cancellation point. A fake Envoy feeds the real servicer one exchange
 (rate limited on a real Redis) and goes away at a random step: before the headers,
 while the request body waits on Redis, between chunks, during settlement, or with a
-write failing under the servicer (`ExecuteBatchError`). Whatever the step: nothing is
+write failing under the servicer (`StreamEnded`). Whatever the step: nothing is
 logged as an error or counted internal, no reservation stays outstanding, no stream
 stays active."""
 
@@ -13,14 +13,13 @@ import contextlib
 import logging
 import uuid
 
-import grpc
 import orjson
 import pytest
-from grpc._cython.cygrpc import ExecuteBatchError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from extproc.config import parse_config
+from extproc.h2stream import EOF, StreamEnded
 from extproc.metrics import Metrics
 from extproc.policy import Shared, build_policy
 from extproc.server import ExternalProcessor
@@ -61,15 +60,15 @@ class FakeEnvoy:
         step = self.reads
         self.reads += 1
         if self.how == "hangup" and step == self.at:
-            asyncio.current_task().cancel()  # what grpc.aio does when the peer goes
+            asyncio.current_task().cancel()  # what the transport does when the peer goes
             await asyncio.sleep(0)
         if step >= len(MESSAGES):
-            return grpc.aio.EOF
+            return EOF
         return MESSAGES[step]
 
     async def write(self, response) -> None:
         if self.how == "write_fails" and len(self.written) == self.at:
-            raise ExecuteBatchError('Failed "execute_batch": (SendMessageOperation,)')
+            raise StreamEnded("stream reset")
         self.written.append(response)
 
     def invocation_metadata(self) -> tuple:
@@ -108,7 +107,7 @@ async def one_exchange(url: str, how: str, at: int) -> None:
     logging.getLogger().addHandler(errors)
     try:
         envoy = FakeEnvoy(how, at)
-        task = asyncio.ensure_future(processor.Process(None, envoy))
+        task = asyncio.ensure_future(processor.Process(envoy))
         if how == "outside":  # the cancellation lands wherever the servicer waits
             for _ in range(at):
                 await asyncio.sleep(0)

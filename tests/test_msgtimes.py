@@ -93,7 +93,7 @@ def test_the_servicer_adds_every_answered_message_by_the_end_of_its_stream(how, 
     envoy = FakeEnvoy(how, at)
 
     async def run() -> None:
-        task = asyncio.ensure_future(processor.Process(None, envoy))
+        task = asyncio.ensure_future(processor.Process(envoy))
         with contextlib.suppress(asyncio.CancelledError):
             await task
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 
-import grpc
 import orjson
 import pytest
 from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 
 from extproc.exchange import Exchange, offpath
+from extproc.h2stream import EOF
 from extproc.headers import EXCHANGE_HEADER
 from extproc.metrics import Metrics
 from extproc.policy import Policy
@@ -32,7 +32,7 @@ class FakeContext:
 
     async def read(self):
         self.reads += 1
-        return self.messages.pop(0) if self.messages else grpc.aio.EOF
+        return self.messages.pop(0) if self.messages else EOF
 
 
 def tokens(metrics: Metrics, kind: str) -> float:

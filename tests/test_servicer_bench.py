@@ -15,7 +15,7 @@ from bench.exchange_bench import exchange_messages
 def test_every_message_of_an_exchange_is_answered_as_through_envoy(setup: str) -> None:
     raw = [m.SerializeToString() for m in exchange_messages(setup, 3, "gapped")]
     context = servicer_bench.Context(raw, servicer_bench.Evictor(64))
-    asyncio.run(servicer_bench.servicer(setup).Process(None, context))
+    asyncio.run(servicer_bench.servicer(setup).Process(context))
     assert context.answers == len(raw)  # no refusal: auth, guards and limits let it through
     assert context.written > 0
 
@@ -26,7 +26,7 @@ def test_the_stand_in_reads_to_eof_and_parses_each_message() -> None:
 
     async def read_all() -> list:
         out = []
-        while (message := await context.read()) is not servicer_bench.grpc.aio.EOF:
+        while (message := await context.read()) is not servicer_bench.EOF:
             out.append(message.WhichOneof("request"))
         return out
 

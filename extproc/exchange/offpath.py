@@ -41,13 +41,13 @@ from extproc.bootstrap.common import observer_enabled
 from extproc.envoy_wire import Response
 from extproc.exchange import response as response_phase
 from extproc.exchange import settle
+from extproc.h2stream import EOF
 from extproc.headers import EXCHANGE_HEADER
 from extproc.logcontext import set_exchange
 
 if TYPE_CHECKING:
-    import grpc
-
     from extproc.exchange.core import Exchange
+    from extproc.h2stream import Stream
 
 log = logging.getLogger("extproc.offpath")
 
@@ -198,14 +198,12 @@ def _orphaned(entry: Entry) -> None:
 
 async def observe(
     first: object,
-    context: grpc.aio.ServicerContext,
+    context: Stream,
     clock: Callable[[], float],
     run_after: Callable[[Exchange], None],
 ) -> None:
     """One observing stream: nothing is ever answered (Envoy reads no answer in
     observability mode); ending the stream early makes Envoy stop sending to it."""
-    from grpc import aio
-
     headers = wire.header_map(first) if first.WhichOneof("request") == "request_headers" else {}
     entry = REGISTRY.get(headers.get(EXCHANGE_HEADER, ""))
     if entry is None or entry.attached or entry.exchange.closed:
@@ -218,7 +216,7 @@ async def observe(
             return
         while not ex.closed:
             request = await context.read()
-            if request is aio.EOF:
+            if request is EOF:
                 break
             if request.WhichOneof("request") != "response_body":
                 continue

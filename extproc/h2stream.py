@@ -1,0 +1,122 @@
+"""One gRPC call of `extproc.h2grpc`: what a handler reads and writes.
+
+The part of grpc.aio's `ServicerContext` the sidecar uses (`read`, `write`,
+`invocation_metadata`), with its meaning: `read()` returns `EOF` once the client
+half-closed, a reset cancels the handler's task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from extproc.h2grpc import Connection
+
+
+class StreamEnded(Exception):
+    """Raised by `read()`/`write()` once Envoy reset the stream or the connection went."""
+
+
+class Abort(Exception):
+    """Raised by a handler to end its call with a gRPC status other than OK."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _Eof:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "EOF"
+
+
+EOF = _Eof()
+
+# A method: how to parse its messages and the handler that runs once per stream.
+Handler = Callable[["Stream"], Awaitable[None]]
+
+
+class Method:
+    __slots__ = ("handler", "parse")
+
+    def __init__(self, parse: Callable[[bytes], Any], handler: Handler) -> None:
+        self.parse = parse
+        self.handler = handler
+
+
+class Stream:
+    """One gRPC call: what the handler reads and writes (grpc.aio's `context`, the
+    part the sidecar uses)."""
+
+    __slots__ = ("_conn", "_inbox", "_waiter", "backlog", "done", "half_closed",
+                 "headers_sent", "id", "metadata", "method", "partial", "recv_unacked",
+                 "send_window", "task")  # fmt: skip
+
+    def __init__(self, conn: Connection, stream_id: int, method: Method, metadata: tuple) -> None:
+        self._conn = conn
+        self.id = stream_id
+        self.method = method
+        self.metadata = metadata
+        self._inbox: deque[Any] = deque()
+        self._waiter: asyncio.Future | None = None
+        self.partial = b""  # the start of a message split over DATA frames
+        self.send_window = conn.peer_window
+        self.backlog: deque[bytes] = deque()  # DATA waiting for the peer's window
+        self.headers_sent = False
+        self.half_closed = False  # the client sent END_STREAM
+        self.done = False  # trailers queued or the stream reset: nothing more is sent
+        self.task: asyncio.Task | None = None
+        self.recv_unacked = 0
+
+    def invocation_metadata(self) -> tuple:
+        return self.metadata
+
+    async def read(self) -> Any:
+        if self._inbox:
+            return self._inbox.popleft()
+        if self.half_closed:
+            return EOF
+        if self.done:
+            raise StreamEnded("stream reset")
+        waiter = self._waiter = self._conn.loop.create_future()
+        return await waiter
+
+    async def write(self, message: Any) -> None:
+        if self.done:
+            raise StreamEnded("stream reset")
+        self._conn.send_message(self, message.SerializeToString())
+
+    # ---------------------------------------------------------- from the connection
+
+    def deliver(self, message: Any) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(message)
+                return
+        self._inbox.append(message)
+
+    def end_input(self) -> None:
+        self.half_closed = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            self._waiter = None
+            waiter.set_result(EOF)
+
+    def reset(self) -> None:
+        """Envoy reset the stream (or the connection is gone): the handler is cancelled,
+        as grpc.aio cancels it."""
+        self.done = True
+        self.backlog.clear()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            self._waiter = None
+            waiter.set_exception(StreamEnded("stream reset"))
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
