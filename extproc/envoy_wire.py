@@ -61,6 +61,7 @@ __all__ = [
 ]
 
 Request = ProcessingRequest
+parse_request = ProcessingRequest.FromString  # the gRPC server's parser of each message
 Response = ProcessingResponse
 
 _EXT_PROC_ATTRS = "envoy.filters.http.ext_proc"

@@ -55,6 +55,9 @@ class StreamError(GatewayError):
 
     status = 502
     kind = "malformed_stream"
+    # The events of the same chunk decoded before the bad frame: the client's SDK reads
+    # them, so a translator writes them before its error (as its per-frame path does).
+    before: list = []  # never mutated: each raise sets its own
 
 
 def shown(value: object, limit: int = SHOWN_CHARS) -> str:

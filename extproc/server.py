@@ -21,14 +21,13 @@ import signal
 import sys
 import time
 
-from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest
 from grpc_health.v1 import health_pb2
 from prometheus_client import start_http_server
 
 from extproc import eventloop, logcontext
 from extproc.admission import Admission, Limits, shed_response
 from extproc.config import Config, ConfigError, load_config
-from extproc.envoy_wire import Response
+from extproc.envoy_wire import Response, parse_request
 from extproc.exchange import Exchange, offpath
 from extproc.failover.attempt import Attempt
 from extproc.failover.plan import UPSTREAM, UPSTREAM_STAGE
@@ -265,7 +264,7 @@ class Health:
 def grpc_server(processor: ExternalProcessor, health_check: Health) -> Server:
     """The worker's gRPC methods on the sidecar's own transport (`extproc.h2grpc`)."""
     return Server({
-        f"/{SERVICE_NAME}/Process": Method(ProcessingRequest.FromString, processor.Process),
+        f"/{SERVICE_NAME}/Process": Method(parse_request, processor.Process),
         "/grpc.health.v1.Health/Check": Method(
             health_pb2.HealthCheckRequest.FromString, health_check.Check
         ),

@@ -13,6 +13,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import orjson
 
+from extproc.errors import StreamError
 from extproc.errors import error_body as openai_error_body
 from extproc.providers._json import (  # noqa: F401
     figure,
@@ -275,7 +276,15 @@ class SSEDecoder(EventDecoder):
         frames = self._framer.feed(chunk)
         if frames and self._eol is None:
             self._eol = line_ending(frames[0].raw)
-        return [self._event(f) for f in frames]
+        events: list[StreamEvent] = []
+        append, event = events.append, self._event
+        try:
+            for frame in frames:
+                append(event(frame))
+        except StreamError as exc:
+            exc.before = events
+            raise
+        return events
 
     def finish(self) -> list[StreamEvent]:
         tail = self._framer.finish()

@@ -127,7 +127,7 @@ class DecoderDriven:
         try:
             events = self.decoder.feed(chunk)
         except (StreamError, FrameTooLarge) as exc:
-            return self._broke(exc)
+            return self.emit(exc.before) + self._broke(exc)
         return self.emit(events)
 
     def finish(self) -> bytes:
