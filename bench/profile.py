@@ -8,7 +8,8 @@ other sample is charged to its *top frame*: the innermost frame that is not
 the interpreter or libc itself (with `native`, a sample inside CPython's allocator or
 memcpy counts for the code that called it). Top frames are grouped by file:
 
-  grpc/asyncio  grpc (cygrpc, grpc.aio), asyncio and the selector loop
+  grpc/asyncio  the transport: grpc (cygrpc, grpc.aio) or the sidecar's own
+                (extproc/h2*.py, hpack), asyncio and the selector loop
   protobuf      google.protobuf / upb, generated *_pb2 modules, extproc/envoy_wire.py
   metrics       prometheus_client, extproc/metrics.py and telemetry
   guards        extproc/policy/guards, RE2
@@ -43,7 +44,7 @@ _RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("decoder", re.compile(r"extproc/providers/|extproc/sse\.py|extproc/usage\.py|\bjson/|orjson")),
     ("grpc/asyncio", re.compile(
         r"\bgrpc|cygrpc|asyncio/|selectors\.py|selectmodule|socketmodule|_asyncio|uvloop|"
-        r"libgrpc|\.pyx"
+        r"libgrpc|\.pyx|extproc/h2|\bhpack"
     )),
 )  # fmt: skip
 # Frames that are the machinery under every sample, never a place time is spent for a

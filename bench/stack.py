@@ -5,6 +5,9 @@ mock provider swapped for the lighter `bench.provider`:
 
   envoy     Envoy alone: the same bootstrap, ext_proc filter (and its cluster) removed
   noop      Envoy + `bench.noop_extproc` (answers every message with an empty response)
+            on grpc.aio: the floor of issue 14's targets
+  noop-h2   the same no-op on the sidecar's own gRPC server (`extproc.h2grpc`): what is
+            left of the sidecar's cost once the transport is the same
   meter     Envoy + the sidecar, default policy: usage metering only
   full      Envoy + the sidecar, full policy: API-key auth, a request guard (reject
             secrets), a token limit, a response masking guard (PII but email, and
@@ -40,9 +43,10 @@ from extproc.dev.devstack import Stack
 from extproc.envoybin import envoy_binary
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SETUPS = ("envoy", "noop", "meter", "full", "full-nomask", "translated", "meter-offpath")
+SETUPS = ("envoy", "noop", "noop-h2", "meter", "full", "full-nomask", "translated",
+          "meter-offpath")  # fmt: skip
 # Run only when named in `--setups`: the event loop's share, side by side.
-LOOP_SETUPS = ("noop-uvloop", "meter-asyncio", "full-asyncio", "noop-h2", "noop-h2-uvloop")
+LOOP_SETUPS = ("noop-uvloop", "meter-asyncio", "full-asyncio", "noop-h2-uvloop")
 # Setups that run `extproc serve`.
 SIDECARS = ("meter", "full", "full-nomask", "translated", "meter-offpath", "meter-asyncio",
             "full-asyncio")  # fmt: skip
@@ -57,8 +61,8 @@ SETUP_LABEL = {
     "translated": "+ metering, translated",
     "meter-offpath": "+ sidecar, off path",
     "noop-uvloop": "+ no-op on uvloop",
-    "noop-h2": "+ no-op on h2grpc",
-    "noop-h2-uvloop": "+ no-op, h2grpc, uvloop",
+    "noop-h2": "+ no-op, own transport",
+    "noop-h2-uvloop": "+ no-op, own, uvloop",
     "meter-asyncio": "+ metering, asyncio",
     "full-asyncio": "+ full, asyncio",
 }

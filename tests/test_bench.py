@@ -297,6 +297,8 @@ def test_profile_groups_busy_samples_by_their_top_frame() -> None:
     ("frame", "group"),
     [
         ("_unary_response (grpc/aio/_call.py:1)", "grpc/asyncio"),
+        ("Connection._data (extproc/h2grpc.py:1)", "grpc/asyncio"),
+        ("Decoder.decode (hpack/hpack.py:1)", "grpc/asyncio"),
         ("ParseFromString (google/protobuf/message.py:1)", "protobuf"),
         ("<module> (envoy/service/ext_proc/v3/external_processor_pb2.py:1)", "protobuf"),
         ("Counter.inc (prometheus_client/metrics.py:1)", "metrics"),
@@ -319,6 +321,7 @@ def test_quick_mode_runs_every_part_small() -> None:
     assert args.setups == [
         "envoy",
         "noop",
+        "noop-h2",
         "meter",
         "full",
         "full-nomask",
