@@ -76,7 +76,8 @@ class Connection(asyncio.Protocol):
         self.server = server
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
-        self.buf = b""
+        self.buf = bytearray()  # the start of a frame still arriving
+        self.need = 0  # how many bytes `buf` must hold before it is parsed again
         self.preface = False
         self.decoder = hpack.Decoder(max_header_list_size=MAX_HEADER_BLOCK)
         self.streams: dict[int, Stream] = {}
@@ -112,30 +113,41 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
-        buf = self.buf + data if self.buf else data
+        buf = self.buf
+        if buf:  # a frame was arriving: add to it, parse only once it is whole
+            buf += data
+            if len(buf) < self.need:
+                return  # O(1) per read however finely a large frame is dribbled
+            data = bytes(buf)
+            buf.clear()
         try:
+            at, end = 0, len(data)
             if not self.preface:
-                if len(buf) < len(PREFACE):
-                    if not PREFACE.startswith(buf):
+                if end < len(PREFACE):
+                    if not PREFACE.startswith(data):
                         raise ProtocolError("not an HTTP/2 client preface")
-                    self.buf = buf
+                    buf += data
+                    self.need = len(PREFACE)
                     return
-                if not buf.startswith(PREFACE):
+                if not data.startswith(PREFACE):
                     raise ProtocolError("not an HTTP/2 client preface")
                 self.preface = True
-                buf = buf[len(PREFACE) :]
-            at, end = 0, len(buf)
+                at = len(PREFACE)
+            need = 9
             while end - at >= 9:
-                high, low, kind, flags, stream_id = _HEAD.unpack_from(buf, at)
+                high, low, kind, flags, stream_id = _HEAD.unpack_from(data, at)
                 length = high << 16 | low
                 if length > MAX_FRAME:
                     raise ProtocolError(f"frame of {length} bytes over {MAX_FRAME}", 6)
                 if end - at - 9 < length:
+                    need = 9 + length
                     break
-                payload = buf[at + 9 : at + 9 + length]
+                payload = data[at + 9 : at + 9 + length]
                 at += 9 + length
                 self._frame(kind, flags, stream_id & 0x7FFFFFFF, payload)
-            self.buf = buf[at:] if at < end else b""
+            if at < end and not self.closing:
+                buf += data[at:]
+                self.need = need
         except ProtocolError as exc:
             self._fail(exc)
         if self.recv_unacked >= CONNECTION_WINDOW // 2:
@@ -189,15 +201,25 @@ class Connection(asyncio.Protocol):
         if flags & PADDED:
             payload = unpad(payload)
         stream.recv_unacked += len(payload)
-        data = stream.partial + payload if stream.partial else payload
+        partial = stream.partial
+        if partial:  # a message was arriving: add to it, parse only once it is whole
+            partial += payload
+            data = b""
+            if len(partial) >= stream.need:
+                data = bytes(partial)
+                partial.clear()
+        else:
+            data = payload
         at, end = 0, len(data)
         parse, deliver = stream.method.parse, stream.deliver
+        need = 5
         while end - at >= 5:
             compressed, length = _PREFIX.unpack_from(data, at)
-            if length > MAX_MESSAGE:
+            if length > MAX_MESSAGE:  # refused before any of it is kept
                 self._refuse(stream, RESOURCE_EXHAUSTED, "message larger than 64 MiB")
                 return
             if end - at - 5 < length:
+                need = 5 + length
                 break
             if compressed:
                 self._refuse(stream, INTERNAL, "compressed messages are not accepted")
@@ -209,10 +231,9 @@ class Connection(asyncio.Protocol):
                 return
             at += 5 + length
             deliver(message)
-        stream.partial = data[at:] if at < end else b""
-        if len(stream.partial) > MAX_MESSAGE + 5:
-            self._refuse(stream, RESOURCE_EXHAUSTED, "message larger than 64 MiB")
-            return
+        if at < end:
+            partial += data[at:]
+            stream.need = need
         if stream.recv_unacked >= STREAM_WINDOW // 2 and not flags & END_STREAM:
             self._emit(frame(WINDOW_UPDATE, 0, stream_id, _WINDOW.pack(stream.recv_unacked)))
             stream.recv_unacked = 0

@@ -54,7 +54,7 @@ class Stream:
     part the sidecar uses)."""
 
     __slots__ = ("_conn", "_inbox", "_waiter", "backlog", "done", "half_closed",
-                 "headers_sent", "id", "metadata", "method", "partial", "recv_unacked",
+                 "headers_sent", "id", "metadata", "method", "need", "partial", "recv_unacked",
                  "send_window", "task")  # fmt: skip
 
     def __init__(self, conn: Connection, stream_id: int, method: Method, metadata: tuple) -> None:
@@ -64,7 +64,8 @@ class Stream:
         self.metadata = metadata
         self._inbox: deque[Any] = deque()
         self._waiter: asyncio.Future | None = None
-        self.partial = b""  # the start of a message split over DATA frames
+        self.partial = bytearray()  # the start of a message split over DATA frames
+        self.need = 0  # how many bytes `partial` must hold before it is parsed again
         self.send_window = conn.peer_window
         self.backlog: deque[bytes] = deque()  # DATA waiting for the peer's window
         self.headers_sent = False
