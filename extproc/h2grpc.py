@@ -23,10 +23,10 @@ import asyncio
 import contextlib
 import logging
 import struct
-from collections import deque
 
 import hpack
 
+from extproc.h2flow import Sender
 from extproc.h2frames import (
     ACK,
     CONTINUATION,
@@ -40,12 +40,10 @@ from extproc.h2frames import (
     PING,
     PREFACE,
     PRIORITY_FLAG,
-    RESPONSE_HEADERS,
     RST_STREAM,
     SETTINGS,
     WINDOW_UPDATE,
     ProtocolError,
-    Trailers,
     frame,
     grpc_trailers,
     local_settings,
@@ -68,7 +66,7 @@ _PREFIX = struct.Struct(">BL")  # gRPC message: compressed flag, length
 OK, UNKNOWN, RESOURCE_EXHAUSTED, UNIMPLEMENTED, UNAVAILABLE, INTERNAL = 0, 2, 8, 12, 14, 13
 
 
-class Connection(asyncio.Protocol):
+class Connection(Sender, asyncio.Protocol):
     """One HTTP/2 connection from Envoy (it multiplexes every ext_proc stream of one of
     its workers over it)."""
 
@@ -76,8 +74,8 @@ class Connection(asyncio.Protocol):
         self.server = server
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
-        self.buf = bytearray()  # the start of a frame still arriving
-        self.need = 0  # how many bytes `buf` must hold before it is parsed again
+        self.pending: list[bytes] = []  # the start of a frame still short by `need` bytes
+        self.need = 0
         self.preface = False
         self.decoder = hpack.Decoder(max_header_list_size=MAX_HEADER_BLOCK)
         self.streams: dict[int, Stream] = {}
@@ -88,11 +86,13 @@ class Connection(asyncio.Protocol):
         self.recv_unacked = 0
         self.out: list[bytes] = []
         self.flush_due = False
-        self.blocked: deque[Stream] = deque()  # streams with a backlog
+        self.blocked: dict[int, Stream] = {}  # streams with DATA waiting for window
         self.headers_for = 0  # a header block in progress (CONTINUATION) for this stream
         self.header_block = b""
         self.header_flags = 0
         self.closing = False
+        self.queued = 0  # bytes (+ per-message overhead) waiting in the streams' inboxes
+        self.write_paused = self.read_paused = False
 
     # ------------------------------------------------------------------ asyncio
 
@@ -113,43 +113,47 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
-        buf = self.buf
-        if buf:  # a frame was arriving: add to it, parse only once it is whole
-            buf += data
-            if len(buf) < self.need:
-                return  # O(1) per read however finely a large frame is dribbled
-            data = bytes(buf)
-            buf.clear()
+        if self.need:  # a frame still short: pieces are kept, joined once it is whole, so
+            self.pending.append(data)  # a peer dribbling bytes costs O(n), not O(n^2)
+            self.need -= len(data)
+            if self.need > 0:
+                return
+            data, self.need = b"".join(self.pending), 0
+            self.pending = []
+        buf = data
         try:
-            at, end = 0, len(data)
             if not self.preface:
-                if end < len(PREFACE):
-                    if not PREFACE.startswith(data):
+                if len(buf) < len(PREFACE):
+                    if not PREFACE.startswith(buf):
                         raise ProtocolError("not an HTTP/2 client preface")
-                    buf += data
-                    self.need = len(PREFACE)
+                    self.pending, self.need = [buf], len(PREFACE) - len(buf)
                     return
-                if not data.startswith(PREFACE):
+                if not buf.startswith(PREFACE):
                     raise ProtocolError("not an HTTP/2 client preface")
                 self.preface = True
-                at = len(PREFACE)
-            need = 9
+                buf = buf[len(PREFACE) :]
+            at, end = 0, len(buf)
             while end - at >= 9:
-                high, low, kind, flags, stream_id = _HEAD.unpack_from(data, at)
+                high, low, kind, flags, stream_id = _HEAD.unpack_from(buf, at)
                 length = high << 16 | low
                 if length > MAX_FRAME:
                     raise ProtocolError(f"frame of {length} bytes over {MAX_FRAME}", 6)
                 if end - at - 9 < length:
-                    need = 9 + length
+                    self.need = 9 + length - (end - at)
                     break
-                payload = data[at + 9 : at + 9 + length]
+                payload = buf[at + 9 : at + 9 + length]
                 at += 9 + length
                 self._frame(kind, flags, stream_id & 0x7FFFFFFF, payload)
-            if at < end and not self.closing:
-                buf += data[at:]
-                self.need = need
+                if self.closing:
+                    return
+            else:
+                if at < end:
+                    self.need = 9 - (end - at)
+            if self.need:
+                self.pending = [buf[at:] if at else buf]
         except ProtocolError as exc:
             self._fail(exc)
+            return
         if self.recv_unacked >= CONNECTION_WINDOW // 2:
             self._emit(frame(WINDOW_UPDATE, 0, 0, _WINDOW.pack(self.recv_unacked)))
             self.recv_unacked = 0
@@ -170,6 +174,8 @@ class Connection(asyncio.Protocol):
             if flags & PADDED:
                 payload = unpad(payload)
             if flags & PRIORITY_FLAG:
+                if len(payload) < 5:
+                    raise ProtocolError("HEADERS too short for its priority", 6)
                 payload = payload[5:]
             self.header_flags = flags
             self._header_fragment(stream_id, payload, flags & END_HEADERS)
@@ -183,11 +189,14 @@ class Connection(asyncio.Protocol):
         elif kind == WINDOW_UPDATE:
             self._window_update(stream_id, payload)
         elif kind == PING:
+            if len(payload) != 8:
+                raise ProtocolError("PING of a wrong size", 6)
             if not flags & ACK:
                 self._emit(frame(PING, ACK, 0, payload))
         elif kind == RST_STREAM:
             stream = self.streams.pop(stream_id, None)
             if stream is not None:
+                self._close_stream(stream)
                 stream.reset()
         elif kind == GOAWAY:
             self.closing_requested()
@@ -198,46 +207,58 @@ class Connection(asyncio.Protocol):
         stream = self.streams.get(stream_id)
         if stream is None or stream.half_closed:
             return  # a stream that ended or was reset: its bytes are dropped
+        stream.recv_unacked += len(payload)  # padding counts against its window too
         if flags & PADDED:
             payload = unpad(payload)
-        stream.recv_unacked += len(payload)
-        partial = stream.partial
-        if partial:  # a message was arriving: add to it, parse only once it is whole
-            partial += payload
-            data = b""
-            if len(partial) >= stream.need:
-                data = bytes(partial)
-                partial.clear()
-        else:
-            data = payload
+        data = payload
+        if stream.need:  # a message split over frames: pieces joined once, when whole
+            stream.partial.append(payload)
+            stream.need -= len(payload)
+            if stream.need > 0:
+                self._data_short(stream, flags)
+                return
+            data, stream.need = b"".join(stream.partial), 0
+            stream.partial = []
         at, end = 0, len(data)
         parse, deliver = stream.method.parse, stream.deliver
-        need = 5
         while end - at >= 5:
             compressed, length = _PREFIX.unpack_from(data, at)
-            if length > MAX_MESSAGE:  # refused before any of it is kept
+            if length > MAX_MESSAGE:
                 self._refuse(stream, RESOURCE_EXHAUSTED, "message larger than 64 MiB")
                 return
-            if end - at - 5 < length:
-                need = 5 + length
-                break
-            if compressed:
+            if compressed:  # refused at once, before its bytes are buffered
                 self._refuse(stream, INTERNAL, "compressed messages are not accepted")
                 return
+            if end - at - 5 < length:
+                break
             try:
                 message = parse(data[at + 5 : at + 5 + length])
             except Exception:
                 self._refuse(stream, INTERNAL, "the message does not parse")
                 return
             at += 5 + length
-            deliver(message)
+            deliver(message, length)
         if at < end:
-            partial += data[at:]
-            stream.need = need
+            stream.partial = [data[at:] if at else data]
+            stream.need = 5 + length - (end - at) if end - at >= 5 else 5 - (end - at)
         if stream.recv_unacked >= STREAM_WINDOW // 2 and not flags & END_STREAM:
             self._emit(frame(WINDOW_UPDATE, 0, stream_id, _WINDOW.pack(stream.recv_unacked)))
             stream.recv_unacked = 0
         if flags & END_STREAM:
+            self._end_input(stream)
+
+    def _data_short(self, stream: Stream, flags: int) -> None:
+        """A frame that did not finish its message: window and half-close still count."""
+        if stream.recv_unacked >= STREAM_WINDOW // 2 and not flags & END_STREAM:
+            self._emit(frame(WINDOW_UPDATE, 0, stream.id, _WINDOW.pack(stream.recv_unacked)))
+            stream.recv_unacked = 0
+        if flags & END_STREAM:
+            self._end_input(stream)
+
+    def _end_input(self, stream: Stream) -> None:
+        if stream.need:
+            self._refuse(stream, INTERNAL, "the stream ended inside a message")
+        else:
             stream.end_input()
 
     def _header_fragment(self, stream_id: int, fragment: bytes, last: int) -> None:
@@ -254,8 +275,8 @@ class Connection(asyncio.Protocol):
             raise ProtocolError(f"header block does not decode: {exc}", 9) from exc
         stream = self.streams.get(stream_id)
         if stream is not None:  # trailers from the client
-            if self.header_flags & END_STREAM:
-                stream.end_input()
+            if self.header_flags & END_STREAM and not stream.half_closed:
+                self._end_input(stream)
             return
         if stream_id <= self.last_id or not stream_id & 1:
             if stream_id <= self.last_id:
@@ -307,125 +328,23 @@ class Connection(asyncio.Protocol):
             code, why = UNKNOWN, "internal error"
         self._finish(stream, code, why)
 
-    # ------------------------------------------------------------------ sending
-
-    def send_message(self, stream: Stream, payload: bytes) -> None:
-        if not stream.headers_sent:
-            stream.headers_sent = True
-            self._emit_soon(frame(HEADERS, END_HEADERS, stream.id, RESPONSE_HEADERS))
-        data = _PREFIX.pack(0, len(payload)) + payload
-        size = len(data)
-        if (
-            not stream.backlog
-            and size <= self.peer_frame
-            and size <= stream.send_window
-            and size <= self.send_window
-        ):
-            stream.send_window -= size
-            self.send_window -= size
-            self._emit_soon(frame(DATA, 0, stream.id, data))
-            return
-        if not stream.backlog:
-            self.blocked.append(stream)
-        stream.backlog.append(data)
-        self._drain()
-
-    def _finish(self, stream: Stream, code: int, why: str) -> None:
-        """The handler returned: trailers (after any DATA still waiting for window)."""
-        if stream.done or self.closing:
-            self.streams.pop(stream.id, None)
-            return
-        trailers = grpc_trailers(code, why, with_headers=not stream.headers_sent)
-        stream.headers_sent = True
-        if stream.backlog:
-            stream.backlog.append(Trailers(trailers))  # type: ignore[arg-type]
-            return
-        self._end(stream, trailers)
-
-    def _end(self, stream: Stream, trailers: bytes) -> None:
-        stream.done = True
-        self._emit_soon(frame(HEADERS, END_HEADERS | END_STREAM, stream.id, trailers))
-        if not stream.half_closed:  # we answered before Envoy ended its side: stop it
-            self._emit_soon(frame(RST_STREAM, 0, stream.id, _WINDOW.pack(0)))
-        self.streams.pop(stream.id, None)
-        if self.server.stopping and not self.streams:
-            self._emit_soon(b"")  # the flush closes a drained connection
-
-    def _drain(self) -> None:
-        """Send what the peer's windows now allow, stream by stream in order; a stream
-        whose own window is spent waits without holding up the others."""
-        waiting: deque[Stream] = deque()
-        blocked = self.blocked
-        while blocked:
-            stream = blocked.popleft()
-            backlog = stream.backlog
-            while backlog:
-                item = backlog[0]
-                if isinstance(item, Trailers):  # not flow-controlled
-                    backlog.popleft()
-                    self._end(stream, item.block)
-                    break
-                size = min(len(item), self.peer_frame, stream.send_window, self.send_window)
-                if size <= 0:
-                    break
-                self._emit_soon(frame(DATA, 0, stream.id, item[:size]))
-                stream.send_window -= size
-                self.send_window -= size
-                if size == len(item):
-                    backlog.popleft()
-                else:
-                    backlog[0] = item[size:]
-            if backlog:
-                waiting.append(stream)
-        self.blocked = waiting
-
-    def _window_update(self, stream_id: int, payload: bytes) -> None:
-        if len(payload) != 4:
-            raise ProtocolError("WINDOW_UPDATE of a wrong size", 6)
-        grow = _WINDOW.unpack(payload)[0] & 0x7FFFFFFF
-        if stream_id == 0:
-            self.send_window += grow
-        else:
-            stream = self.streams.get(stream_id)
-            if stream is None:
-                return
-            stream.send_window += grow
-        if self.blocked:
-            self._drain()
-
-    def _settings(self, payload: bytes) -> None:
-        if len(payload) % 6:
-            raise ProtocolError("SETTINGS of a wrong size", 6)
-        for at in range(0, len(payload), 6):
-            key, value = struct.unpack_from(">HL", payload, at)
-            if key == 4:  # INITIAL_WINDOW_SIZE: applies to open streams as a delta
-                if value > 0x7FFFFFFF:
-                    raise ProtocolError("initial window over 2^31-1", 3)
-                delta, self.peer_window = value - self.peer_window, value
-                for stream in self.streams.values():
-                    stream.send_window += delta
-            elif key == 5:  # MAX_FRAME_SIZE
-                if not 16384 <= value <= 16777215:
-                    raise ProtocolError("max frame size out of range")
-                self.peer_frame = value
-        self._emit(frame(SETTINGS, ACK, 0, b""))
-        if self.blocked:
-            self._drain()
-
     def _refuse(self, stream: Stream, code: int, why: str) -> None:
         log.warning("gRPC stream %d refused: %s", stream.id, why)
-        self.streams.pop(stream.id, None)
+        self._close_stream(stream)
         stream.reset()
         self._emit(frame(HEADERS, END_HEADERS | END_STREAM, stream.id, grpc_trailers(
             code, why, with_headers=not stream.headers_sent)))  # fmt: skip
         self._emit(frame(RST_STREAM, 0, stream.id, _WINDOW.pack(0)))
 
     def _fail(self, exc: ProtocolError) -> None:
+        """GOAWAY written now, behind what was queued (a flush after close would drop it)."""
         log.warning("HTTP/2 connection from Envoy closed: %s", exc)
-        self._emit(frame(GOAWAY, 0, 0, struct.pack(">LL", self.last_id, exc.code)))
-        self.closing = True
-        if self.transport is not None:
-            self.transport.close()
+        self.out.append(frame(GOAWAY, 0, 0, struct.pack(">LL", self.last_id, exc.code)))
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(b"".join(self.out))
+            transport.close()
+        self.out.clear()
         self.connection_lost(None)
 
     def closing_requested(self) -> None:
@@ -436,33 +355,6 @@ class Connection(asyncio.Protocol):
         self._emit(frame(GOAWAY, 0, 0, struct.pack(">LL", self.last_id, 0)))
         if not self.streams and self.transport is not None:
             self.transport.close()
-
-    # ------------------------------------------------------------------ writing
-
-    def _emit(self, data: bytes) -> None:
-        self._emit_soon(data)
-
-    def _emit_soon(self, data: bytes) -> None:
-        """Everything one loop turn sends leaves in one write (one syscall for many
-        streams' answers)."""
-        if data:
-            self.out.append(data)
-        if not self.flush_due:
-            self.flush_due = True
-            self.loop.call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self.flush_due = False
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            self.out.clear()
-            return
-        if self.out:
-            out = self.out
-            transport.write(out[0] if len(out) == 1 else b"".join(out))
-            out.clear()
-        if self.server.stopping and not self.streams:
-            transport.close()
 
 
 class Server:

@@ -12,6 +12,8 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from extproc.h2flow import MAX_QUEUED
+
 if TYPE_CHECKING:
     from extproc.h2grpc import Connection
 
@@ -37,6 +39,8 @@ class _Eof:
 
 EOF = _Eof()
 
+_OVERHEAD = 256  # what a queued message costs beyond its bytes (a protobuf object)
+
 # A method: how to parse its messages and the handler that runs once per stream.
 Handler = Callable[["Stream"], Awaitable[None]]
 
@@ -54,18 +58,19 @@ class Stream:
     part the sidecar uses)."""
 
     __slots__ = ("_conn", "_inbox", "_waiter", "backlog", "done", "half_closed",
-                 "headers_sent", "id", "metadata", "method", "need", "partial", "recv_unacked",
-                 "send_window", "task")  # fmt: skip
+                 "headers_sent", "id", "metadata", "method", "need", "partial", "queued",
+                 "recv_unacked", "send_window", "task")  # fmt: skip
 
     def __init__(self, conn: Connection, stream_id: int, method: Method, metadata: tuple) -> None:
         self._conn = conn
         self.id = stream_id
         self.method = method
         self.metadata = metadata
-        self._inbox: deque[Any] = deque()
+        self._inbox: deque[tuple[Any, int]] = deque()  # (message, what it counts)
+        self.queued = 0  # what the inbox counts against the connection's MAX_QUEUED
         self._waiter: asyncio.Future | None = None
-        self.partial = bytearray()  # the start of a message split over DATA frames
-        self.need = 0  # how many bytes `partial` must hold before it is parsed again
+        self.partial: list[bytes] = []  # the start of a message split over DATA frames
+        self.need = 0  # the bytes it still lacks
         self.send_window = conn.peer_window
         self.backlog: deque[bytes] = deque()  # DATA waiting for the peer's window
         self.headers_sent = False
@@ -79,7 +84,13 @@ class Stream:
 
     async def read(self) -> Any:
         if self._inbox:
-            return self._inbox.popleft()
+            message, size = self._inbox.popleft()
+            self.queued -= size
+            conn = self._conn
+            conn.queued -= size
+            if conn.read_paused:
+                conn.reading()
+            return message
         if self.half_closed:
             return EOF
         if self.done:
@@ -94,14 +105,26 @@ class Stream:
 
     # ---------------------------------------------------------- from the connection
 
-    def deliver(self, message: Any) -> None:
+    def deliver(self, message: Any, length: int) -> None:
         waiter = self._waiter
         if waiter is not None:
             self._waiter = None
             if not waiter.done():
                 waiter.set_result(message)
                 return
-        self._inbox.append(message)
+        size = length + _OVERHEAD  # a parsed message costs more than its bytes
+        self._inbox.append((message, size))
+        self.queued += size
+        conn = self._conn
+        conn.queued += size
+        if conn.queued > MAX_QUEUED:
+            conn.reading()
+
+    def forget_input(self) -> int:
+        """The stream is gone: its unread messages are dropped; what they counted."""
+        queued, self.queued = self.queued, 0
+        self._inbox.clear()
+        return queued
 
     def end_input(self) -> None:
         self.half_closed = True
@@ -115,6 +138,7 @@ class Stream:
         as grpc.aio cancels it."""
         self.done = True
         self.backlog.clear()
+        self.partial = []
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             self._waiter = None
