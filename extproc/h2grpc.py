@@ -58,6 +58,7 @@ STREAM_WINDOW = 1 << 24  # what each stream may send before our WINDOW_UPDATE
 CONNECTION_WINDOW = 1 << 30
 MAX_FRAME = 1 << 20  # the largest frame we accept (advertised)
 MAX_STREAMS = 10000
+LINGER = 1.0  # seconds a failed connection stays half-open for its GOAWAY to arrive
 _HEAD = struct.Struct(">BHBBL")  # length (24 bits as 8 + 16), type, flags, stream id
 _WINDOW = struct.Struct(">L")
 _PREFIX = struct.Struct(">BL")  # gRPC message: compressed flag, length
@@ -144,8 +145,6 @@ class Connection(Sender, asyncio.Protocol):
                 payload = buf[at + 9 : at + 9 + length]
                 at += 9 + length
                 self._frame(kind, flags, stream_id & 0x7FFFFFFF, payload)
-                if self.closing:
-                    return
             else:
                 if at < end:
                     self.need = 9 - (end - at)
@@ -337,13 +336,18 @@ class Connection(Sender, asyncio.Protocol):
         self._emit(frame(RST_STREAM, 0, stream.id, _WINDOW.pack(0)))
 
     def _fail(self, exc: ProtocolError) -> None:
-        """GOAWAY written now, behind what was queued (a flush after close would drop it)."""
+        """GOAWAY written now, behind what was queued (a flush after close would drop it);
+        the peer's further input is dropped (`closing`)."""
         log.warning("HTTP/2 connection from Envoy closed: %s", exc)
         self.out.append(frame(GOAWAY, 0, 0, struct.pack(">LL", self.last_id, exc.code)))
         transport = self.transport
         if transport is not None and not transport.is_closing():
             transport.write(b"".join(self.out))
-            transport.close()
+            if transport.can_write_eof():  # a close with unread input would be a TCP
+                transport.write_eof()  # reset, and the peer could lose the GOAWAY: linger,
+                self.loop.call_later(LINGER, transport.close)  # dropping what it still sends
+            else:
+                transport.close()
         self.out.clear()
         self.connection_lost(None)
 
