@@ -32,6 +32,8 @@ class Calls:
         self.started = asyncio.Event()
         self.finally_ran = asyncio.Event()
         self.cancelled = 0
+        self.gate = asyncio.Event()
+        self.sunk = 0
 
     async def echo(self, ctx: Stream) -> None:
         """Bidi: every message back, in order."""
@@ -46,6 +48,12 @@ class Calls:
     async def boom(self, ctx: Stream) -> None:
         await ctx.read()
         raise RuntimeError("a handler's bug")
+
+    async def sink(self, ctx: Stream) -> None:
+        """Reads nothing until `gate` opens, then counts every message to the end."""
+        await self.gate.wait()
+        while await ctx.read() is not EOF:
+            self.sunk += 1
 
     async def hang(self, ctx: Stream) -> None:
         """Reads one message, then waits for ever: only a cancel ends it."""
@@ -75,6 +83,7 @@ async def running_server() -> AsyncIterator[tuple[int, Calls, Server]]:
         "/t.T/Big": Method(BV.FromString, calls.big),
         "/t.T/Boom": Method(BV.FromString, calls.boom),
         "/t.T/Hang": Method(BV.FromString, calls.hang),
+        "/t.T/Sink": Method(BV.FromString, calls.sink),
     })  # fmt: skip
     port = free_port()
     await server.listen(f"127.0.0.1:{port}")

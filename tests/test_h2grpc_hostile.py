@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 from grpc_health.v1 import health_pb2
 
+from extproc.h2flow import MAX_QUEUED
 from extproc.h2frames import (
     CONTINUATION,
     DATA,
@@ -239,6 +240,28 @@ async def test_a_peer_that_never_reads_makes_the_server_stop_reading(served) -> 
         assert chunk, "the server closed the connection"
         got += chunk
     assert got.count(ack) == sent
+    await raw.close()
+
+
+async def test_a_handler_that_lags_makes_the_server_stop_reading_not_grow(served) -> None:
+    """80 MiB of messages to a handler that reads none yet: the server holds at most
+    MAX_QUEUED (+ one read) of them, then stops reading; once the handler reads, the
+    rest flows and every message arrives."""
+    port, calls, server = served
+    raw = await Raw.connect(port)
+    (conn,) = server.connections
+    await raw.send(frame(HEADERS, END_HEADERS, 1, raw.block("/t.T/Sink")))
+    chunk = frame(DATA, 0, 1, _bv(bytes(1000)) * 64)
+    chunks = (80 << 20) // len(chunk)
+    sender = asyncio.create_task(raw.send(chunk * chunks + frame(DATA, END_STREAM, 1, b"")))
+    await _eventually(lambda: conn.read_paused, "reading paused")
+    assert MAX_QUEUED // 2 < conn.queued < MAX_QUEUED + (1 << 20)
+    assert not sender.done()
+    calls.gate.set()
+    await sender
+    data, headers = await _answer(raw, 1)
+    assert (data, headers["grpc-status"], calls.sunk) == (b"", "0", chunks * 64)
+    assert conn.queued == 0
     await raw.close()
 
 
