@@ -91,6 +91,17 @@ async def test_control_frames_of_a_wrong_size_are_frame_size_error(served, bad: 
     assert await _goaway(raw) == 6
 
 
+@pytest.mark.parametrize(
+    ("setting", "code"), [((4, 1 << 31), 3), ((5, 16383), 1), ((5, 1 << 24), 1)]
+)
+async def test_settings_out_of_range(served, setting: tuple[int, int], code: int) -> None:
+    """An initial window over 2^31-1 (FLOW_CONTROL_ERROR), a max frame size outside
+    16 KiB .. 16 MiB-1 (PROTOCOL_ERROR)."""
+    raw = await Raw.connect(served[0])
+    await raw.send(frame(SETTINGS, 0, 0, struct.pack(">HL", *setting)))
+    assert await _goaway(raw) == code
+
+
 async def test_a_continuation_flood_past_the_header_block_limit(served) -> None:
     raw = await Raw.connect(served[0])
     flood = frame(HEADERS, 0, 1, b"\x00" * 16384)
