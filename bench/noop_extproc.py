@@ -117,14 +117,7 @@ async def serve_h2(listen: str, stats: str) -> None:
     host, _, port = stats.rpartition(":")
     stats_server = await _stats_server(processor, host or "127.0.0.1", int(port))
     print(f"noop ext_proc (h2grpc) on {listen}, stats on http://{stats}/", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    stats_server.close()
-    await server.stop(grace=2)
-    print(f"noop ext_proc handled {processor.stats().decode()}", flush=True)
+    await _until_signal(processor, stats_server, server)
 
 
 async def serve(listen: str, stats: str) -> None:
@@ -147,6 +140,11 @@ async def serve(listen: str, stats: str) -> None:
     for service in ("", SERVICE_NAME):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     print(f"noop ext_proc on {listen}, stats on http://{stats}/", flush=True)
+    await _until_signal(processor, stats_server, server)
+
+
+async def _until_signal(processor: NoopProcessor, stats_server: asyncio.Server, server) -> None:
+    """Serve until SIGTERM/SIGINT, then stop and print the counts."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
