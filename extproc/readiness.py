@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
+from grpc_health.v1 import health_pb2
+
+from extproc.h2stream import EOF, Abort, Stream
 from extproc.policy import Shared
 
 # None when ready, else the reason (logged when readiness changes).
@@ -41,3 +44,23 @@ class Readiness:
             if reason:
                 out.append(f"{name}: {reason}")
         return out
+
+
+class Health:
+    """grpc.health.v1 `Check` (Envoy's health check, Kubernetes' gRPC probes): the
+    status of the server (`""`) and of the ext_proc service."""
+
+    def __init__(self) -> None:
+        self.status: dict[str, int] = {}
+
+    async def set(self, service: str, status: int) -> None:
+        self.status[service] = status
+
+    async def Check(self, context: Stream) -> None:
+        request = await context.read()
+        if request is EOF:
+            raise Abort(3, "no request")  # INVALID_ARGUMENT
+        status = self.status.get(request.service)
+        if status is None:
+            raise Abort(5, "unknown service")  # NOT_FOUND, as grpc_health answers
+        await context.write(health_pb2.HealthCheckResponse(status=status))

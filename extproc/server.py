@@ -32,14 +32,14 @@ from extproc.exchange import Exchange, offpath
 from extproc.failover.attempt import Attempt
 from extproc.failover.plan import UPSTREAM, UPSTREAM_STAGE
 from extproc.h2grpc import Server
-from extproc.h2stream import EOF, Abort, Method, Stream
+from extproc.h2stream import EOF, Method, Stream
 from extproc.h2stream import StreamEnded as GrpcCallError
 from extproc.headers import OBSERVER_METADATA
 from extproc.metrics import Metrics
 from extproc.msgtimes import MessageTimes
 from extproc.netaddr import worker_addresses
 from extproc.policy import Policy, Shared, build_policy
-from extproc.readiness import Readiness
+from extproc.readiness import Health, Readiness
 from extproc.reload import (
     POLL_INTERVAL_S,
     SNAPSHOT_ENV,
@@ -239,26 +239,6 @@ class _Caller:
                 self.observing = True
             elif key == UPSTREAM_STAGE:
                 self.upstream = value == UPSTREAM
-
-
-class Health:
-    """grpc.health.v1 `Check` (Envoy's health check, Kubernetes' gRPC probes): the
-    status of the server (`""`) and of the ext_proc service."""
-
-    def __init__(self) -> None:
-        self.status: dict[str, int] = {}
-
-    async def set(self, service: str, status: int) -> None:
-        self.status[service] = status
-
-    async def Check(self, context: Stream) -> None:
-        request = await context.read()
-        if request is EOF:
-            raise Abort(3, "no request")  # INVALID_ARGUMENT
-        status = self.status.get(request.service)
-        if status is None:
-            raise Abort(5, "unknown service")  # NOT_FOUND, as grpc_health answers
-        await context.write(health_pb2.HealthCheckResponse(status=status))
 
 
 def grpc_server(processor: ExternalProcessor, health_check: Health) -> Server:

@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2
 from extproc.h2frames import PREFACE, SETTINGS, frame
 from extproc.h2grpc import Server
 from extproc.h2stream import EOF, Method, Stream
-from extproc.server import Health
+from extproc.readiness import Health
 from tests.conftest import free_port
 
 BV = wrappers_pb2.BytesValue
