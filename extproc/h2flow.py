@@ -170,7 +170,7 @@ class Sender:
         if delta:  # applies to open streams as a delta, once per frame (RFC 9113 6.9.2)
             for stream in self.streams.values():
                 stream.send_window += delta
-        self._emit(frame(SETTINGS, ACK, 0, b""))
+        self._emit_soon(frame(SETTINGS, ACK, 0, b""))
         if delta > 0 and self.blocked:
             self._drain()
 
@@ -201,9 +201,6 @@ class Sender:
             transport.resume_reading()
 
     # ------------------------------------------------------------------ writing
-
-    def _emit(self, data: bytes) -> None:
-        self._emit_soon(data)
 
     def _emit_soon(self, data: bytes) -> None:
         """Everything one loop turn sends leaves in one write (one syscall for many

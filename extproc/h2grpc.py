@@ -102,7 +102,7 @@ class Connection(Sender, asyncio.Protocol):
         self.server.connections.add(self)
         settings = local_settings(MAX_STREAMS, STREAM_WINDOW, MAX_FRAME)
         grow = _WINDOW.pack(CONNECTION_WINDOW - 65535)
-        self._emit(frame(SETTINGS, 0, 0, settings) + frame(WINDOW_UPDATE, 0, 0, grow))
+        self._emit_soon(frame(SETTINGS, 0, 0, settings) + frame(WINDOW_UPDATE, 0, 0, grow))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
@@ -154,7 +154,7 @@ class Connection(Sender, asyncio.Protocol):
             self._fail(exc)
             return
         if self.recv_unacked >= CONNECTION_WINDOW // 2:
-            self._emit(frame(WINDOW_UPDATE, 0, 0, _WINDOW.pack(self.recv_unacked)))
+            self._emit_soon(frame(WINDOW_UPDATE, 0, 0, _WINDOW.pack(self.recv_unacked)))
             self.recv_unacked = 0
 
     def eof_received(self) -> bool:
@@ -191,7 +191,7 @@ class Connection(Sender, asyncio.Protocol):
             if len(payload) != 8:
                 raise ProtocolError("PING of a wrong size", 6)
             if not flags & ACK:
-                self._emit(frame(PING, ACK, 0, payload))
+                self._emit_soon(frame(PING, ACK, 0, payload))
         elif kind == RST_STREAM:
             stream = self.streams.pop(stream_id, None)
             if stream is not None:
@@ -241,7 +241,7 @@ class Connection(Sender, asyncio.Protocol):
             stream.partial = [data[at:] if at else data]
             stream.need = 5 + length - (end - at) if end - at >= 5 else 5 - (end - at)
         if stream.recv_unacked >= STREAM_WINDOW // 2 and not flags & END_STREAM:
-            self._emit(frame(WINDOW_UPDATE, 0, stream_id, _WINDOW.pack(stream.recv_unacked)))
+            self._emit_soon(frame(WINDOW_UPDATE, 0, stream_id, _WINDOW.pack(stream.recv_unacked)))
             stream.recv_unacked = 0
         if flags & END_STREAM:
             self._end_input(stream)
@@ -249,7 +249,7 @@ class Connection(Sender, asyncio.Protocol):
     def _data_short(self, stream: Stream, flags: int) -> None:
         """A frame that did not finish its message: window and half-close still count."""
         if stream.recv_unacked >= STREAM_WINDOW // 2 and not flags & END_STREAM:
-            self._emit(frame(WINDOW_UPDATE, 0, stream.id, _WINDOW.pack(stream.recv_unacked)))
+            self._emit_soon(frame(WINDOW_UPDATE, 0, stream.id, _WINDOW.pack(stream.recv_unacked)))
             stream.recv_unacked = 0
         if flags & END_STREAM:
             self._end_input(stream)
@@ -297,13 +297,13 @@ class Connection(Sender, asyncio.Protocol):
         if method is None or self.closing or self.server.stopping:
             code, why = (UNIMPLEMENTED, "unknown method") if method is None else (
                 UNAVAILABLE, "the server is shutting down")  # fmt: skip
-            self._emit(frame(HEADERS, END_HEADERS | END_STREAM, stream_id, grpc_trailers(
+            self._emit_soon(frame(HEADERS, END_HEADERS | END_STREAM, stream_id, grpc_trailers(
                 code, why, with_headers=True)))  # fmt: skip
             if not ended:
-                self._emit(frame(RST_STREAM, 0, stream_id, _WINDOW.pack(0)))
+                self._emit_soon(frame(RST_STREAM, 0, stream_id, _WINDOW.pack(0)))
             return
         if len(self.streams) >= MAX_STREAMS:
-            self._emit(frame(RST_STREAM, 0, stream_id, _WINDOW.pack(7)))  # REFUSED_STREAM
+            self._emit_soon(frame(RST_STREAM, 0, stream_id, _WINDOW.pack(7)))  # REFUSED_STREAM
             return
         stream = Stream(self, stream_id, method, tuple(metadata))
         self.streams[stream_id] = stream
@@ -331,9 +331,9 @@ class Connection(Sender, asyncio.Protocol):
         log.warning("gRPC stream %d refused: %s", stream.id, why)
         self._close_stream(stream)
         stream.reset()
-        self._emit(frame(HEADERS, END_HEADERS | END_STREAM, stream.id, grpc_trailers(
+        self._emit_soon(frame(HEADERS, END_HEADERS | END_STREAM, stream.id, grpc_trailers(
             code, why, with_headers=not stream.headers_sent)))  # fmt: skip
-        self._emit(frame(RST_STREAM, 0, stream.id, _WINDOW.pack(0)))
+        self._emit_soon(frame(RST_STREAM, 0, stream.id, _WINDOW.pack(0)))
 
     def _fail(self, exc: ProtocolError) -> None:
         """GOAWAY written now, behind what was queued (a flush after close would drop it);
@@ -356,7 +356,7 @@ class Connection(Sender, asyncio.Protocol):
 
     def go_away(self) -> None:
         """Shutdown: no new stream on this connection; those open finish."""
-        self._emit(frame(GOAWAY, 0, 0, struct.pack(">LL", self.last_id, 0)))
+        self._emit_soon(frame(GOAWAY, 0, 0, struct.pack(">LL", self.last_id, 0)))
         if not self.streams and self.transport is not None:
             self.transport.close()
 
