@@ -32,8 +32,7 @@ from extproc.exchange import Exchange, offpath
 from extproc.failover.attempt import Attempt
 from extproc.failover.plan import UPSTREAM, UPSTREAM_STAGE
 from extproc.h2grpc import Server
-from extproc.h2stream import EOF, Method, Stream
-from extproc.h2stream import StreamEnded as GrpcCallError
+from extproc.h2stream import EOF, Method, Stream, StreamEnded
 from extproc.headers import OBSERVER_METADATA
 from extproc.metrics import Metrics
 from extproc.msgtimes import MessageTimes
@@ -92,7 +91,7 @@ class ExternalProcessor:
                     return
             else:
                 admission.open += 1  # counted like any stream, never refused
-        except GrpcCallError as exc:  # a hang-up before the exchange began: nothing to settle
+        except StreamEnded as exc:  # a hang-up before the exchange began: nothing to settle
             log.debug("ext_proc stream ended before its first answer: %r", exc)
             return
         if upstream:
@@ -131,10 +130,10 @@ class ExternalProcessor:
                     break  # metered off path: the observer has the rest (`offpath.keep_slot`)
         except asyncio.CancelledError:
             raise  # Envoy or the client went away; `finally` settles the exchange
-        except GrpcCallError as exc:
-            # The RPC ended under a read or write (`ExecuteBatchError`: the client hung
-            # up between our read and our answer): a hang-up like a cancellation, not a
-            # failure of ours. `finally` settles the exchange.
+        except StreamEnded as exc:
+            # The RPC ended under a read or write (Envoy reset the stream between our
+            # read and our answer): a hang-up like a cancellation, not a failure of
+            # ours. `finally` settles the exchange.
             log.debug("ext_proc stream ended under us route=%s: %r", exchange.route_name, exc)
         except Exception:
             self.metrics.errors.labels("internal").inc()
@@ -159,7 +158,7 @@ class ExternalProcessor:
             while request is not EOF:
                 await context.write(attempt.on(request))
                 request = await context.read()
-        except GrpcCallError as exc:  # Envoy ended the attempt (reset, per-try timeout)
+        except StreamEnded as exc:  # Envoy ended the attempt (reset, per-try timeout)
             log.debug("failover attempt stream ended under us: %r", exc)
         finally:
             self.open_streams -= 1

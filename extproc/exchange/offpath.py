@@ -119,7 +119,7 @@ def decide(ex: Exchange, answer: Response) -> Response:
     """Response headers: off path when the body phase is a plain metered stream; the
     synchronous filter then skips the body. The observer's first message left Envoy
     before the request went upstream, so it comes even when it has not attached yet
-    (grpc.aio dispatches a new stream a few loop turns later): `handed_over` waits
+    (the server starts a new stream's handler a loop turn later): `handed_over` waits
     for it, bounded, should the synchronous stream end first."""
     entry = ex.off_path
     assert entry is not None
