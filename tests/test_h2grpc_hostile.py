@@ -287,13 +287,19 @@ async def test_streams_past_max_concurrent_are_refused(served) -> None:
     await _eventually(lambda: calls.cancelled == MAX_STREAMS, "every handler cancelled")
 
 
-async def test_a_connection_closed_mid_frame_cancels_its_handlers(served) -> None:
+async def _hanging_call(served) -> tuple[Raw, Calls]:
+    """A raw connection with one call on stream 1 whose handler has started and waits."""
     port, calls, _server = served
     raw = await Raw.connect(port)
     await raw.send(
         frame(HEADERS, END_HEADERS, 1, raw.block("/t.T/Hang")) + frame(DATA, 0, 1, _bv(b"x"))
     )
     await calls.started.wait()
+    return raw, calls
+
+
+async def test_a_connection_closed_mid_frame_cancels_its_handlers(served) -> None:
+    raw, calls = await _hanging_call(served)
     await raw.send(frame(DATA, 0, 1, _bv(b"y" * 100))[:40])  # a frame cut short
     await raw.close()
     await asyncio.wait_for(calls.finally_ran.wait(), 60)
@@ -301,12 +307,7 @@ async def test_a_connection_closed_mid_frame_cancels_its_handlers(served) -> Non
 
 
 async def test_rst_stream_for_a_stream_in_flight_cancels_its_handler(served) -> None:
-    port, calls, _server = served
-    raw = await Raw.connect(port)
-    await raw.send(
-        frame(HEADERS, END_HEADERS, 1, raw.block("/t.T/Hang")) + frame(DATA, 0, 1, _bv(b"x"))
-    )
-    await calls.started.wait()
+    raw, calls = await _hanging_call(served)
     await raw.send(frame(RST_STREAM, 0, 1, struct.pack(">L", 8)) + frame(DATA, 0, 1, _bv(b"late")))
     await asyncio.wait_for(calls.finally_ran.wait(), 60)
     assert calls.cancelled == 1
