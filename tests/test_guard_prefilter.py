@@ -64,18 +64,20 @@ def test_an_unreadable_pattern_means_no_prefilter():
 )
 def test_the_direct_re2_call_answers_as_search_does(pieces, start):
     """`ascii_finder` (RE2's own `Match`, no wrapper) finds exactly where the public
-    `search` finds, on the ASCII texts the pre-check gives it (a google-re2 version
-    that changed what `Match` returns fails here, not in a leaked detection)."""
+    `search` finds (the match's start, -1 for none), on the ASCII texts the pre-check
+    gives it (a google-re2 version that changed what `Match` returns fails here, not
+    in a leaked detection)."""
     text = "".join(pieces)
     start = min(start, len(text))
     regex, _ = SCANNER._pre
     found = ascii_finder(regex)
-    assert found(text, start) is (regex.search(text, start) is not None), (text, start)
+    m = regex.search(text, start)
+    assert found(text, start) == (-1 if m is None else m.start()), (text, start)
 
 
 def test_the_direct_re2_call_can_say_yes_and_no():
     regex, _ = SCANNER._pre
     found = ascii_finder(regex)
-    assert found("call 415-555-2671 now", 0)
-    assert not found("call 415-555-2671 now", 17)  # the number is before `start`
-    assert not found(" the quick brown fox, gateway lantern orbit", 0)
+    assert found("call 415-555-2671 now", 0) == 4
+    assert found("call 415-555-2671 now", 17) == -1  # the number is before `start`
+    assert found(" the quick brown fox, gateway lantern orbit", 0) == -1

@@ -58,3 +58,19 @@ def test_a_plain_word_is_quiet_and_a_key_prefix_is_not():
     assert not scanner.quiet(text + " sk-pr", 20)  # an API key may follow
     assert not scanner.quiet(text + " PROJECT FAL", 20)  # the keyword, any case
     assert not scanner.quiet(text + " EMP-00", 20)  # the RE2 pattern's viable tail
+
+
+def test_plain_prose_is_decided_by_the_one_re2_search():
+    """The quick check in front of the exact searches finds nothing in prose ending in
+    any letter (else every chunk would pay the exact searches over its whole window),
+    and what it finds (a key prefix, or a lookbehind's character before an empty tail)
+    is left to them, which still say quiet where nothing can match."""
+    scanner = Scanner([d for d in DETECTORS if d.type not in ("EMAIL", "TICKET")], 256)
+    prose = "between river lantern orbit maple quartz gateway"  # `t` may begin a TICKET
+    for last in "abcdefghijklmnopqrstuvwxyz":
+        first = scanner._tails[last][2]
+        assert first(prose + last, 0) in (-1, len(prose) + 1), last  # none, or empty at the end
+    first = scanner._tails[" "][2]
+    assert first(prose + " ", 0) == len(prose)  # a card number may begin after a space
+    assert scanner.quiet(prose + " ", 0)
+    assert not scanner.quiet(prose + " sk-proj", 0)

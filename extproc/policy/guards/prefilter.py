@@ -13,7 +13,8 @@ with the exact patterns:
 - a positive lookbehind of fixed width is consumed as written;
 - a negative lookahead keeps, of its alternatives, one that is a single character
   class `S` (`(?![S]|...)` holds only where `(?![S])` does) as `(?:[^S]|\\z)`;
-- every other assertion and anchor is dropped (read as always true);
+- `\\Z` stays, as RE2's `\\z`; every other assertion and anchor is dropped (read as
+  always true);
 - a counted repeat above 64 becomes unbounded (RE2 would unroll it);
 - `\\d`, `\\s`, `\\w` are spelled out as Python reads them on ASCII text.
 
@@ -57,8 +58,8 @@ class _Loose(_Emitter):
         self.back = 0  # characters a rewritten lookbehind consumes before a match
 
     def item(self, op: Any, av: Any) -> str:
-        if op is C.AT:
-            return ""
+        if op is C.AT:  # `\Z` (a viable tail's end) stays: RE2's `\z`
+            return "\\z" if av is C.AT_END_STRING else ""
         if op in (C.ASSERT, C.ASSERT_NOT):
             return self.assertion(op, av)
         if op in (C.MAX_REPEAT, C.MIN_REPEAT):
@@ -109,8 +110,9 @@ class _Loose(_Emitter):
         return "[" + "".join(out) + "]"
 
 
-def ascii_finder(regex: Any) -> Callable[[str, int], bool]:
-    """`found(text, start)`: does `regex` (RE2) match in ASCII `text` from `start` on.
+def ascii_finder(regex: Any) -> Callable[[str, int], int]:
+    """`first(text, start)`: where `regex` (RE2) first matches in ASCII `text` from
+    `start` on, -1 for nowhere.
 
     google-re2's `search` on a `str` builds a generator, encodes the text, converts
     the offsets between characters and bytes and wraps the spans in a match object:
@@ -121,12 +123,17 @@ def ascii_finder(regex: Any) -> Callable[[str, int], bool]:
     raw = getattr(getattr(regex, "_regexp", None), "Match", None)
     anchor = getattr(getattr(_re2, "_Anchor", None), "UNANCHORED", None)
     if raw is None or anchor is None:
-        return lambda text, start: regex.search(text, start) is not None
 
-    def found(text: str, start: int) -> bool:
-        return raw(anchor, text.encode(), start, len(text))[0][0] >= 0
+        def searched(text: str, start: int) -> int:
+            m = regex.search(text, start)
+            return -1 if m is None else m.start()
 
-    return found
+        return searched
+
+    def first(text: str, start: int) -> int:
+        return raw(anchor, text.encode(), start, len(text))[0][0]
+
+    return first
 
 
 def prefilter(sources: Sequence[tuple[str, str]]) -> tuple[Any, int] | None:

@@ -116,7 +116,12 @@ class Scanner:
             elif check is HOLDS:
                 return False  # a detector that can end in it holds its width
             else:
-                window, searches = check  # `_hold`, for one last character
+                window, searches, first, back = check  # `_hold`, for one last character
+                if first is not None and text.isascii():
+                    at = first(text, max(0, pos - back))
+                    if not 0 <= at < n:  # at the end: an empty tail, not viable
+                        return True  # no candidate, no viable tail: most chunks end here
+                    pos = max(pos, at)  # every candidate and every tail starts there or later
                 low = max(pos, n - window)
                 for search in searches:
                     m = search(text, low)
@@ -129,7 +134,7 @@ class Scanner:
         says so for ASCII text (linear; the exact alternation of lookbehind-led patterns
         costs steps per detector at every position), else the exact search does."""
         found = self._found
-        if found is not None and text.isascii() and not found(text, max(0, pos - self._back)):
+        if found is not None and text.isascii() and found(text, max(0, pos - self._back)) < 0:
             return True  # no detector can match: no need for the exact search
         for regex in self._any:  # noqa: SIM110 - no generator per chunk
             if regex.search(text, pos) is not None:
@@ -179,7 +184,8 @@ HOLDS = "holds"  # `_tail_checks`: a detector without a viable-prefix regex may 
 def _tail_checks(detectors: Sequence[Detector], windows: Sequence[int]) -> dict[str, Any]:
     """By a text's last ASCII character: `HOLDS`, or the widest window of the detectors
     whose tail can end in that character with one search per engine over all their
-    viable-prefix regexes (one search where `_hold` makes one per detector).
+    viable-prefix regexes (one search where `_hold` makes one per detector), and the
+    quick check in front of both searches (`_first_match`).
 
     The widest window finds what each detector's own finds: a viable tail is a prefix
     of a match, so no longer than its detector's width, and a window is the width or
@@ -203,9 +209,28 @@ def _tail_checks(detectors: Sequence[Detector], windows: Sequence[int]) -> dict[
                     for engine in ("py", "re2")
                     if any(detectors[i].engine == engine for i in group)
                 )  # fmt: skip
-                built[group] = (max((windows[i] for i in group), default=0), searches)
+                first, back = _first_match(detectors, group)
+                built[group] = (max((windows[i] for i in group), default=0), searches, first, back)
         checks[ch] = built[group]
     return checks
+
+
+def _first_match(detectors: Sequence[Detector], group: tuple[int, ...]) -> tuple[Any, int]:
+    """(`first(text, start)`, characters to start early) of one RE2 search over ASCII
+    text for any detector's candidate and any viable tail of the group's detectors,
+    each rewritten as a superset (prefilter.py, `\\Z` kept), or (None, 0). Where it
+    finds nothing before the text's end (a tail can be empty), `quiet` is done
+    without the exact searches; where it finds
+    something, nothing starts before it, so they begin there. The rewrite consumes a
+    lookbehind's characters: an empty tail after one (`[^0-9]` then nothing) is found
+    at the last character and leaves only that character to the exact searches. Only
+    the group's tails: one of a detector that cannot end in the last character would
+    be that empty kind, found in every chunk."""
+    pre = prefilter(
+        [(d.engine, d.source) for d in detectors]
+        + [(detectors[i].engine, _scoped(detectors[i].viable.pattern)) for i in group]
+    )
+    return (ascii_finder(pre[0]), pre[1]) if pre is not None else (None, 0)
 
 
 def _next(
