@@ -267,3 +267,62 @@ def test_plain_text_is_the_parse_of_choice_0_content_or_unsure(frames):
     if plain is not None:
         assert all((d.channel, d.kind) == (0, "content") for d in texts)
         assert plain == "".join(d.text for d in texts)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.text(max_size=8).map(lambda t: (0, {"content": t})),  # the cached shape
+            st.tuples(
+                st.integers(0, 1),
+                st.dictionaries(
+                    st.sampled_from(DELTA_KEYS),
+                    st.one_of(st.none(), st.text(max_size=6)),
+                    max_size=3,
+                ),
+            ),
+        ),
+        min_size=1,
+        max_size=12,
+    )
+)
+def test_one_frame_chunks_read_by_the_last_frame_s_shape_are_what_the_parse_reads(frames):
+    """A stream of one-frame chunks: most are read by the bytes around the last plain
+    frame's text (no regex); each is still exactly what the full parse gives the
+    guards, or unsure."""
+    decoder = OpenAIChat.stream_decoder(hide_usage=False, max_frame_bytes=1 << 16)
+    for index, delta in frames:
+        if "tool_calls" in delta:
+            delta = {**delta, "tool_calls": [{"index": 0, "function": {"arguments": "x"}}]}
+        chunk = chat_frame({"index": index, "delta": delta, "finish_reason": None})
+        plain = decoder.plain_text(chunk)
+        parser = OpenAIChat.stream_decoder(hide_usage=False, max_frame_bytes=1 << 16)
+        texts = [d for e in parser.feed(chunk) for d in parser.texts(e)]
+        decoder.feed(chunk)
+        if plain is not None:
+            assert all((d.channel, d.kind) == (0, "content") for d in texts)
+            assert plain == "".join(d.text for d in texts)
+
+
+def test_a_text_that_breaks_out_of_the_last_frame_s_string_is_read_by_the_regex():
+    """The bytes around the last plain frame's text are reused only for a text of plain
+    characters: a quote, a backslash or a newline in between could close the string
+    and write another member (a second content, which the SDKs show) or another
+    frame. Such a chunk is read as a decoder that never saw a frame reads it."""
+    decoder = OpenAIChat.stream_decoder(hide_usage=False, max_frame_bytes=1 << 16)
+    assert decoder.plain_text(text_frame(" hello")) == " hello"
+    assert decoder.plain_text(text_frame(" again")) == " again"  # the shape, reused
+    head, tail = text_frame("").split(b'"content":""')
+    head += b'"content":"'
+    tail = b'"' + tail
+    cases = {
+        b'x","content":"4111 1111 1111 1111': None,  # a second content member
+        b'x\\"4111\\"': 'x"4111"',  # escaped quotes stay in the string
+        b'x"}}]}\n\ndata: {"choices":[{"index":0,"delta":{"content":"4111': "x4111",
+        b"caf\xc3\xa9": None,
+    }
+    for inside, expected in cases.items():
+        chunk = head + inside + tail
+        fresh = OpenAIChat.stream_decoder(hide_usage=False, max_frame_bytes=1 << 16)
+        assert decoder.plain_text(chunk) == fresh.plain_text(chunk) == expected, inside

@@ -16,15 +16,12 @@ class Plain:
 
 
 class Quiet(Plain):
-    def quiet(self, text: str) -> bool:
+    def take(self, text: str) -> bool:
         return True
-
-    def skip(self, text: str) -> None:
-        pass
 
 
 class HalfQuiet(Plain):
-    def quiet(self, text: str) -> bool:  # no `skip`: not a QuietFilter
+    def quiet(self, text: str) -> bool:  # no `take`: not a QuietFilter
         return True
 
 

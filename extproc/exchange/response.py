@@ -339,9 +339,10 @@ class StreamBody:
     """An event stream: framed and decoded, filtered when a stage asked, forwarded as
     whole frames (an unfinished one waits for its end).
 
-    With filters, a chunk of whole frames whose text every filter passes by its
-    pre-check (`QuietFilter`: the guards) takes the no-filter path: metered by byte
-    counts, never parsed, answered "no mutation"."""
+    With one filter, a chunk of whole frames whose text it passes by its pre-check
+    (`QuietFilter`: the guards) takes the no-filter path: metered by byte counts,
+    never parsed, answered "no mutation". (With more, one could take a text that the
+    next refuses: every chunk is parsed.)"""
 
     __slots__ = ("decoder", "filters", "held", "inflated", "quiet")
     paced = True
@@ -358,10 +359,10 @@ class StreamBody:
         self.filters = filters
         self.inflated = inflated
         self.held = False
-        # The filters that can say "nothing to do" for a chunk's plain text (all of
-        # them, or the pre-check is off); None: no filter, or one that cannot.
-        quiet = [f for f in filters if is_quiet_filter(f)]
-        self.quiet = quiet if precheck and quiet and len(quiet) == len(filters) else None
+        # The one filter that can say "nothing to do" for a chunk's plain text; None:
+        # no filter, more than one, one that cannot, or the pre-check is off.
+        one = len(filters) == 1 and precheck and is_quiet_filter(filters[0])
+        self.quiet = filters[0] if one else None
 
     def feed(self, ex: Exchange, chunk: bytes, end: bool, now: float) -> Response:
         decoder = self.decoder
@@ -419,20 +420,14 @@ class StreamBody:
         return response
 
     def _passes(self, chunk: bytes) -> bool:
-        """The pre-check: every filter passes the chunk's plain text (then each takes
-        it as `process` would have), or nothing changed and the chunk is parsed."""
+        """The pre-check: the filter takes the chunk's plain text (as `process` would
+        have), or nothing changed and the chunk is parsed."""
         quiet = self.quiet
         if quiet is None:
             return False
         text = self.decoder.plain_text(chunk)
-        if text is None:  # not None only for a chunk `feed_whole` takes, as `feed` needs
-            return False
-        for stream_filter in quiet:
-            if not stream_filter.quiet(text):
-                return False
-        for stream_filter in quiet:
-            stream_filter.skip(text)
-        return True
+        # Not None only for a chunk `feed_whole` takes, as `feed` needs.
+        return text is not None and quiet.take(text)
 
 
 def _first_unsent(filters: list[StreamFilter], events: list[StreamEvent]) -> StreamEvent | None:

@@ -134,12 +134,10 @@ class StreamFilter(Protocol):
 @runtime_checkable
 class QuietFilter(StreamFilter, Protocol):
     """A filter with a pre-check on a chunk's plain text (`ResponseDecoder.plain_text`):
-    `quiet` says, changing nothing, that `process` would pass the chunk untouched and
-    hold nothing; `skip` then takes the text as `process` would have."""
+    `take` says True when `process` would pass the chunk untouched and hold nothing,
+    having taken the text as `process` would have; False, changing nothing, else."""
 
-    def quiet(self, text: str) -> bool: ...
-
-    def skip(self, text: str) -> None: ...
+    def take(self, text: str) -> bool: ...
 
 
 # `isinstance(f, QuietFilter)` walks the protocol's members on every call (~12 us on

@@ -205,11 +205,13 @@ class OpenAIChatStream(SSEDecoder):
 
     name = "openai_chat_sse"
     has_end_marker = True
-    __slots__ = ("_hide_usage",)
+    __slots__ = ("_head", "_hide_usage", "_tail")
 
     def __init__(self, *, hide_usage: bool, max_frame_bytes: int) -> None:
         super().__init__(max_frame_bytes)
         self._hide_usage = hide_usage
+        self._head = b""  # `plain_text`: the last plain one-frame chunk around its text
+        self._tail = b""
 
     def feed(self, chunk: bytes) -> list[StreamEvent]:
         return [self._event(f) for f in self._framer.feed(chunk)]
@@ -245,15 +247,33 @@ class OpenAIChatStream(SSEDecoder):
         must have the shape OpenAI writes (`_PLAIN_FRAME`), so no other text, no other
         choice, no repeated key that would move or hide the text, and no escape outside
         the texts (a key spelt `"con\\u0074ent"` is `content` to every JSON parser), else
-        None. Non-ASCII text is None too: the guards' normalised view must see it."""
+        None. Non-ASCII text is None too: the guards' normalised view must see it.
+
+        A stream's frames differ in their text only, mostly: a one-frame chunk that is
+        the last such frame's bytes around its text (`_head`, `_tail`) with another
+        text of plain characters in between has that shape too, and is read without
+        the regex."""
         if self._framer.buffered or chunk[-2:] != b"\n\n" or b"\r" in chunk:
             return None  # not a chunk `feed_whole` takes, as `StreamBody._passes` needs
+        head, tail = self._head, self._tail
+        if head and chunk.startswith(head) and chunk.endswith(tail):
+            raw = chunk[len(head) : len(chunk) - len(tail)]
+            if (
+                len(head) + len(tail) <= len(chunk)
+                and b'"' not in raw
+                and b"\\" not in raw
+                and b"\n" not in raw
+                and raw.isascii()
+            ):
+                return raw.decode()
         parts = _PLAIN_FRAME.split(chunk)  # [gap, text or None, gap, ...]: gaps empty
         if any(parts[::2]):
             return None
         frames = len(parts) >> 1
         if chunk.count(_CHOICES_KEY) != frames - chunk.count(_DONE_FRAME):
             return None  # a second `"choices"` in a frame: the last one is read
+        if frames == 1 and parts[1] is not None:
+            self._remember(chunk)
         texts = [text for text in parts[1::2] if text]
         raw = texts[0] if len(texts) == 1 else b"".join(texts)
         if not raw.isascii():
@@ -262,6 +282,14 @@ class OpenAIChatStream(SSEDecoder):
             return raw.decode()
         text = loads(b'"' + raw + b'"')  # escapes, read as the full parse reads them
         return text if isinstance(text, str) and text.isascii() else None
+
+    def _remember(self, frame: bytes) -> None:
+        """Keep the bytes around the text of a frame `_PLAIN_FRAME` took, at the
+        offsets its own match gives (a search for the text could find it in another
+        member)."""
+        m = _PLAIN_FRAME.fullmatch(frame)
+        if m is not None and m.start(1) >= 0:
+            self._head, self._tail = frame[: m.start(1)], frame[m.end(1) :]
 
     def _count(self, frames: bytes) -> bytes:
         """Meter whole frames that carry no usage figure; they go on as they came."""

@@ -333,29 +333,23 @@ class RunningText:
                     self.starts = None
         return out
 
-    def quiet(self, chunk: str) -> bool:
-        """True when feeding `chunk` (ASCII) would decide all of it with no hit for any
-        scanner, so `skip` may stand in for `feed`. Changes nothing. False for text
-        that the normalised view would change (non-ASCII, or earlier non-ASCII kept)."""
+    def take(self, chunk: str) -> bool:
+        """When feeding `chunk` (ASCII) would decide all of it with no hit for any
+        scanner, leave the state `feed(chunk)` would leave, without a scan, and say
+        True; else change nothing (text that the normalised view would change:
+        non-ASCII, or earlier non-ASCII kept, is never taken). The kept context is the
+        same, so a lookbehind in the next chunk sees what it would have seen."""
         if self.starts is not None or not chunk.isascii():
             return False
         base = self.base
         text = self.text + chunk
         views = self.views
-        for k, scanner in enumerate(self.scanners):  # noqa: SIM110 - as above
+        for k, scanner in enumerate(self.scanners):
             if not scanner.quiet(text, views[k] - base):
                 return False
-        return True
-
-    def skip(self, chunk: str) -> None:
-        """Append a chunk that `quiet` passed: the state `feed(chunk)` would leave (all
-        of it decided, no hits), without a scan. The kept context is the same, so a
-        lookbehind in the next chunk sees what it would have seen."""
-        text = self.text + chunk
         n = len(text)
         self.end += len(chunk)
-        view_end = self.base + n
-        views = self.views
+        view_end = base + n
         positions = self.positions
         for k in range(len(views)):
             views[k] = view_end
@@ -363,9 +357,10 @@ class RunningText:
         keep = n - CONTEXT_CHARS
         if keep > 0:
             self.text = text[keep:]
-            self.base += keep
+            self.base = base + keep
         else:
             self.text = text
+        return True
 
     def _append(self, chunk: str) -> None:
         end = self.end

@@ -135,15 +135,16 @@ class GuardStream:
 
     # -- the pre-check ----------------------------------------------------------------
 
-    def quiet(self, text: str) -> bool:
-        """True when `text`, choice 0's content carried by a chunk of whole frames
-        (`ResponseDecoder.plain_text`), needs no frame held and no mask: nothing is
+    def take(self, text: str) -> bool:
+        """When `text`, choice 0's content carried by a chunk of whole frames
+        (`ResponseDecoder.plain_text`), needs no frame held and no mask (nothing is
         waiting, every running text is decided, and no detector can match or hold in
-        the new text. Then `skip(text)` stands in for `process`, with the same state
-        after it, and the chunk is never parsed. Changes nothing."""
+        the new text), take it as `process` would have, with the same state after it,
+        and say True: the chunk is never parsed. Else change nothing."""
         if self._queue:
             return False
-        for channel in self._channels.values():
+        channels = self._channels
+        for channel in channels.values():
             running = channel.running
             if min(running.positions, default=running.end) < running.end:
                 return False  # a log-only guard still reads it: [DONE] may report
@@ -151,19 +152,14 @@ class GuardStream:
             return True
         if len(text) > PIECE_CHARS:
             return False  # a long text is scanned in pieces, the budget checked between
-        channel = self._channels.get(PLAIN_CHANNEL)
-        if channel is None:
-            return RunningText(self._scanners).quiet(text)
-        return channel.running.quiet(text)
-
-    def skip(self, text: str) -> None:
-        """Take `text` that `quiet` passed, as `process` would have (no hit, nothing held)."""
-        if not text:
-            return
-        channel = self._channels.get(PLAIN_CHANNEL)
-        if channel is None:
-            channel = self._channels[PLAIN_CHANNEL] = _Channel(RunningText(self._scanners))
-        channel.running.skip(text)
+        channel = channels.get(PLAIN_CHANNEL)
+        if channel is not None:
+            return channel.running.take(text)
+        running = RunningText(self._scanners)
+        if not running.take(text):
+            return False
+        channels[PLAIN_CHANNEL] = _Channel(running)
+        return True
 
     # -- text -------------------------------------------------------------------------
 
