@@ -273,7 +273,7 @@ def test_plain_text_is_the_parse_of_choice_0_content_or_unsure(frames):
 @given(
     st.lists(
         st.one_of(
-            st.text(max_size=8).map(lambda t: (0, {"content": t})),  # the cached shape
+            st.text(max_size=8).map(lambda t: (0, {"content": t})),  # the remembered shape
             st.tuples(
                 st.integers(0, 1),
                 st.dictionaries(
@@ -285,17 +285,21 @@ def test_plain_text_is_the_parse_of_choice_0_content_or_unsure(frames):
         ),
         min_size=1,
         max_size=12,
-    )
+    ),
+    st.integers(1, 3),
 )
-def test_one_frame_chunks_read_by_the_last_frame_s_shape_are_what_the_parse_reads(frames):
-    """A stream of one-frame chunks: most are read by the bytes around the last plain
-    frame's text (no regex); each is still exactly what the full parse gives the
-    guards, or unsure."""
+def test_frames_read_by_the_last_frame_s_shape_are_what_the_parse_reads(frames, group):
+    """A stream in chunks of `group` frames: most frames are read by the bytes around
+    the last regex-read frame's text; each chunk is still exactly what the full parse
+    gives the guards, or unsure."""
     decoder = OpenAIChat.stream_decoder(hide_usage=False, max_frame_bytes=1 << 16)
+    encoded = []
     for index, delta in frames:
         if "tool_calls" in delta:
             delta = {**delta, "tool_calls": [{"index": 0, "function": {"arguments": "x"}}]}
-        chunk = chat_frame({"index": index, "delta": delta, "finish_reason": None})
+        encoded.append(chat_frame({"index": index, "delta": delta, "finish_reason": None}))
+    for at in range(0, len(encoded), group):
+        chunk = b"".join(encoded[at : at + group])
         plain = decoder.plain_text(chunk)
         parser = OpenAIChat.stream_decoder(hide_usage=False, max_frame_bytes=1 << 16)
         texts = [d for e in parser.feed(chunk) for d in parser.texts(e)]

@@ -81,6 +81,8 @@ _PLAIN_FRAME = re.compile(
 )  # fmt: skip
 _CHOICES_KEY = b'"choices"'
 _DONE_FRAME = b"data: [DONE]\n\n"  # JSON escapes newlines: only the end marker ends so
+_DONE_PIECE = _DONE_FRAME[:-2]
+_NO_HEAD = b"\n\n"  # `plain_text`'s remembered frame head before any: no frame has it
 
 
 class OpenAIChat(JSONWireFormat):
@@ -210,7 +212,7 @@ class OpenAIChatStream(SSEDecoder):
     def __init__(self, *, hide_usage: bool, max_frame_bytes: int) -> None:
         super().__init__(max_frame_bytes)
         self._hide_usage = hide_usage
-        self._head = b""  # `plain_text`: the last plain one-frame chunk around its text
+        self._head = _NO_HEAD  # `plain_text`: the last regex-read frame around its text
         self._tail = b""
 
     def feed(self, chunk: bytes) -> list[StreamEvent]:
@@ -243,38 +245,33 @@ class OpenAIChatStream(SSEDecoder):
         return b"".join(parts) if self._hide_usage else chunk
 
     def plain_text(self, chunk: bytes) -> str | None:
-        """Choice 0's content in a chunk of whole frames, by one regex pass: every frame
-        must have the shape OpenAI writes (`_PLAIN_FRAME`), so no other text, no other
-        choice, no repeated key that would move or hide the text, and no escape outside
-        the texts (a key spelt `"con\\u0074ent"` is `content` to every JSON parser), else
-        None. Non-ASCII text is None too: the guards' normalised view must see it.
+        """Choice 0's content in a chunk of whole frames, where every frame has the
+        shape OpenAI writes (`_PLAIN_FRAME`), so no other text, no other choice, no
+        repeated key that would move or hide the text, and no escape outside the texts
+        (a key spelt `"con\\u0074ent"` is `content` to every JSON parser), else None.
+        Non-ASCII text is None too: the guards' normalised view must see it.
 
-        A stream's frames differ in their text only, mostly: a one-frame chunk that is
-        the last such frame's bytes around its text (`_head`, `_tail`) with another
-        text of plain characters in between has that shape too, and is read without
-        the regex."""
+        A stream's frames differ in their text only, mostly: a frame that is the last
+        regex-read frame's bytes around its text (`_head`, `_tail`, at the offsets of
+        that match) with a text of plain characters in between (no quote, backslash
+        or newline: nothing that could end or escape the string) has the same shape,
+        and is read by two compares. Where one such text is not plain, the chunk is
+        read again, every frame by the regex."""
         if self._framer.buffered or chunk[-2:] != b"\n\n" or b"\r" in chunk:
             return None  # not a chunk `feed_whole` takes, as `StreamBody._passes` needs
-        head, tail = self._head, self._tail
-        if head and chunk.startswith(head) and chunk.endswith(tail):
-            raw = chunk[len(head) : len(chunk) - len(tail)]
-            if (
-                len(head) + len(tail) <= len(chunk)
-                and b'"' not in raw
-                and b"\\" not in raw
-                and b"\n" not in raw
-                and raw.isascii()
-            ):
-                return raw.decode()
-        parts = _PLAIN_FRAME.split(chunk)  # [gap, text or None, gap, ...]: gaps empty
-        if any(parts[::2]):
+        pieces = chunk.split(b"\n\n")  # JSON has no raw newline: one piece per frame
+        pieces.pop()  # after the last frame's end
+        read = self._read(pieces, self._head, self._tail)
+        if read is None:
             return None
-        frames = len(parts) >> 1
-        if chunk.count(_CHOICES_KEY) != frames - chunk.count(_DONE_FRAME):
-            return None  # a second `"choices"` in a frame: the last one is read
-        if frames == 1 and parts[1] is not None:
-            self._remember(chunk)
-        texts = [text for text in parts[1::2] if text]
+        texts, plain, self._head, self._tail = read
+        if plain:
+            joined = plain[0] if len(plain) == 1 else b"".join(plain)
+            if b'"' in joined or b"\\" in joined or b"\n" in joined:
+                read = self._read(pieces, _NO_HEAD, b"")
+                if read is None:
+                    return None
+                texts = read[0]
         raw = texts[0] if len(texts) == 1 else b"".join(texts)
         if not raw.isascii():
             return None
@@ -283,13 +280,31 @@ class OpenAIChatStream(SSEDecoder):
         text = loads(b'"' + raw + b'"')  # escapes, read as the full parse reads them
         return text if isinstance(text, str) and text.isascii() else None
 
-    def _remember(self, frame: bytes) -> None:
-        """Keep the bytes around the text of a frame `_PLAIN_FRAME` took, at the
-        offsets its own match gives (a search for the text could find it in another
-        member)."""
-        m = _PLAIN_FRAME.fullmatch(frame)
-        if m is not None and m.start(1) >= 0:
-            self._head, self._tail = frame[: m.start(1)], frame[m.end(1) :]
+    @staticmethod
+    def _read(
+        pieces: list[bytes], head: bytes, tail: bytes
+    ) -> tuple[list[bytes], list[bytes], bytes, bytes] | None:
+        """(every frame's text, the texts read by the remembered shape, which the
+        caller checks for plain characters, the shape now) or None: a frame of
+        another shape."""
+        cut, end, keep = len(head), len(tail), len(head) + len(tail)
+        texts: list[bytes] = []
+        plain: list[bytes] = []
+        for piece in pieces:
+            if piece.startswith(head) and piece.endswith(tail) and len(piece) >= keep:
+                text = piece[cut : len(piece) - end]
+                texts.append(text)
+                plain.append(text)
+                continue
+            m = _PLAIN_FRAME.fullmatch(piece + b"\n\n")
+            if m is None or piece.count(_CHOICES_KEY) != (piece != _DONE_PIECE):
+                return None  # a second `"choices"` in a frame: the last one is read
+            text = m[1]
+            if text is not None:
+                texts.append(text)
+                head, tail = piece[: m.start(1)], piece[m.end(1) :]
+                cut, end, keep = len(head), len(tail), len(head) + len(tail)
+        return texts, plain, head, tail
 
     def _count(self, frames: bytes) -> bytes:
         """Meter whole frames that carry no usage figure; they go on as they came."""
