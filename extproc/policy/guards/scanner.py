@@ -106,7 +106,7 @@ class Scanner:
     def quiet(self, text: str, pos: int) -> bool:
         """True when `scan(text, pos, final=False)` would find nothing and release all
         of `text`: no candidate of any detector from `pos` on, and no viable tail. The
-        streaming pre-check (`RunningText.skip`) asks this instead of scanning."""
+        streaming pre-check (`RunningText.take`) asks this instead of scanning."""
         n = len(text)
         if pos < n:
             check = self._tails.get(text[-1])
@@ -344,16 +344,21 @@ class RunningText:
         base = self.base
         text = self.text + chunk
         views = self.views
-        for k, scanner in enumerate(self.scanners):
-            if not scanner.quiet(text, views[k] - base):
+        scanners = self.scanners
+        if len(scanners) == 1:  # the usual case, without the loop
+            if not scanners[0].quiet(text, views[0] - base):
                 return False
+        else:
+            for k, scanner in enumerate(scanners):
+                if not scanner.quiet(text, views[k] - base):
+                    return False
         n = len(text)
-        self.end += len(chunk)
+        end = self.end = self.end + len(chunk)
         view_end = base + n
         positions = self.positions
         for k in range(len(views)):
             views[k] = view_end
-            positions[k] = self.end
+            positions[k] = end
         keep = n - CONTEXT_CHARS
         if keep > 0:
             self.text = text[keep:]
