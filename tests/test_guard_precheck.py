@@ -309,6 +309,16 @@ def test_frames_read_by_the_last_frame_s_shape_are_what_the_parse_reads(frames, 
             assert plain == "".join(d.text for d in texts)
 
 
+def test_a_chunk_of_no_frame_is_unsure_before_and_after_a_frame_s_shape_is_known():
+    """Blank lines around a line that is no `data:` frame: the SDKs show nothing of it,
+    and the byte search must not read it as a text (before any frame, the remembered
+    head is a marker that no frame begins with, but a chunk may)."""
+    decoder = OpenAIChat.stream_decoder(hide_usage=False, max_frame_bytes=1 << 16)
+    assert decoder.plain_text(b"\n\nX\n\n") is None
+    assert decoder.plain_text(text_frame(" hello")) == " hello"
+    assert decoder.plain_text(b"\n\nX\n\n") is None
+
+
 def test_a_text_that_breaks_out_of_the_last_frame_s_string_is_read_by_the_regex():
     """The bytes around the last plain frame's text are reused only for a text of plain
     characters: a quote, a backslash or a newline in between could close the string

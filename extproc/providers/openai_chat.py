@@ -207,13 +207,14 @@ class OpenAIChatStream(SSEDecoder):
 
     name = "openai_chat_sse"
     has_end_marker = True
-    __slots__ = ("_head", "_hide_usage", "_tail")
+    __slots__ = ("_end", "_head", "_hide_usage", "_tail")
 
     def __init__(self, *, hide_usage: bool, max_frame_bytes: int) -> None:
         super().__init__(max_frame_bytes)
         self._hide_usage = hide_usage
         self._head = _NO_HEAD  # `plain_text`: the last regex-read frame around its text
         self._tail = b""
+        self._end = b"\n\n"  # `_tail` and the frame's end
 
     def feed(self, chunk: bytes) -> list[StreamEvent]:
         return [self._event(f) for f in self._framer.feed(chunk)]
@@ -259,12 +260,24 @@ class OpenAIChatStream(SSEDecoder):
         read again, every frame by the regex."""
         if self._framer.buffered or chunk[-2:] != b"\n\n" or b"\r" in chunk:
             return None  # not a chunk `feed_whole` takes, as `StreamBody._passes` needs
+        head, end = self._head, self._end
+        # One frame, shaped as the last? (A chunk may begin with `_NO_HEAD`; a piece not.)
+        if head is not _NO_HEAD and chunk.startswith(head) and chunk.endswith(end):
+            text = chunk[len(head) : len(chunk) - len(end)]
+            if (
+                len(chunk) >= len(head) + len(end)
+                and b'"' not in text
+                and b"\\" not in text
+                and b"\n" not in text  # nor more frames
+            ):
+                return text.decode() if text.isascii() else None
         pieces = chunk.split(b"\n\n")  # JSON has no raw newline: one piece per frame
         pieces.pop()  # after the last frame's end
-        read = self._read(pieces, self._head, self._tail)
+        read = self._read(pieces, head, self._tail)
         if read is None:
             return None
         texts, plain, self._head, self._tail = read
+        self._end = self._tail + b"\n\n"
         if plain:
             joined = plain[0] if len(plain) == 1 else b"".join(plain)
             if b'"' in joined or b"\\" in joined or b"\n" in joined:
