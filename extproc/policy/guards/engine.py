@@ -294,8 +294,14 @@ class GuardSet:
         self.budget_status = config.scan_budget_status
         self.guards = [compile_guard(g, i) for i, g in enumerate(config.rules)]
         self._plans: dict[tuple, Plan] = {}
+        # The plan of each (phase, route, consumer) asked: two or three asks an exchange.
+        self._asked: dict[tuple[str, str, str], Plan] = {}
 
     def plan(self, phase: str, route: str, consumer: str) -> Plan:
+        key = (phase, route, consumer)
+        plan = self._asked.get(key)
+        if plan is not None:
+            return plan
         chosen = tuple(g.index for g in self.guards if g.applies(phase, route, consumer))
         plan = self._plans.get(chosen)
         if plan is None:
@@ -304,4 +310,7 @@ class GuardSet:
             plan = self._plans[chosen] = make_plan(
                 [self.guards[i] for i in chosen], self.max_holdback
             )
+        if len(self._asked) > 4096:
+            self._asked.clear()
+        self._asked[key] = plan
         return plan
