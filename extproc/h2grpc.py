@@ -4,10 +4,10 @@ Why not grpc.aio: through Envoy, grpc.aio's machinery (one batch, one completion
 event, one wake-up of the loop per message, its Cython and core layers) is most of the
 CPU a do-nothing ext_proc server spends per message (docs/performance.md, issue 14).
 This server does what Envoy's ext_proc and health-check streams need and nothing else:
-HTTP/2 framing, flow control both ways, HPACK (the `hpack` library), length-prefixed
-gRPC messages, trailers. Per message: one slice of the socket's bytes, one protobuf
-parse, a future's result for the stream's reader; answers of one loop turn leave in one
-write.
+HTTP/2 framing, flow control both ways, HPACK (the `hpack` library; repeated blocks from
+a cache, `extproc.h2headers`), length-prefixed gRPC messages, trailers. Per message:
+one slice of the socket's bytes, one protobuf parse, a future's result for the stream's
+reader; answers of one loop turn leave in one write.
 
 Semantics follow grpc.aio where the servicer sees them: `read()` returns `EOF` at the
 client's half-close, `write()` sends one message, a RST_STREAM from Envoy cancels the
@@ -23,8 +23,6 @@ import asyncio
 import contextlib
 import logging
 import struct
-
-import hpack
 
 from extproc.h2flow import Sender
 from extproc.h2frames import (
@@ -49,6 +47,7 @@ from extproc.h2frames import (
     local_settings,
     unpad,
 )
+from extproc.h2headers import Head, HeaderDecoder
 from extproc.h2stream import Abort, Method, Stream, StreamEnded
 
 log = logging.getLogger("extproc.h2grpc")
@@ -78,7 +77,7 @@ class Connection(Sender, asyncio.Protocol):
         self.pending: list[bytes] = []  # the start of a frame still short by `need` bytes
         self.need = 0
         self.preface = False
-        self.decoder = hpack.Decoder(max_header_list_size=MAX_HEADER_BLOCK)
+        self.decoder = HeaderDecoder(MAX_HEADER_BLOCK)
         self.streams: dict[int, Stream] = {}
         self.last_id = 0
         self.peer_window = 65535  # SETTINGS_INITIAL_WINDOW_SIZE of the peer
@@ -269,7 +268,7 @@ class Connection(Sender, asyncio.Protocol):
             return
         self.headers_for, self.header_block = 0, b""
         try:
-            headers = self.decoder.decode(block, raw=True)
+            head = self.decoder.decode(block)
         except Exception as exc:  # hpack's errors: the connection's table is lost
             raise ProtocolError(f"header block does not decode: {exc}", 9) from exc
         stream = self.streams.get(stream_id)
@@ -282,17 +281,10 @@ class Connection(Sender, asyncio.Protocol):
                 return  # trailers of a stream we already ended: nothing to do
             raise ProtocolError("a client stream id must be odd")
         self.last_id = stream_id
-        self._open(stream_id, headers)
+        self._open(stream_id, head)
 
-    def _open(self, stream_id: int, headers: list[tuple[bytes, bytes]]) -> None:
-        path = b""
-        metadata = []
-        for name, value in headers:
-            if name == b":path":
-                path = value
-            elif not name.startswith(b":") and name not in (b"content-type", b"te"):
-                metadata.append((name.decode("latin-1"), value.decode("latin-1")))
-        method = self.server.methods.get(path)
+    def _open(self, stream_id: int, head: Head) -> None:
+        method = self.server.methods.get(head.path)
         ended = bool(self.header_flags & END_STREAM)
         if method is None or self.closing or self.server.stopping:
             code, why = (UNIMPLEMENTED, "unknown method") if method is None else (
@@ -305,7 +297,7 @@ class Connection(Sender, asyncio.Protocol):
         if len(self.streams) >= MAX_STREAMS:
             self._emit_soon(frame(RST_STREAM, 0, stream_id, _WINDOW.pack(7)))  # REFUSED_STREAM
             return
-        stream = Stream(self, stream_id, method, tuple(metadata))
+        stream = Stream(self, stream_id, method, head.metadata)
         self.streams[stream_id] = stream
         if ended:
             stream.half_closed = True

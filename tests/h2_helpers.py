@@ -45,6 +45,12 @@ class Calls:
         request = await ctx.read()
         await ctx.write(BV(value=pattern(int(request.value))))
 
+    async def meta(self, ctx: Stream) -> None:
+        """The invocation metadata the handler sees, one `name: value` line each."""
+        await ctx.read()
+        lines = [f"{name}: {value}" for name, value in ctx.invocation_metadata()]
+        await ctx.write(BV(value="\n".join(lines).encode("latin-1")))
+
     async def boom(self, ctx: Stream) -> None:
         await ctx.read()
         raise RuntimeError("a handler's bug")
@@ -82,6 +88,7 @@ async def running_server() -> AsyncIterator[tuple[int, Calls, Server]]:
         "/t.T/Echo": Method(BV.FromString, calls.echo),
         "/t.T/Big": Method(BV.FromString, calls.big),
         "/t.T/Boom": Method(BV.FromString, calls.boom),
+        "/t.T/Meta": Method(BV.FromString, calls.meta),
         "/t.T/Hang": Method(BV.FromString, calls.hang),
         "/t.T/Sink": Method(BV.FromString, calls.sink),
     })  # fmt: skip
