@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 _WINDOW = struct.Struct(">L")
 _PREFIX = struct.Struct(">BL")
+_DATA_MESSAGE = struct.Struct(">BHBBLBL")  # a DATA frame's head, then the message's prefix
 MAX_QUEUED = 64 << 20  # input parsed, not yet read by handlers: past it, reading pauses
 
 
@@ -52,24 +53,26 @@ class Sender:
     write_paused: bool
     read_paused: bool
     closing: bool
+    written: asyncio.Future
 
     def send_message(self, stream: Stream, payload: bytes) -> None:
         if not stream.headers_sent:
             stream.headers_sent = True
             self._emit_soon(frame(HEADERS, END_HEADERS, stream.id, RESPONSE_HEADERS))
-        data = _PREFIX.pack(0, len(payload)) + payload
-        size = len(data)
+        n = len(payload)
+        size = n + 5
         if (
             not stream.backlog
             and size <= self.peer_frame
             and size <= stream.send_window
             and size <= self.send_window
-        ):
+        ):  # the usual case: one frame, its head and the prefix packed at once
             stream.send_window -= size
             self.send_window -= size
-            self._emit_soon(frame(DATA, 0, stream.id, data))
+            head = _DATA_MESSAGE.pack(size >> 16, size & 0xFFFF, DATA, 0, stream.id, 0, n)
+            self._emit_soon(head + payload)
             return
-        stream.backlog.append(data)
+        stream.backlog.append(_PREFIX.pack(0, n) + payload)
         self._push(stream)
 
     def _finish(self, stream: Stream, code: int, why: str) -> None:

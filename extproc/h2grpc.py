@@ -93,6 +93,8 @@ class Connection(Sender, asyncio.Protocol):
         self.closing = False
         self.queued = 0  # bytes (+ per-message overhead) waiting in the streams' inboxes
         self.write_paused = self.read_paused = False
+        self.written = self.loop.create_future()  # what `Stream.write` returns: done
+        self.written.set_result(None)
 
     # ------------------------------------------------------------------ asyncio
 
