@@ -135,6 +135,7 @@ class Connection(Sender, asyncio.Protocol):
                 self.preface = True
                 buf = buf[len(PREFACE) :]
             at, end = 0, len(buf)
+            view = memoryview(buf)  # DATA is read in place: a body is copied once, if at all
             while end - at >= 9:
                 high, low, kind, flags, stream_id = _HEAD.unpack_from(buf, at)
                 length = high << 16 | low
@@ -143,7 +144,10 @@ class Connection(Sender, asyncio.Protocol):
                 if end - at - 9 < length:
                     self.need = 9 + length - (end - at)
                     break
-                payload = buf[at + 9 : at + 9 + length]
+                if kind == DATA:
+                    payload = view[at + 9 : at + 9 + length]
+                else:
+                    payload = buf[at + 9 : at + 9 + length]
                 at += 9 + length
                 self._frame(kind, flags, stream_id & 0x7FFFFFFF, payload)
             else:
@@ -202,7 +206,9 @@ class Connection(Sender, asyncio.Protocol):
             self.closing_requested()
         # PRIORITY, PUSH_PROMISE (never sent to a server), unknown types: ignored
 
-    def _data(self, flags: int, stream_id: int, payload: bytes) -> None:
+    def _data(self, flags: int, stream_id: int, payload: memoryview) -> None:
+        """`payload` is a view of the socket's bytes, valid during this call only: what
+        is kept past it is copied (a view kept would hold the whole read)."""
         self.recv_unacked += len(payload)  # counted for a closed stream too
         stream = self.streams.get(stream_id)
         if stream is None or stream.half_closed:
@@ -212,12 +218,13 @@ class Connection(Sender, asyncio.Protocol):
             payload = unpad(payload)
         data = payload
         if stream.need:  # a message split over frames: pieces joined once, when whole
-            stream.partial.append(payload)
             stream.need -= len(payload)
             if stream.need > 0:
+                stream.partial.append(bytes(payload))
                 self._data_short(stream, flags)
                 return
-            data, stream.need = b"".join(stream.partial), 0
+            stream.partial.append(payload)
+            data, stream.need = memoryview(b"".join(stream.partial)), 0
             stream.partial = []
         at, end = 0, len(data)
         parse, deliver = stream.method.parse, stream.deliver
@@ -239,7 +246,7 @@ class Connection(Sender, asyncio.Protocol):
             at += 5 + length
             deliver(message, length)
         if at < end:
-            stream.partial = [data[at:] if at else data]
+            stream.partial = [bytes(data[at:])]
             stream.need = 5 + length - (end - at) if end - at >= 5 else 5 - (end - at)
         if stream.recv_unacked >= STREAM_WINDOW // 2 and not flags & END_STREAM:
             self._emit_soon(frame(WINDOW_UPDATE, 0, stream_id, _WINDOW.pack(stream.recv_unacked)))

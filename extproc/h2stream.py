@@ -53,9 +53,12 @@ Handler = Callable[["Stream"], Awaitable[None]]
 
 
 class Method:
+    """`parse` gets each message as a view of the socket's bytes, valid during the call
+    only (upb's `FromString` copies what it keeps)."""
+
     __slots__ = ("handler", "parse")
 
-    def __init__(self, parse: Callable[[bytes], Any], handler: Handler) -> None:
+    def __init__(self, parse: Callable[[memoryview], Any], handler: Handler) -> None:
         self.parse = parse
         self.handler = handler
 
