@@ -88,7 +88,8 @@ class Connection(Sender, asyncio.Protocol):
         self.flush_due = False
         self.blocked: dict[int, Stream] = {}  # streams with DATA waiting for window
         self.headers_for = 0  # a header block in progress (CONTINUATION) for this stream
-        self.header_block = b""
+        self.header_parts: list[bytes] = []  # its fragments so far, and their bytes
+        self.header_size = 0
         self.header_flags = 0
         self.closing = False
         self.queued = 0  # bytes (+ per-message overhead) waiting in the streams' inboxes
@@ -269,13 +270,22 @@ class Connection(Sender, asyncio.Protocol):
             stream.end_input()
 
     def _header_fragment(self, stream_id: int, fragment: bytes, last: int) -> None:
-        block = self.header_block + fragment if self.header_block else fragment
-        if len(block) > MAX_HEADER_BLOCK:
+        """Fragments are kept and joined once, at END_HEADERS: a block sent a byte per
+        CONTINUATION costs O(n), not O(n^2)."""
+        size = self.header_size + len(fragment)
+        if size > MAX_HEADER_BLOCK:
             raise ProtocolError("header block over the limit", 11)
         if not last:
-            self.headers_for, self.header_block = stream_id, block
+            self.headers_for, self.header_size = stream_id, size
+            self.header_parts.append(fragment)
             return
-        self.headers_for, self.header_block = 0, b""
+        if self.header_parts:
+            self.header_parts.append(fragment)
+            block = b"".join(self.header_parts)
+            self.header_parts = []
+        else:
+            block = fragment
+        self.headers_for = self.header_size = 0
         try:
             head = self.decoder.decode(block)
         except Exception as exc:  # hpack's errors: the connection's table is lost

@@ -1,6 +1,6 @@
 """extproc.h2grpc's reading in place: DATA is parsed from views of the socket's bytes,
 so what a stream keeps past a read (the start of a message split over frames) must be
-its own bytes."""
+its own bytes; and header blocks in many CONTINUATION pieces are joined once."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from extproc.h2frames import (
+    CONTINUATION,
     DATA,
     END_HEADERS,
     END_STREAM,
@@ -104,3 +105,15 @@ async def _pieces(conn, n: int) -> list[type]:
             break
         await asyncio.sleep(0.01)
     return [type(piece) for piece in conn.streams[1].partial]
+
+
+async def test_a_header_block_a_byte_per_continuation_frame(served) -> None:
+    raw = await Raw.connect(served[0])
+    block = raw.block(ECHO)
+    wire = frame(HEADERS, 0, 1, block[:1])
+    wire += b"".join(frame(CONTINUATION, 0, 1, block[i : i + 1]) for i in range(1, len(block)))
+    wire += frame(CONTINUATION, END_HEADERS, 1, b"")
+    wire += frame(DATA, END_STREAM, 1, message(BV(value=b"ok").SerializeToString()))
+    await raw.send(wire)
+    assert await _echoed(raw, 1) == [b"ok"]
+    await raw.close()
