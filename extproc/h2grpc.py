@@ -145,12 +145,13 @@ class Connection(Sender, asyncio.Protocol):
                 if end - at - 9 < length:
                     self.need = 9 + length - (end - at)
                     break
-                if kind == DATA:
-                    payload = view[at + 9 : at + 9 + length]
+                if kind == DATA:  # the frame of every message: one call, no dispatch
+                    if self.headers_for:
+                        raise ProtocolError("a header block was interrupted")
+                    self._data(flags, stream_id & 0x7FFFFFFF, view[at + 9 : at + 9 + length])
                 else:
-                    payload = buf[at + 9 : at + 9 + length]
+                    self._frame(kind, flags, stream_id & 0x7FFFFFFF, buf[at + 9 : at + 9 + length])
                 at += 9 + length
-                self._frame(kind, flags, stream_id & 0x7FFFFFFF, payload)
             else:
                 if at < end:
                     self.need = 9 - (end - at)
@@ -169,11 +170,10 @@ class Connection(Sender, asyncio.Protocol):
     # --------------------------------------------------------------- the frames
 
     def _frame(self, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
+        """Every frame but DATA (`_data`)."""
         if self.headers_for and kind != CONTINUATION:
             raise ProtocolError("a header block was interrupted")
-        if kind == DATA:
-            self._data(flags, stream_id, payload)
-        elif kind == HEADERS:
+        if kind == HEADERS:
             if stream_id == 0:
                 raise ProtocolError("HEADERS on stream 0")
             if flags & PADDED:
