@@ -1,9 +1,11 @@
 """CPU per gRPC stream of the sidecar's own transport (`extproc.h2grpc`), in process:
-the do-nothing servicer of bench/noop_extproc.py fed the frames Envoy sends, with no
-socket and no Envoy, so a change to the transport's per-stream work shows in seconds.
+the do-nothing servicer of bench/noop_extproc.py (or the sidecar's, `--servicer`) fed
+the frames Envoy sends, with no socket and no Envoy, so a change to the transport's
+per-stream work shows in seconds.
 
     .venv/bin/python bench/h2_bench.py                      # both shapes, ~20 s
     .venv/bin/python bench/h2_bench.py --shapes coalesced --profile
+    .venv/bin/python bench/h2_bench.py --servicer meter    # the sidecar's own servicer
 
 What a stream is here is what Envoy 1.40 sent in a capture of `bench/run.py`'s noop-h2
 setup: HEADERS with Envoy's own HPACK block (the first stream of a connection adds
@@ -65,10 +67,10 @@ ENVOY_FRAME = 16384  # Envoy's DATA frames toward the sidecar
 _HEAD = struct.Struct(">BHBBL")
 
 
-def steps(shape: str, chunks: int) -> list[list[tuple[int, bytes]]]:
+def steps(shape: str, chunks: int, setup: str = "meter") -> list[list[tuple[int, bytes]]]:
     """What the peer sends before each answer it waits for: (frame type, payload)."""
     out = []
-    for message in exchange_messages("meter", chunks, shape):
+    for message in exchange_messages(setup, chunks, shape):
         data = message.SerializeToString()
         data = struct.pack(">BL", 0, len(data)) + data
         out.append([(DATA, data[at : at + ENVOY_FRAME]) for at in range(0, len(data), ENVOY_FRAME)])
@@ -89,6 +91,7 @@ class Peer(asyncio.Transport):
         self.done = loop.create_future()
         self.conn: Connection | None = None
         self.active = 0
+        self.answers = 0
 
     # the transport's side
     def write(self, data: bytes) -> None:
@@ -99,6 +102,7 @@ class Peer(asyncio.Transport):
             at += 9 + length
             if kind == DATA and sid:
                 self.credit += length
+                self.answers += 1
                 self._answered(sid)
 
     def is_closing(self) -> bool:
@@ -164,18 +168,27 @@ class Peer(asyncio.Transport):
             self.loop.call_soon(self.done.set_result, None)
 
 
-def server() -> tuple[Server, NoopProcessor]:
-    processor = NoopProcessor()
+def server(servicer: str = "noop") -> Server:
+    """The no-op of bench/noop_extproc.py, or the sidecar's `ExternalProcessor` with the
+    policy of bench/exchange_bench.py's setup of that name."""
+    if servicer == "noop":
+        handler = NoopProcessor().Process
+    else:
+        from bench.exchange_bench import bench_policy
+        from extproc.server import ExternalProcessor
+
+        handler = ExternalProcessor(*bench_policy(servicer)).Process
     path = f"/{SERVICE_NAME}/Process"
-    return Server({path: Method(ProcessingRequest.FromString, processor.Process)}), processor
+    return Server({path: Method(ProcessingRequest.FromString, handler)})
 
 
-async def run_streams(script: list, streams: int, open_: int) -> tuple[float, int]:
-    """CPU seconds for `streams` streams, and the messages the servicer handled."""
+async def run_streams(
+    script: list, streams: int, open_: int, servicer: str = "noop"
+) -> tuple[float, int]:
+    """CPU seconds for `streams` streams, and the answers the peer received."""
     loop = asyncio.get_running_loop()
-    srv, processor = server()
     peer = Peer(loop, script, streams, open_)
-    conn = Connection(srv)
+    conn = Connection(server(servicer))
     conn.connection_made(peer)
     start = time.process_time()
     peer.start(conn)
@@ -183,7 +196,7 @@ async def run_streams(script: list, streams: int, open_: int) -> tuple[float, in
     spent = time.process_time() - start
     await asyncio.sleep(0)
     conn.connection_lost(None)
-    return spent, sum(processor.counts.values())
+    return spent, peer.answers
 
 
 def main() -> int:
@@ -194,6 +207,7 @@ def main() -> int:
     parser.add_argument("-c", type=int, default=50, help="streams open at once")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
+    parser.add_argument("--servicer", choices=("noop", "meter", "full"), default="noop")
     parser.add_argument("--profile", action="store_true", help="cProfile one round instead")
     args = parser.parse_args()
     if args.loop == "uvloop":
@@ -201,7 +215,7 @@ def main() -> int:
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     for shape in args.shapes.split(","):
-        script = steps(shape, args.chunks)
+        script = steps(shape, args.chunks, "meter" if args.servicer == "noop" else args.servicer)
         n = args.n if shape == "coalesced" else max(args.n // 10, args.c)
         if args.profile:
             import cProfile
@@ -209,14 +223,14 @@ def main() -> int:
 
             prof = cProfile.Profile()
             prof.enable()
-            asyncio.run(run_streams(script, n, args.c))
+            asyncio.run(run_streams(script, n, args.c, args.servicer))
             prof.disable()
             pstats.Stats(prof).sort_stats("tottime").print_stats(25)
             continue
-        asyncio.run(run_streams(script, min(n, 500), args.c))  # warm-up
+        asyncio.run(run_streams(script, min(n, 500), args.c, args.servicer))  # warm-up
         per_stream, per_message = [], []
         for _ in range(args.rounds):
-            spent, messages = asyncio.run(run_streams(script, n, args.c))
+            spent, messages = asyncio.run(run_streams(script, n, args.c, args.servicer))
             assert messages == n * len(script), (messages, n, len(script))
             per_stream.append(spent / n * 1e6)
             per_message.append(spent / messages * 1e6)
