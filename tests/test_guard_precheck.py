@@ -309,6 +309,17 @@ def test_frames_read_by_the_last_frame_s_shape_are_what_the_parse_reads(frames, 
             assert plain == "".join(d.text for d in texts)
 
 
+def test_a_frame_with_a_second_choices_after_one_of_the_remembered_shape_is_unsure():
+    """The second frame begins as the first and ends as it does, with a second
+    `"choices"` between (a parser keeps the last): its text is not plain, and the
+    reading again by the regex must not remember the first frame's shape and take
+    the second by it again (found by tests/test_security_response.py)."""
+    choice = b'"choices":[{"index":0,"delta":{"content":"A"}}]'
+    chunk = b"data: {" + choice + b"}\n\ndata: {" + choice + b"," + choice + b"}\n\n"
+    decoder = OpenAIChat.stream_decoder(hide_usage=False, max_frame_bytes=1 << 16)
+    assert decoder.plain_text(chunk) is None
+
+
 def test_a_chunk_of_no_frame_is_unsure_before_and_after_a_frame_s_shape_is_known():
     """Blank lines around a line that is no `data:` frame: the SDKs show nothing of it,
     and the byte search must not read it as a text (before any frame, the remembered

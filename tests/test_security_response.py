@@ -148,6 +148,25 @@ def test_plain_text_is_what_the_sdk_reads_or_unsure(frames):
         assert texts is not None and plain == "".join(texts)
 
 
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(st.lists(st.sampled_from(MEMBERS), min_size=1, max_size=4), min_size=2, max_size=5),
+    st.integers(1, 4),
+)
+def test_plain_text_after_a_remembered_frame_is_what_the_sdk_reads_or_unsure(frames, cut):
+    """The same with the frames over two chunks of one stream: the decoder remembers
+    the shape of the first chunk's frames, and the second chunk's text is still
+    exactly what the SDK reads, or unsure."""
+    encoded = [b"data: {" + b",".join(members) + b"}\n\n" for members in frames]
+    cut = min(cut, len(encoded) - 1)
+    decoder = OpenAIChat.stream_decoder(hide_usage=False, max_frame_bytes=1 << 16)
+    for chunk in (b"".join(encoded[:cut]), b"".join(encoded[cut:])):
+        plain = decoder.plain_text(chunk)
+        if plain is not None:
+            texts = sdk_contents(chunk)
+            assert texts is not None and plain == "".join(texts)
+
+
 # -- metering: the figure the SDK reads ------------------------------------------------
 
 

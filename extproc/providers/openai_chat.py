@@ -281,7 +281,7 @@ class OpenAIChatStream(SSEDecoder):
         if plain:
             joined = plain[0] if len(plain) == 1 else b"".join(plain)
             if b'"' in joined or b"\\" in joined or b"\n" in joined:
-                read = self._read(pieces, _NO_HEAD, b"")
+                read = self._read(pieces, _NO_HEAD, b"", learn=False)
                 if read is None:
                     return None
                 texts = read[0]
@@ -295,11 +295,12 @@ class OpenAIChatStream(SSEDecoder):
 
     @staticmethod
     def _read(
-        pieces: list[bytes], head: bytes, tail: bytes
+        pieces: list[bytes], head: bytes, tail: bytes, *, learn: bool = True
     ) -> tuple[list[bytes], list[bytes], bytes, bytes] | None:
         """(every frame's text, the texts read by the remembered shape, which the
         caller checks for plain characters, the shape now) or None: a frame of
-        another shape."""
+        another shape. Without `learn`, no frame's shape is remembered: every frame
+        is read by the regex (the second reading, after a text that was not plain)."""
         cut, end, keep = len(head), len(tail), len(head) + len(tail)
         texts: list[bytes] = []
         plain: list[bytes] = []
@@ -315,6 +316,8 @@ class OpenAIChatStream(SSEDecoder):
             text = m[1]
             if text is not None:
                 texts.append(text)
+                if not learn:
+                    continue
                 head, tail = piece[: m.start(1)], piece[m.end(1) :]
                 cut, end, keep = len(head), len(tail), len(head) + len(tail)
         return texts, plain, head, tail
