@@ -12,6 +12,12 @@ the work the server runs after answering (settlement). It is fed to the sans-I/O
   meter  usage metering only (the product's defaults)
   full   API-key auth + request guard + token limit + response mask guard + metering
   spend  `full` + the spend stage (a price, two in-process budgets, a SQLite ledger)
+  meter-offpath  `meter` with `streaming.meter_off_path: auto` and a client that asks
+         for usage: the request phases on the synchronous stream, the body on an
+         observing one (`offpath.observe`, fed through a stand-in stream)
+
+`--log` logs as the server under bench/run.py does (`server.log_level: info`, one
+`exchange` line per exchange, to a file): the log line's cost is then in the figures.
 
 Reported: microseconds of this process's CPU per exchange (best of `--repeat` rounds
 of `--n` exchanges: the least disturbed by other work on the machine), and per
@@ -47,23 +53,27 @@ from bench.guard_bench import _body, _headers, frames  # noqa: E402
 from bench.spend_bench import spend_sections  # noqa: E402
 from bench.stack import BENCH_KEY, setup_policy  # noqa: E402
 from extproc.config import parse_config  # noqa: E402
-from extproc.exchange import Exchange  # noqa: E402
+from extproc.exchange import Exchange, offpath  # noqa: E402
+from extproc.h2stream import EOF  # noqa: E402
+from extproc.headers import EXCHANGE_HEADER  # noqa: E402
+from extproc.logcontext import configure  # noqa: E402
 from extproc.metrics import Metrics  # noqa: E402
 from extproc.policy import Shared, build_policy  # noqa: E402
 
-REQUEST = orjson.dumps(
-    {
-        "model": "gpt-4o-mini",
-        "stream": True,
-        "max_tokens": 256,
-        "messages": [
-            {"role": "system", "content": "You are a helpful assistant. Answer briefly."},
-            {"role": "user", "content": "Write a short poem about a gateway between worlds."},
-            {"role": "assistant", "content": "Between two worlds a quiet arch stands. " * 4},
-            {"role": "user", "content": "Now make it rhyme, and keep it under ten lines."},
-        ],
-    }
-)
+REQUEST_FIELDS: dict[str, Any] = {
+    "model": "gpt-4o-mini",
+    "stream": True,
+    "max_tokens": 256,
+    "messages": [
+        {"role": "system", "content": "You are a helpful assistant. Answer briefly."},
+        {"role": "user", "content": "Write a short poem about a gateway between worlds."},
+        {"role": "assistant", "content": "Between two worlds a quiet arch stands. " * 4},
+        {"role": "user", "content": "Now make it rhyme, and keep it under ten lines."},
+    ],
+}
+REQUEST = orjson.dumps(REQUEST_FIELDS)
+# The off-path client asks for usage, so its stream qualifies (bench/stack.py's too).
+REQUEST_WITH_USAGE = orjson.dumps({**REQUEST_FIELDS, "stream_options": {"include_usage": True}})
 
 
 def bench_policy(setup: str) -> tuple[Any, Metrics]:
@@ -119,6 +129,63 @@ def build(setup: str, chunks: int, shape: str):
     return one, 3 + len(messages)
 
 
+class _Observed:
+    """The observing stream's part of `extproc.h2stream.Stream`: its queued messages."""
+
+    def __init__(self, messages: list[ProcessingRequest]) -> None:
+        self._messages = iter(messages)
+
+    async def read(self) -> object:
+        return next(self._messages, EOF)
+
+
+def build_offpath(chunks: int, shape: str):
+    """`build` for `meter-offpath`: the synchronous stream to its response headers (it
+    ends there, as the server's loop does), the observing stream for the body, and the
+    observer's first message (request headers: the exchange's token) as Envoy sends it."""
+    policy, metrics = bench_policy("meter-offpath")
+    head, _, answer, *messages = exchange_messages("meter-offpath", chunks, shape)
+    loop = asyncio.new_event_loop()
+
+    async def exchange() -> None:
+        ex = Exchange(policy, metrics, 0.0)
+        ex.handle(head, 0.0)
+        reply = await ex.on_request_body(REQUEST_WITH_USAGE, 0.0)
+        assert not reply.HasField("immediate_response"), reply
+        assert ex.off_path is not None, "the stream does not qualify to go off path"
+        token = ex.off_path.token
+        observed = _headers({EXCHANGE_HEADER: token}, response=False)
+        watcher = asyncio.ensure_future(
+            offpath.observe(observed, _Observed(messages), _clock, _run_after)
+        )
+        await asyncio.sleep(0)  # the observer attaches (its first message came first)
+        ex.handle(answer, 0.0)
+        assert ex.off_path is not None, "the answer does not qualify to go off path"
+        ex.close(0.0)
+        await watcher
+        assert ex.closed
+
+    def one() -> None:
+        loop.run_until_complete(exchange())
+
+    return one, 3 + 1 + len(messages)
+
+
+def _clock() -> float:
+    return 0.0
+
+
+_AFTER: set[asyncio.Future] = set()  # settlement work, kept until done
+
+
+def _run_after(ex: Exchange) -> None:
+    for work in ex.after:
+        task = asyncio.ensure_future(work)
+        _AFTER.add(task)
+        task.add_done_callback(_AFTER.discard)
+    ex.after.clear()
+
+
 def measure(one, n: int, repeat: int) -> float:
     """Best-of-`repeat` CPU microseconds per exchange."""
     for _ in range(200):
@@ -132,6 +199,13 @@ def measure(one, n: int, repeat: int) -> float:
     return best
 
 
+def pick(setup: str):
+    """The builder of `setup`'s exchange."""
+    if setup == "meter-offpath":
+        return lambda _setup, chunks, shape: build_offpath(chunks, shape)
+    return build
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--setups", default="meter,full")
@@ -140,9 +214,16 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=1000, help="exchanges per round")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--profile", metavar="SETUP", help="cProfile this setup (first --shapes)")
+    parser.add_argument("--log", action="store_true", help="log at info, to a file")
     args = parser.parse_args()
+    if args.log:
+        log_to = Path(tempfile.mkdtemp(prefix="exchange-bench-")) / "sidecar.log"
+        print(f"logging to {log_to}")
+        stderr, sys.stderr = sys.stderr, log_to.open("w")
+        configure("info")  # the handler keeps the file: stderr itself is back at once
+        sys.stderr = stderr
     if args.profile:
-        one, _ = build(args.profile, args.chunks, args.shapes.split(",")[0])
+        one, _ = pick(args.profile)(args.profile, args.chunks, args.shapes.split(",")[0])
         measure(one, 10, 1)
         prof = cProfile.Profile()
         prof.enable()
@@ -152,12 +233,12 @@ def main() -> int:
         pstats.Stats(prof).sort_stats("tottime").print_stats(25)
         pstats.Stats(prof).sort_stats("cumulative").print_stats(40)
         return 0
-    print(f"{'setup':<8}{'shape':<11}{'msgs':>5}{'cpu us/exch':>13}{'us/msg':>9}")
+    print(f"{'setup':<14}{'shape':<11}{'msgs':>5}{'cpu us/exch':>13}{'us/msg':>9}")
     for setup in args.setups.split(","):
         for shape in args.shapes.split(","):
-            one, msgs = build(setup, args.chunks, shape)
+            one, msgs = pick(setup)(setup, args.chunks, shape)
             us = measure(one, args.n, args.repeat)
-            print(f"{setup:<8}{shape:<11}{msgs:>5}{us:>13.1f}{us / msgs:>9.1f}")
+            print(f"{setup:<14}{shape:<11}{msgs:>5}{us:>13.1f}{us / msgs:>9.1f}")
     return 0
 
 
