@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from extproc import envoy_wire as wire
 from extproc.envoy_wire import Response
 from extproc.errors import shown
+from extproc.logcontext import line as logline
 from extproc.providers._json import usage_in_tail
 from extproc.usage import estimate_prompt_tokens
 
@@ -106,7 +107,9 @@ def settle(ex: Exchange, now: float, complete: bool) -> None:
                 ex.after.append(pending)
     status = str(ex.status) if ex.status else "none"
     m.child(m.requests, ex.route_name, model, status).inc()
-    log.info(
+    logline(
+        log,
+        logging.INFO,
         "exchange route=%s consumer=%s model=%s status=%s prompt=%d completion=%d "
         "estimated=%s duration_ms=%.1f%s",
         ex.route_name,
