@@ -208,3 +208,25 @@ async def test_an_orphan_gives_back_its_slot(monkeypatch):
     assert offpath.keep_slot(ex, slot.release)
     await asyncio.sleep(0.05)
     assert ex.closed and slot.released == 1
+
+
+async def test_the_observers_last_answer_carries_no_figures_a_synchronous_one_does():
+    """Envoy reads no answer of the observer, so its end builds no metadata; the same
+    stream kept synchronous (usage hidden) still hands Envoy the final figures."""
+    frames = stream_frames(3, usage=True)
+    ex = Exchange(Policy(AUTO), Metrics(), now=0.0)
+    token, _ = await synchronous_part(
+        ex, {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+    )
+    assert offpath.observed(ex)
+    answers = [ex.body.feed(ex, f, i == len(frames) - 1, 0.5) for i, f in enumerate(frames)]
+    assert ex.closed and ex.usage.completion_tokens == 3
+    assert not any(a.HasField("dynamic_metadata") for a in answers)
+    ex.close(0.6)
+
+    kept = Exchange(Policy(AUTO), Metrics(), now=0.0)
+    token, _ = await synchronous_part(kept, {**CHAT, "stream": True})
+    assert token == "" and not offpath.observed(kept)
+    last = [kept.body.feed(kept, f, i == len(frames) - 1, 0.5) for i, f in enumerate(frames)][-1]
+    figures = last.dynamic_metadata.fields["ai_gateway"].struct_value.fields
+    assert figures["completion_tokens"].number_value == 3

@@ -138,6 +138,13 @@ def decide(ex: Exchange, answer: Response) -> Response:
     return wire.skip_response_body(answer)
 
 
+def observed(ex: Exchange) -> bool:
+    """The body goes off path (decided at the response headers): every body answer is
+    the observer's, which Envoy never reads, so none needs figures (metadata)."""
+    entry = ex.off_path
+    return entry is not None and entry.decided.done() and entry.decided.result()
+
+
 def _plain_stream(ex: Exchange) -> bool:
     """An event stream read by the decoder alone (no stage's stream filter)."""
     body = ex.body
