@@ -73,17 +73,21 @@ SAMPLE_CHARS = 16384
 def estimate_prompt_tokens(texts: Sequence[str]) -> int:
     """Prompt tokens of a request's texts: 3 per message and 3 for the reply's priming,
     as OpenAI counts; texts past SAMPLE_CHARS are sampled, not walked whole."""
-    tokens = sampled = rest = 0
+    parts = []
+    sampled = rest = 0
     budget = SAMPLE_CHARS
     for text in texts:
         if budget <= 0:
             rest += len(text)
             continue
         part = text if len(text) <= budget else text[:budget]
-        tokens += estimate_tokens(part)
+        parts.append(part)
         sampled += len(part)
         rest += len(text) - len(part)
         budget -= len(part)
+    # The parts counted as one text, joined by a space: no piece spans whitespace, so
+    # this is the sum of their own counts, in two scans rather than two per message.
+    tokens = estimate_tokens(" ".join(parts))
     if rest:
         tokens += math.ceil(rest * tokens / max(sampled, 1))
     return tokens + 3 * len(texts) + 3

@@ -3,6 +3,7 @@ once per exchange however many stages ask for it."""
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from pathlib import Path
@@ -16,7 +17,7 @@ from extproc.policy.ratelimit.stage import RateLimitStage
 from extproc.policy.spend import SpendStage
 from extproc.providers.openai_chat import OpenAIChat
 from extproc.spend.budgets import Subject
-from extproc.usage import estimate_prompt_tokens, estimate_tokens
+from extproc.usage import SAMPLE_CHARS, estimate_prompt_tokens, estimate_tokens
 from tests.test_exchange import CHAT, Run, body_msg, headers_msg, stream_frames
 
 _PIECES = re.compile(r"[A-Za-z]+|\d{1,3}|[^\sA-Za-z\d]|\s+(?=\S)?")
@@ -105,3 +106,38 @@ def test_token_limit_spend_and_settlement_share_one_estimate(tmp_path: Path, cou
     run.ex.close(1.0)
     assert stage.store.spent(check) == prompt * 10 + 4 * 30
     assert counted == [["hello there"]]  # the limit, spend and settlement: one count
+
+
+def test_a_prompt_is_counted_as_the_sum_of_its_texts():
+    """The texts are counted joined (one scan): the figure is each text's count added up,
+    sampling included, whatever the texts' edges are (words, digits, marks, spaces)."""
+
+    def per_text(texts: list[str]) -> int:  # the code as it was: a count per text
+        tokens = sampled = rest = 0
+        budget = SAMPLE_CHARS
+        for text in texts:
+            if budget <= 0:
+                rest += len(text)
+                continue
+            part = text if len(text) <= budget else text[:budget]
+            tokens += estimate_tokens(part)
+            sampled += len(part)
+            rest += len(text) - len(part)
+            budget -= len(part)
+        if rest:
+            tokens += math.ceil(rest * tokens / max(sampled, 1))
+        return tokens + 3 * len(texts) + 3
+
+    alphabet = "abXY \t\n0123456789.,-é漢ß\u00a0\u2003\u0663\u0664" + "longerwordhere"
+    rng = random.Random(7)
+    cases = [[], [""], ["", ""], ["ab", "cd"], ["12", "34"], ["1", "234"], ["x" * 20000, "yz"]]
+    for _ in range(2000):
+        cases.append(
+            [
+                "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+                for _ in range(rng.randint(0, 6))
+            ]
+        )
+    big = ["word " * 3000, "12345 " * 2000, "tail"]
+    cases.append(big)
+    assert [estimate_prompt_tokens(c) for c in cases] == [per_text(c) for c in cases]
