@@ -88,8 +88,12 @@ def bench_policy(setup: str) -> tuple[Any, Metrics]:
     return build_policy(parse_config(doc, "bench"), Shared(metrics), {}), metrics
 
 
-def exchange_messages(setup: str, chunks: int, shape: str) -> list[ProcessingRequest]:
-    """What Envoy sends for one streamed chat completion, in order."""
+def exchange_messages(
+    setup: str, chunks: int, shape: str, stamp: bool = False
+) -> list[ProcessingRequest]:
+    """What Envoy sends for one streamed chat completion, in order. `stamp`: each
+    frame ends in a member that differs from frame to frame, as the bench provider's
+    `"bench_t"` and OpenAI's `"obfuscation"` do."""
     pairs = {
         ":method": "POST",
         ":path": "/v1/chat/completions",
@@ -99,6 +103,11 @@ def exchange_messages(setup: str, chunks: int, shape: str) -> list[ProcessingReq
     if setup in ("full", "full-nomask", "spend"):
         pairs["authorization"] = f"Bearer {BENCH_KEY}"
     body = frames(chunks, planted=False)
+    if stamp:
+        body = [
+            f[:-3] + b',"bench_t":%d}\n\n' % (10**15 + 7919 * i) if f[6:7] == b"{" else f
+            for i, f in enumerate(body)
+        ]
     parts = [b"".join(body)] if shape == "coalesced" else body
     return [
         _headers(pairs, response=False),
@@ -108,10 +117,10 @@ def exchange_messages(setup: str, chunks: int, shape: str) -> list[ProcessingReq
     ]
 
 
-def build(setup: str, chunks: int, shape: str):
+def build(setup: str, chunks: int, shape: str, stamp: bool = False):
     """A closure running one exchange of `setup`, and its ext_proc message count."""
     policy, metrics = bench_policy(setup)
-    head, _, answer, *messages = exchange_messages(setup, chunks, shape)
+    head, _, answer, *messages = exchange_messages(setup, chunks, shape, stamp)
     loop = asyncio.new_event_loop()
 
     def one() -> None:
@@ -139,12 +148,12 @@ class _Observed:
         return next(self._messages, EOF)
 
 
-def build_offpath(chunks: int, shape: str):
+def build_offpath(chunks: int, shape: str, stamp: bool = False):
     """`build` for `meter-offpath`: the synchronous stream to its response headers (it
     ends there, as the server's loop does), the observing stream for the body, and the
     observer's first message (request headers: the exchange's token) as Envoy sends it."""
     policy, metrics = bench_policy("meter-offpath")
-    head, _, answer, *messages = exchange_messages("meter-offpath", chunks, shape)
+    head, _, answer, *messages = exchange_messages("meter-offpath", chunks, shape, stamp)
     loop = asyncio.new_event_loop()
 
     async def exchange() -> None:
@@ -202,7 +211,7 @@ def measure(one, n: int, repeat: int) -> float:
 def pick(setup: str):
     """The builder of `setup`'s exchange."""
     if setup == "meter-offpath":
-        return lambda _setup, chunks, shape: build_offpath(chunks, shape)
+        return lambda _setup, chunks, shape, stamp: build_offpath(chunks, shape, stamp)
     return build
 
 
@@ -215,6 +224,9 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--profile", metavar="SETUP", help="cProfile this setup (first --shapes)")
     parser.add_argument("--log", action="store_true", help="log at info, to a file")
+    parser.add_argument(
+        "--stamp", action="store_true", help='frames end in a "bench_t" that differs each time'
+    )
     args = parser.parse_args()
     if args.log:
         log_to = Path(tempfile.mkdtemp(prefix="exchange-bench-")) / "sidecar.log"
@@ -223,7 +235,9 @@ def main() -> int:
         configure("info")  # the handler keeps the file: stderr itself is back at once
         sys.stderr = stderr
     if args.profile:
-        one, _ = pick(args.profile)(args.profile, args.chunks, args.shapes.split(",")[0])
+        one, _ = pick(args.profile)(
+            args.profile, args.chunks, args.shapes.split(",")[0], args.stamp
+        )
         measure(one, 10, 1)
         prof = cProfile.Profile()
         prof.enable()
@@ -236,7 +250,7 @@ def main() -> int:
     print(f"{'setup':<14}{'shape':<11}{'msgs':>5}{'cpu us/exch':>13}{'us/msg':>9}")
     for setup in args.setups.split(","):
         for shape in args.shapes.split(","):
-            one, msgs = pick(setup)(setup, args.chunks, shape)
+            one, msgs = pick(setup)(setup, args.chunks, shape, args.stamp)
             us = measure(one, args.n, args.repeat)
             print(f"{setup:<14}{shape:<11}{msgs:>5}{us:>13.1f}{us / msgs:>9.1f}")
     return 0

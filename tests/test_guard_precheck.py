@@ -279,6 +279,111 @@ def test_plain_text_is_the_parse_of_choice_0_content_or_unsure(frames, group):
             assert plain == "".join(d.text for d in texts)
 
 
+# Members after the choices: OpenAI's per-frame `"obfuscation"`, the bench's stamp, the
+# usage, and what must make a frame unsure (a second `"choices"`, which a parser keeps).
+AFTER_MEMBERS = [
+    b"", b',"usage":null', b',"obfuscation":"aB3x"', b',"bench_t":1712345678901',
+    b',"usage":{"prompt_tokens":3,"completion_tokens_details":{"reasoning_tokens":1}}',
+    b',"choices":null', b',"choices":[]', b',"choices" : []', b',"x":"\\u0041"',
+    b',"x":[1]', b',"x":"a\nb"', b',"x":"]"',
+]  # fmt: skip
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.text(max_size=6), st.sampled_from(AFTER_MEMBERS)), min_size=1, max_size=10
+    ),
+    st.integers(1, 5),
+)
+def test_plain_text_reads_frames_whose_members_after_the_choices_differ(frames, group):
+    """Frames that differ after the choices as well as in their text (most read by the
+    remembered shape, the rest by a small regex): the byte search gives exactly the
+    texts the full parse gives, or says unsure, and it is unsure for any frame the
+    SDKs would read otherwise (a second `"choices"` hides the first)."""
+    decoder = OpenAIChat.stream_decoder(hide_usage=False, max_frame_bytes=1 << 16)
+    encoded = [
+        HEAD + orjson.dumps({"index": 0, "delta": {"content": text}}) + b"]" + after + b"}\n\n"
+        for text, after in frames
+    ]
+    for at in range(0, len(encoded), group):
+        chunk = b"".join(encoded[at : at + group])
+        plain = decoder.plain_text(chunk)
+        decoder.feed(chunk)
+        if plain is None:
+            continue
+        shown = []  # what a client's JSON parser shows: the last `choices` of each frame
+        for frame in encoded[at : at + group]:
+            choices = orjson.loads(frame[6:]).get("choices") or []
+            shown += [c["delta"].get("content") or "" for c in choices if c["index"] == 0]
+        assert plain == "".join(shown)
+        assert all(b'"choices"' not in f.split(b"]", 1)[1] for f in encoded[at : at + group])
+
+
+# What a frame may carry that the metering reads: text keys outside the delta, finish
+# reasons before, in and after the choices, usage figures (null, an object, twice).
+METERED_HEADS = [
+    HEAD,
+    HEAD.replace(b'"model":"m",', b'"model":"m","refusal":"r","finish_reason":"h",'),
+    HEAD.replace(b'"model":"m",', b'"model":"m","usage":7,'),
+]
+METERED_CHOICE_TAILS = [
+    b"",
+    b',"logprobs":null,"finish_reason":null',
+    b',"finish_reason":"stop"',
+    b',"finish_reason":""',
+    b',"refusal":"no"',
+]
+METERED_AFTER = [
+    *AFTER_MEMBERS[:6],
+    b',"usage":{"prompt_tokens":2,"completion_tokens":3,"total_tokens":5}',
+    b',"usage":null,"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}',
+    b',"finish_reason":"late"', b',"content":"top"', b',"refusal":""', b',"usage":nul',
+]  # fmt: skip
+
+
+def metered_state(decoder: OpenAIChatStream) -> tuple:
+    return decoder.content_events, decoder.finish_reason, decoder.usage, decoder.done
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.sampled_from(METERED_HEADS),
+    st.sampled_from(METERED_CHOICE_TAILS),
+    st.lists(
+        st.tuples(
+            st.sampled_from(["", " a", " word", "4111", 'q"uote']),
+            st.sampled_from(METERED_AFTER),
+            st.booleans(),
+        ),
+        min_size=1,
+        max_size=10,
+    ),
+    st.booleans(),
+)
+def test_chunks_the_pre_check_read_are_metered_as_without_it(head, tail, frames, hide):
+    """A chunk `plain_text` read as one frame of the remembered shape is metered from
+    that shape (`feed_whole` skips its byte counts): what a decoder that never ran the
+    pre-check counts, chunk by chunk: text deltas, finish reason, usage, the end."""
+    checked = OpenAIChat.stream_decoder(hide_usage=hide, max_frame_bytes=1 << 16)
+    plain = OpenAIChat.stream_decoder(hide_usage=hide, max_frame_bytes=1 << 16)
+    chunks = []
+    for text, after, ends in frames:
+        choice = b'{"index":0,"delta":{"content":' + orjson.dumps(text) + b"}" + tail + b"}"
+        chunks.append(head + choice + b"]" + after + b"}\n\n")
+        if ends:
+            chunks.append(b"data: [DONE]\n\n")
+    for chunk in chunks:
+        checked.plain_text(chunk)
+        got, want = checked.feed_whole(chunk), plain.feed_whole(chunk)
+        if got is None:
+            got = b"".join(e.out for e in checked.feed(chunk))
+        if want is None:
+            want = b"".join(e.out for e in plain.feed(chunk))
+        assert got == want
+        assert metered_state(checked) == metered_state(plain)
+
+
 def test_a_frame_with_a_second_choices_after_one_of_the_remembered_shape_is_unsure():
     """The second frame begins as the first and ends as it does, with a second
     `"choices"` between (a parser keeps the last): its text is not plain, and the

@@ -32,10 +32,24 @@ _CHOICE = (
     rb'(?:,"refusal":null)?\}|\{(?:"role":"assistant"(?:,"refusal":null)?)?\})'
     rb'(?:,"(?!index"|delta")[a-z_]+":(?:"[^"\\\n]*"|[^,{}\[\]\n\\"]*))*\}'
 )
+# The members after choice 0's array (`\]`, then the empty group 2: where the array
+# ends), alone: for a frame read by the remembered shape (`PlainText`), to its end.
+_AFTER = rb"(?:" + _MEMBERS + _OBJECT + rb")*" + _MEMBERS + rb"\}"
 _PLAIN_FRAME = re.compile(
-    rb'data: \{' + _MEMBERS + rb'"choices":\[(?:' + _CHOICE + rb")?\](?:" + _MEMBERS
-    + _OBJECT + rb")*" + _MEMBERS + rb"\}\n\n|data: \[DONE\]\n\n"
+    rb'data: \{' + _MEMBERS + rb'"choices":\[(?:' + _CHOICE + rb")?\]()" + _AFTER
+    + rb"\n\n|data: \[DONE\]\n\n"
 )  # fmt: skip
+# Members after the choices that mean nothing to the SDKs' text nor to the metering
+# (`OpenAIChatStream._count`): scalars, under a key other than `choices`, `usage`
+# (unless null), `finish_reason` or a text key; OpenAI's per-frame `"obfuscation"`.
+_QUIET = (
+    rb'(?:,"usage":null|,"(?!(?:choices|usage|finish_reason|content|arguments|reasoning'
+    rb'|reasoning_content|refusal)")[a-z_]+":(?:"[^"\\\n]*"|[^,{}\[\]\n\\"]*))*\}'
+)
+_QUIET_AFTER = re.compile(_QUIET + rb"\n\n")
+_QUIET_PIECE = re.compile(_QUIET)
+_AFTER_PIECE = re.compile(_AFTER)
+_AFTER_FRAME = re.compile(_AFTER + rb"\n\n")
 _CHOICES_KEY = b'"choices"'
 _DONE_PIECE = b"data: [DONE]"  # the end marker's frame, split off at its blank line
 _NO_HEAD = b"\n\n"  # `plain_text`'s remembered frame head before any: no frame has it
@@ -44,20 +58,27 @@ _NO_HEAD = b"\n\n"  # `plain_text`'s remembered frame head before any: no frame 
 class PlainText:
     """One stream's reader: it remembers the shape of the last frame its regex read.
 
-    A stream's frames differ in their text only, mostly: a frame that is the last
-    regex-read frame's bytes around its text (`_head`, `_tail`, at the offsets of
-    that match, not of a search for the text, which could find it in another member)
-    with a text of plain characters in between (no quote, backslash or newline:
-    nothing that could end or escape the string) has the same shape, and is read by
-    two compares. Where one such text is not plain, the chunk is read again, every
-    frame by the regex."""
+    A stream's frames differ in their text and in the members after the choices
+    (OpenAI's `"obfuscation"`, a stamp), mostly: a frame that is the last regex-read
+    frame's bytes before its text (`_head`, at the offset of that match, not of a
+    search for the text, which could find it in another member), a text of plain
+    characters (no quote, backslash or newline: nothing that could end or escape the
+    string; it ends at the first quote), the same bytes after the text to the end of
+    the choices (`_tail`), then members of the shape `_PLAIN_FRAME` allows there and
+    no second `"choices"`, has the shape `_PLAIN_FRAME` reads: it is read by two
+    compares and a search for the quote, and the rest by a small regex. Where one
+    such text is not plain, the chunk is read again, every frame by the regex."""
 
-    __slots__ = ("_end", "_head", "_tail")
+    __slots__ = ("empty", "head", "one", "tail")
 
     def __init__(self) -> None:
-        self._head = _NO_HEAD  # the last regex-read frame around its text
-        self._tail = b""
-        self._end = b"\n\n"  # `_tail` and the frame's end
+        self.head = _NO_HEAD  # the last regex-read frame before its text
+        self.tail = b""  # ... and after its text, to the end of its choices array
+        # The last chunk read as one frame of that shape with nothing after its
+        # choices that the metering reads (`_QUIET_AFTER`): the decoder meters it from
+        # the shape (`OpenAIChatStream.feed_whole`); and whether its text was empty.
+        self.one: bytes | None = None
+        self.empty = False
 
     def read(self, chunk: bytes) -> str | None:
         """Choice 0's content in `chunk` (whole LF-framed frames), where every frame
@@ -66,27 +87,33 @@ class PlainText:
         outside the texts (a key spelt `"con\\u0074ent"` is `content` to every JSON
         parser), else None. Non-ASCII text is None too: the guards' normalised view
         must see it."""
-        head, end = self._head, self._end
+        head, tail = self.head, self.tail
         # One frame, shaped as the last? (A chunk may begin with `_NO_HEAD`; a piece not.)
-        if head is not _NO_HEAD and chunk.startswith(head) and chunk.endswith(end):
-            text = chunk[len(head) : len(chunk) - len(end)]
-            if (
-                len(chunk) >= len(head) + len(end)
-                and b'"' not in text
-                and b"\\" not in text
-                and b"\n" not in text  # nor more frames
-            ):
-                return text.decode() if text.isascii() else None
+        if head is not _NO_HEAD and chunk.startswith(head):
+            cut = len(head)
+            end = chunk.find(b'"', cut)
+            if end >= 0 and chunk.startswith(tail, end):
+                after = end + len(tail)
+                quiet = _QUIET_AFTER.fullmatch(chunk, after) is not None
+                if quiet or (
+                    _AFTER_FRAME.fullmatch(chunk, after) is not None
+                    and chunk.find(_CHOICES_KEY, after) < 0
+                ):
+                    text = chunk[cut:end]
+                    if b"\\" not in text and b"\n" not in text:  # nor more frames
+                        if not text.isascii():
+                            return None
+                        self.one, self.empty = (chunk if quiet else None), end == cut
+                        return text.decode()
         pieces = chunk.split(b"\n\n")  # JSON has no raw newline: one piece per frame
         pieces.pop()  # after the last frame's end
-        read = self._read(pieces, head, self._tail)
+        read = self._read(pieces, head, tail)
         if read is None:
             return None
-        texts, plain, self._head, self._tail = read
-        self._end = self._tail + b"\n\n"
+        texts, plain, self.head, self.tail = read
         if plain:
             joined = plain[0] if len(plain) == 1 else b"".join(plain)
-            if b'"' in joined or b"\\" in joined or b"\n" in joined:
+            if b"\\" in joined or b"\n" in joined:
                 read = self._read(pieces, _NO_HEAD, b"", learn=False)
                 if read is None:
                     return None
@@ -107,15 +134,28 @@ class PlainText:
         caller checks for plain characters, the shape now) or None: a frame of
         another shape. Without `learn`, no frame's shape is remembered: every frame
         is read by the regex (the second reading, after a text that was not plain)."""
-        cut, end, keep = len(head), len(tail), len(head) + len(tail)
+        cut = len(head)
         texts: list[bytes] = []
         plain: list[bytes] = []
         for piece in pieces:
-            if piece.startswith(head) and piece.endswith(tail) and len(piece) >= keep:
-                text = piece[cut : len(piece) - end]
-                texts.append(text)
-                plain.append(text)
-                continue
+            if piece.startswith(head):  # never with `_NO_HEAD`
+                end = piece.find(b'"', cut)
+                after = end + len(tail)
+                if (
+                    end >= 0
+                    and piece.startswith(tail, end)
+                    and (
+                        _QUIET_PIECE.fullmatch(piece, after) is not None
+                        or (
+                            _AFTER_PIECE.fullmatch(piece, after) is not None
+                            and piece.find(_CHOICES_KEY, after) < 0
+                        )
+                    )
+                ):
+                    text = piece[cut:end]
+                    texts.append(text)
+                    plain.append(text)
+                    continue
             m = _PLAIN_FRAME.fullmatch(piece + b"\n\n")
             if m is None or piece.count(_CHOICES_KEY) != (piece != _DONE_PIECE):
                 return None  # a second `"choices"` in a frame: the last one is read
@@ -124,6 +164,6 @@ class PlainText:
                 texts.append(text)
                 if not learn:
                     continue
-                head, tail = piece[: m.start(1)], piece[m.end(1) :]
-                cut, end, keep = len(head), len(tail), len(head) + len(tail)
+                head, tail = piece[: m.start(1)], piece[m.end(1) : m.start(2)]
+                cut = len(head)
         return texts, plain, head, tail
