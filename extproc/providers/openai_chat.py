@@ -182,20 +182,28 @@ class OpenAIChatStream(SSEDecoder):
 
     name = "openai_chat_sse"
     has_end_marker = True
-    __slots__ = ("_hide_usage", "_plain")
+    __slots__ = ("_hide_usage", "_plain", "_shape")
 
     def __init__(self, *, hide_usage: bool, max_frame_bytes: int) -> None:
         super().__init__(max_frame_bytes)
         self._hide_usage = hide_usage
         self._plain = PlainText()
+        # What `_count` finds in the plain reader's shape (head, tail): (head, tail,
+        # text deltas, finish reason or None, no "usage" in either); see `_metered`.
+        self._shape: tuple[bytes, bytes, int, str | None, bool] = (b"", b"", 0, None, False)
 
     def feed(self, chunk: bytes) -> list[StreamEvent]:
+        self._plain.one = None
         return [self._event(f) for f in self._framer.feed(chunk)]
 
     def feed_whole(self, chunk: bytes) -> bytes | None:
         """Whole LF-framed frames are metered with a few `bytes.count` calls; only a
         frame carrying a usage figure (one per stream) is decoded on its own. Partial
-        frames and CR line endings take the frame-by-frame path (None)."""
+        frames and CR line endings take the frame-by-frame path (None). A chunk the
+        guards' pre-check just read as one frame of its remembered shape is metered
+        from that shape (`_metered`)."""
+        if chunk is self._plain.one and self._metered(chunk):
+            return chunk
         if self._framer.buffered or chunk[-2:] != b"\n\n" or b"\r" in chunk:
             return None
         # Two counts (C loops, no Python per occurrence): measured cheaper than a
@@ -225,16 +233,38 @@ class OpenAIChatStream(SSEDecoder):
             return None  # not a chunk `feed_whole` takes, as `StreamBody._passes` needs
         return self._plain.read(chunk)
 
+    def _metered(self, chunk: bytes) -> bool:
+        """`feed_whole` for a chunk `plain_text` just read as one frame of its shape
+        with nothing after its choices that `_count` reads (its checks passed, no
+        frame is buffered): what `_count` would find, from the shape's bytes, counted
+        once per shape. False, nothing changed: a `"usage"` in the shape."""
+        plain = self._plain
+        plain.one = None
+        head, tail, deltas, finish, usable = self._shape
+        if plain.head is not head or plain.tail is not tail:
+            head, tail = plain.head, plain.tail
+            usable = _USAGE_KEY not in head and _USAGE_KEY not in tail
+            deltas = _text_deltas(head) + _text_deltas(tail)  # no key spans the text
+            finish = _finish_in(tail)  # the last in the chunk, as `_count` reads it
+            if finish is None:
+                finish = _finish_in(head)
+            self._shape = (head, tail, deltas, finish, usable)
+        if not usable:
+            return False
+        # The head ends in `"content":"`, counted where the text is not empty.
+        self.content_events += deltas - plain.empty
+        if finish is not None:
+            self.finish_reason = finish
+        return True
+
     def _count(self, frames: bytes) -> bytes:
         """Meter whole frames that carry no usage figure; they go on as they came."""
         self.content_events += _text_deltas(frames)
         if _DONE_FRAME in frames and _done_frames(frames):
             self.done = True
-        at = frames.rfind(_FINISH)
-        if at >= 0:
-            start = at + len(_FINISH)
-            end = frames.find(b'"', start)
-            self.finish_reason = frames[start:end].decode("utf-8", "replace")
+        finish = _finish_in(frames)
+        if finish is not None:
+            self.finish_reason = finish
         return frames
 
     def _event(self, frame: Frame) -> StreamEvent:
@@ -344,6 +374,15 @@ def _is_null_after(data: bytes, at: int) -> bool:
 _TEXT_KEYS = (_CONTENT, _ARGUMENTS, _REASONING, _REASONING_OLLAMA, _REFUSAL)
 # One pass for all of them: a key, then a string that is not empty.
 _TEXT_DELTA = re.compile(b"(?:" + b"|".join(re.escape(key) for key in _TEXT_KEYS) + b')(?!")')
+
+
+def _finish_in(frames: bytes) -> str | None:
+    """The last finish reason written in these bytes, as `_count` reads it."""
+    at = frames.rfind(_FINISH)
+    if at < 0:
+        return None
+    start = at + len(_FINISH)
+    return frames[start : frames.find(b'"', start)].decode("utf-8", "replace")
 
 
 def _text_deltas(data: bytes) -> int:
