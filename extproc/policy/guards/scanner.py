@@ -345,20 +345,22 @@ class RunningText:
         text = self.text + chunk
         views = self.views
         scanners = self.scanners
-        if len(scanners) == 1:  # the usual case, without the loop
+        n = len(text)
+        if len(scanners) == 1:  # the usual case, without the loops
             if not scanners[0].quiet(text, views[0] - base):
                 return False
+            end = self.end = self.end + len(chunk)
+            views[0] = base + n
+            self.positions[0] = end
         else:
             for k, scanner in enumerate(scanners):
                 if not scanner.quiet(text, views[k] - base):
                     return False
-        n = len(text)
-        end = self.end = self.end + len(chunk)
-        view_end = base + n
-        positions = self.positions
-        for k in range(len(views)):
-            views[k] = view_end
-            positions[k] = end
+            end = self.end = self.end + len(chunk)
+            positions = self.positions
+            for k in range(len(views)):
+                views[k] = base + n
+                positions[k] = end
         keep = n - CONTEXT_CHARS
         if keep > 0:
             self.text = text[keep:]

@@ -101,6 +101,9 @@ class GuardStream:
         self._budget = budget_seconds
         self._clock = clock
         self._began = 0.0
+        # The plain text's running text while `take` has left everything decided
+        # (nothing held, no channel undecided): the next `take` needs no check of it.
+        self._taking: RunningText | None = None
 
     @property
     def held(self) -> int:
@@ -114,6 +117,7 @@ class GuardStream:
     def process(self, events: list[StreamEvent], end: bool) -> list[StreamEvent]:
         out: list[StreamEvent] = []
         queue = self._queue
+        self._taking = None
         if self._clock is not None:
             self._began = self._clock()
         for event in events:
@@ -141,6 +145,9 @@ class GuardStream:
         waiting, every running text is decided, and no detector can match or hold in
         the new text), take it as `process` would have, with the same state after it,
         and say True: the chunk is never parsed. Else change nothing."""
+        running = self._taking
+        if running is not None:  # the checks below held after the last take
+            return not text or (len(text) <= PIECE_CHARS and running.take(text))
         if self._queue:
             return False
         channels = self._channels
@@ -153,12 +160,14 @@ class GuardStream:
         if len(text) > PIECE_CHARS:
             return False  # a long text is scanned in pieces, the budget checked between
         channel = channels.get(PLAIN_CHANNEL)
-        if channel is not None:
-            return channel.running.take(text)
-        running = RunningText(self._scanners)
-        if not running.take(text):
+        if channel is None:
+            running = RunningText(self._scanners)
+            if not running.take(text):
+                return False
+            channels[PLAIN_CHANNEL] = _Channel(running)
+        elif not channel.running.take(text):
             return False
-        channels[PLAIN_CHANNEL] = _Channel(running)
+        self._taking = channels[PLAIN_CHANNEL].running
         return True
 
     # -- text -------------------------------------------------------------------------
