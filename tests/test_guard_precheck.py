@@ -13,7 +13,7 @@ from functools import partial
 
 import orjson
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from extproc.config import GuardConfig, GuardPatternConfig
@@ -355,24 +355,38 @@ def metered_state(decoder: OpenAIChatStream) -> tuple:
             st.sampled_from(["", " a", " word", "4111", 'q"uote']),
             st.sampled_from(METERED_AFTER),
             st.booleans(),
+            st.sampled_from([*[None] * 10, *METERED_CHOICE_TAILS]),  # another shape
         ),
         min_size=1,
         max_size=10,
     ),
     st.booleans(),
+    st.integers(1, 4),
 )
-def test_chunks_the_pre_check_read_are_metered_as_without_it(head, tail, frames, hide):
-    """A chunk `plain_text` read as one frame of the remembered shape is metered from
-    that shape (`feed_whole` skips its byte counts): what a decoder that never ran the
-    pre-check counts, chunk by chunk: text deltas, finish reason, usage, the end."""
+@example(  # a shape with another count learnt after frames read by the first
+    HEAD,
+    b"",
+    [(" a", b"", False, None), (" b", b"", False, None), (" c", b"", False, b',"refusal":"x"')],
+    False,
+    4,
+)
+def test_chunks_the_pre_check_read_are_metered_as_without_it(head, tail, frames, hide, group):
+    """Frames `plain_text` read by the remembered shape are metered from that shape
+    (`feed_whole` skips their byte counts), one to a chunk or `group`: the client gets
+    what a decoder that never ran the pre-check sends (the hidden usage frame
+    dropped), and the meter reads what it reads, chunk by chunk: text deltas, finish
+    reason, usage, the end."""
     checked = OpenAIChat.stream_decoder(hide_usage=hide, max_frame_bytes=1 << 16)
     plain = OpenAIChat.stream_decoder(hide_usage=hide, max_frame_bytes=1 << 16)
-    chunks = []
-    for text, after, ends in frames:
-        choice = b'{"index":0,"delta":{"content":' + orjson.dumps(text) + b"}" + tail + b"}"
-        chunks.append(head + choice + b"]" + after + b"}\n\n")
-        if ends:
-            chunks.append(b"data: [DONE]\n\n")
+    encoded = [chat_frame({"index": 0, "delta": {"role": "assistant", "content": ""}})]
+    for text, after, ends, other in frames:
+        choice = b'{"index":0,"delta":{"content":' + orjson.dumps(text) + b"}"
+        choice += (tail if other is None else other) + b"}"
+        encoded.append(head + choice + b"]" + after + b"}\n\n")
+        if ends:  # the usage-only frame (hidden where the gateway asked for it), the end
+            encoded.append(HEAD + b'],"usage":{"prompt_tokens":2,"completion_tokens":1}}\n\n')
+            encoded.append(b"data: [DONE]\n\n")
+    chunks = [b"".join(encoded[at : at + group]) for at in range(0, len(encoded), group)]
     for chunk in chunks:
         checked.plain_text(chunk)
         got, want = checked.feed_whole(chunk), plain.feed_whole(chunk)

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from extproc.providers import openai_chat
+from extproc.providers import openai_chat, openai_counts
 from extproc.providers.base import RequestError, TextDelta
 from extproc.providers.openai_chat import AzureOpenAIChat, OpenAIChat, OpenAIChatStream
 from tests.providers_helpers import (
@@ -311,9 +311,9 @@ def test_text_deltas_counts_non_empty_texts_in_one_pass(keys, tails):
     # quote could open the next and `bytes.count`, which does not overlap, would miss it.
     data = ",".join(f'"{k}{t}' for k, t in zip(keys, tails, strict=False)).encode()
     count = data.count
-    texts = openai_chat._TEXT_KEYS
+    texts = openai_counts.TEXT_KEYS
     expected = sum(map(count, texts)) - sum(count(key + b'"') for key in texts)
-    assert openai_chat._text_deltas(data) == expected
+    assert openai_counts.text_deltas(data) == expected
 
 
 # Where `"usage"` can sit in a frame, null or not, spaced or not, at the edges of the
@@ -377,4 +377,4 @@ def test_the_usage_figure_search_stops_where_the_walk_over_each_key_does(pieces,
     commas and keys sit (`null"usage"`, right after a null, is the walk's own answer)."""
     chunk = b"".join(pieces)
     start = min(start, len(chunk))
-    assert openai_chat._usage_figure(chunk, start) == openai_chat._usage_walk(chunk, start)
+    assert openai_counts.usage_figure(chunk, start) == openai_counts.usage_walk(chunk, start)

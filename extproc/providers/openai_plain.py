@@ -69,7 +69,7 @@ class PlainText:
     compares and a search for the quote, and the rest by a small regex. Where one
     such text is not plain, the chunk is read again, every frame by the regex."""
 
-    __slots__ = ("empty", "head", "one", "tail")
+    __slots__ = ("empty", "head", "many", "many_empty", "one", "others", "pieces", "tail")
 
     def __init__(self) -> None:
         self.head = _NO_HEAD  # the last regex-read frame before its text
@@ -79,6 +79,13 @@ class PlainText:
         # the shape (`OpenAIChatStream.feed_whole`); and whether its text was empty.
         self.one: bytes | None = None
         self.empty = False
+        # The same for the last chunk of several frames read: its frames (`pieces`,
+        # without their blank lines), those not read so (`others`, by index), and
+        # how many of the rest had an empty text.
+        self.many: bytes | None = None
+        self.pieces: list[bytes] = []
+        self.others: list[int] = []
+        self.many_empty = 0
 
     def read(self, chunk: bytes) -> str | None:
         """Choice 0's content in `chunk` (whole LF-framed frames), where every frame
@@ -110,60 +117,74 @@ class PlainText:
         read = self._read(pieces, head, tail)
         if read is None:
             return None
-        texts, plain, self.head, self.tail = read
+        texts, plain, self.head, self.tail, others, empty = read
         if plain:
             joined = plain[0] if len(plain) == 1 else b"".join(plain)
             if b"\\" in joined or b"\n" in joined:
                 read = self._read(pieces, _NO_HEAD, b"", learn=False)
                 if read is None:
                     return None
-                texts = read[0]
+                texts, others = read[0], None
         raw = texts[0] if len(texts) == 1 else b"".join(texts)
         if not raw.isascii():
             return None
         if b"\\" not in raw:
-            return raw.decode()
-        text = loads(b'"' + raw + b'"')  # escapes, read as the full parse reads them
-        return text if isinstance(text, str) and text.isascii() else None
+            text = raw.decode()
+        else:
+            parsed = loads(b'"' + raw + b'"')  # escapes, read as the full parse reads them
+            if not isinstance(parsed, str) or not parsed.isascii():
+                return None
+            text = parsed
+        if others is not None and len(others) < len(pieces):
+            self.many, self.pieces, self.others, self.many_empty = chunk, pieces, others, empty
+        return text
 
     @staticmethod
     def _read(
         pieces: list[bytes], head: bytes, tail: bytes, *, learn: bool = True
-    ) -> tuple[list[bytes], list[bytes], bytes, bytes] | None:
+    ) -> tuple[list[bytes], list[bytes], bytes, bytes, list[int] | None, int] | None:
         """(every frame's text, the texts read by the remembered shape, which the
-        caller checks for plain characters, the shape now) or None: a frame of
-        another shape. Without `learn`, no frame's shape is remembered: every frame
-        is read by the regex (the second reading, after a text that was not plain)."""
+        caller checks for plain characters, the shape now, the frames not read by it
+        with nothing after their choices that the metering reads (by index; None
+        where the shape changed after such a frame), how many of those had an empty
+        text) or None: a frame of another shape. Without `learn`, no frame's shape is
+        remembered: every frame is read by the regex (the second reading, after a
+        text that was not plain)."""
         cut = len(head)
         texts: list[bytes] = []
         plain: list[bytes] = []
-        for piece in pieces:
+        others: list[int] | None = []
+        empty = 0
+        for i, piece in enumerate(pieces):
             if piece.startswith(head):  # never with `_NO_HEAD`
                 end = piece.find(b'"', cut)
                 after = end + len(tail)
-                if (
-                    end >= 0
-                    and piece.startswith(tail, end)
-                    and (
-                        _QUIET_PIECE.fullmatch(piece, after) is not None
-                        or (
-                            _AFTER_PIECE.fullmatch(piece, after) is not None
-                            and piece.find(_CHOICES_KEY, after) < 0
-                        )
-                    )
-                ):
-                    text = piece[cut:end]
-                    texts.append(text)
-                    plain.append(text)
-                    continue
+                if end >= 0 and piece.startswith(tail, end):
+                    quiet = _QUIET_PIECE.fullmatch(piece, after) is not None
+                    if quiet or (
+                        _AFTER_PIECE.fullmatch(piece, after) is not None
+                        and piece.find(_CHOICES_KEY, after) < 0
+                    ):
+                        text = piece[cut:end]
+                        texts.append(text)
+                        plain.append(text)
+                        if quiet:
+                            empty += end == cut
+                        elif others is not None:
+                            others.append(i)
+                        continue
             m = _PLAIN_FRAME.fullmatch(piece + b"\n\n")
             if m is None or piece.count(_CHOICES_KEY) != (piece != _DONE_PIECE):
                 return None  # a second `"choices"` in a frame: the last one is read
             text = m[1]
+            if others is not None:
+                others.append(i)
             if text is not None:
                 texts.append(text)
                 if not learn:
                     continue
+                if others is not None and len(others) <= i:  # after a quiet frame
+                    others = None
                 head, tail = piece[: m.start(1)], piece[m.end(1) : m.start(2)]
                 cut = len(head)
-        return texts, plain, head, tail
+        return texts, plain, head, tail, others, empty
