@@ -286,6 +286,11 @@ AFTER_MEMBERS = [
     b',"usage":{"prompt_tokens":3,"completion_tokens_details":{"reasoning_tokens":1}}',
     b',"choices":null', b',"choices":[]', b',"choices" : []', b',"x":"\\u0041"',
     b',"x":[1]', b',"x":"a\nb"', b',"x":"]"',
+    # The same members up to a last value that differs (read without the regex), and
+    # that value followed by what must not be read so.
+    b',"bench_t":1', b',"bench_t":20', b',"obfuscation":"q7"', b',"usage":null,"bench_t":3',
+    b',"bench_t":4,"choices":[]', b',"bench_t":5,"choices":null', b',"obfuscation":"a","b":"c"',
+    b',"bench_t":"x"}]', b',"x":1,"usage":null', b',"x":1,"usage":2',
 ]  # fmt: skip
 
 

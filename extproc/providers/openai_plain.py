@@ -69,11 +69,18 @@ class PlainText:
     compares and a search for the quote, and the rest by a small regex. Where one
     such text is not plain, the chunk is read again, every frame by the regex."""
 
-    __slots__ = ("empty", "head", "many", "many_empty", "one", "others", "pieces", "tail")
+    __slots__ = (
+        "empty", "head", "lead", "many", "many_empty", "one", "others", "pieces", "tail"
+    )  # fmt: skip
 
     def __init__(self) -> None:
         self.head = _NO_HEAD  # the last regex-read frame before its text
         self.tail = b""  # ... and after its text, to the end of its choices array
+        # ... and on, to its last member's value, where `_QUIET_AFTER` held (`_lead`):
+        # a frame that is this and a value of digits or a string of letters and
+        # digits (the stamp, the obfuscation) needs no regex for its members after
+        # the choices.
+        self.lead: bytes | None = None
         # The last chunk read as one frame of that shape with nothing after its
         # choices that the metering reads (`_QUIET_AFTER`): the decoder meters it from
         # the shape (`OpenAIChatStream.feed_whole`); and whether its text was empty.
@@ -94,34 +101,29 @@ class PlainText:
         outside the texts (a key spelt `"con\\u0074ent"` is `content` to every JSON
         parser), else None. Non-ASCII text is None too: the guards' normalised view
         must see it."""
-        head, tail = self.head, self.tail
+        head, tail, lead = self.head, self.tail, self.lead
         # One frame, shaped as the last? (A chunk may begin with `_NO_HEAD`; a piece not.)
         if head is not _NO_HEAD and chunk.startswith(head):
             cut = len(head)
             end = chunk.find(b'"', cut)
-            if end >= 0 and chunk.startswith(tail, end):
-                after = end + len(tail)
-                quiet = _QUIET_AFTER.fullmatch(chunk, after) is not None
-                if quiet or (
-                    _AFTER_FRAME.fullmatch(chunk, after) is not None
-                    and chunk.find(_CHOICES_KEY, after) < 0
-                ):
-                    text = chunk[cut:end]
-                    if b"\\" not in text and b"\n" not in text:  # nor more frames
-                        if not text.isascii():
-                            return None
-                        self.one, self.empty = (chunk if quiet else None), end == cut
-                        return text.decode()
+            quiet = _shaped(chunk, end, tail, lead, b"}\n\n", _QUIET_AFTER, _AFTER_FRAME)
+            if quiet is not None:
+                text = chunk[cut:end]
+                if b"\\" not in text and b"\n" not in text:  # nor more frames
+                    if not text.isascii():
+                        return None
+                    self.one, self.empty = (chunk if quiet else None), end == cut
+                    return text.decode()
         pieces = chunk.split(b"\n\n")  # JSON has no raw newline: one piece per frame
         pieces.pop()  # after the last frame's end
-        read = self._read(pieces, head, tail)
+        read = self._read(pieces, head, tail, lead)
         if read is None:
             return None
-        texts, plain, self.head, self.tail, others, empty = read
+        texts, plain, self.head, self.tail, self.lead, others, empty = read
         if plain:
             joined = plain[0] if len(plain) == 1 else b"".join(plain)
             if b"\\" in joined or b"\n" in joined:
-                read = self._read(pieces, _NO_HEAD, b"", learn=False)
+                read = self._read(pieces, _NO_HEAD, b"", None, learn=False)
                 if read is None:
                     return None
                 texts, others = read[0], None
@@ -141,8 +143,8 @@ class PlainText:
 
     @staticmethod
     def _read(
-        pieces: list[bytes], head: bytes, tail: bytes, *, learn: bool = True
-    ) -> tuple[list[bytes], list[bytes], bytes, bytes, list[int] | None, int] | None:
+        pieces: list[bytes], head: bytes, tail: bytes, lead: bytes | None, *, learn: bool = True
+    ) -> tuple[list[bytes], list[bytes], bytes, bytes, bytes | None, list[int] | None, int] | None:
         """(every frame's text, the texts read by the remembered shape, which the
         caller checks for plain characters, the shape now, the frames not read by it
         with nothing after their choices that the metering reads (by index; None
@@ -158,21 +160,25 @@ class PlainText:
         for i, piece in enumerate(pieces):
             if piece.startswith(head):  # never with `_NO_HEAD`
                 end = piece.find(b'"', cut)
-                after = end + len(tail)
-                if end >= 0 and piece.startswith(tail, end):
-                    quiet = _QUIET_PIECE.fullmatch(piece, after) is not None
-                    if quiet or (
-                        _AFTER_PIECE.fullmatch(piece, after) is not None
-                        and piece.find(_CHOICES_KEY, after) < 0
-                    ):
-                        text = piece[cut:end]
-                        texts.append(text)
-                        plain.append(text)
-                        if quiet:
-                            empty += end == cut
-                        elif others is not None:
-                            others.append(i)
-                        continue
+                if (  # `_shaped`'s first case, inline: most frames of a chunk
+                    lead is not None
+                    and end >= 0
+                    and piece.startswith(lead, end)
+                    and piece[-1:] == b"}"
+                    and _plain_value(piece[end + len(lead) : -1])
+                ):
+                    quiet = True
+                else:
+                    quiet = _shaped(piece, end, tail, lead, b"}", _QUIET_PIECE, _AFTER_PIECE)
+                if quiet is not None:
+                    text = piece[cut:end]
+                    texts.append(text)
+                    plain.append(text)
+                    if quiet:
+                        empty += end == cut
+                    elif others is not None:
+                        others.append(i)
+                    continue
             m = _PLAIN_FRAME.fullmatch(piece + b"\n\n")
             if m is None or piece.count(_CHOICES_KEY) != (piece != _DONE_PIECE):
                 return None  # a second `"choices"` in a frame: the last one is read
@@ -186,5 +192,56 @@ class PlainText:
                 if others is not None and len(others) <= i:  # after a quiet frame
                     others = None
                 head, tail = piece[: m.start(1)], piece[m.end(1) : m.start(2)]
+                lead = _lead(piece, m.end(1), m.start(2))
                 cut = len(head)
-        return texts, plain, head, tail, others, empty
+        return texts, plain, head, tail, lead, others, empty
+
+
+def _shaped(
+    frame: bytes,
+    end: int,
+    tail: bytes,
+    lead: bytes | None,
+    close: bytes,
+    quiet: re.Pattern[bytes],
+    members: re.Pattern[bytes],
+) -> bool | None:
+    """For a frame that begins as the shape's head, its text ending at `end` (the
+    first quote after the head, -1 for none): True where the rest is the shape's with
+    members after the choices that `_QUIET` reads (by `lead` and a plain value where
+    it can be, else by the regex), False where it is the shape's with other members
+    the full regex allows there and no second `"choices"`, None for another shape.
+    `close`, `quiet` and `members` for a whole frame or one split at its blank line."""
+    if end < 0:
+        return None
+    if (
+        lead is not None
+        and frame.startswith(lead, end)
+        and frame.endswith(close)
+        and _plain_value(frame[end + len(lead) : len(frame) - len(close)])
+    ):
+        return True
+    if not frame.startswith(tail, end):
+        return None
+    after = end + len(tail)
+    if quiet.fullmatch(frame, after) is not None:
+        return True
+    if members.fullmatch(frame, after) is not None and frame.find(_CHOICES_KEY, after) < 0:
+        return False
+    return None
+
+
+def _plain_value(value: bytes) -> bool:
+    """A JSON number of digits or a string of letters and digits: a value `_QUIET`
+    reads, that can neither end the object nor hold a key."""
+    return value.isdigit() or (value[1:-1].isalnum() and value[:1] == b'"' == value[-1:])
+
+
+def _lead(piece: bytes, text_end: int, after: int) -> bytes | None:
+    """The bytes from the text's end to the last member's value, where the members
+    after the choices are `_QUIET`, else None. (A plain value in its place is `_QUIET`
+    too: under `"usage"` a number or a string is no usage figure either.)"""
+    if _QUIET_PIECE.fullmatch(piece, after) is None:
+        return None
+    colon = piece.rfind(b'":', after)  # no value holds a quote: the last member's key
+    return None if colon < 0 else piece[text_end : colon + 2]
