@@ -192,20 +192,17 @@ class OpenAIChatStream(SSEDecoder):
         self._shape: tuple[bytes, bytes, int, str | None, bool] = (b"", b"", 0, None, False)
 
     def feed(self, chunk: bytes) -> list[StreamEvent]:
-        self._plain.one = self._plain.many = None
+        self._plain.read_chunk = None
         return [self._event(f) for f in self._framer.feed(chunk)]
 
     def feed_whole(self, chunk: bytes) -> bytes | None:
         """Whole LF-framed frames are metered by a few byte searches; only a
         frame carrying a usage figure (one per stream) is decoded on its own. Partial
         frames and CR line endings take the frame-by-frame path (None). A chunk the
-        guards' pre-check just read as one frame of its remembered shape is metered
+        guards' pre-check just read with frames of its remembered shape is metered
         from that shape (`_metered`)."""
-        plain = self._plain
-        if chunk is plain.one and self._metered(chunk):
-            return chunk
-        if chunk is plain.many:
-            whole = self._metered_many(chunk)
+        if chunk is self._plain.read_chunk:
+            whole = self._metered(chunk)
             if whole is not None:
                 return whole
         if self._framer.buffered or chunk[-2:] != b"\n\n" or b"\r" in chunk:
@@ -257,48 +254,38 @@ class OpenAIChatStream(SSEDecoder):
             self._shape = (head, tail, deltas, finish, usable)
         return deltas, finish, usable
 
-    def _metered(self, chunk: bytes) -> bool:
-        """`feed_whole` for a chunk `plain_text` just read as one frame of its shape
-        with nothing after its choices that `_count` reads (its checks passed, no
-        frame is buffered): what `_count` would find, from the shape's bytes. False,
-        nothing changed: a `"usage"` in the shape."""
+    def _metered(self, chunk: bytes) -> bytes | None:
+        """`feed_whole` for a chunk `plain_text` just read (its checks passed, no frame
+        is buffered): the frames of the shape with nothing after their choices that
+        `_count` reads are metered from the shape's counts, the others
+        (`PlainText.others`, in their order) as `_whole` reads them, each on its own
+        (no search spans a frame's end), a hidden usage-only frame cut out where it
+        stood. None, nothing changed: a `"usage"` in the shape, or a finish reason in
+        it with other frames (whose order would decide the last)."""
         plain = self._plain
-        plain.one = None
+        plain.read_chunk = None
         deltas, finish, usable = self._shape_counts()
-        if not usable:
-            return False
+        others = plain.others
+        if not usable or (finish is not None and others):
+            return None
         # The head ends in `"content":"`, counted where the text is not empty.
-        self.content_events += deltas - plain.empty
+        self.content_events += plain.shaped * deltas - plain.empties
         if finish is not None:
             self.finish_reason = finish
-        return True
-
-    def _metered_many(self, chunk: bytes) -> bytes | None:
-        """`_metered` for a chunk of several frames: those of the shape from its
-        counts, the others (`PlainText.others`, in their order: the last finish
-        reason is theirs) as `_whole` reads them, each on its own (no search spans a
-        frame's end), the usage-only frame dropped where hidden. None, nothing
-        changed: a `"usage"` or a finish reason in the shape."""
-        plain = self._plain
-        plain.many = None
-        pieces, others = plain.pieces, plain.others
-        deltas, finish, usable = self._shape_counts()
-        if not usable or finish is not None:
-            return None
-        changed: dict[int, bytes] = {}
+        if not others:
+            return chunk
+        pieces = plain.pieces
+        parts: list[bytes] = []  # the chunk up to `start`, where a frame changed
+        start = 0
         for i in others:
             frame = pieces[i] + b"\n\n"
             out = self._whole(frame)
             if out is not frame:
-                changed[i] = out
-        self.content_events += (len(pieces) - len(others)) * deltas - plain.many_empty
-        if not changed:
+                at = sum(map(len, pieces[:i])) + 2 * i
+                parts += (chunk[start:at], out)
+                start = at + len(frame)
+        if not parts:
             return chunk
-        parts, start = [], 0  # the chunk around the changed frames (in their order)
-        for i, out in changed.items():
-            at = sum(map(len, pieces[:i])) + 2 * i
-            parts += (chunk[start:at], out)
-            start = at + len(pieces[i]) + 2
         parts.append(chunk[start:])
         return b"".join(parts)
 

@@ -60,18 +60,16 @@ class PlainText:
 
     A stream's frames differ in their text and in the members after the choices
     (OpenAI's `"obfuscation"`, a stamp), mostly: a frame that is the last regex-read
-    frame's bytes before its text (`_head`, at the offset of that match, not of a
+    frame's bytes before its text (`head`, at the offset of that match, not of a
     search for the text, which could find it in another member), a text of plain
     characters (no quote, backslash or newline: nothing that could end or escape the
     string; it ends at the first quote), the same bytes after the text to the end of
-    the choices (`_tail`), then members of the shape `_PLAIN_FRAME` allows there and
+    the choices (`tail`), then members of the shape `_PLAIN_FRAME` allows there and
     no second `"choices"`, has the shape `_PLAIN_FRAME` reads: it is read by two
     compares and a search for the quote, and the rest by a small regex. Where one
     such text is not plain, the chunk is read again, every frame by the regex."""
 
-    __slots__ = (
-        "empty", "head", "lead", "many", "many_empty", "one", "others", "pieces", "tail"
-    )  # fmt: skip
+    __slots__ = ("empties", "head", "lead", "others", "pieces", "read_chunk", "shaped", "tail")
 
     def __init__(self) -> None:
         self.head = _NO_HEAD  # the last regex-read frame before its text
@@ -81,18 +79,16 @@ class PlainText:
         # digits (the stamp, the obfuscation) needs no regex for its members after
         # the choices.
         self.lead: bytes | None = None
-        # The last chunk read as one frame of that shape with nothing after its
-        # choices that the metering reads (`_QUIET_AFTER`): the decoder meters it from
-        # the shape (`OpenAIChatStream.feed_whole`); and whether its text was empty.
-        self.one: bytes | None = None
-        self.empty = False
-        # The same for the last chunk of several frames read: its frames (`pieces`,
-        # without their blank lines), those not read so (`others`, by index), and
-        # how many of the rest had an empty text.
-        self.many: bytes | None = None
+        # The last chunk read with frames of that shape and nothing after their
+        # choices that the metering reads (`_QUIET`), which the decoder meters from
+        # the shape (`OpenAIChatStream._metered`): how many such frames, how many of
+        # them had an empty text, and the chunk's other frames (`others`, by index
+        # into `pieces`: its frames without their blank lines; none for one frame).
+        self.read_chunk: bytes | None = None
+        self.shaped = 0
+        self.empties = 0
+        self.others: list[int] | tuple[()] = ()
         self.pieces: list[bytes] = []
-        self.others: list[int] = []
-        self.many_empty = 0
 
     def read(self, chunk: bytes) -> str | None:
         """Choice 0's content in `chunk` (whole LF-framed frames), where every frame
@@ -112,7 +108,8 @@ class PlainText:
                 if b"\\" not in text and b"\n" not in text:  # nor more frames
                     if not text.isascii():
                         return None
-                    self.one, self.empty = (chunk if quiet else None), end == cut
+                    self.read_chunk = chunk if quiet else None
+                    self.shaped, self.empties, self.others = 1, end == cut, ()
                     return text.decode()
         pieces = chunk.split(b"\n\n")  # JSON has no raw newline: one piece per frame
         pieces.pop()  # after the last frame's end
@@ -138,7 +135,8 @@ class PlainText:
                 return None
             text = parsed
         if others is not None and len(others) < len(pieces):
-            self.many, self.pieces, self.others, self.many_empty = chunk, pieces, others, empty
+            self.read_chunk, self.pieces, self.others = chunk, pieces, others
+            self.shaped, self.empties = len(pieces) - len(others), empty
         return text
 
     @staticmethod
@@ -168,8 +166,8 @@ class PlainText:
                     and _plain_value(piece[end + len(lead) : -1])
                 ):
                     quiet = True
-                else:
-                    quiet = _shaped(piece, end, tail, lead, b"}", _QUIET_PIECE, _AFTER_PIECE)
+                else:  # the rest of `_shaped` (its first case is the one just checked)
+                    quiet = _shaped(piece, end, tail, None, b"}", _QUIET_PIECE, _AFTER_PIECE)
                 if quiet is not None:
                     text = piece[cut:end]
                     texts.append(text)
