@@ -38,23 +38,25 @@ class FrameTooLarge(StreamError):
 class SSEFramer:
     """Feed chunks, get complete frames; `finish()` returns the unterminated tail."""
 
-    __slots__ = ("_buf", "_has_cr", "_line_start", "_max", "_scan")
+    __slots__ = ("_has_cr", "_line_start", "_max", "_scan", "buf")
 
     def __init__(self, max_frame_bytes: int = 1 << 20) -> None:
         self._max = max_frame_bytes
-        self._buf = bytearray()
-        self._line_start = 0  # start of the current (unfinished) line in _buf
-        self._scan = 0  # _buf[:_scan] holds no unhandled line ending
+        # The unfinished frame (empty: nothing buffered; the decoders' per-chunk checks
+        # read it rather than `buffered`, a call).
+        self.buf = bytearray()
+        self._line_start = 0  # start of the current (unfinished) line in buf
+        self._scan = 0  # buf[:_scan] holds no unhandled line ending
         self._has_cr = False  # once a CR is seen, line endings need the general search
 
     @property
     def buffered(self) -> int:
-        return len(self._buf)
+        return len(self.buf)
 
     def feed(self, chunk: bytes) -> list[Frame]:
         if not chunk:
             return []
-        buf = self._buf
+        buf = self.buf
         buf += chunk
         if not self._has_cr and b"\r" in chunk:
             self._has_cr = True
@@ -118,10 +120,10 @@ class SSEFramer:
 
     def finish(self) -> Frame | None:
         """End of stream: the unterminated tail (fields parsed as far as they go)."""
-        if not self._buf:
+        if not self.buf:
             return None
-        raw = bytes(self._buf)
-        self._buf.clear()
+        raw = bytes(self.buf)
+        self.buf.clear()
         self._line_start = self._scan = 0
         self._has_cr = False
         return _parse_frame(raw)

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from extproc.config import GuardConfig, GuardPatternConfig
 from extproc.exchange import response
 from extproc.policy.guards import detectors as det
+from extproc.providers import openai_plain
 from extproc.providers.openai_chat import OpenAIChat, OpenAIChatStream
 from tests.test_exchange import CHAT, metadata
 from tests.test_guard_stage import content_frames, guarded, split_anywhere
@@ -445,3 +446,52 @@ def test_a_text_that_breaks_out_of_the_last_frame_s_string_is_read_by_the_regex(
         chunk = head + inside + tail
         fresh = OpenAIChat.stream_decoder(hide_usage=False, max_frame_bytes=1 << 16)
         assert decoder.plain_text(chunk) == fresh.plain_text(chunk) == expected, inside
+
+
+@pytest.mark.parametrize("last", [b',"bench_t":1712345678901', b',"obfuscation":"aB3x"'])
+def test_a_text_that_breaks_out_of_a_stamped_frame_s_string_is_read_by_the_regex(last):
+    """The same for frames that end in a member whose value changes every frame (the
+    bench's stamp, OpenAI's obfuscation), which the remembered bytes up to that value
+    and one search read (`openai_plain._led`): the text it reads ends at the first
+    quote and holds no backslash, newline or non-ASCII byte, and the value is plain
+    (digits, or letters and digits in quotes), else the chunk is read by the regex."""
+
+    def frame(inside: bytes, value: bytes | None = None) -> bytes:
+        body = b'{"index":0,"delta":{"content":"' + inside + b'"}}]' + last
+        if value is not None:
+            body = body[: body.rindex(b":") + 1] + value
+        return HEAD + body + b"}\n\n"
+
+    decoder = OpenAIChat.stream_decoder(hide_usage=False, max_frame_bytes=1 << 16)
+    assert decoder.plain_text(frame(b" hello")) == " hello"
+    assert decoder.plain_text(frame(b" again", b"42")) == " again"  # the shape, reused
+    assert decoder.plain_text(frame(b" more", b'"Zz9"')) == " more"
+    cases = {
+        frame(b'x","content":"4111 1111 1111 1111'): None,  # a second content member
+        frame(b'x\\"4111\\"'): 'x"4111"',  # escaped quotes stay in the string
+        frame(b"a\\u0034\\u0031\\\\1"): "a41\\1",  # escapes, read as the parser reads them
+        frame(b"caf\xc3\xa9"): None,
+        frame(b"x", b'"a\\"'): None,  # the value's quote escaped: the object never ends
+        frame(b"x", b'"a b"'): "x",  # not plain: the regex reads it
+        frame(b"x", b'1}\n\ndata: {"x":2'): None,  # a value that ends the frame early
+        # A frame without its closing quote, then the remembered bytes as a frame.
+        frame(b"x")[: len(HEAD) + 32] + b"\n\n" + frame(b"")[len(HEAD) + 31 :]: None,
+    }
+    for chunk, expected in cases.items():
+        fresh = OpenAIChat.stream_decoder(hide_usage=False, max_frame_bytes=1 << 16)
+        assert decoder.plain_text(chunk) == fresh.plain_text(chunk) == expected, chunk
+        decoder.plain_text(frame(b" reset"))  # the stamped shape again
+
+
+def test_an_upstream_that_varies_its_members_does_not_grow_the_compiled_leads():
+    """Each new set of members after the text is a new lead; at most `_LEDS_MAX` of
+    them are compiled per process (a hostile upstream could send a new one in every
+    frame), and past that the compares read the frames, alike."""
+    decoder = OpenAIChat.stream_decoder(hide_usage=False, max_frame_bytes=1 << 16)
+    for i in range(openai_plain._LEDS_MAX + 40):
+        head = HEAD.replace(b'"created":1', b'"created":%d' % i)  # read by the regex
+        member = b',"k%s":' % bytes(97 + int(d) for d in str(i))  # a key of letters
+        for n in (1, 22):
+            chunk = head + b'{"index":0,"delta":{"content":" w"}}]' + member + b"%d}\n\n" % n
+            assert decoder.plain_text(chunk) == " w"
+    assert len(openai_plain._LEDS) <= openai_plain._LEDS_MAX

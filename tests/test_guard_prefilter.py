@@ -72,12 +72,16 @@ def test_the_direct_re2_call_answers_as_search_does(pieces, start):
     regex, _ = SCANNER._pre
     found = ascii_finder(regex)
     m = regex.search(text, start)
-    assert found(text, start) == (-1 if m is None else m.start()), (text, start)
+    assert found(text.encode(), start, len(text))[0][0] == (-1 if m is None else m.start()), (
+        text,
+        start,
+    )
 
 
 def test_the_direct_re2_call_can_say_yes_and_no():
     regex, _ = SCANNER._pre
     found = ascii_finder(regex)
-    assert found("call 415-555-2671 now", 0) == 4
-    assert found("call 415-555-2671 now", 17) == -1  # the number is before `start`
-    assert found(" the quick brown fox, gateway lantern orbit", 0) == -1
+    call, prose = b"call 415-555-2671 now", b" the quick brown fox, gateway lantern orbit"
+    assert found(call, 0, len(call))[0][0] == 4
+    assert found(call, 17, len(call))[0][0] == -1  # the number is before `start`
+    assert found(prose, 0, len(prose))[0][0] == -1

@@ -68,9 +68,14 @@ def test_plain_prose_is_decided_by_the_one_re2_search():
     scanner = Scanner([d for d in DETECTORS if d.type not in ("EMAIL", "TICKET")], 256)
     prose = "between river lantern orbit maple quartz gateway"  # `t` may begin a TICKET
     for last in "abcdefghijklmnopqrstuvwxyz":
-        first = scanner._tails[last][2]
-        assert first(prose + last, 0) in (-1, len(prose) + 1), last  # none, or empty at the end
-    first = scanner._tails[" "][2]
-    assert first(prose + " ", 0) == len(prose)  # a card number may begin after a space
+        first = scanner.tails[last][2]
+        text = prose + last
+        assert first(text.encode(), 0, len(text))[0][0] in (-1, len(prose) + 1), (
+            last
+        )  # none, or empty at the end
+    first = scanner.tails[" "][2]
+    assert first((prose + " ").encode(), 0, len(prose) + 1)[0][0] == len(
+        prose
+    )  # a card number may begin after a space
     assert scanner.quiet(prose + " ", 0)
     assert not scanner.quiet(prose + " sk-proj", 0)

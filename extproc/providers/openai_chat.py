@@ -205,7 +205,7 @@ class OpenAIChatStream(SSEDecoder):
             whole = self._metered(chunk)
             if whole is not None:
                 return whole
-        if self._framer.buffered or chunk[-2:] != b"\n\n" or b"\r" in chunk:
+        if self._framer.buf or chunk[-2:] != b"\n\n" or b"\r" in chunk:
             return None
         return self._whole(chunk)
 
@@ -234,7 +234,7 @@ class OpenAIChatStream(SSEDecoder):
     def plain_text(self, chunk: bytes) -> str | None:
         """Choice 0's content in a chunk of whole frames of the shape OpenAI writes,
         else None (`openai_plain.PlainText`)."""
-        if self._framer.buffered or chunk[-2:] != b"\n\n" or b"\r" in chunk:
+        if self._framer.buf or chunk[-2:] != b"\n\n" or b"\r" in chunk:
             return None  # not a chunk `feed_whole` takes, as `StreamBody._passes` needs
         return self._plain.read(chunk)
 

@@ -69,7 +69,9 @@ class PlainText:
     compares and a search for the quote, and the rest by a small regex. Where one
     such text is not plain, the chunk is read again, every frame by the regex."""
 
-    __slots__ = ("empties", "head", "lead", "others", "pieces", "read_chunk", "shaped", "tail")
+    __slots__ = (
+        "empties", "head", "lead", "led", "others", "pieces", "read_chunk", "shaped", "tail"
+    )  # fmt: skip
 
     def __init__(self) -> None:
         self.head = _NO_HEAD  # the last regex-read frame before its text
@@ -79,6 +81,7 @@ class PlainText:
         # digits (the stamp, the obfuscation) needs no regex for its members after
         # the choices.
         self.lead: bytes | None = None
+        self.led = _led(None)  # the lead's regex, one search for such a frame (`_led`)
         # The last chunk read with frames of that shape and nothing after their
         # choices that the metering reads (`_QUIET`), which the decoder meters from
         # the shape (`OpenAIChatStream._metered`): how many such frames, how many of
@@ -101,6 +104,15 @@ class PlainText:
         # One frame, shaped as the last? (A chunk may begin with `_NO_HEAD`; a piece not.)
         if head is not _NO_HEAD and chunk.startswith(head):
             cut = len(head)
+            led = self.led
+            m = led.fullmatch(chunk, cut) if led is not None else None
+            if m is not None:  # plain text, the lead, a plain value: most frames
+                end = m.end(1)
+                self.read_chunk = chunk
+                self.shaped = 1
+                self.empties = end == cut
+                self.others = ()
+                return chunk[cut:end].decode()
             end = chunk.find(b'"', cut)
             quiet = _shaped(chunk, end, tail, lead, b"}\n\n", _QUIET_AFTER, _AFTER_FRAME)
             if quiet is not None:
@@ -116,7 +128,9 @@ class PlainText:
         read = self._read(pieces, head, tail, lead)
         if read is None:
             return None
-        texts, plain, self.head, self.tail, self.lead, others, empty = read
+        texts, plain, self.head, self.tail, lead, others, empty = read
+        if lead is not self.lead:
+            self.lead, self.led = lead, _led(lead)
         if plain:
             joined = plain[0] if len(plain) == 1 else b"".join(plain)
             if b"\\" in joined or b"\n" in joined:
@@ -151,14 +165,21 @@ class PlainText:
         remembered: every frame is read by the regex (the second reading, after a
         text that was not plain)."""
         cut = len(head)
+        led = _led(lead)
         texts: list[bytes] = []
         plain: list[bytes] = []
         others: list[int] | None = []
         empty = 0
         for i, piece in enumerate(pieces):
             if piece.startswith(head):  # never with `_NO_HEAD`
+                m = led.fullmatch(piece, cut) if led is not None else None
+                if m is not None:  # plain text, the lead, a plain value: most frames
+                    end = m.end(1)
+                    texts.append(piece[cut:end])
+                    empty += end == cut
+                    continue
                 end = piece.find(b'"', cut)
-                if (  # `_shaped`'s first case, inline: most frames of a chunk
+                if (  # `_shaped`'s first case, inline: a string last
                     lead is not None
                     and end >= 0
                     and piece.startswith(lead, end)
@@ -191,6 +212,7 @@ class PlainText:
                     others = None
                 head, tail = piece[: m.start(1)], piece[m.end(1) : m.start(2)]
                 lead = _lead(piece, m.end(1), m.start(2))
+                led = _led(lead)
                 cut = len(head)
         return texts, plain, head, tail, lead, others, empty
 
@@ -243,3 +265,27 @@ def _lead(piece: bytes, text_end: int, after: int) -> bytes | None:
         return None
     colon = piece.rfind(b'":', after)  # no value holds a quote: the last member's key
     return None if colon < 0 else piece[text_end : colon + 2]
+
+
+# `_led`'s regexes by lead: a few per process (a lead holds no stream's id or stamp,
+# only the members' keys and scalars), at most `_LEDS_MAX`, so that frames an upstream
+# varies cannot make every frame compile one.
+_LEDS: dict[bytes, re.Pattern[bytes]] = {}
+_LEDS_MAX = 64
+_LED_MAX = 512
+
+
+def _led(lead: bytes | None) -> re.Pattern[bytes] | None:
+    """For a frame after the head: a plain ASCII text (group 1; no quote, backslash or
+    newline: it ends at the first quote, which begins the lead), the lead, a plain
+    value (`_plain_value`), the frame's end (with its blank line, or split at it). One
+    search for what `PlainText` checks by several compares, where that lead has been
+    seen or there is room to compile it; else None, and the compares decide."""
+    if lead is None:
+        return None
+    led = _LEDS.get(lead)
+    if led is None and len(_LEDS) < _LEDS_MAX and len(lead) <= _LED_MAX:
+        led = _LEDS[lead] = re.compile(
+            rb'([^"\\\n\x80-\xff]*)' + re.escape(lead) + rb'(?:[0-9]+|"[A-Za-z0-9]+")\}(?:\n\n)?'
+        )
+    return led

@@ -43,7 +43,7 @@ class Scanner:
     before the detectors are searched one by one.
     """
 
-    __slots__ = ("_any", "_back", "_found", "_pre", "_tails", "detectors", "windows")
+    __slots__ = ("_any", "_back", "_found", "_pre", "detectors", "tails", "windows")
 
     def __init__(self, detectors: Sequence[Detector], max_holdback: int) -> None:
         self.detectors = tuple(detectors)
@@ -59,8 +59,9 @@ class Scanner:
         ]
         # For `quiet`: one RE2 search over ASCII text that rules every detector out
         # (prefilter.py), and, by a text's last (ASCII) character, one search per engine
-        # for a viable tail of any detector that can end in it (`_tail_checks`).
-        self._tails = _tail_checks(self.detectors, self.windows)
+        # for a viable tail of any detector that can end in it (`_tail_checks`; read by
+        # `RunningText.take` too, which makes the quick search itself).
+        self.tails = _tail_checks(self.detectors, self.windows)
         self._pre = prefilter([(d.engine, d.source) for d in self.detectors])
         self._found = ascii_finder(self._pre[0]) if self._pre is not None else None
         self._back = self._pre[1] if self._pre is not None else 0
@@ -109,24 +110,31 @@ class Scanner:
         streaming pre-check (`RunningText.take`) asks this instead of scanning."""
         n = len(text)
         if pos < n:
-            check = self._tails.get(text[-1])
+            check = self.tails.get(text[-1])
             if check is None:  # not ASCII
                 if self._hold(text, pos) < n:
                     return False
             elif check is HOLDS:
                 return False  # a detector that can end in it holds its width
             else:
-                window, searches, first, back = check  # `_hold`, for one last character
+                first, back = check[2], check[3]  # `_hold`, for one last character
                 if first is not None and text.isascii():
-                    at = first(text, max(0, pos - back))
+                    at = first(text.encode(), max(0, pos - back), n)[0][0]
                     if not 0 <= at < n:  # at the end: an empty tail, not viable
                         return True  # no candidate, no viable tail: most chunks end here
                     pos = max(pos, at)  # every candidate and every tail starts there or later
-                low = max(pos, n - window)
-                for search in searches:
-                    m = search(text, low)
-                    if m is not None and m.start() < n:
-                        return False
+                return self.quiet_from(text, pos, check)
+        return self._unmatched(text, pos)
+
+    def quiet_from(self, text: str, pos: int, check: tuple) -> bool:
+        """`quiet` once its quick search (`check`: `tails[text[-1]]`) put the first
+        candidate or tail at `pos` or later: the exact searches from there."""
+        n = len(text)
+        low = max(pos, n - check[0])
+        for search in check[1]:
+            m = search(text, low)
+            if m is not None and m.start() < n:
+                return False
         return self._unmatched(text, pos)
 
     def _unmatched(self, text: str, pos: int) -> bool:
@@ -134,7 +142,11 @@ class Scanner:
         says so for ASCII text (linear; the exact alternation of lookbehind-led patterns
         costs steps per detector at every position), else the exact search does."""
         found = self._found
-        if found is not None and text.isascii() and found(text, max(0, pos - self._back)) < 0:
+        if (
+            found is not None
+            and text.isascii()
+            and found(text.encode(), max(0, pos - self._back), len(text))[0][0] < 0
+        ):
             return True  # no detector can match: no need for the exact search
         for regex in self._any:  # noqa: SIM110 - no generator per chunk
             if regex.search(text, pos) is not None:
@@ -216,7 +228,7 @@ def _tail_checks(detectors: Sequence[Detector], windows: Sequence[int]) -> dict[
 
 
 def _first_match(detectors: Sequence[Detector], group: tuple[int, ...]) -> tuple[Any, int]:
-    """(`first(text, start)`, characters to start early) of one RE2 search over ASCII
+    """(`first(data, start, end)`, characters to start early) of one RE2 search over ASCII
     text for any detector's candidate and any viable tail of the group's detectors,
     each rewritten as a superset (prefilter.py, `\\Z` kept), or (None, 0). Where it
     finds nothing before the text's end (a tail can be empty), `quiet` is done
@@ -339,15 +351,26 @@ class RunningText:
         True; else change nothing (text that the normalised view would change:
         non-ASCII, or earlier non-ASCII kept, is never taken). The kept context is the
         same, so a lookbehind in the next chunk sees what it would have seen."""
-        if self.starts is not None or not chunk.isascii():
+        if self.starts is not None:
+            return False
+        text = self.text + chunk
+        if not text.isascii():  # (kept text that is not is rare: it waits to leave)
             return False
         base = self.base
-        text = self.text + chunk
         views = self.views
         scanners = self.scanners
         n = len(text)
         if len(scanners) == 1:  # the usual case, without the loops
-            if not scanners[0].quiet(text, views[0] - base):
+            scanner = scanners[0]
+            pos = views[0] - base
+            # `Scanner.quiet`'s first case, inline (`pos < n` but for an empty text)
+            check = scanner.tails.get(text[-1]) if pos < n else None
+            if check.__class__ is tuple and check[2] is not None:
+                back = check[3]
+                at = check[2](text.encode(), pos - back if pos > back else 0, n)[0][0]
+                if 0 <= at < n and not scanner.quiet_from(text, max(pos, at), check):
+                    return False
+            elif not scanner.quiet(text, pos):
                 return False
             end = self.end = self.end + len(chunk)
             views[0] = base + n
