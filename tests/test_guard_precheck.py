@@ -471,6 +471,8 @@ def test_a_text_that_breaks_out_of_a_stamped_frame_s_string_is_read_by_the_regex
         frame(b'x\\"4111\\"'): 'x"4111"',  # escaped quotes stay in the string
         frame(b"a\\u0034\\u0031\\\\1"): "a41\\1",  # escapes, read as the parser reads them
         frame(b"caf\xc3\xa9"): None,
+        frame(b"a\rb"): None,  # a CR ends the SSE line: the SDKs read no such text
+        frame(b" hello")[:-1]: None,  # not a whole frame
         frame(b"x", b'"a\\"'): None,  # the value's quote escaped: the object never ends
         frame(b"x", b'"a b"'): "x",  # not plain: the regex reads it
         frame(b"x", b'1}\n\ndata: {"x":2'): None,  # a value that ends the frame early

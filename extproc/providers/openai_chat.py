@@ -234,9 +234,9 @@ class OpenAIChatStream(SSEDecoder):
     def plain_text(self, chunk: bytes) -> str | None:
         """Choice 0's content in a chunk of whole frames of the shape OpenAI writes,
         else None (`openai_plain.PlainText`)."""
-        if self._framer.buf or chunk[-2:] != b"\n\n" or b"\r" in chunk:
-            return None  # not a chunk `feed_whole` takes, as `StreamBody._passes` needs
-        return self._plain.read(chunk)
+        # Not while a frame is buffered: not a chunk `feed_whole` takes, as
+        # `StreamBody._passes` needs (the reader checks the rest of its conditions).
+        return None if self._framer.buf else self._plain.read(chunk)
 
     def _shape_counts(self) -> tuple[int, str | None, bool]:
         """What `_count` finds in the plain reader's frame shape (head and tail): text

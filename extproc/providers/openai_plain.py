@@ -81,7 +81,7 @@ class PlainText:
         # digits (the stamp, the obfuscation) needs no regex for its members after
         # the choices.
         self.lead: bytes | None = None
-        self.led = _led(None)  # the lead's regex, one search for such a frame (`_led`)
+        self.led = _led(None)  # the lead's regexes, one search for such a frame (`_led`)
         # The last chunk read with frames of that shape and nothing after their
         # choices that the metering reads (`_QUIET`), which the decoder meters from
         # the shape (`OpenAIChatStream._metered`): how many such frames, how many of
@@ -94,18 +94,18 @@ class PlainText:
         self.pieces: list[bytes] = []
 
     def read(self, chunk: bytes) -> str | None:
-        """Choice 0's content in `chunk` (whole LF-framed frames), where every frame
-        has the shape OpenAI writes (`_PLAIN_FRAME`), so no other text, no other
-        choice, no repeated key that would move or hide the text, and no escape
-        outside the texts (a key spelt `"con\\u0074ent"` is `content` to every JSON
-        parser), else None. Non-ASCII text is None too: the guards' normalised view
-        must see it."""
+        """Choice 0's content in `chunk` where it is whole LF-framed frames (no CR:
+        one ends an SSE line too) and every frame has the shape OpenAI writes
+        (`_PLAIN_FRAME`), so no other text, no other choice, no repeated key that
+        would move or hide the text, and no escape outside the texts (a key spelt
+        `"con\\u0074ent"` is `content` to every JSON parser), else None. Non-ASCII
+        text is None too: the guards' normalised view must see it."""
         head, tail, lead = self.head, self.tail, self.lead
         # One frame, shaped as the last? (A chunk may begin with `_NO_HEAD`; a piece not.)
         if head is not _NO_HEAD and chunk.startswith(head):
             cut = len(head)
             led = self.led
-            m = led.fullmatch(chunk, cut) if led is not None else None
+            m = led[0].fullmatch(chunk, cut) if led is not None else None
             if m is not None:  # plain text, the lead, a plain value: most frames
                 end = m.end(1)
                 self.read_chunk = chunk
@@ -113,6 +113,10 @@ class PlainText:
                 self.empties = end == cut
                 self.others = ()
                 return chunk[cut:end].decode()
+        if chunk[-2:] != b"\n\n" or b"\r" in chunk:
+            return None  # not whole LF-framed frames (a CR ends an SSE line too)
+        if head is not _NO_HEAD and chunk.startswith(head):
+            cut = len(head)
             end = chunk.find(b'"', cut)
             quiet = _shaped(chunk, end, tail, lead, b"}\n\n", _QUIET_AFTER, _AFTER_FRAME)
             if quiet is not None:
@@ -172,7 +176,7 @@ class PlainText:
         empty = 0
         for i, piece in enumerate(pieces):
             if piece.startswith(head):  # never with `_NO_HEAD`
-                m = led.fullmatch(piece, cut) if led is not None else None
+                m = led[1].fullmatch(piece, cut) if led is not None else None
                 if m is not None:  # plain text, the lead, a plain value: most frames
                     end = m.end(1)
                     texts.append(piece[cut:end])
@@ -270,22 +274,22 @@ def _lead(piece: bytes, text_end: int, after: int) -> bytes | None:
 # `_led`'s regexes by lead: a few per process (a lead holds no stream's id or stamp,
 # only the members' keys and scalars), at most `_LEDS_MAX`, so that frames an upstream
 # varies cannot make every frame compile one.
-_LEDS: dict[bytes, re.Pattern[bytes]] = {}
+_LEDS: dict[bytes, tuple[re.Pattern[bytes], re.Pattern[bytes]]] = {}
 _LEDS_MAX = 64
 _LED_MAX = 512
 
 
-def _led(lead: bytes | None) -> re.Pattern[bytes] | None:
-    """For a frame after the head: a plain ASCII text (group 1; no quote, backslash or
-    newline: it ends at the first quote, which begins the lead), the lead, a plain
-    value (`_plain_value`), the frame's end (with its blank line, or split at it). One
-    search for what `PlainText` checks by several compares, where that lead has been
-    seen or there is room to compile it; else None, and the compares decide."""
+def _led(lead: bytes | None) -> tuple[re.Pattern[bytes], re.Pattern[bytes]] | None:
+    """For a frame after the head: a plain ASCII text (group 1; no quote, backslash,
+    CR or LF: it ends at the first quote, which begins the lead), the lead, a plain
+    value (`_plain_value`), the frame's end: with its blank line, and without (a frame
+    split at it). One search for what `PlainText` checks by several compares, where
+    that lead has been seen or there is room to compile it; else None, and the
+    compares decide. (A lead is learned from a chunk without a CR: none holds one.)"""
     if lead is None:
         return None
     led = _LEDS.get(lead)
     if led is None and len(_LEDS) < _LEDS_MAX and len(lead) <= _LED_MAX:
-        led = _LEDS[lead] = re.compile(
-            rb'([^"\\\n\x80-\xff]*)' + re.escape(lead) + rb'(?:[0-9]+|"[A-Za-z0-9]+")\}(?:\n\n)?'
-        )
+        frame = rb'([^"\\\n\r\x80-\xff]*)' + re.escape(lead) + rb'(?:[0-9]+|"[A-Za-z0-9]+")\}'
+        led = _LEDS[lead] = (re.compile(frame + b"\n\n"), re.compile(frame))
     return led
