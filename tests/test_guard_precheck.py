@@ -475,7 +475,8 @@ def test_a_text_that_breaks_out_of_a_stamped_frame_s_string_is_read_by_the_regex
         frame(b" hello")[:-1]: None,  # not a whole frame
         frame(b"x", b'"a\\"'): None,  # the value's quote escaped: the object never ends
         frame(b"x", b'"a b"'): "x",  # not plain: the regex reads it
-        frame(b"x", b'1}\n\ndata: {"x":2'): None,  # a value that ends the frame early
+        # A value that ends the frame early, and a frame after it with a text.
+        frame(b"x", b'1}\n\ndata: {"choices":[{"index":0,"delta":{"content":"4111"}}]'): "x4111",
         # A frame without its closing quote, then the remembered bytes as a frame.
         frame(b"x")[: len(HEAD) + 32] + b"\n\n" + frame(b"")[len(HEAD) + 31 :]: None,
     }

@@ -51,6 +51,11 @@ _QUIET_PIECE = re.compile(_QUIET)
 _AFTER_PIECE = re.compile(_AFTER)
 _AFTER_FRAME = re.compile(_AFTER + rb"\n\n")
 _CHOICES_KEY = b'"choices"'
+# A frame without any key the full parse reads a text under (`_choice_slots`), nor an
+# escape (a key spelt with one is the same key to a parser), shows no text: the finish
+# frame, the usage frame. It needs no regex.
+_OPEN = b"data: {"
+_TEXT_KEY = re.compile(rb'\\|"(?:content|refusal|reasoning|reasoning_content|arguments)"')
 _DONE_PIECE = b"data: [DONE]"  # the end marker's frame, split off at its blank line
 _NO_HEAD = b"\n\n"  # `plain_text`'s remembered frame head before any: no frame has it
 
@@ -202,6 +207,10 @@ class PlainText:
                     elif others is not None:
                         others.append(i)
                     continue
+            if piece.startswith(_OPEN) and _TEXT_KEY.search(piece) is None:
+                if others is not None:
+                    others.append(i)
+                continue  # no text for the SDKs (or the full parse) to show: no regex
             m = _PLAIN_FRAME.fullmatch(piece + b"\n\n")
             if m is None or piece.count(_CHOICES_KEY) != (piece != _DONE_PIECE):
                 return None  # a second `"choices"` in a frame: the last one is read
