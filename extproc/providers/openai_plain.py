@@ -175,17 +175,20 @@ class PlainText:
         text that was not plain)."""
         cut = len(head)
         led = _led(lead)
+        shaped = None if led is None else led[1].fullmatch  # bound once: the hot loop
         texts: list[bytes] = []
+        text_of = texts.append
         plain: list[bytes] = []
         others: list[int] | None = []
         empty = 0
         for i, piece in enumerate(pieces):
             if piece.startswith(head):  # never with `_NO_HEAD`
-                m = led[1].fullmatch(piece, cut) if led is not None else None
+                m = None if shaped is None else shaped(piece, cut)
                 if m is not None:  # plain text, the lead, a plain value: most frames
                     end = m.end(1)
-                    texts.append(piece[cut:end])
-                    empty += end == cut
+                    text_of(piece[cut:end])
+                    if end == cut:
+                        empty += 1
                     continue
                 end = piece.find(b'"', cut)
                 if (  # `_shaped`'s first case, inline: a string last
@@ -226,6 +229,7 @@ class PlainText:
                 head, tail = piece[: m.start(1)], piece[m.end(1) : m.start(2)]
                 lead = _lead(piece, m.end(1), m.start(2))
                 led = _led(lead)
+                shaped = None if led is None else led[1].fullmatch
                 cut = len(head)
         return texts, plain, head, tail, lead, others, empty
 
