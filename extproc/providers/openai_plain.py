@@ -107,8 +107,9 @@ class PlainText:
         text is None too: the guards' normalised view must see it."""
         head, tail, lead = self.head, self.tail, self.lead
         # One frame, shaped as the last? (A chunk may begin with `_NO_HEAD`; a piece not.)
-        if head is not _NO_HEAD and chunk.startswith(head):
-            cut = len(head)
+        as_last = head is not _NO_HEAD and chunk.startswith(head)
+        cut = len(head)
+        if as_last:
             led = self.led
             m = led[0].fullmatch(chunk, cut) if led is not None else None
             if m is not None:  # plain text, the lead, a plain value: most frames
@@ -120,8 +121,7 @@ class PlainText:
                 return chunk[cut:end].decode()
         if chunk[-2:] != b"\n\n" or b"\r" in chunk:
             return None  # not whole LF-framed frames (a CR ends an SSE line too)
-        if head is not _NO_HEAD and chunk.startswith(head):
-            cut = len(head)
+        if as_last:
             end = chunk.find(b'"', cut)
             quiet = _shaped(chunk, end, tail, lead, b"}\n\n", _QUIET_AFTER, _AFTER_FRAME)
             if quiet is not None:
