@@ -498,3 +498,63 @@ def test_an_upstream_that_varies_its_members_does_not_grow_the_compiled_leads():
             chunk = head + b'{"index":0,"delta":{"content":" w"}}]' + member + b"%d}\n\n" % n
             assert decoder.plain_text(chunk) == " w"
     assert len(openai_plain._LEDS) <= openai_plain._LEDS_MAX
+
+
+def stamped(text: bytes, stamp: int) -> bytes:
+    """A frame as the bench sends it: a stamp after the choices, new in every frame."""
+    choice = b'{"index":0,"delta":{"content":"' + text + b'"}}'
+    return HEAD + choice + b'],"bench_t":%d}\n\n' % stamp
+
+
+_EARLY = b'"object":"chat.completion.chunk","created":1,"model":"m",'
+_SECOND_CHOICES = b'"choices":[{"index":0,"delta":{"content":"X"}}],'
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        (b'"choices":[', b'"choicez":['),  # no choices: the SDKs show nothing
+        (b'"index":0', b'"index":1'),  # another channel
+        (_EARLY, _SECOND_CHOICES.ljust(len(_EARLY) - 1) + b","),  # a first `"choices"`
+        (b'"id":"c"', b'"id":"d"'),  # another id: the same text, still read
+    ],
+)
+def test_a_run_of_frames_is_read_by_the_shape_only_where_each_begins_as_the_head(old, new):
+    """Most frames of a chunk are read in one pass (`PlainText._read`'s run): each must
+    begin with the remembered head as well as end as the shape does. A frame whose
+    bytes from the text on fit the shape but whose head differs, at the same length
+    (a key spelt otherwise, another index, a member before the choices), is read as
+    a decoder that never saw a frame reads it."""
+    assert len(old) == len(new)
+    decoder = OpenAIChat.stream_decoder(hide_usage=False, max_frame_bytes=1 << 16)
+    assert decoder.plain_text(stamped(b" a", 1) + stamped(b" b", 2)) == " a b"
+    assert decoder.plain_text(stamped(b" c", 3)) == " c"  # the shape, remembered
+    for at in range(4):
+        frames = [stamped(b" w%d" % i, 10 + i) for i in range(4)]
+        frames[at] = stamped(b" 4111", 20).replace(old, new, 1)
+        chunk = b"".join(frames)
+        fresh = OpenAIChat.stream_decoder(hide_usage=False, max_frame_bytes=1 << 16)
+        parser = OpenAIChat.stream_decoder(hide_usage=False, max_frame_bytes=1 << 16)
+        shown = "".join(d.text for e in parser.feed(chunk) for d in parser.texts(e))
+        got = decoder.plain_text(chunk)
+        assert got == fresh.plain_text(chunk), (at, got)
+        assert got in (None, shown), (at, got, shown)
+        decoder.plain_text(stamped(b" reset", 30))
+
+
+@pytest.mark.parametrize("texts", [[b" a", b"", b"", b" b"], [b"", b"", b""], [b" x", b""]])
+def test_empty_texts_read_by_the_shape_are_not_metered_as_text_deltas(texts):
+    """A frame of the shape with an empty content is no text delta to the meter: the
+    run read in bulk counts its empty texts as the frame-by-frame read does."""
+    checked = OpenAIChat.stream_decoder(hide_usage=False, max_frame_bytes=1 << 16)
+    plain = OpenAIChat.stream_decoder(hide_usage=False, max_frame_bytes=1 << 16)
+    learn = stamped(b" first", 1) + stamped(b" second", 2)
+    chunk = b"".join(stamped(t, 10 + i) for i, t in enumerate(texts))
+    for part in (learn, chunk):
+        assert checked.plain_text(part) is not None
+        got = checked.feed_whole(part)
+        want = plain.feed_whole(part)
+        assert got is not None and want is not None
+        assert got == want == part
+        assert metered_state(checked) == metered_state(plain)
+    assert checked._plain.shaped == len(texts)  # read by the shape, not the regex

@@ -10,6 +10,8 @@ it is attacker-facing: a text read where the SDK shows another is a guard bypass
 from __future__ import annotations
 
 import re
+from itertools import islice, repeat, takewhile
+from operator import itemgetter
 
 from extproc.providers._common import loads
 
@@ -57,6 +59,10 @@ _CHOICES_KEY = b'"choices"'
 _OPEN = b"data: {"
 _TEXT_KEY = re.compile(rb'\\|"(?:content|refusal|reasoning|reasoning_content|arguments)"')
 _DONE_PIECE = b"data: [DONE]"  # the end marker's frame, split off at its blank line
+# `bytes.split(b"\n\n")`'s pieces, in half its time on a chunk of many frames (the
+# regex engine's literal search beats the two-byte one `bytes.split` uses).
+_SPLIT_FRAMES = re.compile(rb"\n\n").split
+_SECOND = itemgetter(1)  # a pair's second, a match's text
 _NO_HEAD = b"\n\n"  # `plain_text`'s remembered frame head before any: no frame has it
 
 
@@ -132,7 +138,7 @@ class PlainText:
                     self.read_chunk = chunk if quiet else None
                     self.shaped, self.empties, self.others = 1, end == cut, ()
                     return text.decode()
-        pieces = chunk.split(b"\n\n")  # JSON has no raw newline: one piece per frame
+        pieces = _SPLIT_FRAMES(chunk)  # JSON has no raw newline: one piece per frame
         pieces.pop()  # after the last frame's end
         read = self._read(pieces, head, tail, lead)
         if read is None:
@@ -177,19 +183,35 @@ class PlainText:
         led = _led(lead)
         shaped = None if led is None else led[1].fullmatch  # bound once: the hot loop
         texts: list[bytes] = []
-        text_of = texts.append
         plain: list[bytes] = []
         others: list[int] | None = []
         empty = 0
-        for i, piece in enumerate(pieces):
+        i, n = 0, len(pieces)
+        while i < n:
+            if shaped is not None:
+                # The run of frames from here that begin as the head and are plain
+                # text, the lead and a plain value: most frames, checked in bulk (both
+                # checks stop at the run's first other frame: linear in the chunk).
+                run = list(
+                    takewhile(
+                        all,
+                        zip(
+                            map(bytes.startswith, islice(pieces, i, None), repeat(head)),
+                            map(shaped, islice(pieces, i, None), repeat(cut)),
+                            strict=True,
+                        ),
+                    )
+                )
+                if run:
+                    got = list(map(_SECOND, map(_SECOND, run)))  # each match's text
+                    texts += got
+                    empty += got.count(b"")
+                    i += len(run)
+                    if i == n:
+                        break
+            at, piece = i, pieces[i]
+            i += 1
             if piece.startswith(head):  # never with `_NO_HEAD`
-                m = None if shaped is None else shaped(piece, cut)
-                if m is not None:  # plain text, the lead, a plain value: most frames
-                    end = m.end(1)
-                    text_of(piece[cut:end])
-                    if end == cut:
-                        empty += 1
-                    continue
                 end = piece.find(b'"', cut)
                 if (  # `_shaped`'s first case, inline: a string last
                     lead is not None
@@ -208,23 +230,23 @@ class PlainText:
                     if quiet:
                         empty += end == cut
                     elif others is not None:
-                        others.append(i)
+                        others.append(at)
                     continue
             if piece.startswith(_OPEN) and _TEXT_KEY.search(piece) is None:
                 if others is not None:
-                    others.append(i)
+                    others.append(at)
                 continue  # no text for the SDKs (or the full parse) to show: no regex
             m = _PLAIN_FRAME.fullmatch(piece + b"\n\n")
             if m is None or piece.count(_CHOICES_KEY) != (piece != _DONE_PIECE):
                 return None  # a second `"choices"` in a frame: the last one is read
             text = m[1]
             if others is not None:
-                others.append(i)
+                others.append(at)
             if text is not None:
                 texts.append(text)
                 if not learn:
                     continue
-                if others is not None and len(others) <= i:  # after a quiet frame
+                if others is not None and len(others) <= at:  # after a quiet frame
                     others = None
                 head, tail = piece[: m.start(1)], piece[m.end(1) : m.start(2)]
                 lead = _lead(piece, m.end(1), m.start(2))
