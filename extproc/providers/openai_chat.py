@@ -19,6 +19,7 @@ carry no model (the deployment then names it).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from itertools import islice
 from typing import Any
 from urllib.parse import unquote
 
@@ -258,10 +259,11 @@ class OpenAIChatStream(SSEDecoder):
         """`feed_whole` for a chunk `plain_text` just read (its checks passed, no frame
         is buffered): the frames of the shape with nothing after their choices that
         `_count` reads are metered from the shape's counts, the others
-        (`PlainText.others`, in their order) as `_whole` reads them, each on its own
-        (no search spans a frame's end), a hidden usage-only frame cut out where it
-        stood. None, nothing changed: a `"usage"` in the shape, or a finish reason in
-        it with other frames (whose order would decide the last)."""
+        (`PlainText.others`, in their order) as `_whole` reads them, each run of
+        adjacent ones as one chunk (no search spans a frame of the shape), a hidden
+        usage-only frame cut out where it stood. None, nothing changed: a `"usage"` in
+        the shape, or a finish reason in it with other frames (whose order would
+        decide the last)."""
         plain = self._plain
         plain.read_chunk = None
         deltas, finish, usable = self._shape_counts()
@@ -277,13 +279,22 @@ class OpenAIChatStream(SSEDecoder):
         pieces = plain.pieces
         parts: list[bytes] = []  # the chunk up to `start`, where a frame changed
         start = 0
-        for i in others:
-            frame = pieces[i] + b"\n\n"
-            out = self._whole(frame)
-            if out is not frame:
-                at = sum(map(len, pieces[:i])) + 2 * i
+        at = seen = 0  # where piece `seen` begins in the chunk
+        i, n = 0, len(others)
+        while i < n:  # each run of adjacent other frames at once (role + first, the end)
+            first = others[i]
+            i += 1
+            while i < n and others[i] == others[i - 1] + 1:
+                i += 1
+            last = others[i - 1] + 1
+            at += sum(map(len, islice(pieces, seen, first))) + 2 * (first - seen)
+            end = at + sum(map(len, islice(pieces, first, last))) + 2 * (last - first)
+            frames = chunk[at:end]
+            out = self._whole(frames)
+            if out is not frames:
                 parts += (chunk[start:at], out)
-                start = at + len(frame)
+                start = end
+            at, seen = end, last
         if not parts:
             return chunk
         parts.append(chunk[start:])

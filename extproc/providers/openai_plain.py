@@ -10,8 +10,7 @@ it is attacker-facing: a text read where the SDK shows another is a guard bypass
 from __future__ import annotations
 
 import re
-from itertools import islice, repeat, takewhile
-from operator import itemgetter
+from itertools import islice
 
 from extproc.providers._common import loads
 
@@ -57,12 +56,11 @@ _CHOICES_KEY = b'"choices"'
 # escape (a key spelt with one is the same key to a parser), shows no text: the finish
 # frame, the usage frame. It needs no regex.
 _OPEN = b"data: {"
-_TEXT_KEY = re.compile(rb'\\|"(?:content|refusal|reasoning|reasoning_content|arguments)"')
+_TEXT_KEY = re.compile(rb'"(?:content|refusal|reasoning|reasoning_content|arguments)"')
 _DONE_PIECE = b"data: [DONE]"  # the end marker's frame, split off at its blank line
 # `bytes.split(b"\n\n")`'s pieces, in half its time on a chunk of many frames (the
 # regex engine's literal search beats the two-byte one `bytes.split` uses).
 _SPLIT_FRAMES = re.compile(rb"\n\n").split
-_SECOND = itemgetter(1)  # a pair's second, a match's text
 _NO_HEAD = b"\n\n"  # `plain_text`'s remembered frame head before any: no frame has it
 
 
@@ -183,6 +181,7 @@ class PlainText:
         led = _led(lead)
         shaped = None if led is None else led[1].fullmatch  # bound once: the hot loop
         texts: list[bytes] = []
+        append = texts.append
         plain: list[bytes] = []
         others: list[int] | None = []
         empty = 0
@@ -190,23 +189,20 @@ class PlainText:
         while i < n:
             if shaped is not None:
                 # The run of frames from here that begin as the head and are plain
-                # text, the lead and a plain value: most frames, checked in bulk (both
-                # checks stop at the run's first other frame: linear in the chunk).
-                run = list(
-                    takewhile(
-                        all,
-                        zip(
-                            map(bytes.startswith, islice(pieces, i, None), repeat(head)),
-                            map(shaped, islice(pieces, i, None), repeat(cut)),
-                            strict=True,
-                        ),
-                    )
-                )
-                if run:
-                    got = list(map(_SECOND, map(_SECOND, run)))  # each match's text
-                    texts += got
-                    empty += got.count(b"")
-                    i += len(run)
+                # text, the lead and a plain value: most frames, two calls each (a
+                # loop: measured cheaper than the same checks by map and zip).
+                start = len(texts)
+                for piece in islice(pieces, i, None):
+                    if not piece.startswith(head):
+                        break
+                    m = shaped(piece, cut)
+                    if m is None:
+                        break
+                    append(m[1])
+                ran = len(texts) - start
+                if ran:
+                    empty += texts[start:].count(b"")
+                    i += ran
                     if i == n:
                         break
             at, piece = i, pieces[i]
@@ -225,14 +221,16 @@ class PlainText:
                     quiet = _shaped(piece, end, tail, None, b"}", _QUIET_PIECE, _AFTER_PIECE)
                 if quiet is not None:
                     text = piece[cut:end]
-                    texts.append(text)
+                    append(text)
                     plain.append(text)
                     if quiet:
                         empty += end == cut
                     elif others is not None:
                         others.append(at)
                     continue
-            if piece.startswith(_OPEN) and _TEXT_KEY.search(piece) is None:
+            if (  # the escape by `in`: 0.3 µs where the regex's alternative cost 1.0
+                piece.startswith(_OPEN) and b"\\" not in piece and _TEXT_KEY.search(piece) is None
+            ):
                 if others is not None:
                     others.append(at)
                 continue  # no text for the SDKs (or the full parse) to show: no regex
@@ -243,7 +241,7 @@ class PlainText:
             if others is not None:
                 others.append(at)
             if text is not None:
-                texts.append(text)
+                append(text)
                 if not learn:
                     continue
                 if others is not None and len(others) <= at:  # after a quiet frame
