@@ -520,8 +520,8 @@ _SECOND_CHOICES = b'"choices":[{"index":0,"delta":{"content":"X"}}],'
     ],
 )
 def test_a_run_of_frames_is_read_by_the_shape_only_where_each_begins_as_the_head(old, new):
-    """Most frames of a chunk are read in one pass (`PlainText._read`'s run): each must
-    begin with the remembered head as well as end as the shape does. A frame whose
+    """Most frames of a chunk are read by the remembered shape (`PlainText._read`): each
+    must begin with the remembered head as well as end as the shape does. A frame whose
     bytes from the text on fit the shape but whose head differs, at the same length
     (a key spelt otherwise, another index, a member before the choices), is read as
     a decoder that never saw a frame reads it."""
@@ -545,7 +545,7 @@ def test_a_run_of_frames_is_read_by_the_shape_only_where_each_begins_as_the_head
 @pytest.mark.parametrize("texts", [[b" a", b"", b"", b" b"], [b"", b"", b""], [b" x", b""]])
 def test_empty_texts_read_by_the_shape_are_not_metered_as_text_deltas(texts):
     """A frame of the shape with an empty content is no text delta to the meter: the
-    run read in bulk counts its empty texts as the frame-by-frame read does."""
+    read by the shape counts its empty texts as the full read does."""
     checked = OpenAIChat.stream_decoder(hide_usage=False, max_frame_bytes=1 << 16)
     plain = OpenAIChat.stream_decoder(hide_usage=False, max_frame_bytes=1 << 16)
     learn = stamped(b" first", 1) + stamped(b" second", 2)

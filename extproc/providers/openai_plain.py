@@ -10,7 +10,6 @@ it is attacker-facing: a text read where the SDK shows another is a guard bypass
 from __future__ import annotations
 
 import re
-from itertools import islice
 
 from extproc.providers._common import loads
 
@@ -185,29 +184,14 @@ class PlainText:
         plain: list[bytes] = []
         others: list[int] | None = []
         empty = 0
-        i, n = 0, len(pieces)
-        while i < n:
-            if shaped is not None:
-                # The run of frames from here that begin as the head and are plain
-                # text, the lead and a plain value: most frames, two calls each (a
-                # loop: measured cheaper than the same checks by map and zip).
-                start = len(texts)
-                for piece in islice(pieces, i, None):
-                    if not piece.startswith(head):
-                        break
-                    m = shaped(piece, cut)
-                    if m is None:
-                        break
-                    append(m[1])
-                ran = len(texts) - start
-                if ran:
-                    empty += texts[start:].count(b"")
-                    i += ran
-                    if i == n:
-                        break
-            at, piece = i, pieces[i]
-            i += 1
+        for at, piece in enumerate(pieces):
             if piece.startswith(head):  # never with `_NO_HEAD`
+                m = None if shaped is None else shaped(piece, cut)
+                if m is not None:  # plain text, the lead, a plain value: most frames
+                    text = m[1]
+                    append(text)
+                    empty += not text
+                    continue
                 end = piece.find(b'"', cut)
                 if (  # `_shaped`'s first case, inline: a string last
                     lead is not None
