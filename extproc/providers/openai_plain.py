@@ -212,6 +212,10 @@ class PlainText:
                     elif others is not None:
                         others.append(at)
                     continue
+            if piece == _DONE_PIECE:  # the end marker, as `_PLAIN_FRAME` reads it: no text
+                if others is not None:
+                    others.append(at)
+                continue
             if (  # the escape by `in`: 0.3 µs where the regex's alternative cost 1.0
                 piece.startswith(_OPEN) and b"\\" not in piece and _TEXT_KEY.search(piece) is None
             ):
