@@ -35,9 +35,9 @@ _CHOICE = (
 # The members after choice 0's array (`\]`, then the empty group 2: where the array
 # ends), alone: for a frame read by the remembered shape (`PlainText`), to its end.
 _AFTER = rb"(?:" + _MEMBERS + _OBJECT + rb")*" + _MEMBERS + rb"\}"
+# (`[DONE]` is told apart by a compare before it: `_DONE_PIECE`.)
 _PLAIN_FRAME = re.compile(
-    rb'data: \{' + _MEMBERS + rb'"choices":\[(?:' + _CHOICE + rb")?\]()" + _AFTER
-    + rb"\n\n|data: \[DONE\]\n\n"
+    rb'data: \{' + _MEMBERS + rb'"choices":\[(?:' + _CHOICE + rb")?\]()" + _AFTER + rb"\n\n"
 )  # fmt: skip
 # Members after the choices that mean nothing to the SDKs' text nor to the metering
 # (`OpenAIChatStream._count`): scalars, under a key other than `choices`, `usage`
@@ -212,7 +212,7 @@ class PlainText:
                     elif others is not None:
                         others.append(at)
                     continue
-            if piece == _DONE_PIECE:  # the end marker, as `_PLAIN_FRAME` reads it: no text
+            if piece == _DONE_PIECE:  # the end marker: no text, no choices
                 if others is not None:
                     others.append(at)
                 continue
@@ -223,7 +223,7 @@ class PlainText:
                     others.append(at)
                 continue  # no text for the SDKs (or the full parse) to show: no regex
             m = _PLAIN_FRAME.fullmatch(piece + b"\n\n")
-            if m is None or piece.count(_CHOICES_KEY) != (piece != _DONE_PIECE):
+            if m is None or piece.count(_CHOICES_KEY) != 1:
                 return None  # a second `"choices"` in a frame: the last one is read
             text = m[1]
             if others is not None:
