@@ -558,3 +558,41 @@ def test_empty_texts_read_by_the_shape_are_not_metered_as_text_deltas(texts):
         assert got == want == part
         assert metered_state(checked) == metered_state(plain)
     assert checked._plain.shaped == len(texts)  # read by the shape, not the regex
+
+
+def openai_frame(delta: bytes, stamp: bytes) -> bytes:
+    """A frame as OpenAI writes it: logprobs and finish reason, then its obfuscation."""
+    choice = b'{"index":0,"delta":{' + delta + b'},"logprobs":null,"finish_reason":null}'
+    return HEAD + choice + b'],"usage":null,"obfuscation":"' + stamp + b'"}\n\n'
+
+
+@pytest.mark.parametrize("refusal", [b',"refusal":null', b""])
+@pytest.mark.parametrize("group", [1, 3])
+@pytest.mark.parametrize("every", [False, True])
+def test_content_frames_after_a_role_frame_are_read_by_its_shape_without_the_role(
+    refusal, group, every
+):
+    """OpenAI's first frame carries the role (and `"refusal":null`), the ones after it
+    neither: the shape learnt from the role frame, without them, reads the first
+    content frame too (no frame regex for it), with the texts and the metering of a
+    decoder that never ran the pre-check. A stream whose every frame carries the role
+    (`every`) learns that shape from its second frame and is read alike."""
+    role = b'"role":"assistant",'
+    frames = [openai_frame(role + b'"content":""' + refusal, b"Ab1")]
+    for i, text in enumerate([" one", " two", " 4111", " three", " four", " five"]):
+        delta = (role if every else b"") + b'"content":' + orjson.dumps(text)
+        frames.append(openai_frame(delta + (refusal if every else b""), b"x%d" % i))
+    checked = OpenAIChat.stream_decoder(hide_usage=False, max_frame_bytes=1 << 16)
+    plain = OpenAIChat.stream_decoder(hide_usage=False, max_frame_bytes=1 << 16)
+    parser = OpenAIChat.stream_decoder(hide_usage=False, max_frame_bytes=1 << 16)
+    chunks = [b"".join(frames[at : at + group]) for at in range(0, len(frames), group)]
+    for n, chunk in enumerate(chunks):
+        shown = "".join(d.text for e in parser.feed(chunk) for d in parser.texts(e))
+        assert checked.plain_text(chunk) == shown
+        read = checked._plain
+        by_shape = read.shaped if read.read_chunk is chunk else 0
+        first = 2 if every else 1  # the first frame read by the shape
+        in_chunk = range(n * group, min(len(frames), (n + 1) * group))
+        assert by_shape == sum(at >= first for at in in_chunk)
+        assert checked.feed_whole(chunk) == plain.feed_whole(chunk) == chunk
+        assert metered_state(checked) == metered_state(plain)

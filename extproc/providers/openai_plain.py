@@ -51,12 +51,18 @@ _QUIET_PIECE = re.compile(_QUIET)
 _AFTER_PIECE = re.compile(_AFTER)
 _AFTER_FRAME = re.compile(_AFTER + rb"\n\n")
 _CHOICES_KEY = b'"choices"'
-# A frame without any key the full parse reads a text under (`_choice_slots`), nor an
-# escape (a key spelt with one is the same key to a parser), shows no text: the finish
-# frame, the usage frame. It needs no regex.
+# The keys the full parse reads a text under (`_choice_slots`): a frame without them
+# shows none (`_no_text`).
 _OPEN = b"data: {"
 _TEXT_KEY = re.compile(rb'"(?:content|refusal|reasoning|reasoning_content|arguments)"')
 _DONE_PIECE = b"data: [DONE]"  # the end marker's frame, split off at its blank line
+# A role frame's choice 0 begins, and its text is followed by, these; its content
+# frames' by these (`_without_role`). (`"delta":` is in choice 0 only: no member
+# before it holds an object.)
+_ROLE_HEAD = b'"delta":{"role":"assistant","content":"'
+_CONTENT_HEAD = b'"delta":{"content":"'
+_REFUSAL_TAIL = b'","refusal":null}'
+_PLAIN_TAIL = b'"}'
 # `bytes.split(b"\n\n")`'s pieces, in half its time on a chunk of many frames (the
 # regex engine's literal search beats the two-byte one `bytes.split` uses).
 _SPLIT_FRAMES = re.compile(rb"\n\n").split
@@ -135,9 +141,13 @@ class PlainText:
                     self.read_chunk = chunk if quiet else None
                     self.shaped, self.empties, self.others = 1, end == cut, ()
                     return text.decode()
+        if head is not _NO_HEAD and chunk.find(b"\n\n") == len(chunk) - 2 and _no_text(chunk[:-2]):
+            # One frame, no text (the finish, the usage, the end): what `_read` finds,
+            # no state changed. (Not a stream's first: its role frame has a text.)
+            return ""
         pieces = _SPLIT_FRAMES(chunk)  # JSON has no raw newline: one piece per frame
         pieces.pop()  # after the last frame's end
-        read = self._read(pieces, head, tail, lead)
+        read = self._read(pieces, head, tail, lead, self.led)
         if read is None:
             return None
         texts, plain, self.head, self.tail, lead, others, empty = read
@@ -146,7 +156,7 @@ class PlainText:
         if plain:
             joined = plain[0] if len(plain) == 1 else b"".join(plain)
             if b"\\" in joined or b"\n" in joined:
-                read = self._read(pieces, _NO_HEAD, b"", None, learn=False)
+                read = self._read(pieces, _NO_HEAD, b"", None, None, learn=False)
                 if read is None:
                     return None
                 texts, others = read[0], None
@@ -167,17 +177,23 @@ class PlainText:
 
     @staticmethod
     def _read(
-        pieces: list[bytes], head: bytes, tail: bytes, lead: bytes | None, *, learn: bool = True
+        pieces: list[bytes],
+        head: bytes,
+        tail: bytes,
+        lead: bytes | None,
+        led: tuple[re.Pattern[bytes], re.Pattern[bytes]] | None,
+        *,
+        learn: bool = True,
     ) -> tuple[list[bytes], list[bytes], bytes, bytes, bytes | None, list[int] | None, int] | None:
         """(every frame's text, the texts read by the remembered shape, which the
         caller checks for plain characters, the shape now, the frames not read by it
         with nothing after their choices that the metering reads (by index; None
         where the shape changed after such a frame), how many of those had an empty
-        text) or None: a frame of another shape. Without `learn`, no frame's shape is
+        text) or None: a frame of another shape. (`led`: the caller's `_led(lead)`.)
+        Without `learn`, no frame's shape is
         remembered: every frame is read by the regex (the second reading, after a
         text that was not plain)."""
         cut = len(head)
-        led = _led(lead)
         shaped = None if led is None else led[1].fullmatch  # bound once: the hot loop
         texts: list[bytes] = []
         append = texts.append
@@ -212,16 +228,10 @@ class PlainText:
                     elif others is not None:
                         others.append(at)
                     continue
-            if piece == _DONE_PIECE:  # the end marker: no text, no choices
+            if _no_text(piece):
                 if others is not None:
                     others.append(at)
                 continue
-            if (  # the escape by `in`: 0.3 µs where the regex's alternative cost 1.0
-                piece.startswith(_OPEN) and b"\\" not in piece and _TEXT_KEY.search(piece) is None
-            ):
-                if others is not None:
-                    others.append(at)
-                continue  # no text for the SDKs (or the full parse) to show: no regex
             m = _PLAIN_FRAME.fullmatch(piece + b"\n\n")
             if m is None or piece.count(_CHOICES_KEY) != 1:
                 return None  # a second `"choices"` in a frame: the last one is read
@@ -234,12 +244,42 @@ class PlainText:
                     continue
                 if others is not None and len(others) <= at:  # after a quiet frame
                     others = None
+                learnt = head is _NO_HEAD  # the stream's first text frame: its role one?
                 head, tail = piece[: m.start(1)], piece[m.end(1) : m.start(2)]
                 lead = _lead(piece, m.end(1), m.start(2))
+                if learnt and head.endswith(_ROLE_HEAD):
+                    head, tail, lead = _without_role(head, tail, lead)
                 led = _led(lead)
                 shaped = None if led is None else led[1].fullmatch
                 cut = len(head)
         return texts, plain, head, tail, lead, others, empty
+
+
+def _no_text(piece: bytes) -> bool:
+    """A frame (without its blank line) in which the SDKs (and the full parse) show no
+    text: the end marker, or a frame without any key a text is read under
+    (`_TEXT_KEY`) nor an escape (a key spelt with one is the same key to a parser):
+    the finish frame, the usage frame. It needs no regex. (The escape by `in`: 0.3 µs
+    where the frame regex's alternative cost 1.0.)"""
+    return piece == _DONE_PIECE or (
+        piece.startswith(_OPEN) and b"\\" not in piece and _TEXT_KEY.search(piece) is None
+    )
+
+
+def _without_role(
+    head: bytes, tail: bytes, lead: bytes | None
+) -> tuple[bytes, bytes, bytes | None]:
+    """A role frame's shape as the content frames after it write it: the same members
+    around the choices, without the role and the `"refusal":null` OpenAI writes with it
+    (both optional members of the same grammar, `_CHOICE`), so the first content
+    frame is read by the shape rather than by the frame regex. A stream whose frames
+    all carry the role learns the role shape from its next frame, for good."""
+    head = head[: -len(_ROLE_HEAD)] + _CONTENT_HEAD
+    if tail.startswith(_REFUSAL_TAIL):  # the lead begins with the tail
+        tail = _PLAIN_TAIL + tail[len(_REFUSAL_TAIL) :]
+        if lead is not None:
+            lead = _PLAIN_TAIL + lead[len(_REFUSAL_TAIL) :]
+    return head, tail, lead
 
 
 def _shaped(
