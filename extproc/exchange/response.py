@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import zlib
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from extproc import envoy_wire as wire
@@ -344,7 +345,7 @@ class StreamBody:
     never parsed, answered "no mutation". (With more, one could take a text that the
     next refuses: every chunk is parsed.)"""
 
-    __slots__ = ("decoder", "filters", "held", "inflated", "quiet")
+    __slots__ = ("decoder", "filters", "held", "inflated", "plain_text", "take")
     paced = True
 
     def __init__(
@@ -359,15 +360,23 @@ class StreamBody:
         self.filters = filters
         self.inflated = inflated
         self.held = False
-        # The one filter that can say "nothing to do" for a chunk's plain text; None:
-        # no filter, more than one, one that cannot, or the pre-check is off.
+        # The pre-check, bound once: the one filter's `take` of a chunk's plain text;
+        # None: no filter, more than one, one that cannot, or the pre-check is off.
         one = len(filters) == 1 and precheck and is_quiet_filter(filters[0])
-        self.quiet = filters[0] if one else None
+        self.take: Callable[[str], bool] | None = filters[0].take if one else None
+        self.plain_text = decoder.plain_text
 
     def feed(self, ex: Exchange, chunk: bytes, end: bool, now: float) -> Response:
         decoder = self.decoder
         inflated = self.inflated
-        if not inflated and (not self.filters or self._passes(chunk)):
+        take = self.take
+        # The pre-check: the filter takes the chunk's plain text (as `process` would
+        # have; not None only for a chunk `feed_whole` takes, as it needs), or nothing
+        # changed and the chunk is parsed.
+        if not inflated and (
+            not self.filters
+            or (take is not None and (text := self.plain_text(chunk)) is not None and take(text))
+        ):
             whole = decoder.feed_whole(chunk)
             if whole is not None:  # whole frames, nothing to read: no events needed
                 if not ex.first_frame_at and decoder.content_events:
@@ -418,16 +427,6 @@ class StreamBody:
         if decoder.content_events >= ex.report_at and not ex.closed:
             return settle.progress(ex, response)
         return response
-
-    def _passes(self, chunk: bytes) -> bool:
-        """The pre-check: the filter takes the chunk's plain text (as `process` would
-        have), or nothing changed and the chunk is parsed."""
-        quiet = self.quiet
-        if quiet is None:
-            return False
-        text = self.decoder.plain_text(chunk)
-        # Not None only for a chunk `feed_whole` takes, as `feed` needs.
-        return text is not None and quiet.take(text)
 
 
 def _first_unsent(filters: list[StreamFilter], events: list[StreamEvent]) -> StreamEvent | None:

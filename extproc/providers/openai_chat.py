@@ -235,8 +235,9 @@ class OpenAIChatStream(SSEDecoder):
     def plain_text(self, chunk: bytes) -> str | None:
         """Choice 0's content in a chunk of whole frames of the shape OpenAI writes,
         else None (`openai_plain.PlainText`)."""
-        # Not while a frame is buffered: not a chunk `feed_whole` takes, as
-        # `StreamBody._passes` needs (the reader checks the rest of its conditions).
+        # Not while a frame is buffered: not a chunk `feed_whole` takes, as the
+        # pre-check in `StreamBody.feed` needs (the reader checks the rest of its
+        # conditions).
         return None if self._framer.buf else self._plain.read(chunk)
 
     def _shape_counts(self) -> tuple[int, str | None, bool]:

@@ -13,6 +13,7 @@ from bisect import bisect_left, bisect_right
 from collections import Counter
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 
 from extproc.config import GuardConfig, GuardsConfig
 from extproc.policy.guards import detectors as det
@@ -100,18 +101,29 @@ class Plan:
     reject: Group | None = None
     log: Group | None = None
     webhooks: tuple[Guard, ...] = ()
+    # Worked out once, not per exchange: (action, group), reject first (a block wins
+    # over anything else decided), and the same by column for a response's stream
+    # (`GuardStream`): scanners, actions, entries, the groups that decide release
+    # (log-only guards never hold a frame back).
+    groups: tuple[tuple[str, Group], ...] = field(init=False)
+    scanners: tuple[Scanner, ...] = field(init=False)
+    actions: tuple[str, ...] = field(init=False)
+    entries: tuple[tuple[Entry, ...], ...] = field(init=False)
+    holding: tuple[int, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        ordered = (("reject", self.reject), ("mask", self.mask), ("log", self.log))
+        groups = tuple((action, group) for action, group in ordered if group is not None)
+        fill = partial(object.__setattr__, self)  # frozen
+        fill("groups", groups)
+        fill("scanners", tuple(group.scanner for _, group in groups))
+        fill("actions", tuple(action for action, _ in groups))
+        fill("entries", tuple(group.entries for _, group in groups))
+        fill("holding", tuple(k for k, (action, _) in enumerate(groups) if action != "log"))
 
     @property
     def empty(self) -> bool:
         return not (self.mask or self.reject or self.log or self.webhooks)
-
-    @property
-    def groups(self) -> list[tuple[str, Group]]:
-        return [
-            (action, group)
-            for action, group in (("reject", self.reject), ("mask", self.mask), ("log", self.log))
-            if group is not None
-        ]
 
 
 def make_plan(guards: list[Guard], max_holdback: int) -> Plan:

@@ -86,12 +86,10 @@ class GuardStream:
         budget_seconds: float | None = None,
         clock: Callable[[], float] | None = None,
     ) -> None:
-        groups = plan.groups  # reject first: a block wins over anything else decided
-        self._scanners = [group.scanner for _, group in groups]
-        self._actions = [action for action, _ in groups]
-        self._entries = [group.entries for _, group in groups]
-        # Log-only guards never hold a frame back: only reject and mask decide release.
-        self._holding = [k for k, action in enumerate(self._actions) if action != "log"]
+        self._scanners = plan.scanners  # reject first: a block wins over anything else
+        self._actions = plan.actions
+        self._entries = plan.entries
+        self._holding = plan.holding  # log-only guards never hold a frame back
         self._decoder = decoder
         self._report = report
         self._channels: dict[tuple[int, str], _Channel] = {}
