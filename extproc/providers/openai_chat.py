@@ -189,7 +189,7 @@ class OpenAIChatStream(SSEDecoder):
         self._hide_usage = hide_usage
         self._plain = PlainText()
         # What `_count` finds in the plain reader's shape (head, tail): (head, tail,
-        # text deltas, finish reason or None, no "usage" in either); see `_metered`.
+        # text deltas, finish reason or None, no "usage" in either); see `feed_whole`.
         self._shape: tuple[bytes, bytes, int, str | None, bool] = (b"", b"", 0, None, False)
 
     def feed(self, chunk: bytes) -> list[StreamEvent]:
@@ -201,11 +201,24 @@ class OpenAIChatStream(SSEDecoder):
         frame carrying a usage figure (one per stream) is decoded on its own. Partial
         frames and CR line endings take the frame-by-frame path (None). A chunk the
         guards' pre-check just read with frames of its remembered shape is metered
-        from that shape (`_metered`)."""
-        if chunk is self._plain.read_chunk:
-            whole = self._metered(chunk)
-            if whole is not None:
-                return whole
+        from that shape: the frames of the shape with nothing after their choices that
+        `_count` reads by the shape's counts, the others (`PlainText.others`) as
+        `_whole` reads them (`_others`); not where the shape has a `"usage"`, or a
+        finish reason with other frames (whose order would decide the last)."""
+        plain = self._plain
+        if chunk is plain.read_chunk:  # just read, its checks passed, no frame buffered
+            plain.read_chunk = None
+            shape = self._shape
+            if plain.head is not shape[0] or plain.tail is not shape[1]:
+                shape = self._learn_shape()
+            _, _, deltas, finish, usable = shape
+            others = plain.others
+            if usable and (finish is None or not others):
+                # The head ends in `"content":"`, counted where the text is not empty.
+                self.content_events += plain.shaped * deltas - plain.empties
+                if finish is not None:
+                    self.finish_reason = finish
+                return self._others(chunk, others, plain.pieces) if others else chunk
         if self._framer.buf or chunk[-2:] != b"\n\n" or b"\r" in chunk:
             return None
         return self._whole(chunk)
@@ -240,44 +253,25 @@ class OpenAIChatStream(SSEDecoder):
         # conditions).
         return None if self._framer.buf else self._plain.read(chunk)
 
-    def _shape_counts(self) -> tuple[int, str | None, bool]:
+    def _learn_shape(self) -> tuple[bytes, bytes, int, str | None, bool]:
         """What `_count` finds in the plain reader's frame shape (head and tail): text
         deltas (the head's `"content":"` with them), the last finish reason, no
-        `"usage"` in either; worked out once per shape."""
-        plain = self._plain
-        head, tail, deltas, finish, usable = self._shape
-        if plain.head is not head or plain.tail is not tail:
-            head, tail = plain.head, plain.tail
-            usable = USAGE_KEY not in head and USAGE_KEY not in tail
-            deltas = text_deltas(head) + text_deltas(tail)  # no key spans the text
-            finish = finish_in(tail)  # the last in the chunk, as `_count` reads it
-            if finish is None:
-                finish = finish_in(head)
-            self._shape = (head, tail, deltas, finish, usable)
-        return deltas, finish, usable
+        `"usage"` in either; worked out once per shape (`feed_whole` asks when the
+        reader's head or tail is not the one `_shape` holds)."""
+        head, tail = self._plain.head, self._plain.tail
+        usable = USAGE_KEY not in head and USAGE_KEY not in tail
+        deltas = text_deltas(head) + text_deltas(tail)  # no key spans the text
+        finish = finish_in(tail)  # the last in the chunk, as `_count` reads it
+        if finish is None:
+            finish = finish_in(head)
+        shape = self._shape = (head, tail, deltas, finish, usable)
+        return shape
 
-    def _metered(self, chunk: bytes) -> bytes | None:
-        """`feed_whole` for a chunk `plain_text` just read (its checks passed, no frame
-        is buffered): the frames of the shape with nothing after their choices that
-        `_count` reads are metered from the shape's counts, the others
-        (`PlainText.others`, in their order) as `_whole` reads them, each run of
-        adjacent ones as one chunk (no search spans a frame of the shape), a hidden
-        usage-only frame cut out where it stood. None, nothing changed: a `"usage"` in
-        the shape, or a finish reason in it with other frames (whose order would
-        decide the last)."""
-        plain = self._plain
-        plain.read_chunk = None
-        deltas, finish, usable = self._shape_counts()
-        others = plain.others
-        if not usable or (finish is not None and others):
-            return None
-        # The head ends in `"content":"`, counted where the text is not empty.
-        self.content_events += plain.shaped * deltas - plain.empties
-        if finish is not None:
-            self.finish_reason = finish
-        if not others:
-            return chunk
-        pieces = plain.pieces
+    def _others(self, chunk: bytes, others: list[int], pieces: list[bytes]) -> bytes:
+        """The frames of a chunk metered from the shape that were not read by it
+        (`others`, by index into `pieces`, in their order), metered as `_whole` reads
+        them, each run of adjacent ones as one chunk (no search spans a frame of the
+        shape), a hidden usage-only frame cut out where it stood."""
         parts: list[bytes] = []  # the chunk up to `start`, where a frame changed
         start = 0
         at = seen = 0  # where piece `seen` begins in the chunk

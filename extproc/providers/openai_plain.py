@@ -98,7 +98,7 @@ class PlainText:
         self.led = _led(None)  # the lead's regexes, one search for such a frame (`_led`)
         # The last chunk read with frames of that shape and nothing after their
         # choices that the metering reads (`_QUIET`), which the decoder meters from
-        # the shape (`OpenAIChatStream._metered`): how many such frames, how many of
+        # the shape (`OpenAIChatStream.feed_whole`): how many such frames, how many of
         # them had an empty text, and the chunk's other frames (`others`, by index
         # into `pieces`: its frames without their blank lines; none for one frame).
         self.read_chunk: bytes | None = None
