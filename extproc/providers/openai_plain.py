@@ -81,14 +81,16 @@ class PlainText:
     the choices (`tail`), then members of the shape `_PLAIN_FRAME` allows there and
     no second `"choices"`, has the shape `_PLAIN_FRAME` reads: it is read by two
     compares and a search for the quote, and the rest by a small regex. Where one
-    such text is not plain, the chunk is read again, every frame by the regex."""
+    such text is not plain, the chunk is read again, every frame by the regex. (A
+    stream's role frame gives the shape of the content frames after it: its bytes
+    without the role, `_without_role`.)"""
 
     __slots__ = (
         "empties", "head", "lead", "led", "others", "pieces", "read_chunk", "shaped", "tail"
     )  # fmt: skip
 
     def __init__(self) -> None:
-        self.head = _NO_HEAD  # the last regex-read frame before its text
+        self.head = _NO_HEAD  # the last regex-read frame before its text (`_read`)
         self.tail = b""  # ... and after its text, to the end of its choices array
         # ... and on, to its last member's value, where `_QUIET_AFTER` held (`_lead`):
         # a frame that is this and a value of digits or a string of letters and
@@ -190,9 +192,8 @@ class PlainText:
         with nothing after their choices that the metering reads (by index; None
         where the shape changed after such a frame), how many of those had an empty
         text) or None: a frame of another shape. (`led`: the caller's `_led(lead)`.)
-        Without `learn`, no frame's shape is
-        remembered: every frame is read by the regex (the second reading, after a
-        text that was not plain)."""
+        Without `learn`, no frame's shape is remembered: every frame is read by the
+        regex (the second reading, after a text that was not plain)."""
         cut = len(head)
         shaped = None if led is None else led[1].fullmatch  # bound once: the hot loop
         texts: list[bytes] = []
@@ -244,10 +245,10 @@ class PlainText:
                     continue
                 if others is not None and len(others) <= at:  # after a quiet frame
                     others = None
-                learnt = head is _NO_HEAD  # the stream's first text frame: its role one?
+                fresh = head is _NO_HEAD  # the stream's first text frame: its role one?
                 head, tail = piece[: m.start(1)], piece[m.end(1) : m.start(2)]
                 lead = _lead(piece, m.end(1), m.start(2))
-                if learnt and head.endswith(_ROLE_HEAD):
+                if fresh and head.endswith(_ROLE_HEAD):
                     head, tail, lead = _without_role(head, tail, lead)
                 led = _led(lead)
                 shaped = None if led is None else led[1].fullmatch
