@@ -27,11 +27,6 @@ DONE_FRAME = b"data: [DONE]\n\n"  # JSON escapes newlines: only the end marker e
 USAGE_FIGURE = re.compile(rb'"usage"(?:(?!:null)|(?<!,"usage"))')
 
 
-def frames_done(frames: bytes) -> bool:
-    """`done_frames`, with no call where no marker is (most chunks)."""
-    return frames.rfind(DONE_FRAME) >= 0 and done_frames(frames)
-
-
 def done_frames(frames: bytes) -> bool:
     """A `data: [DONE]` frame of its own is among these whole frames (a comment or an
     `id:` line saying `[DONE]` is no end: the SDKs read on). Searched from the end,
